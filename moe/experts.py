@@ -1,0 +1,144 @@
+"""Routed SwiGLU experts computed as grouped matrix multiplies.
+
+Shape legend: N routed rows (tokens sorted by expert), D hidden, F expert
+hidden, E experts held by this module.
+
+The expert weights are stacked tensors w1_EDF (gate), w3_EDF (up) and
+w2_EFD (down). A backend computes, for rows already sorted by expert with
+`tokens_per_expert` rows each, `silu(x @ w1[e]) * (x @ w3[e]) @ w2[e]`. The
+backend is chosen once at construction from a small registry.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def loop_experts(x_ND: torch.Tensor, tokens_per_expert: torch.Tensor, w1_EDF: torch.Tensor,
+                 w2_EFD: torch.Tensor, w3_EDF: torch.Tensor) -> torch.Tensor:
+    """Reference: one SwiGLU per expert over its slice of rows."""
+    outputs, start = [], 0
+    for e, rows in enumerate(tokens_per_expert.tolist()):
+        x = x_ND[start:start + rows]
+        outputs.append((F.silu(x @ w1_EDF[e]) * (x @ w3_EDF[e])) @ w2_EFD[e])
+        start += rows
+    return torch.cat(outputs)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    torch's grouped_mm backward rejects expanded (stride-0) gradients such as
+    the one `y.sum().backward()` produces.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad.contiguous()
+
+
+def _grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(F.grouped_mm(x_ND, w_EDF, offs=offsets))
+
+
+def grouped_mm_experts(x_ND: torch.Tensor, tokens_per_expert: torch.Tensor, w1_EDF: torch.Tensor,
+                       w2_EFD: torch.Tensor, w3_EDF: torch.Tensor) -> torch.Tensor:
+    """Dropless grouped GEMM with `torch.nn.functional.grouped_mm` (CPU and CUDA)."""
+    if x_ND.dtype not in GROUPED_MM_DTYPES:
+        raise TypeError(f"experts.backend='grouped_mm' supports {[str(d) for d in GROUPED_MM_DTYPES]}, got "
+                        f"{x_ND.dtype}; use experts.backend='loop' for this dtype")
+    offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+    h_NF = F.silu(_grouped_mm(x_ND, w1_EDF, offsets)) * _grouped_mm(x_ND, w3_EDF, offsets)
+    return _grouped_mm(h_NF, w2_EFD, offsets)
+
+
+def megablocks_experts(x_ND: torch.Tensor, tokens_per_expert: torch.Tensor, w1_EDF: torch.Tensor,
+                       w2_EFD: torch.Tensor, w3_EDF: torch.Tensor) -> torch.Tensor:
+    """MegaBlocks' grouped GEMM (`megablocks.grouped_gemm_util.ops.gmm`, CUDA only)."""
+    from megablocks import grouped_gemm_util as gg  # checked importable at construction
+
+    batch_sizes = tokens_per_expert.to(device="cpu", dtype=torch.int64)
+    h_NF = F.silu(gg.ops.gmm(x_ND, w1_EDF, batch_sizes)) * gg.ops.gmm(x_ND, w3_EDF, batch_sizes)
+    return gg.ops.gmm(h_NF, w2_EFD, batch_sizes)
+
+
+def _check_megablocks() -> None:
+    try:
+        from megablocks import grouped_gemm_util as gg
+    except Exception as err:  # ImportError, or a broken CUDA extension
+        raise RuntimeError(f"experts.backend='megablocks' needs the optional `megablocks` package, which failed "
+                           f"to import ({type(err).__name__}: {err}); install it with `pip install "
+                           f"'moe-ray[megablocks]'` on a CUDA machine, or use experts.backend='grouped_mm'") from err
+    if not gg.grouped_gemm_is_available():
+        raise RuntimeError("experts.backend='megablocks' needs megablocks' grouped_gemm kernels, which are not "
+                           "installed; use experts.backend='grouped_mm'")
+    if not torch.cuda.is_available():
+        raise RuntimeError("experts.backend='megablocks' needs a CUDA GPU and none is visible; "
+                           "use experts.backend='grouped_mm'")
+
+
+EXPERT_BACKENDS: dict[str, ExpertsFn] = {
+    "grouped_mm": grouped_mm_experts,
+    "megablocks": megablocks_experts,
+    "loop": loop_experts,
+}
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked weights.
+
+    Args:
+        num_experts: experts held by this module (the local shard under expert
+            parallelism).
+        hidden_size: D.
+        expert_hidden_size: F.
+        backend: a key of `EXPERT_BACKENDS`.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_hidden_size: int, backend: str) -> None:
+        super().__init__()
+        if backend not in EXPERT_BACKENDS:
+            raise ValueError(f"unknown experts backend {backend!r}; choose from {sorted(EXPERT_BACKENDS)}")
+        if backend == "megablocks":
+            _check_megablocks()
+        self.backend = backend
+        self._compute: ExpertsFn = EXPERT_BACKENDS[backend]
+        self.num_experts = num_experts
+        self.w1_EDF = nn.Parameter(torch.empty(num_experts, hidden_size, expert_hidden_size))
+        self.w3_EDF = nn.Parameter(torch.empty(num_experts, hidden_size, expert_hidden_size))
+        self.w2_EFD = nn.Parameter(torch.empty(num_experts, expert_hidden_size, hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        nn.init.normal_(self.w1_EDF, std=std)
+        nn.init.normal_(self.w3_EDF, std=std)
+        nn.init.normal_(self.w2_EFD, std=std if out_std is None else out_std)
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Args:
+            x_ND: rows sorted by expert.
+            tokens_per_expert: (E,) integer row counts, summing to N.
+        """
+        return self._compute(x_ND, tokens_per_expert, self.w1_EDF, self.w2_EFD, self.w3_EDF)
+
+    def extra_repr(self) -> str:
+        e, d, f = self.w1_EDF.shape
+        return f"num_experts={e}, hidden_size={d}, expert_hidden_size={f}, backend={self.backend!r}"
+
+
+def init_out_std(std: float, num_layers: int) -> float:
+    """Scaled init of residual output projections (GPT-2 / Megatron)."""
+    return std / math.sqrt(2.0 * num_layers)

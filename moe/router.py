@@ -1,0 +1,233 @@
+"""Token-choice top-k routing and its load-balancing terms.
+
+Shape legend: B batch, S sequence, T tokens (B*S), D hidden, E experts,
+K experts per token (top_k), L MoE layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe.config import RouterConfig
+
+
+@dataclass
+class RouterOutput:
+    """What the router hands to the dispatcher and to the model.
+
+    topk_ids_TK holds -1 for assignments dropped by the capacity limit; their
+    gate weight in topk_weights_TK is 0.
+    """
+
+    topk_ids_TK: torch.Tensor
+    topk_weights_TK: torch.Tensor
+    aux_loss: torch.Tensor  # weighted sum of this layer's balancing losses (scalar)
+    losses: dict[str, torch.Tensor]  # each unweighted loss, detached, for logging
+    stats: dict[str, torch.Tensor]  # detached load statistics, see `load_stats`
+
+
+def switch_load_balancing_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
+    """Switch/GShard auxiliary loss `E * sum_i f_i * P_i` (unweighted).
+
+    f_i is the number of assignments to expert i divided by the number of
+    tokens (so sum_i f_i = K) and P_i the mean router probability of expert i,
+    exactly as transformers' `load_balancing_loss_func` computes them.
+    Dropped assignments (id -1) still count: the router chose them.
+    """
+    num_tokens, num_experts = probs_TE.shape
+    ids = topk_ids_TK.clamp_min(0).reshape(-1)
+    counts_E = torch.zeros(num_experts, dtype=probs_TE.dtype, device=probs_TE.device)
+    counts_E.index_add_(0, ids, torch.ones_like(ids, dtype=probs_TE.dtype))
+    f_E = counts_E / num_tokens
+    p_E = probs_TE.mean(dim=0)
+    return num_experts * (f_E * p_E).sum()
+
+
+def sequence_balance_loss(probs_BSE: torch.Tensor, topk_ids_BSK: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V2/V3 sequence-wise balance loss (unweighted), averaged over sequences.
+
+    Per sequence: f_i = E / (K * S) * #assignments to i, P_i = mean over the
+    sequence of the normalised scores s_i / sum_j s_j; loss = sum_i f_i * P_i.
+    """
+    batch, seq_len, num_experts = probs_BSE.shape
+    top_k = topk_ids_BSK.shape[-1]
+    ids = topk_ids_BSK.clamp_min(0).reshape(batch, seq_len * top_k)
+    counts_BE = torch.zeros(batch, num_experts, dtype=probs_BSE.dtype, device=probs_BSE.device)
+    counts_BE.scatter_add_(1, ids, torch.ones_like(ids, dtype=probs_BSE.dtype))
+    f_BE = counts_BE * (num_experts / (top_k * seq_len))
+    normalized_BSE = probs_BSE / probs_BSE.sum(dim=-1, keepdim=True)
+    p_BE = normalized_BSE.mean(dim=1)
+    return (f_BE * p_BE).sum(dim=-1).mean()
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss `mean(logsumexp(logits)^2)` (unweighted)."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def capacity_keep_mask(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, num_experts: int,
+                       capacity: int, drop_policy: str) -> torch.Tensor:
+    """Which assignments fit in their expert's capacity.
+
+    NOTE: an assignment's rank inside its expert is found with two stable
+    sorts: first by the priority (gate weight descending for "probs", token
+    position for "position"), then by expert id. In the resulting order each
+    expert's assignments are contiguous and ordered by priority, so the rank is
+    the position minus the expert's start offset.
+    """
+    flat_ids = topk_ids_TK.reshape(-1)
+    if drop_policy == "probs":
+        priority_order = torch.argsort(topk_weights_TK.reshape(-1).detach(), descending=True, stable=True)
+    else:  # "position": token order, slot order within a token
+        priority_order = torch.arange(flat_ids.numel(), device=flat_ids.device)
+    by_expert = torch.argsort(flat_ids[priority_order], stable=True)
+    order = priority_order[by_expert]
+    counts_E = torch.bincount(flat_ids, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_sorted = torch.arange(order.numel(), device=flat_ids.device) - starts_E[flat_ids[order]]
+    keep = torch.empty_like(flat_ids, dtype=torch.bool)
+    keep[order] = rank_sorted < capacity
+    return keep.view_as(topk_ids_TK)
+
+
+def load_stats(topk_ids_TK: torch.Tensor, probs_TE: torch.Tensor, dropped_fraction: torch.Tensor,
+               num_experts: int) -> dict[str, torch.Tensor]:
+    """Detached per-layer statistics: tokens per expert (after dropping), the
+    dropped fraction, the mean router entropy and max/mean expert load."""
+    kept = topk_ids_TK[topk_ids_TK >= 0]
+    tokens_per_expert = torch.bincount(kept, minlength=num_experts).float()
+    mean_load = tokens_per_expert.mean().clamp_min(1e-9)
+    probs = probs_TE.detach().float()
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
+    return {
+        "tokens_per_expert": tokens_per_expert,
+        "dropped_fraction": dropped_fraction.detach().float(),
+        "router_entropy": entropy,
+        "max_load": tokens_per_expert.max(),
+        "mean_load": tokens_per_expert.mean(),
+        "max_over_mean_load": tokens_per_expert.max() / mean_load,
+    }
+
+
+class Router(nn.Module):
+    """Top-k token-choice router with all balancing methods of `RouterConfig`.
+
+    Buffers:
+        expert_bias: auxiliary-loss-free selection bias (DeepSeek-V3). Added to
+            the scores only to choose experts, never to the gate weights.
+            Persistent: it is part of the trained model.
+        tokens_per_expert: assignments counted since the last bias update
+            (training only); reduced across data-parallel ranks and consumed
+            by `update_expert_bias`.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, config: RouterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_experts = num_experts
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+
+    def forward(self, x_BSD: torch.Tensor) -> RouterOutput:
+        cfg = self.config
+        batch, seq_len, _ = x_BSD.shape
+        x_TD = x_BSD.reshape(batch * seq_len, -1)
+        if self.training and cfg.jitter_eps > 0:
+            noise = torch.empty_like(x_TD).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
+            x_TD = x_TD * noise
+        logits_TE = self.gate(x_TD)
+        if cfg.score_func == "softmax":
+            scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+        else:
+            scores_TE = torch.sigmoid(logits_TE.float())
+
+        if cfg.bias_update_rate > 0:
+            _, topk_ids_TK = torch.topk(scores_TE.detach() + self.expert_bias, cfg.top_k, dim=-1)
+            topk_scores_TK = scores_TE.gather(1, topk_ids_TK)
+        else:
+            topk_scores_TK, topk_ids_TK = torch.topk(scores_TE, cfg.top_k, dim=-1)
+        if cfg.renormalize or cfg.score_func == "sigmoid":
+            topk_scores_TK = topk_scores_TK / topk_scores_TK.sum(dim=-1, keepdim=True)
+        topk_weights_TK = topk_scores_TK * cfg.route_scale
+
+        num_tokens = batch * seq_len
+        dropped_fraction = torch.zeros((), device=x_BSD.device)
+        if cfg.capacity_factor is not None:
+            capacity = math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / self.num_experts)
+            keep_TK = capacity_keep_mask(topk_ids_TK, topk_weights_TK, self.num_experts, capacity, cfg.drop_policy)
+            dropped_fraction = 1.0 - keep_TK.float().mean()
+            topk_weights_TK = topk_weights_TK * keep_TK
+            routed_ids_TK = torch.where(keep_TK, topk_ids_TK, torch.full_like(topk_ids_TK, -1))
+        else:
+            routed_ids_TK = topk_ids_TK
+
+        # Balancing losses see the router's choice (before dropping).
+        aux_loss = torch.zeros((), device=x_BSD.device, dtype=torch.float32)
+        losses: dict[str, torch.Tensor] = {}
+        if cfg.aux_loss_coef > 0:
+            probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+            loss = switch_load_balancing_loss(probs_TE, topk_ids_TK)
+            aux_loss = aux_loss + cfg.aux_loss_coef * loss
+            losses["load_balancing"] = loss.detach()
+        if cfg.seq_aux_loss_coef > 0:
+            loss = sequence_balance_loss(scores_TE.view(batch, seq_len, -1), topk_ids_TK.view(batch, seq_len, -1))
+            aux_loss = aux_loss + cfg.seq_aux_loss_coef * loss
+            losses["sequence_balance"] = loss.detach()
+        if cfg.z_loss_coef > 0:
+            loss = router_z_loss(logits_TE)
+            aux_loss = aux_loss + cfg.z_loss_coef * loss
+            losses["z_loss"] = loss.detach()
+
+        stats = load_stats(routed_ids_TK, scores_TE, dropped_fraction, self.num_experts)
+        if self.training and cfg.bias_update_rate > 0:
+            with torch.no_grad():
+                self.tokens_per_expert += stats["tokens_per_expert"].to(self.tokens_per_expert.device)
+        return RouterOutput(routed_ids_TK, topk_weights_TK.to(x_BSD.dtype), aux_loss, losses, stats)
+
+
+def aux_free_routers(model: nn.Module) -> list[Router]:
+    """The routers of `model` that use auxiliary-loss-free balancing."""
+    return [m for m in model.modules() if isinstance(m, Router) and m.config.bias_update_rate > 0]
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module,
+                       all_reduce: Optional[Callable[[torch.Tensor], None]] = None) -> Optional[torch.Tensor]:
+    """DeepSeek-V3 auxiliary-loss-free bias update; call after each optimizer step.
+
+    Stacks every aux-free router's `tokens_per_expert` into one (L, E) tensor,
+    lets `all_reduce` sum it in place across data-parallel ranks (one
+    collective for the whole model), then moves each bias by
+    `gamma * sign(mean_load - load_e)` and resets the counts.
+
+    Args:
+        model: any module containing routers.
+        all_reduce: in-place sum across ranks, e.g.
+            `lambda t: torch.distributed.all_reduce(t, group=dp_group)`; None on
+            a single process.
+    Returns:
+        The reduced (L, E) counts, or None when no router uses the bias.
+    """
+    routers = aux_free_routers(model)
+    if not routers:
+        return None
+    counts_LE = torch.stack([r.tokens_per_expert for r in routers])
+    if all_reduce is not None:
+        all_reduce(counts_LE)
+    for router, counts_E in zip(routers, counts_LE):
+        mean_load = counts_E.mean()
+        router.expert_bias += router.config.bias_update_rate * torch.sign(mean_load - counts_E)
+        router.tokens_per_expert.zero_()
+    return counts_LE
+
+
+def iter_routers(model: nn.Module) -> Iterable[Router]:
+    return (m for m in model.modules() if isinstance(m, Router))
