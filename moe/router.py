@@ -68,7 +68,8 @@ def sequence_balance_loss(probs_BSE: torch.Tensor, topk_ids_BSK: torch.Tensor) -
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss `mean(logsumexp(logits)^2)` (unweighted)."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    logits_TE = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
 
 
 def capacity_keep_mask(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, num_experts: int,
@@ -136,6 +137,14 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Casting the model (e.g. to bfloat16) must not round the counts or the
+        # bias: they stay float32 and only follow the device.
+        super()._apply(fn, recurse)
+        self.expert_bias = self.expert_bias.float()
+        self.tokens_per_expert = self.tokens_per_expert.float()
+        return self
+
     def forward(self, x_BSD: torch.Tensor) -> RouterOutput:
         cfg = self.config
         batch, seq_len, _ = x_BSD.shape
@@ -144,10 +153,12 @@ class Router(nn.Module):
             noise = torch.empty_like(x_TD).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
             x_TD = x_TD * noise
         logits_TE = self.gate(x_TD)
+        # Scores in at least float32, whatever the activation dtype.
+        score_dtype = torch.promote_types(logits_TE.dtype, torch.float32)
         if cfg.score_func == "softmax":
-            scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+            scores_TE = torch.softmax(logits_TE, dim=-1, dtype=score_dtype)
         else:
-            scores_TE = torch.sigmoid(logits_TE.float())
+            scores_TE = torch.sigmoid(logits_TE.to(score_dtype))
 
         if cfg.bias_update_rate > 0:
             _, topk_ids_TK = torch.topk(scores_TE.detach() + self.expert_bias, cfg.top_k, dim=-1)
@@ -170,7 +181,7 @@ class Router(nn.Module):
             routed_ids_TK = topk_ids_TK
 
         # Balancing losses see the router's choice (before dropping).
-        aux_loss = torch.zeros((), device=x_BSD.device, dtype=torch.float32)
+        aux_loss = torch.zeros((), device=x_BSD.device, dtype=score_dtype)
         losses: dict[str, torch.Tensor] = {}
         if cfg.aux_loss_coef > 0:
             probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
