@@ -149,7 +149,7 @@ class ModelConfig:
         router, experts: the MoE components.
     """
 
-    vocab_size: int = 32000
+    vocab_size: Optional[int] = 32000
     hidden_size: int = 512
     num_layers: int = 4
     num_heads: int = 8

@@ -1,0 +1,200 @@
+"""Structured configs of the training job, registered with Hydra's ConfigStore.
+
+The YAML files under `conf/` extend these schemas (`defaults: [base_trainer]`),
+so a misspelt key or a wrongly typed value fails when Hydra composes the
+config, before anything starts. `validate_train_config` then checks what types
+cannot (values and relations between groups) and names the offending key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from moe.config import ModelConfig
+
+ENGINES = ("native", "deepspeed")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests and drills (never set in a real run)."""
+
+    kill_rank_at_step: Optional[int] = None  # that rank's process exits once, at this step
+    kill_rank: int = 0
+    nan_loss_at_steps: list[int] = field(default_factory=list)  # these steps see a NaN loss
+
+
+@dataclass
+class TrainerConfig:
+    """The `trainer` group.
+
+    Attributes:
+        max_steps: optimizer steps of the run.
+        engine: "native" (our loop, expert parallel) or "deepspeed" (ZeRO).
+        resume: None (fresh, refuses a run directory that has checkpoints),
+            "auto" (latest complete checkpoint of this run, if any) or a path.
+        global_batch_size: sequences per optimizer step over all workers.
+        grad_accum_steps: micro-batches per optimizer step on each worker.
+        dtype: "float32", or "bfloat16" autocast (CUDA).
+        checkpoint_every / keep_last: checkpoint period and how many to keep.
+        eval_every / eval_batches: validation period and size (0 = at the end only).
+        max_bad_steps: consecutive NaN/inf steps before the run stops.
+        zero_stage: ZeRO stage for engine=deepspeed (1 or 2).
+        run_root: parent of the run directories.
+    """
+
+    max_steps: int = 200
+    engine: str = "native"
+    resume: Optional[str] = None
+    global_batch_size: int = 16
+    grad_accum_steps: int = 1
+    lr: float = 3.0e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "float32"
+    seed: int = 0
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    eval_every: int = 0
+    eval_batches: int = 8
+    max_bad_steps: int = 5
+    zero_stage: int = 1
+    run_root: str = "runs"
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+@dataclass
+class ParallelConfig:
+    """The `parallel` group: ep is the expert-parallel degree (1 = experts replicated)."""
+
+    ep: int = 1
+
+
+@dataclass
+class ClusterConfig:
+    """The `cluster` group.
+
+    Attributes:
+        address: None starts a local Ray with its dashboard on 127.0.0.1;
+            "auto" (or ray://..., host:port) joins an existing cluster.
+        num_workers: Ray Train workers (one process, one GPU each on GPU).
+        use_gpu: one GPU per worker and NCCL; otherwise CPU and gloo.
+        cpus_per_worker: CPUs reserved per worker.
+        max_failures: worker-group restarts Ray Train may make (FailureConfig).
+        dashboard_port: port of the local dashboard.
+        num_cpus: CPUs of a local Ray (None: all of the machine).
+    """
+
+    address: Optional[str] = None
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 0
+    dashboard_port: int = 8265
+    num_cpus: Optional[int] = None
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "moe-ray"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggerConfig:
+    """The `logger` group: JSONL metrics are always written; wandb and Ray metrics are optional."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    ray_metrics: bool = True
+    progress_bar: bool = True
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+    cs.store(group="parallel", name="base_parallel", node=ParallelConfig)
+    cs.store(group="cluster", name="base_cluster", node=ClusterConfig)
+    cs.store(group="logger", name="base_logger", node=LoggerConfig)
+    try:
+        from data_pipeline.config import register_configs as register_data_configs
+    except ImportError:  # the data group then has no schema, only its YAML
+        return
+    register_data_configs()
+
+
+def _fail(key: str, message: str) -> None:
+    raise ValueError(f"invalid configuration: {key}: {message}")
+
+
+def model_config_from(cfg: DictConfig, vocab_size: Optional[int] = None) -> ModelConfig:
+    """Builds the validated ModelConfig from `cfg.model`, filling vocab_size from the data if unset."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model, dict)
+    if model.get("vocab_size") is None:
+        model["vocab_size"] = vocab_size if vocab_size is not None else 1  # placeholder for validation only
+    try:
+        return ModelConfig.from_dict(model)
+    except ValueError as err:
+        raise ValueError(f"invalid configuration: model: {err}") from err
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Checks values and cross-group relations; raises ValueError naming the key.
+
+    Runs on the driver before Ray starts.
+    """
+    t, c, p = cfg.trainer, cfg.cluster, cfg.parallel
+    for key in ("max_steps", "global_batch_size", "grad_accum_steps", "checkpoint_every", "keep_last",
+                "eval_batches", "max_bad_steps"):
+        if not isinstance(t[key], int) or t[key] <= 0:
+            _fail(f"trainer.{key}", f"must be a positive integer, got {t[key]!r}")
+    if t.engine not in ENGINES:
+        _fail("trainer.engine", f"must be one of {list(ENGINES)}, got {t.engine!r}")
+    if t.dtype not in DTYPES:
+        _fail("trainer.dtype", f"must be one of {list(DTYPES)}, got {t.dtype!r}")
+    if t.lr <= 0:
+        _fail("trainer.lr", f"must be positive, got {t.lr}")
+    if t.warmup_steps < 0 or t.eval_every < 0:
+        _fail("trainer.warmup_steps" if t.warmup_steps < 0 else "trainer.eval_every", "must be non-negative")
+    if t.zero_stage not in (1, 2):
+        _fail("trainer.zero_stage", f"must be 1 or 2, got {t.zero_stage}")
+    if c.num_workers <= 0:
+        _fail("cluster.num_workers", f"must be positive, got {c.num_workers}")
+    if c.cpus_per_worker <= 0:
+        _fail("cluster.cpus_per_worker", f"must be positive, got {c.cpus_per_worker}")
+    if c.max_failures < 0:
+        _fail("cluster.max_failures", f"must be non-negative, got {c.max_failures}")
+    if p.ep <= 0:
+        _fail("parallel.ep", f"must be positive, got {p.ep}")
+    if c.num_workers % p.ep:
+        _fail("parallel.ep", f"({p.ep}) must divide cluster.num_workers ({c.num_workers})")
+    per_step = c.num_workers * t.grad_accum_steps
+    if t.global_batch_size % per_step:
+        _fail("trainer.global_batch_size", f"({t.global_batch_size}) must be divisible by cluster.num_workers * "
+                                           f"trainer.grad_accum_steps ({per_step})")
+    model = model_config_from(cfg)
+    if model.num_moe_layers and model.experts.num_experts % p.ep:
+        _fail("parallel.ep", f"({p.ep}) must divide model.experts.num_experts ({model.experts.num_experts})")
+    if t.engine == "deepspeed" and p.ep > 1 and model.experts.backend == "megablocks":
+        _fail("model.experts.backend", "megablocks is not supported with trainer.engine=deepspeed")
+    if cfg.data.seq_len > model.max_seq_len:
+        _fail("data.seq_len", f"({cfg.data.seq_len}) exceeds model.max_seq_len ({model.max_seq_len})")
+    if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
+        _fail("logger.wandb.mode", f"must be offline, online or disabled, got {cfg.logger.wandb.mode!r}")
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    out = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(out, dict)
+    return out

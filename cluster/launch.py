@@ -1,0 +1,212 @@
+"""The driver of `python -m moe.train`: validate, prepare data, start Ray, fit, summarise.
+
+Everything that can be checked is checked before Ray starts. Ray Train's
+`TorchTrainer` does the placement, the process groups, restarts and the
+checkpoint registry; this module only configures it and watches the run
+directory for the progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from cluster.checkpointing import list_checkpoints
+from cluster.config import model_config_from, to_plain, validate_train_config
+from cluster.metrics import read_metrics
+from cluster.worker import STATUS_FILE
+
+# Peak dense bf16 TFLOP/s for model FLOPs utilisation, by device name.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    return (Path(cfg.trainer.run_root) / cfg.name).resolve()
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """A fresh run never overwrites the checkpoints of an earlier run of the same name."""
+    resume = cfg.trainer.resume
+    if resume in (None, "", "auto"):
+        if resume is None and list_checkpoints(run_dir / "checkpoints"):
+            raise ValueError(f"invalid configuration: trainer.resume: {run_dir} already holds checkpoints of a "
+                             f"run named {cfg.name!r}; set trainer.resume=auto to continue it, or choose another "
+                             f"name (name=...) or trainer.run_root")
+        return
+    if not (Path(resume) / "train_state.json").is_file():
+        raise ValueError(f"invalid configuration: trainer.resume: {resume} is not a complete training checkpoint "
+                         f"(no train_state.json)")
+
+
+def curriculum_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    curriculum = OmegaConf.to_container(cfg.data.curriculum, resolve=True)
+    assert isinstance(curriculum, dict)
+    return {"on_corrupt": cfg.data.on_corrupt, **curriculum}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Runs a whole training job and returns its summary. Raises ValueError on bad configuration."""
+    validate_train_config(cfg)
+    run_dir = run_dir_of(cfg)
+    check_run_dir(cfg, run_dir)
+
+    from data_pipeline.prepare import ensure_prepared
+    from data_pipeline.manifest import read_manifest
+
+    data_dir = ensure_prepared(cfg.data)
+    vocab_size = read_manifest(data_dir)["vocab_size"]
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab_size:
+        raise ValueError(f"invalid configuration: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
+                         f"tokenizer's vocabulary ({vocab_size}) of {data_dir}; leave it null to use the tokenizer's")
+    model_config = model_config_from(cfg, vocab_size)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / STATUS_FILE).unlink(missing_ok=True)
+
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():  # tests and notebooks may have started Ray already
+        if cfg.cluster.address is None:
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=cfg.cluster.dashboard_port,
+                     num_cpus=cfg.cluster.num_cpus)
+        else:
+            ray.init(address=cfg.cluster.address)
+    print(f"[moe.train] Ray dashboard: {dashboard_url()}", flush=True)
+    print(f"[moe.train] run directory: {run_dir}", flush=True)
+
+    plain = to_plain(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_loop,
+        train_loop_config={"cfg": plain, "model": model_config.to_dict(), "data_dir": str(data_dir),
+                           "run_dir": str(run_dir), "curriculum": curriculum_kwargs(cfg)},
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=str(run_dir / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
+    )
+    progress = _Progress(run_dir, cfg.trainer.max_steps) if cfg.logger.progress_bar else None
+    try:
+        trainer.fit()
+    finally:
+        if progress:
+            progress.stop()
+    status_file = run_dir / STATUS_FILE
+    if not status_file.is_file():
+        raise RuntimeError(f"training ended without writing {status_file}; see the Ray logs above")
+    status = json.loads(status_file.read_text())
+    summary = summarise(run_dir, status)
+    if status["status"] != "finished":
+        raise TrainingStopped(status["message"])
+    return summary
+
+
+def dashboard_url() -> str:
+    from ray._private.worker import get_dashboard_url
+
+    url = get_dashboard_url() or ""
+    return url if not url or "://" in url else f"http://{url}"
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    from cluster.worker import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (e.g. too many NaN steps); its last good checkpoint is kept."""
+
+
+def summarise(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
+    """Final figures, summary.json and the two plots."""
+    from cluster.plots import plot_expert_load, plot_loss
+
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    summary: dict[str, Any] = {"status": status["status"], "final_step": status["final_step"],
+                               "bad_steps": status["bad_steps"]}
+    if train:
+        last = train[-min(10, len(train)):]
+        summary["final_train_loss"] = sum(r["loss"] for r in last if math.isfinite(r["loss"])) / max(
+            1, sum(math.isfinite(r["loss"]) for r in last))
+        steady = train[min(len(train) - 1, 3):]  # the first steps include start-up
+        step_tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in steady)
+        summary["tokens_per_s"] = step_tokens / sum(r["step_time_s"] for r in steady)
+    if evals:
+        summary["val_loss"] = evals[-1]["val_loss"]
+        summary["val_ppl"] = evals[-1]["val_ppl"]
+    summary["mfu"] = _mfu(summary.get("tokens_per_s"), status)
+    summary["loss_curve"] = str(plot_loss(run_dir, train, evals))
+    if train and train[-1]["tokens_per_expert"]:
+        summary["expert_load_heatmap"] = str(plot_expert_load(run_dir, train))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("[moe.train] summary: " + json.dumps(summary), flush=True)
+    return summary
+
+
+def _mfu(tokens_per_s: Optional[float], status: dict[str, Any]) -> Optional[float]:
+    """Model FLOPs utilisation on GPU (None on CPU or unknown devices)."""
+    try:
+        import torch
+
+        if not tokens_per_s or not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    except Exception:
+        return None
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if peak is None:
+        return None
+    return tokens_per_s * status["flops_per_token"] / (peak * 1e12 * status["world_size"])
+
+
+class _Progress:
+    """A progress bar on the driver, fed by the run's metrics.jsonl (step, loss, tokens/s, ETA)."""
+
+    def __init__(self, run_dir: Path, max_steps: int) -> None:
+        self._path = run_dir / "metrics.jsonl"
+        self._max_steps = max_steps
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=self._max_steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        offset = 0
+        while not self._stop.is_set():
+            time.sleep(0.5)
+            if not self._path.exists():
+                continue
+            with self._path.open() as f:
+                f.seek(offset)
+                lines = f.readlines()
+                offset = f.tell()
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("kind") == "train":
+                    bar.n = record["step"]
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.refresh()
+        bar.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)

@@ -1,0 +1,55 @@
+"""End-of-run figures: the loss curve and the expert-load heatmap (layers x experts)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_loss(run_dir: Path, train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in train if math.isfinite(r["loss"])]
+    ax.plot(steps, [r["loss"] for r in train if math.isfinite(r["loss"])], label="train loss", lw=1)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross entropy (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = run_dir / "loss_curve.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_load(run_dir: Path, train: list[dict[str, Any]], last_steps: int = 50) -> Path:
+    """Share of the routed tokens each expert received over the last steps, per MoE layer."""
+    recent = [np.asarray(r["tokens_per_expert"], dtype=np.float64) for r in train[-last_steps:]]
+    load_LE = np.sum(recent, axis=0)
+    share_LE = load_LE / np.clip(load_LE.sum(axis=1, keepdims=True), 1e-9, None)
+    num_layers, num_experts = share_LE.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * num_experts, 1.2 + 0.5 * num_layers))
+    image = ax.imshow(share_LE, cmap="viridis", aspect="auto")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_xticks(range(num_experts))
+    ax.set_yticks(range(num_layers))
+    ax.set_title(f"token share per expert (last {len(recent)} steps; uniform = {1 / num_experts:.3f})")
+    for layer in range(num_layers):
+        for expert in range(num_experts):
+            ax.text(expert, layer, f"{share_LE[layer, expert]:.2f}", ha="center", va="center", color="w", fontsize=7)
+    fig.colorbar(image, ax=ax)
+    path = run_dir / "expert_load.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
