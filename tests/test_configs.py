@@ -1,0 +1,105 @@
+"""Hydra composition of every experiment, validation before Ray starts, and the infra/ files."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from cluster.config import model_config_from, register_configs, validate_train_config
+from moe import count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+register_configs()
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_expected_experiments_exist() -> None:
+    assert {"mixtral_tiny", "mixtral_small", "dense_tiny"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_validates(experiment: str) -> None:
+    cfg = compose_cfg([f"+experiment={experiment}"])
+    validate_train_config(cfg)
+    assert cfg.name == experiment
+    for key in ("trainer.max_steps", "trainer.engine", "trainer.resume", "cluster.address", "cluster.num_workers",
+                "cluster.use_gpu", "parallel.ep", "model.experts.backend", "logger.wandb.mode"):
+        OmegaConf.select(cfg, key, throw_on_missing=True)
+    assert cfg.logger.wandb.mode == "offline"
+
+
+def test_preset_sizes() -> None:
+    small = model_config_from(compose_cfg(["+experiment=mixtral_small"]), vocab_size=32768)
+    counts = count_parameters(small)
+    assert 1.3e9 < counts["total"] < 1.7e9 and 0.3e9 < counts["active"] < 0.5e9, counts
+    assert (small.hidden_size, small.num_layers, small.num_heads, small.num_kv_heads) == (1024, 16, 16, 4)
+    assert (small.experts.num_experts, small.experts.hidden_size, small.router.top_k) == (8, 3584, 2)
+
+    tiny = model_config_from(compose_cfg(["+experiment=mixtral_tiny"]), vocab_size=8192)
+    dense = model_config_from(compose_cfg(["+experiment=dense_tiny"]), vocab_size=8192)
+    assert dense.num_moe_layers == 0 and tiny.num_moe_layers == tiny.num_layers
+    # Equal active FLOPs per token: the dense FFN is as wide as top_k experts.
+    tiny_counts, dense_counts = count_parameters(tiny), count_parameters(dense)
+    router_params = tiny.num_layers * tiny.hidden_size * tiny.experts.num_experts
+    assert tiny_counts["active"] - router_params == dense_counts["active"]
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["parallel.ep=3", "cluster.num_workers=3", "trainer.global_batch_size=18"], "parallel.ep"),  # not a divisor of 8 experts
+    (["parallel.ep=2", "cluster.num_workers=3"], "parallel.ep"),  # does not divide the workers
+    (["trainer.engine=megatron"], "trainer.engine"),
+    (["trainer.max_steps=0"], "trainer.max_steps"),
+    (["trainer.global_batch_size=15", "cluster.num_workers=2"], "trainer.global_batch_size"),
+    (["model.num_heads=3"], "num_heads"),
+    (["data.seq_len=512"], "data.seq_len"),
+])
+def test_invalid_config_names_the_key(overrides: list[str], key: str) -> None:
+    cfg = compose_cfg(["+experiment=mixtral_tiny", *overrides])
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        validate_train_config(cfg)
+
+
+def test_typo_fails_at_composition() -> None:
+    with pytest.raises(Exception, match="max_stepz"):
+        compose_cfg(["+experiment=mixtral_tiny", "trainer.max_stepz=3"])
+
+
+def test_bad_config_fails_before_ray_starts(tmp_path) -> None:
+    """The real entry point exits with the key named, and never starts Ray."""
+    proc = subprocess.run([sys.executable, "-m", "moe.train", "+experiment=mixtral_tiny", "parallel.ep=3",
+                           f"trainer.run_root={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1
+    assert "parallel.ep" in proc.stderr
+    assert "Ray dashboard" not in proc.stdout and not (tmp_path / "mixtral_tiny").exists()
+
+
+def test_infra_yaml_parses_and_entrypoint_composes() -> None:
+    cluster = yaml.safe_load((ROOT / "infra" / "ray-cluster.yaml").read_text())
+    assert cluster["head_node_type"] in cluster["available_node_types"]
+    job = yaml.safe_load((ROOT / "infra" / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["apiVersion"].startswith("ray.io/")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "moe.train"]
+    cfg = compose_cfg(argv[3:])
+    validate_train_config(cfg)
+    assert cfg.name == "mixtral_small" and cfg.cluster.address == "auto" and cfg.cluster.use_gpu
+    proc = subprocess.run([sys.executable, "-m", "moe.train", *argv[3:], "--cfg", "job"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["trainer"]["run_root"] == "/mnt/shared/runs"
+    dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
+    assert "pip install" in dockerfile and "moe.train" in dockerfile
