@@ -1,0 +1,381 @@
+"""Prepare a corpus: sources -> tokenizer -> tokens and metrics -> Arrow shards + manifest.
+
+    python -m data_pipeline.prepare data.sources=[corpus/,more/*.jsonl] data.output=data/mine
+
+NOTE: how a prepared directory is made.
+ 1. Check. The sources are resolved and checked (paths, fields, columns, an
+    empty corpus), the tokenizer file and the scoring checkpoint are found:
+    every configuration mistake fails here, before any work.
+ 2. Tokenizer. A byte-level BPE is trained on a deterministic stride sample
+    of at most `tokenizer_train_bytes` of text, or `data.tokenizer` is copied.
+ 3. Tokenize and score (the engine). Documents are numbered in source order
+    and cut into chunks; `engine.process_chunk` turns each into token lists,
+    token counts, compression ratios, split keys and, with `score_with`,
+    perplexities. Results come back in order into one stage file, while the
+    driver counts unigrams.
+ 4. Corpus statistics. Rarity (mean -log p under the unigram counts, summed in
+    fixed point so no float order matters), the validation split (the
+    documents with the smallest content hashes), and percentiles of every
+    metric against the training documents.
+ 5. Shards. The stage is read again, the metric and percentile columns are
+    attached, and each split is written into bounded shards, then the
+    manifest.
+Everything happens in a temporary sibling directory that is renamed onto
+`data.output` at the end, so an interrupted run never leaves a directory that
+looks complete, and a previous output stays intact until the new one is whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from data_pipeline.config import DataConfig
+from data_pipeline.engine import make_engine
+from data_pipeline.manifest import PIPELINE_VERSION, ManifestError, read_manifest, write_manifest
+from data_pipeline.score import (METRIC_COLUMNS, metric_stats, percentile_column, percentiles,
+                                 unigram_neglogp)
+from data_pipeline.shards import ShardWriter, shard_schema
+from data_pipeline.source import (Document, ReadStats, SourceError, SourceFile, default_corpus_root,
+                                  fingerprint_sources, iter_documents, resolve_sources)
+from data_pipeline.tokenize import (TOKENIZER_FILE, file_sha256, load_tokenizer_file, token_dtype,
+                                    train_tokenizer)
+
+log = logging.getLogger(__name__)
+
+STAGE_FILE = "_stage.arrow"
+# Rarity is summed in fixed point (2**-24 nats) so that the sum is exact and
+# independent of how documents are batched.
+RARITY_SCALE = float(1 << 24)
+# Keys of DataConfig that change the prepared output; the rest are read by the loader.
+PREPARE_KEYS = ("sources", "text_field", "text_column", "tokenizer", "vocab_size", "eos_token",
+                "tokenizer_train_bytes", "score_with", "score_seq_len", "validation_fraction",
+                "shard_max_bytes", "record_batch_bytes")
+
+
+def prepare(cfg: Any) -> Path:
+    """Prepares the corpus of `cfg` into `cfg.output`, replacing what is there.
+
+    Args:
+        cfg: the `data` config (DataConfig, DictConfig or dict).
+    Returns:
+        The prepared directory.
+    Raises:
+        SourceError: a missing path, a wrong field/column, an empty corpus or,
+            with on_corrupt=error, an unparseable record.
+    """
+    cfg = DataConfig.from_any(cfg)
+    files = resolve_sources(cfg.sources, text_field=cfg.text_field, text_column=cfg.text_column)
+    if cfg.tokenizer is not None:
+        load_tokenizer_file(cfg.tokenizer, eos_token=cfg.eos_token)
+    if cfg.score_with is not None and not Path(cfg.score_with).exists():
+        raise FileNotFoundError(f"data.score_with: no such checkpoint: {cfg.score_with!r}")
+    output = Path(cfg.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint = compute_fingerprint(cfg, files)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        _build(cfg, files, fingerprint, tmp)
+        _install(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("prepared %s", output)
+    return output
+
+
+def ensure_prepared(cfg: Any) -> Path:
+    """Prepares `cfg.output` unless it exists with a manifest that matches `cfg`.
+
+    Concurrent callers on one machine (several ranks) are serialized by a lock
+    file beside the output; the first prepares, the others find it current.
+    """
+    cfg = DataConfig.from_any(cfg)
+    output = Path(cfg.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(output.parent / f".{output.name}.lock"):
+        if is_current(cfg, output):
+            log.info("%s is prepared and matches the config", output)
+            return output
+        return prepare(cfg)
+
+
+def is_current(cfg: Any, output: Path) -> bool:
+    """Whether `output` holds a complete preparation of exactly this config and corpus."""
+    cfg = DataConfig.from_any(cfg)
+    try:
+        manifest = read_manifest(output)
+    except ManifestError:
+        return False
+    files = resolve_sources(cfg.sources, text_field=cfg.text_field, text_column=cfg.text_column)
+    return manifest.get("fingerprint") == compute_fingerprint(cfg, files)
+
+
+def compute_fingerprint(cfg: DataConfig, files: list[SourceFile]) -> str:
+    """Hash of everything the prepared output depends on."""
+    settings = {key: getattr(cfg, key) for key in PREPARE_KEYS}
+    settings["pipeline_version"] = PIPELINE_VERSION
+    settings["corpus"] = fingerprint_sources(files)
+    if cfg.tokenizer is not None:
+        settings["tokenizer_sha256"] = file_sha256(cfg.tokenizer)
+    if cfg.score_with is not None:
+        checkpoint = Path(cfg.score_with)
+        parts = sorted(checkpoint.rglob("*")) if checkpoint.is_dir() else [checkpoint]
+        settings["score_with_files"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                                        for p in parts if p.is_file()]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _build(cfg: DataConfig, files: list[SourceFile], fingerprint: str, out: Path) -> None:
+    tokenizer, tokenizer_info = _make_tokenizer(cfg, files, out)
+    vocab_size = tokenizer.get_vocab_size()
+    eos_id = tokenizer.token_to_id(cfg.eos_token)
+    log.info("tokenizer: vocab %d, eos id %d", vocab_size, eos_id)
+
+    read_stats = ReadStats()
+    documents = iter_documents(files, text_field=cfg.text_field, text_column=cfg.text_column,
+                               on_corrupt=cfg.on_corrupt, stats=read_stats)
+    stage_path = out / STAGE_FILE
+    unigram_counts = _tokenize_and_score(cfg, documents, stage_path, tokenizer.to_str(), eos_id, vocab_size)
+    if unigram_counts is None:
+        raise SourceError(f"empty corpus: data.sources={cfg.sources!r} holds no non-empty document "
+                          f"({read_stats.num_empty_documents} empty, {read_stats.num_skipped_records} skipped)")
+
+    stage = ipc.open_stream(pa.memory_map(str(stage_path))).read_all().to_batches()
+    metrics, is_validation = _corpus_statistics(cfg, stage, unigram_counts)
+    splits = _write_shards(cfg, stage, metrics, is_validation, out, token_dtype(vocab_size))
+    del stage
+    stage_path.unlink()
+
+    num_tokens = int(metrics["length"].sum())
+    train = ~is_validation
+    manifest = {
+        "pipeline_version": PIPELINE_VERSION,
+        "fingerprint": fingerprint,
+        "config": {key: getattr(cfg, key) for key in PREPARE_KEYS},
+        "tokenizer": tokenizer_info,
+        "vocab_size": vocab_size,
+        "token_dtype": token_dtype(vocab_size).name,
+        "num_documents": len(is_validation),
+        "num_tokens": num_tokens,
+        "splits": splits,
+        "split": {"method": "validation = the documents with the smallest blake2b-64 hash of their text",
+                  "validation_fraction": cfg.validation_fraction,
+                  "num_validation_documents": int(is_validation.sum())},
+        "metrics": {name: {"column": METRIC_COLUMNS[name], "percentile_column": percentile_column(name),
+                           "percentile_reference": "train split", "all": metric_stats(values),
+                           "train": metric_stats(values[train]) if train.any() else None}
+                    for name, values in metrics.items()},
+        "read": read_stats.to_dict(),
+        "sources": {"configured": list(cfg.sources), "num_files": len(files),
+                    "default_corpus": None if cfg.sources else
+                    f"python standard library *.py at {default_corpus_root()}"},
+    }
+    write_manifest(out, manifest)
+
+
+def _make_tokenizer(cfg: DataConfig, files: list[SourceFile], out: Path):
+    path = out / TOKENIZER_FILE
+    if cfg.tokenizer is not None:
+        shutil.copyfile(cfg.tokenizer, path)
+        tokenizer = load_tokenizer_file(path, eos_token=cfg.eos_token)
+        info = {"trained": False, "origin": str(cfg.tokenizer)}
+    else:
+        sample = _TrainingSample(cfg, files)
+        tokenizer = train_tokenizer(iter(sample), vocab_size=cfg.vocab_size, eos_token=cfg.eos_token)
+        if sample.num_documents == 0:
+            raise SourceError(f"empty corpus: data.sources={cfg.sources!r} holds no non-empty document")
+        tokenizer.save(str(path))
+        info = {"trained": True, "train_documents": sample.num_documents, "train_bytes": sample.num_bytes,
+                "train_stride": sample.stride}
+    info.update({"file": TOKENIZER_FILE, "sha256": file_sha256(path), "vocab_size": tokenizer.get_vocab_size(),
+                 "eos_token": cfg.eos_token, "eos_id": tokenizer.token_to_id(cfg.eos_token)})
+    return tokenizer, info
+
+
+class _TrainingSample:
+    """Every `stride`-th document, until `tokenizer_train_bytes` of text."""
+
+    def __init__(self, cfg: DataConfig, files: list[SourceFile]) -> None:
+        self.cfg = cfg
+        self.files = files
+        self.stride = max(1, math.ceil(sum(f.size for f in files) / cfg.tokenizer_train_bytes))
+        self.num_documents = 0
+        self.num_bytes = 0
+
+    def __iter__(self) -> Iterator[str]:
+        documents = iter_documents(self.files, text_field=self.cfg.text_field, text_column=self.cfg.text_column,
+                                   on_corrupt=self.cfg.on_corrupt, stats=ReadStats())
+        for index, document in enumerate(documents):
+            if index % self.stride:
+                continue
+            self.num_documents += 1
+            self.num_bytes += len(document.text.encode("utf-8"))
+            yield document.text
+            if self.num_bytes >= self.cfg.tokenizer_train_bytes:
+                return
+
+
+def _chunks(documents: Iterator[Document], chunk_bytes: int) -> Iterator[pa.Table]:
+    doc_ids: list[int] = []
+    sources: list[str] = []
+    texts: list[str] = []
+    size = 0
+    for doc_id, document in enumerate(documents):
+        doc_ids.append(doc_id)
+        sources.append(document.source)
+        texts.append(document.text)
+        size += len(document.text)
+        if size >= chunk_bytes:
+            yield pa.table({"doc_id": pa.array(doc_ids, pa.int64()), "source": sources, "text": texts})
+            doc_ids, sources, texts, size = [], [], [], 0
+    if doc_ids:
+        yield pa.table({"doc_id": pa.array(doc_ids, pa.int64()), "source": sources, "text": texts})
+
+
+def _tokenize_and_score(cfg: DataConfig, documents: Iterator[Document], stage_path: Path, tokenizer_json: str,
+                        eos_id: int, vocab_size: int):
+    """Runs the engine over all chunks; writes the stage file; returns unigram counts (None if no document)."""
+    engine = make_engine(cfg.engine, ray_address=cfg.ray_address)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    writer = None
+    next_doc_id = 0
+    try:
+        results = engine.map_chunks(_chunks(documents, cfg.chunk_bytes), tokenizer_json=tokenizer_json,
+                                    eos_id=eos_id, vocab_size=vocab_size, score_with=cfg.score_with,
+                                    score_seq_len=cfg.score_seq_len)
+        for table in results:
+            doc_ids = table.column("doc_id").to_numpy()
+            if doc_ids[0] != next_doc_id or np.any(np.diff(doc_ids) != 1):
+                raise RuntimeError(f"engine {cfg.engine!r} returned documents out of order "
+                                   f"(expected doc_id {next_doc_id}, got {doc_ids[:3]}...)")
+            next_doc_id = int(doc_ids[-1]) + 1
+            tokens = table.column("tokens").combine_chunks()
+            counts += np.bincount(tokens.values.to_numpy(), minlength=vocab_size)
+            if writer is None:
+                writer = ipc.new_stream(str(stage_path), table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+        engine.close()
+    return counts if writer is not None else None
+
+
+def _corpus_statistics(cfg: DataConfig, stage: list[pa.RecordBatch], unigram_counts: np.ndarray):
+    """Per-document metrics (indexed by doc_id) and the validation mask."""
+    neglogp_fixed = np.round(unigram_neglogp(unigram_counts) * RARITY_SCALE).astype(np.int64)
+    columns: dict[str, list[np.ndarray]] = {"length": [], "compression": [], "rarity": [], "split_key": []}
+    if cfg.score_with is not None:
+        columns["perplexity"] = []
+    for batch in stage:
+        tokens = batch.column("tokens")
+        offsets = tokens.offsets.to_numpy().astype(np.int64)
+        lengths = np.diff(offsets)
+        sums = np.add.reduceat(neglogp_fixed[tokens.values.to_numpy()], offsets[:-1])
+        columns["rarity"].append(sums / RARITY_SCALE / lengths)
+        columns["length"].append(lengths)
+        columns["compression"].append(batch.column("compression").to_numpy().astype(np.float64))
+        columns["split_key"].append(batch.column("split_key").to_numpy())
+        if "perplexity" in columns:
+            columns["perplexity"].append(batch.column("perplexity").to_numpy().astype(np.float64))
+    values = {name: np.concatenate(parts) for name, parts in columns.items()}
+    split_keys = values.pop("split_key")
+
+    num_documents = len(split_keys)
+    num_validation = 0
+    if cfg.validation_fraction > 0 and num_documents > 1:
+        num_validation = min(num_documents - 1, max(1, round(cfg.validation_fraction * num_documents)))
+    order = np.lexsort((np.arange(num_documents), split_keys))
+    is_validation = np.zeros(num_documents, dtype=bool)
+    is_validation[order[:num_validation]] = True
+    return values, is_validation
+
+
+def _write_shards(cfg: DataConfig, stage: list[pa.RecordBatch], metrics: dict[str, np.ndarray],
+                  is_validation: np.ndarray, out: Path, dtype: np.dtype) -> dict[str, Any]:
+    train = ~is_validation
+    pct = {name: percentiles(values, values[train]).astype(np.float32) for name, values in metrics.items()}
+    schema = shard_schema(dtype, list(metrics), PIPELINE_VERSION)
+
+    writers = {split: ShardWriter(out, split, schema, shard_max_bytes=cfg.shard_max_bytes,
+                                  record_batch_bytes=cfg.record_batch_bytes)
+               for split in ("train", "validation")}
+    start = 0
+    for batch in stage:
+        end = start + batch.num_rows
+        columns = {name: batch.column(name) for name in ("doc_id", "source", "tokens", "n_tokens", "compression")}
+        columns["rarity"] = pa.array(metrics["rarity"][start:end].astype(np.float32))
+        if "perplexity" in metrics:
+            columns["perplexity"] = batch.column("perplexity")
+        for name in metrics:
+            columns[percentile_column(name)] = pa.array(pct[name][start:end])
+        table = pa.table(columns)
+        mask = is_validation[start:end]
+        writers["train"].write(table.filter(pa.array(~mask)))
+        writers["validation"].write(table.filter(pa.array(mask)))
+        start = end
+
+    splits = {}
+    for split, writer in writers.items():
+        shards = writer.close()
+        splits[split] = {"num_documents": sum(s["num_documents"] for s in shards),
+                         "num_tokens": sum(s["num_tokens"] for s in shards), "shards": shards}
+    return splits
+
+
+def _install(tmp: Path, output: Path) -> None:
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _main() -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    # Entry point only: Hydra composes conf/data_prepare.yaml (which selects
+    # conf/data/default.yaml) and hands the `data` node to `prepare`.
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="data_prepare")
+    def main(cfg: DictConfig) -> None:
+        output = prepare(cfg.data)
+        manifest = read_manifest(output)
+        splits = manifest["splits"]
+        print(f"prepared {output}: {manifest['num_documents']} documents, {manifest['num_tokens']} tokens, "
+              f"vocab {manifest['vocab_size']}; train {splits['train']['num_documents']} docs in "
+              f"{len(splits['train']['shards'])} shard(s), validation {splits['validation']['num_documents']} "
+              f"docs; undecodable bytes replaced: {manifest['read']['num_undecodable_bytes']}")
+
+    main()
+
+
+if __name__ == "__main__":
+    _main()
