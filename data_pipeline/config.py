@@ -133,7 +133,7 @@ class DataConfig:
     vocab_size: int = 8192
     eos_token: str = "<|endoftext|>"
     tokenizer_train_bytes: int = 64 << 20
-    seq_len: int = 512
+    seq_len: int = 256
     engine: str = "local"
     ray_address: Optional[str] = None
     on_corrupt: str = "error"
@@ -204,12 +204,11 @@ def _strict_init(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def register_configs() -> None:
-    """Registers the schema as `data/schema` in Hydra's ConfigStore.
+    """Registers the schema as `data/base_data` in Hydra's ConfigStore.
 
-    A primary config can put `- data/schema` ahead of `- data: default` to get
-    type checking at composition time; `DataConfig.from_any` checks the same
-    things at run time for configs that do not.
+    `conf/data/*.yaml` start from it (`defaults: [base_data, _self_]`), so
+    a mistyped key or a wrongly typed value fails at composition time.
     """
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(group="data", name="schema", node=DataConfig)
+    ConfigStore.instance().store(group="data", name="base_data", node=DataConfig)

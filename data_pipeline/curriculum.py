@@ -110,7 +110,8 @@ class DocumentStream:
                 return self._docs[position]
             self.block_pos, self.row_pos = self.block_pos + 1, 0
             blocks_without_document += 1
-            if blocks_without_document > len(self.blocks):
+            # The rest of this pass and all of the next one, in its own block order.
+            if blocks_without_document > 2 * len(self.blocks):
                 raise RuntimeError(f"no document of the split has a {self.difficulty_column} at or below the "
                                    f"pace {pace_now}: raise min_difficulty")
 

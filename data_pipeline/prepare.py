@@ -362,6 +362,10 @@ def _main() -> None:
     import hydra
     from omegaconf import DictConfig
 
+    from data_pipeline.config import register_configs
+
+    register_configs()
+
     # Entry point only: Hydra composes conf/data_prepare.yaml (which selects
     # conf/data/default.yaml) and hands the `data` node to `prepare`.
     @hydra.main(version_base="1.3", config_path="../conf", config_name="data_prepare")

@@ -113,6 +113,7 @@ class ShardWriter:
         self._write_batch(batch)
 
     def _write_batch(self, batch: pa.RecordBatch) -> None:
+        batch = _canonical(batch)
         size = ipc.get_record_batch_size(batch)
         if self._writer is not None and self._sink.tell() + size + _END_OF_STREAM_BYTES > self.shard_max_bytes:
             self._close_shard()
@@ -128,6 +129,33 @@ class ShardWriter:
             self._writer.close()
             self._sink.close()
             self._writer = self._sink = None
+
+
+def _canonical(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The batch rebuilt on fresh, exactly sized buffers.
+
+    The IPC writer writes a buffer as it finds it: a slice of a larger
+    buffer, or a builder's over-allocation, would change the bytes of the shard
+    with the history of the data (chunking, engine) rather than the data.
+    """
+    columns = []
+    for column in batch.columns:
+        assert column.null_count == 0, "shard columns have no nulls"
+        if pa.types.is_string(column.type):
+            offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset:column.offset + len(column) + 1]
+            data = column.buffers()[2]
+            data = b"" if data is None else data[offsets[0]:offsets[-1]]
+            columns.append(pa.StringArray.from_buffers(
+                len(column), pa.py_buffer((offsets - offsets[0]).astype(np.int32).tobytes()),
+                pa.py_buffer(bytes(data))))
+        elif pa.types.is_list(column.type):
+            offsets = column.offsets.to_numpy()
+            values = column.values.to_numpy()[offsets[0]:offsets[-1]].copy()
+            columns.append(pa.ListArray.from_arrays(pa.array((offsets - offsets[0]).astype(np.int32)),
+                                                    pa.array(values, type=column.type.value_type)))
+        else:
+            columns.append(pa.array(column.to_numpy().copy(), type=column.type))
+    return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
 
 
 def describe_shard(path: Path, schema: pa.Schema, *, split: str) -> dict[str, Any]:
@@ -219,7 +247,7 @@ class MappedShard:
             try:
                 record_batch = self.read_batch(index)
                 record_batch.validate(full=True)
-            except (pa.ArrowException, OSError, ValueError) as err:
+            except (pa.ArrowException, OSError, ValueError, EOFError) as err:
                 raise ShardError(self.path, index, f"unreadable record batch ({err})") from err
             if record_batch.num_rows != batch["num_rows"]:
                 raise ShardError(self.path, index, f"{record_batch.num_rows} rows, the manifest records "

@@ -1,0 +1,340 @@
+"""The curriculum loader: packing, pacing, elastic determinism, exact resumption, corruption."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+import torch
+
+from data_pipeline.config import CurriculumConfig
+from data_pipeline.curriculum import pace
+from data_pipeline.loader import CurriculumLoader
+from data_pipeline.prepare import prepare
+from data_pipeline.shards import ShardError
+from data_pipeline.testing import make_corpus, tiny_data_config
+from data_pipeline.tokenize import TokenizerMismatchError
+
+SEQ_LEN, GLOBAL_BATCH = 16, 8
+KEYS = ("input_ids", "targets", "doc_ids")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("loader")
+    make_corpus(root / "corpus")
+    return prepare(tiny_data_config(root / "corpus", root / "prepared"))
+
+
+@pytest.fixture(scope="module")
+def docs(data_dir) -> dict[int, dict]:
+    """doc_id -> row (tokens, percentiles, split), read with plain pyarrow."""
+    rows = {}
+    for path in sorted(data_dir.glob("*.arrow")):
+        with pa.memory_map(str(path)) as source:
+            for row in ipc.open_stream(source).read_all().to_pylist():
+                rows[row["doc_id"]] = {**row, "shard": path.name}
+    return rows
+
+
+def make_loader(data_dir: Path, **kwargs) -> CurriculumLoader:
+    kwargs = {"seq_len": SEQ_LEN, "global_batch_size": GLOBAL_BATCH, "prefetch": 0, "shuffle_buffer": 16, **kwargs}
+    return CurriculumLoader(data_dir, **kwargs)
+
+
+def take(loader: CurriculumLoader, n: int) -> list[dict[str, torch.Tensor]]:
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for step, (x, y) in enumerate(zip(a, b)):
+        for key in KEYS:
+            assert torch.equal(x[key], y[key]), f"{key} differs at batch {step}"
+
+
+# ------------------------------------------------------------------ pacing
+
+
+def deepspeed_difficulty(config: dict, step: int) -> float:
+    scheduler_module = pytest.importorskip("deepspeed.runtime.data_pipeline.curriculum_scheduler")
+    return scheduler_module.CurriculumScheduler(config).get_difficulty(step)
+
+
+@pytest.mark.parametrize("schedule, kwargs", [
+    ("fixed_linear", {"total_curriculum_step": 50, "min_difficulty": 10, "difficulty_step": 1}),
+    ("fixed_linear", {"total_curriculum_step": 37, "min_difficulty": 10, "difficulty_step": 8}),
+    ("fixed_root", {"total_curriculum_step": 50, "min_difficulty": 5, "difficulty_step": 1, "root_degree": 2}),
+    ("fixed_root", {"total_curriculum_step": 64, "min_difficulty": 20, "difficulty_step": 4, "root_degree": 3}),
+    ("fixed_discrete", {"difficulty": [20, 60, 100], "max_step": [5, 12]}),
+])
+def test_pace_matches_deepspeed(schedule, kwargs) -> None:
+    curriculum = CurriculumConfig(schedule=schedule, **kwargs)
+    schedule_config = {k: kwargs[k] for k in ("total_curriculum_step", "difficulty_step", "root_degree",
+                                              "difficulty", "max_step") if k in kwargs}
+    if schedule == "fixed_linear":
+        schedule_config["root_degree"] = 1
+    reference = {"min_difficulty": kwargs.get("min_difficulty", 0), "max_difficulty": 100,
+                 "schedule_type": schedule, "schedule_config": schedule_config}
+    horizon = kwargs.get("total_curriculum_step", 20)
+    for step in range(horizon):
+        assert pace(step, curriculum) == deepspeed_difficulty(reference, step), step
+    # After the curriculum every document is eligible, even where DeepSpeed's
+    # rounding to difficulty_step would stop short of 100.
+    assert all(pace(step, curriculum) == 100 for step in range(horizon, horizon + 5))
+    assert pace(0, CurriculumConfig(schedule="none")) == 100
+
+
+# ------------------------------------------------------------------ packing
+
+
+def test_batches_are_packed_documents(data_dir, docs) -> None:
+    batches = take(make_loader(data_dir, schedule="none"), 30)
+    for batch in batches:
+        for key in KEYS:
+            assert batch[key].shape == (GLOBAL_BATCH, SEQ_LEN) and batch[key].dtype == torch.int64
+        assert torch.equal(batch["targets"][:, :-1], batch["input_ids"][:, 1:])
+        assert torch.equal(batch["targets"][:-1, -1], batch["input_ids"][1:, 0])  # stride seq_len
+        batch["targets"][0, 0] = -100  # targets are not a view of input_ids
+        assert batch["input_ids"][0, 1] != -100
+    for before, after in zip(batches, batches[1:]):
+        assert after["input_ids"][0, 0] == before["targets"][-1, -1]  # batches continue the same stream
+
+    tokens = torch.cat([b["input_ids"].flatten() for b in batches]).tolist()
+    doc_ids = torch.cat([b["doc_ids"].flatten() for b in batches]).tolist()
+    runs, start = [], 0
+    for i in range(1, len(tokens) + 1):  # a run ends where the document changes or after its EOS
+        if i == len(tokens) or doc_ids[i] != doc_ids[i - 1] or tokens[i - 1] == 0:
+            runs.append((doc_ids[start], tokens[start:i]))
+            start = i
+    assert len(runs) > 10
+    first_doc, first_tokens = runs[0]
+    assert docs[first_doc]["tokens"][-len(first_tokens):] == first_tokens
+    for doc_id, run in runs[1:-1]:
+        assert run == docs[doc_id]["tokens"], doc_id
+        assert docs[doc_id]["shard"].startswith("train")
+    last_doc, last_tokens = runs[-1]
+    assert docs[last_doc]["tokens"][:len(last_tokens)] == last_tokens
+
+
+def test_plain_shuffle_covers_every_training_document(data_dir, docs) -> None:
+    train = {d for d, row in docs.items() if row["shard"].startswith("train")}
+    num_tokens = sum(len(docs[d]["tokens"]) for d in train)
+    loader = make_loader(data_dir, schedule="none", global_batch_size=16)
+    seen = set()
+    for batch in take(loader, 3 * num_tokens // (16 * SEQ_LEN)):
+        seen.update(batch["doc_ids"].flatten().tolist())
+    assert seen == train
+    other_seed = take(make_loader(data_dir, schedule="none", seed=1), 3)
+    assert not torch.equal(other_seed[0]["input_ids"], take(make_loader(data_dir, schedule="none"), 1)[0]["input_ids"])
+
+
+# ---------------------------------------------------------------- curriculum
+
+
+@pytest.mark.parametrize("metric, curriculum", [
+    ("length", {"schedule": "fixed_discrete", "difficulty": [20, 60, 100], "max_step": [5, 10]}),
+    ("rarity", {"schedule": "fixed_linear", "total_curriculum_step": 12, "min_difficulty": 15}),
+    ("compression", {"schedule": "fixed_root", "total_curriculum_step": 12, "min_difficulty": 15, "root_degree": 2}),
+])
+def test_only_eligible_documents_until_the_curriculum_ends(data_dir, docs, metric, curriculum) -> None:
+    loader = make_loader(data_dir, metric=metric, **curriculum)
+    config = CurriculumConfig(metric=metric, **curriculum)
+    column = f"{metric}_pct"
+    late_hard = False
+    for step, batch in enumerate(take(loader, 60)):
+        percentiles = [docs[d][column] for d in set(batch["doc_ids"].flatten().tolist())]
+        if step < 12:
+            assert max(percentiles) <= pace(step, config), (step, max(percentiles))
+        elif max(percentiles) > 60:
+            late_hard = True
+    assert late_hard, "after the curriculum the hard documents must come back"
+    assert loader.step == 60 and loader.pace == 100
+
+
+def test_step_tracking_and_set_step(data_dir, docs) -> None:
+    loader = make_loader(data_dir, schedule="fixed_linear", total_curriculum_step=1000, min_difficulty=0)
+    config = CurriculumConfig(schedule="fixed_linear", total_curriculum_step=1000, min_difficulty=0)
+    take(loader, 3)
+    assert loader.step == 3 and loader.pace == pace(3, config)
+    loader.set_step(990)
+    assert loader.step == 990 and loader.pace == pace(990, config) >= 99
+    assert loader.state_dict()["step"] == 990
+    take(loader, 2)
+    assert loader.step == 992
+
+
+# ---------------------------------------------------------- data parallelism
+
+
+def test_union_over_ranks_is_the_same_for_any_world_size(data_dir) -> None:
+    kwargs = {"schedule": "fixed_linear", "metric": "compression", "total_curriculum_step": 8, "min_difficulty": 20}
+    reference = take(make_loader(data_dir, **kwargs), 10)
+    for world_size in (2, 4):
+        per_rank = [take(make_loader(data_dir, rank=r, world_size=world_size, **kwargs), 10)
+                    for r in range(world_size)]
+        for step in range(10):
+            for key in KEYS:
+                assert per_rank[0][step][key].shape[0] == GLOBAL_BATCH // world_size
+                union = torch.cat([per_rank[r][step][key] for r in range(world_size)])
+                assert torch.equal(union, reference[step][key]), (world_size, step, key)
+
+
+def test_batch_geometry_is_validated(data_dir) -> None:
+    with pytest.raises(ValueError, match="divisible by world_size"):
+        make_loader(data_dir, global_batch_size=6, world_size=4)
+    with pytest.raises(ValueError, match="rank must be in"):
+        make_loader(data_dir, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="metric='perplexity'"):
+        make_loader(data_dir, schedule="fixed_linear", metric="perplexity")
+
+
+# ---------------------------------------------------------------- resumption
+
+
+RESUME_CURRICULUM = {"schedule": "fixed_discrete", "metric": "length", "difficulty": [30, 70, 100], "max_step": [4, 8]}
+
+
+@pytest.mark.parametrize("stop, prefetch, resume_world_size", [
+    (1, 0, 1), (4, 2, 1), (5, 3, 2), (9, 0, 4), (12, 1, 1),
+])
+def test_resume_reproduces_the_uninterrupted_stream(data_dir, stop, prefetch, resume_world_size) -> None:
+    """Stops at several points (5 and 9 are the first steps of new curriculum phases)."""
+    total = 14
+    reference = take(make_loader(data_dir, **RESUME_CURRICULUM), total)
+    first = make_loader(data_dir, prefetch=prefetch, **RESUME_CURRICULUM)
+    assert_same_batches(take(first, stop), reference[:stop])
+    state = json.loads(json.dumps(first.state_dict()))  # plain types: it goes into checkpoints
+    first.close()
+    assert state["step"] == stop
+    resumed = []
+    for rank in range(resume_world_size):
+        loader = make_loader(data_dir, prefetch=prefetch, rank=rank, world_size=resume_world_size,
+                             **RESUME_CURRICULUM)
+        loader.load_state_dict(state)
+        resumed.append(take(loader, total - stop))
+        loader.close()
+    union = [{key: torch.cat([resumed[r][i][key] for r in range(resume_world_size)]) for key in KEYS}
+             for i in range(total - stop)]
+    assert_same_batches(union, reference[stop:])
+
+
+def test_prefetch_does_not_change_the_stream(data_dir) -> None:
+    reference = take(make_loader(data_dir, **RESUME_CURRICULUM), 12)
+    loader = make_loader(data_dir, prefetch=3, **RESUME_CURRICULUM)
+    assert_same_batches(take(loader, 12), reference)
+    loader.close()
+
+
+def test_state_of_another_configuration_is_rejected(data_dir) -> None:
+    state = make_loader(data_dir, **RESUME_CURRICULUM).state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        make_loader(data_dir, seed=1, **RESUME_CURRICULUM).load_state_dict(state)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        make_loader(data_dir, global_batch_size=16, **RESUME_CURRICULUM).load_state_dict(state)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_validation_split_is_deterministic_and_bounded(data_dir, docs) -> None:
+    validation = sorted(d for d, row in docs.items() if row["shard"].startswith("validation"))
+    stream = [t for d in validation for t in docs[d]["tokens"]]
+    loader = make_loader(data_dir, split="validation", schedule="fixed_linear")
+    assert loader.num_batches == (len(stream) - 1) // (GLOBAL_BATCH * SEQ_LEN) > 1
+    first, second = list(loader), list(loader)
+    assert len(first) == loader.num_batches
+    assert_same_batches(first, second)
+    tokens = torch.cat([b["input_ids"].flatten() for b in first]).tolist()
+    assert tokens == stream[:len(tokens)]
+    ranks = [list(make_loader(data_dir, split="validation", rank=r, world_size=2)) for r in range(2)]
+    assert_same_batches([{k: torch.cat([ranks[0][i][k], ranks[1][i][k]]) for k in KEYS}
+                         for i in range(len(first))], first)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        make_loader(data_dir, split="validation", global_batch_size=512)
+
+
+def test_from_config(data_dir) -> None:
+    cfg = {"output": str(data_dir), "seq_len": 8, "seed": 3, "prefetch": 0,
+           "curriculum": {"schedule": "fixed_linear", "metric": "rarity", "total_curriculum_step": 5}}
+    loader = CurriculumLoader.from_config(cfg, global_batch_size=4, world_size=2, rank=1)
+    batch = take(loader, 1)[0]
+    assert batch["input_ids"].shape == (2, 8)
+    assert loader.seed == 3 and loader.curriculum.metric == "rarity"
+
+
+# ---------------------------------------------------------------- bad shards
+
+
+@pytest.fixture()
+def damaged(data_dir, tmp_path) -> Path:
+    copy = tmp_path / "damaged"
+    shutil.copytree(data_dir, copy)
+    return copy
+
+
+def shard_entry(directory: Path, name: str) -> dict:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return next(s for split in manifest["splits"].values() for s in split["shards"] if s["file"] == name)
+
+
+def test_truncated_shard_names_shard_and_record_batch(damaged) -> None:
+    entry = shard_entry(damaged, "train-00001.arrow")
+    batch = entry["record_batches"][1]
+    path = damaged / "train-00001.arrow"
+    path.write_bytes(path.read_bytes()[:batch["offset"] + batch["length"] // 2])
+    with pytest.raises(ShardError, match=r"train-00001\.arrow, record batch 1: truncated"):
+        make_loader(damaged)
+
+
+def test_modified_bytes_name_shard_and_record_batch(damaged) -> None:
+    entry = shard_entry(damaged, "train-00002.arrow")
+    batch = entry["record_batches"][0]
+    path = damaged / "train-00002.arrow"
+    data = bytearray(path.read_bytes())
+    middle = batch["offset"] + batch["length"] - 40
+    data[middle:middle + 4] = b"\x13\x37\x13\x37"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"train-00002\.arrow, record batch 0: checksum mismatch"):
+        make_loader(damaged)
+    # Without checksums a broken message header is still caught by parsing.
+    data[batch["offset"]:batch["offset"] + 16] = b"\x00" * 16
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"train-00002\.arrow, record batch 0: unreadable"):
+        make_loader(damaged, verify_checksums=False)
+
+
+def test_corrupt_shards_are_skipped_and_reported(damaged, docs) -> None:
+    reference_state = make_loader(damaged, **RESUME_CURRICULUM).state_dict()
+    for name in ("train-00000.arrow", "train-00003.arrow"):
+        path = damaged / name
+        path.write_bytes(path.read_bytes()[:-100])
+    loader = make_loader(damaged, on_corrupt="skip", **RESUME_CURRICULUM)
+    assert [s["shard"] for s in loader.skipped_shards] == ["train-00000.arrow", "train-00003.arrow"]
+    assert all("truncated" in s["reason"] for s in loader.skipped_shards)
+    lost = {d for d, row in docs.items() if row["shard"] in ("train-00000.arrow", "train-00003.arrow")}
+    seen = set()
+    for batch in take(loader, 40):
+        seen.update(batch["doc_ids"].flatten().tolist())
+    assert seen and not seen & lost
+    # A state saved before the shards broke: training continues at its step.
+    loader.load_state_dict({**reference_state, "step": 6})
+    assert loader.step == 6
+    take(loader, 2)
+
+
+def test_tokenizer_that_does_not_match_is_an_error(damaged) -> None:
+    tokenizer = damaged / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text() + "\n")
+    with pytest.raises(TokenizerMismatchError):
+        make_loader(damaged)
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(ValueError, match="not a prepared data directory"):
+        make_loader(tmp_path)

@@ -1,0 +1,347 @@
+"""Corpus preparation: shards, manifest, tokenizer, metrics, split, bad input, atomicity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import sysconfig
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+from hydra import compose, initialize_config_dir
+
+import data_pipeline.prepare as prepare_module
+from data_pipeline.config import DataConfig, register_configs
+from data_pipeline.prepare import ensure_prepared, prepare
+from data_pipeline.source import SourceError, resolve_sources
+from data_pipeline.testing import make_corpus, tiny_data_config
+from data_pipeline.tokenize import TokenizerMismatchError, load_tokenizer, token_dtype
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_rows(out: Path, split: str) -> list[dict]:
+    """Every row of a split, read with plain pyarrow (the shards are ordinary IPC streams)."""
+    rows = []
+    for path in sorted(out.glob(f"{split}-*.arrow")):
+        with pa.memory_map(str(path)) as source:
+            rows += ipc.open_stream(source).read_all().to_pylist()
+    return rows
+
+
+def tree_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    cfg = tiny_data_config(corpus["directory"], out)
+    prepare(cfg)
+    return out, cfg
+
+
+def test_every_document_once_in_order_with_eos(prepared, corpus) -> None:
+    out, _ = prepared
+    manifest = json.loads((out / "manifest.json").read_text())
+    tokenizer = load_tokenizer(out)
+    eos_id = manifest["tokenizer"]["eos_id"]
+    rows = read_rows(out, "train") + read_rows(out, "validation")
+    assert sorted(r["doc_id"] for r in rows) == list(range(len(corpus["texts"])))
+    assert manifest["num_documents"] == len(rows) and manifest["num_tokens"] == sum(r["n_tokens"] for r in rows)
+    for row in rows:
+        tokens = row["tokens"]
+        assert tokens[-1] == eos_id and eos_id not in tokens[:-1]
+        assert tokenizer.decode(tokens[:-1]) == corpus["texts"][row["doc_id"]]
+    sources = {r["doc_id"]: r["source"] for r in rows}
+    assert sources[0].endswith("records.jsonl:1") and sources[15].endswith("rows.parquet:0:0")
+    assert sources[len(rows) - 1].endswith("doc039.txt")
+
+
+def test_text_spelling_eos_is_not_a_boundary(tmp_path) -> None:
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("x = '<|endoftext|>' " * 20)
+    (tmp_path / "c" / "b.txt").write_text("plain text " * 20)
+    out = prepare(tiny_data_config(tmp_path / "c", tmp_path / "out", validation_fraction=0.0))
+    rows = read_rows(out, "train")
+    for row in rows:
+        assert row["tokens"].count(0) == 1 and row["tokens"][-1] == 0
+
+
+def test_schema_and_narrowest_token_type(prepared) -> None:
+    out, _ = prepared
+    with pa.memory_map(str(out / "train-00000.arrow")) as source:
+        schema = ipc.open_stream(source).schema
+    assert schema.field("tokens").type == pa.list_(pa.uint16())
+    assert schema.field("doc_id").type == pa.int64() and schema.field("n_tokens").type == pa.int32()
+    for name in ("compression", "rarity", "length_pct", "compression_pct", "rarity_pct"):
+        assert schema.field(name).type == pa.float32()
+    assert [token_dtype(v).name for v in (256, 257, 65536, 65537)] == ["uint8", "uint16", "uint16", "uint32"]
+
+
+def test_shards_are_bounded_and_described(prepared) -> None:
+    out, cfg = prepared
+    manifest = json.loads((out / "manifest.json").read_text())
+    train_shards = manifest["splits"]["train"]["shards"]
+    assert len(train_shards) >= 3
+    assert sum(len(s["record_batches"]) for s in train_shards) > len(train_shards)  # several batches per shard
+    for split, info in manifest["splits"].items():
+        assert info["num_documents"] == len(read_rows(out, split))
+        for shard in info["shards"]:
+            data = (out / shard["file"]).read_bytes()
+            assert len(data) == shard["num_bytes"] <= cfg["shard_max_bytes"]
+            for batch in shard["record_batches"]:
+                assert zlib.crc32(data[batch["offset"]:batch["offset"] + batch["length"]]) == batch["crc32"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".arrow") == \
+        sorted(s["file"] for info in manifest["splits"].values() for s in info["shards"])
+
+
+def test_metrics_match_plain_python_references(prepared, corpus) -> None:
+    out, _ = prepared
+    rows = read_rows(out, "train") + read_rows(out, "validation")
+    train_ids = {r["doc_id"] for r in read_rows(out, "train")}
+    counts = Counter(t for r in rows for t in r["tokens"])
+    total = sum(counts.values())
+    for row in rows:
+        text = corpus["texts"][row["doc_id"]]
+        assert row["n_tokens"] == len(row["tokens"])
+        raw = text.encode()
+        assert row["compression"] == pytest.approx(len(zlib.compress(raw, 6)) / len(raw), rel=1e-6)
+        rarity = sum(-math.log(counts[t] / total) for t in row["tokens"]) / len(row["tokens"])
+        assert row["rarity"] == pytest.approx(rarity, rel=1e-5)
+    for metric, column in (("length", "n_tokens"), ("compression", "compression"), ("rarity", "rarity")):
+        reference = [r[column] for r in rows if r["doc_id"] in train_ids]
+        for row in rows:
+            below = sum(1 for v in reference if v < row[column])
+            assert row[f"{metric}_pct"] == pytest.approx(100.0 * below / len(reference), abs=1e-4)
+    assert min(r["length_pct"] for r in rows if r["doc_id"] in train_ids) == 0.0
+    manifest = json.loads((out / "manifest.json").read_text())
+    lengths = [r["n_tokens"] for r in rows]
+    assert manifest["metrics"]["length"]["all"]["max"] == max(lengths)
+    assert manifest["metrics"]["rarity"]["all"]["p50"] == pytest.approx(np.percentile([r["rarity"] for r in rows], 50),
+                                                                        rel=1e-6)
+
+
+def test_validation_split_is_held_out_by_content_hash(prepared, corpus) -> None:
+    out, cfg = prepared
+    texts = corpus["texts"]
+    keys = [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") for t in texts]
+    expected = sorted(range(len(texts)), key=lambda i: (keys[i], i))[:round(cfg["validation_fraction"] * len(texts))]
+    assert sorted(r["doc_id"] for r in read_rows(out, "validation")) == sorted(expected)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["split"]["num_validation_documents"] == len(expected) > 0
+
+
+def test_output_is_deterministic_and_independent_of_chunking(prepared, corpus, tmp_path) -> None:
+    out, cfg = prepared
+    again = prepare({**cfg, "output": str(tmp_path / "again"), "chunk_bytes": 1 << 20})
+    assert tree_bytes(again) == tree_bytes(out)
+
+
+def test_manifest_contents(prepared) -> None:
+    out, _ = prepared
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pipeline_version"] == 1
+    assert manifest["vocab_size"] == 320 and manifest["token_dtype"] == "uint16"
+    assert manifest["tokenizer"]["sha256"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
+    assert manifest["tokenizer"]["trained"] is True and manifest["tokenizer"]["eos_token"] == "<|endoftext|>"
+    assert set(manifest["metrics"]) == {"length", "compression", "rarity"}
+    assert manifest["read"]["num_undecodable_bytes"] == 0
+    assert "time" not in json.dumps(manifest)  # no timestamps: same input, same bytes
+
+
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path) -> None:
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "good.txt").write_text("perfectly fine text " * 10)
+    (corpus / "bad.txt").write_bytes(b"ok \xff\xfe then more text and a cut \xc3")
+    (corpus / "empty.txt").write_bytes(b"   \n")
+    out = prepare(tiny_data_config(corpus, tmp_path / "out", validation_fraction=0.0))
+    read = json.loads((out / "manifest.json").read_text())["read"]
+    assert read["num_undecodable_bytes"] == 3
+    assert read["num_documents_with_undecodable_bytes"] == 1
+    assert read["num_empty_documents"] == 1
+    tokenizer = load_tokenizer(out)
+    texts = [tokenizer.decode(r["tokens"][:-1]) for r in read_rows(out, "train")]
+    assert "ok \ufffd\ufffd then more text and a cut \ufffd" in texts
+
+
+def _bad_sources(tmp_path: Path):
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "empty_files").mkdir()
+    (tmp_path / "empty_files" / "a.txt").write_text("")
+    (tmp_path / "wrong.jsonl").write_text(json.dumps({"body": "text"}) + "\n")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["text"]}), tmp_path / "wrong.parquet")
+    return {
+        "missing": ([str(tmp_path / "nope")], {}, "nope"),
+        "glob": ([str(tmp_path / "*.nothing")], {}, "*.nothing"),
+        "empty_dir": ([str(tmp_path / "empty_dir")], {}, "empty_dir"),
+        "empty_files": ([str(tmp_path / "empty_files")], {}, "empty corpus"),
+        "jsonl_field": ([str(tmp_path / "wrong.jsonl")], {"text_field": "text"}, "wrong.jsonl:1: no field data.text_field='text'"),
+        "parquet_column": ([str(tmp_path / "wrong.parquet")], {"text_column": "content"},
+                           "no column data.text_column='content'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "glob", "empty_dir", "empty_files", "jsonl_field", "parquet_column"])
+def test_bad_sources_fail_before_any_work(case, tmp_path, monkeypatch) -> None:
+    sources, overrides, message = _bad_sources(tmp_path)[case]
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the sources were checked")
+
+    monkeypatch.setattr(prepare_module, "train_tokenizer", no_work)
+    monkeypatch.setattr(prepare_module, "_build", no_work)
+    cfg = {"sources": sources, "output": str(tmp_path / "out"), **overrides}
+    with pytest.raises(SourceError, match=None) as info:
+        prepare(cfg)
+    assert message in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unparseable_record_errors_or_is_skipped(tmp_path) -> None:
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    lines = [json.dumps({"text": f"record number {i} " * 5}) for i in range(6)]
+    lines[3] = '{"text": "cut off'
+    (corpus / "r.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SourceError, match=r"r\.jsonl:4"):
+        prepare(tiny_data_config(corpus, tmp_path / "out"))
+    out = prepare(tiny_data_config(corpus, tmp_path / "out", on_corrupt="skip"))
+    read = json.loads((out / "manifest.json").read_text())["read"]
+    assert read["num_skipped_records"] == 1 and "r.jsonl:4" in read["skipped_records"][0]
+    assert json.loads((out / "manifest.json").read_text())["num_documents"] == 5
+
+
+def test_interrupted_prepare_leaves_nothing_that_looks_complete(corpus, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "data"
+    cfg = tiny_data_config(corpus["directory"], out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "_write_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.undo()
+    prepare(cfg)
+    before = tree_bytes(out)
+    monkeypatch.setattr(prepare_module, "_write_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare({**cfg, "vocab_size": 300})
+    assert tree_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_ensure_prepared_only_when_missing_or_stale(corpus, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    sources = tmp_path / "corpus"
+    shutil.copytree(corpus["directory"], sources)
+    cfg = tiny_data_config(sources, tmp_path / "data")
+    calls = []
+    real_prepare = prepare_module.prepare
+
+    def counting_prepare(c):
+        calls.append(c)
+        return real_prepare(c)
+
+    monkeypatch.setattr(prepare_module, "prepare", counting_prepare)
+    out = ensure_prepared(cfg)
+    assert len(calls) == 1 and (out / "manifest.json").is_file()
+    ensure_prepared(cfg)
+    ensure_prepared({**cfg, "seq_len": 64, "curriculum": {"schedule": "fixed_linear"}})  # loader-only keys
+    assert len(calls) == 1
+    ensure_prepared({**cfg, "vocab_size": 300})
+    assert len(calls) == 2
+    assert json.loads((out / "manifest.json").read_text())["vocab_size"] == 300
+    (sources / "text" / "doc000.txt").write_text("a changed document, longer than before\n")
+    ensure_prepared({**cfg, "vocab_size": 300})
+    assert len(calls) == 3
+    (out / "manifest.json").unlink()
+    ensure_prepared({**cfg, "vocab_size": 300})
+    assert len(calls) == 4
+
+
+def test_existing_tokenizer_file_is_used(prepared, corpus, tmp_path) -> None:
+    out, cfg = prepared
+    tokenizer_file = tmp_path / "my_tokenizer.json"
+    tokenizer_file.write_bytes((out / "tokenizer.json").read_bytes())
+    again = prepare({**cfg, "output": str(tmp_path / "again"), "tokenizer": str(tokenizer_file), "vocab_size": 999})
+    manifest = json.loads((again / "manifest.json").read_text())
+    assert manifest["tokenizer"]["trained"] is False and manifest["vocab_size"] == 320
+    assert (again / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
+    assert read_rows(again, "train") == read_rows(out, "train")
+    with pytest.raises(ValueError, match="data.eos_token='<eos>'"):
+        prepare({**cfg, "output": str(tmp_path / "x"), "tokenizer": str(tokenizer_file), "eos_token": "<eos>"})
+    with pytest.raises(FileNotFoundError, match="data.tokenizer"):
+        prepare({**cfg, "output": str(tmp_path / "x"), "tokenizer": str(tmp_path / "missing.json")})
+
+
+def test_tokenizer_that_does_not_match_the_manifest_is_an_error(prepared, tmp_path) -> None:
+    import shutil
+
+    out, _ = prepared
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    load_tokenizer(copy)
+    text = (copy / "tokenizer.json").read_text()
+    (copy / "tokenizer.json").write_text(text.replace('"the"', '"teh"', 1) if '"the"' in text else text + " ")
+    with pytest.raises(TokenizerMismatchError, match="tokenizer.json"):
+        load_tokenizer(copy)
+
+
+def test_default_corpus_is_the_standard_library() -> None:
+    files = resolve_sources([])
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).absolute()
+    names = {f.path.relative_to(stdlib).as_posix() for f in files}
+    assert {"os.py", "json/__init__.py"} <= names
+    assert all(f.path.suffix == ".py" and "site-packages" not in f.path.parts for f in files)
+    assert len(files) > 500
+
+
+def test_config_rejects_unknown_keys_and_bad_values() -> None:
+    with pytest.raises(ValueError, match="data.vocab_sise"):
+        DataConfig.from_any({"vocab_sise": 3})
+    with pytest.raises(ValueError, match="data.curriculum.shedule"):
+        DataConfig.from_any({"curriculum": {"shedule": "fixed_linear"}})
+    with pytest.raises(ValueError, match="DataConfig.engine"):
+        DataConfig.from_any({"engine": "spark"})
+    with pytest.raises(ValueError, match="CurriculumConfig.difficulty must end at 100"):
+        DataConfig.from_any({"curriculum": {"schedule": "fixed_discrete", "difficulty": [10, 50], "max_step": [5]}})
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="data_prepare", overrides=["data.sources=[a,b]", "data.engine=ray"])
+        assert DataConfig.from_any(cfg.data).sources == ["a", "b"]
+        with pytest.raises(Exception, match="vocab_sise"):
+            compose(config_name="data_prepare", overrides=["data.vocab_sise=3"])
+
+
+def test_hydra_entry_point(corpus, tmp_path) -> None:
+    out = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipeline.prepare", f"data.sources=[{corpus['directory']}]",
+         f"data.output={out}", "data.vocab_size=300", "data.text_column=content"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert result.returncode == 0, result.stderr
+    assert f"prepared {out}" in result.stdout
+    assert json.loads((out / "manifest.json").read_text())["vocab_size"] == 300
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # Hydra wrote no outputs/ directory
