@@ -17,7 +17,7 @@ the record batch, or with on_corrupt="skip" is left out, logged and listed in
 `skipped_shards`. A background thread prepares `prefetch` batches ahead; the
 state returned by `state_dict()` is always that of the batches consumed.
 
-Legend: B = local batch, L = seq_len.
+Legend: B = local batch, L = seq_len, N = B * L + 1 (the tokens of a rank's batch).
 """
 
 from __future__ import annotations
@@ -265,6 +265,9 @@ class CurriculumLoader:
                 "usable_shards": [shard.path.name for shard in self.shards]}
 
     def _open_shards(self, schema, on_corrupt: str, verify_checksums: bool):
+        if not self.manifest["splits"][self.split]["shards"]:
+            raise ValueError(f"the {self.split} split of {self.data_dir} is empty (it was prepared with "
+                             f"data.validation_fraction={self.manifest['split']['validation_fraction']})")
         shards, skipped = [], []
         for entry in self.manifest["splits"][self.split]["shards"]:
             path = self.data_dir / entry["file"]
@@ -307,13 +310,13 @@ class _Producer:
         if segments is None:
             raise RuntimeError("the document stream ended inside a batch")
         rows, length = loader.local_batch_size, loader.seq_len
-        tokens, doc_ids = materialize(segments, loader.shards, loader.rank * rows * length, rows * length + 1)
+        tokens_N, doc_ids_N = materialize(segments, loader.shards, loader.rank * rows * length, rows * length + 1)
         self.step += 1
         return {
-            "input_ids": torch.from_numpy(tokens[:-1].reshape(rows, length)),
+            "input_ids": torch.from_numpy(tokens_N[:-1].reshape(rows, length)),
             # A copy, so that masking targets in place cannot change input_ids.
-            "targets": torch.from_numpy(tokens[1:].reshape(rows, length).copy()),
-            "doc_ids": torch.from_numpy(doc_ids[:-1].reshape(rows, length)),
+            "targets": torch.from_numpy(tokens_N[1:].reshape(rows, length).copy()),
+            "doc_ids": torch.from_numpy(doc_ids_N[:-1].reshape(rows, length)),
         }
 
     def snapshot(self) -> dict[str, Any]:

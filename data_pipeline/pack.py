@@ -10,7 +10,7 @@ the segments (document slices) that cover its G*L + 1 tokens. Each rank then
 copies only its own rows' tokens (`materialize`), straight from the
 memory-mapped shards into the output arrays.
 
-Legend: B = local batch, G = global batch, L = seq_len.
+Legend: B = local batch, G = global batch, L = seq_len, N = tokens copied for one rank (B * L + 1).
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ class Packer:
 
 def materialize(segments: list[Segment], shards: list[MappedShard], start: int, length: int
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens and doc_ids of planned tokens [start, start + length) as int64 arrays."""
-    tokens = np.empty(length, dtype=np.int64)
-    doc_ids = np.empty(length, dtype=np.int64)
+    """Tokens and doc_ids of planned tokens [start, start + length) as int64 arrays of N = length."""
+    tokens_N = np.empty(length, dtype=np.int64)
+    doc_ids_N = np.empty(length, dtype=np.int64)
     end = start + length
     position = 0  # planned-token index of the current segment's first token
     for shard, byte_offset, count, doc_id in segments:
@@ -86,9 +86,9 @@ def materialize(segments: list[Segment], shards: list[MappedShard], start: int, 
         if segment_end > start and position < end:
             lo, hi = max(position, start), min(segment_end, end)
             itemsize = shards[shard].token_dtype.itemsize
-            tokens[lo - start:hi - start] = shards[shard].tokens(byte_offset + (lo - position) * itemsize, hi - lo)
-            doc_ids[lo - start:hi - start] = doc_id
+            tokens_N[lo - start:hi - start] = shards[shard].tokens(byte_offset + (lo - position) * itemsize, hi - lo)
+            doc_ids_N[lo - start:hi - start] = doc_id
         position = segment_end
         if position >= end:
             break
-    return tokens, doc_ids
+    return tokens_N, doc_ids_N

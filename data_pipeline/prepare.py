@@ -88,6 +88,7 @@ def prepare(cfg: Any) -> Path:
     fingerprint = compute_fingerprint(cfg, files)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the data from other users of a shared volume
     try:
         _build(cfg, files, fingerprint, tmp)
         _install(tmp, output)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 
@@ -144,7 +144,3 @@ class PerplexityScorer:
             total_nll += float(nll)
             count += batch_BT[:, 1:].numel()
         return float(np.exp(total_nll / count))
-
-
-def optional_float(value: Optional[float]) -> Optional[float]:
-    return None if value is None or np.isnan(value) else float(value)

@@ -134,6 +134,34 @@ def test_plain_shuffle_covers_every_training_document(data_dir, docs) -> None:
     assert not torch.equal(other_seed[0]["input_ids"], take(make_loader(data_dir, schedule="none"), 1)[0]["input_ids"])
 
 
+def document_order(batches: list[dict]) -> list[int]:
+    """The documents in stream order (a document starts where the doc_id changes or after an EOS)."""
+    tokens = torch.cat([b["input_ids"].flatten() for b in batches]).tolist()
+    doc_ids = torch.cat([b["doc_ids"].flatten() for b in batches]).tolist()
+    return [doc_ids[i] for i in range(len(tokens)) if i == 0 or doc_ids[i] != doc_ids[i - 1] or tokens[i - 1] == 0]
+
+
+def test_every_pass_is_a_new_permutation_of_blocks_and_rows(data_dir, docs) -> None:
+    train = sorted(d for d, row in docs.items() if row["shard"].startswith("train"))
+    num_tokens = sum(len(docs[d]["tokens"]) for d in train)
+    loader = make_loader(data_dir, schedule="none", shuffle_buffer=0)
+    order = document_order(take(loader, 2 * num_tokens // (GLOBAL_BATCH * SEQ_LEN) + 2))
+    first, second = order[:len(train)], order[len(train):2 * len(train)]
+    assert sorted(first) == train and sorted(second) == train
+    assert first != second
+    block_of = {}
+    for path in sorted(data_dir.glob("train-*.arrow")):
+        with pa.memory_map(str(path)) as source:
+            for index, batch in enumerate(ipc.open_stream(source)):
+                block_of.update({d: (path.name, index) for d in batch.column("doc_id").to_pylist()})
+
+    def block_sequence(documents: list[int]) -> list[tuple[str, int]]:
+        return [block_of[d] for i, d in enumerate(documents) if i == 0 or block_of[d] != block_of[documents[i - 1]]]
+
+    assert len(block_sequence(first)) == len(set(block_of.values()))  # a block's rows come together
+    assert block_sequence(first) != block_sequence(second)
+
+
 # ---------------------------------------------------------------- curriculum
 
 

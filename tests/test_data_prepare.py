@@ -168,11 +168,12 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path) -> None:
     corpus = tmp_path / "c"
     corpus.mkdir()
     (corpus / "good.txt").write_text("perfectly fine text " * 10)
-    (corpus / "bad.txt").write_bytes(b"ok \xff\xfe then more text and a cut \xc3")
+    # Two invalid bytes, then a sequence cut after 2 of its 3 bytes: 4 bytes, 3 replacements.
+    (corpus / "bad.txt").write_bytes(b"ok \xff\xfe then more text and a cut \xe2\x82")
     (corpus / "empty.txt").write_bytes(b"   \n")
     out = prepare(tiny_data_config(corpus, tmp_path / "out", validation_fraction=0.0))
     read = json.loads((out / "manifest.json").read_text())["read"]
-    assert read["num_undecodable_bytes"] == 3
+    assert read["num_undecodable_bytes"] == 4
     assert read["num_documents_with_undecodable_bytes"] == 1
     assert read["num_empty_documents"] == 1
     tokenizer = load_tokenizer(out)
