@@ -45,12 +45,6 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
                          f"(no train_state.json)")
 
 
-def curriculum_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    curriculum = OmegaConf.to_container(cfg.data.curriculum, resolve=True)
-    assert isinstance(curriculum, dict)
-    return {"on_corrupt": cfg.data.on_corrupt, **curriculum}
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Runs a whole training job and returns its summary. Raises ValueError on bad configuration."""
     validate_train_config(cfg)
@@ -87,7 +81,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop,
         train_loop_config={"cfg": plain, "model": model_config.to_dict(), "data_dir": str(data_dir),
-                           "run_dir": str(run_dir), "curriculum": curriculum_kwargs(cfg)},
+                           "run_dir": str(run_dir)},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                                resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),

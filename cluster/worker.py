@@ -110,9 +110,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     local_batch = tcfg["global_batch_size"] // world_size
     micro_batch = local_batch // tcfg["grad_accum_steps"]
-    loader = CurriculumLoader(config["data_dir"], seq_len=data_cfg["seq_len"],
-                              global_batch_size=tcfg["global_batch_size"], rank=rank, world_size=world_size,
-                              seed=tcfg["seed"], **config["curriculum"])
+    loader = CurriculumLoader.from_config(data_cfg, global_batch_size=tcfg["global_batch_size"], rank=rank,
+                                          world_size=world_size, data_dir=config["data_dir"])
 
     # Resume: a restart after a failure uses Ray Train's latest checkpoint; otherwise trainer.resume.
     resume_from: Optional[Path] = None
@@ -145,7 +144,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     debug = tcfg["debug"]
     consecutive_bad = 0
     status = {"status": "running"}
-    batches = iter(loader)
     model.train()
     last_time = time.perf_counter()
 
@@ -169,8 +167,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 marker.touch()
                 print(f"[moe.train] debug: killing rank {rank} at step {step}", flush=True)
                 os._exit(1)
-        loader.set_step(step)
-        batch = next(batches)
+        difficulty = loader.pace  # the curriculum pace of the batch about to be drawn
+        batch = loader.next_batch()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tcfg)
         lm_loss_sum = torch.zeros((), device=device)
@@ -227,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             record = {"kind": "train", "step": step, "loss": lm_loss, "aux_loss": aux_loss,
                       "grad_norm": float(grad_norm), "lr": lr_at(step - 1, tcfg), "tokens": tokens_seen,
                       "tokens_per_s": step_tokens / elapsed, "step_time_s": elapsed, "skipped": not finite,
-                      "bad_steps": bad_steps_total, "difficulty": loader.current_difficulty(),
+                      "bad_steps": bad_steps_total, "difficulty": difficulty,
                       "tokens_per_expert": tokens_LE_global.tolist(),
                       "max_load": tokens_LE_global.max(-1).values.tolist() if num_layers else [],
                       "mean_load": mean_load.tolist(),
@@ -272,9 +270,9 @@ def evaluate(model: torch.nn.Module, config: dict[str, Any], rank: int, world_si
     from data_pipeline.loader import CurriculumLoader
 
     tcfg = config["cfg"]["trainer"]
-    loader = CurriculumLoader(config["data_dir"], seq_len=config["cfg"]["data"]["seq_len"],
-                              global_batch_size=tcfg["global_batch_size"], rank=rank, world_size=world_size,
-                              seed=tcfg["seed"], split="validation", schedule="none")
+    loader = CurriculumLoader.from_config(config["cfg"]["data"], global_batch_size=tcfg["global_batch_size"],
+                                          rank=rank, world_size=world_size, split="validation",
+                                          data_dir=config["data_dir"])
     model.eval()
     total = torch.zeros(2, device=device)
     for _, batch in zip(range(tcfg["eval_batches"]), loader):
