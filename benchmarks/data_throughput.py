@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
@@ -80,7 +79,8 @@ def measure_naive(jsonl: Path, *, seq_len: int, batch_size: int, num_batches: in
                 rows = [token_buffer[i * seq_len:i * seq_len + seq_len + 1] for i in range(batch_size)]
                 batch = {"input_ids": torch.tensor([r[:-1] for r in rows]),
                          "targets": torch.tensor([r[1:] for r in rows]),
-                         "doc_ids": torch.tensor([doc_buffer[i * seq_len:(i + 1) * seq_len] for i in range(batch_size)])}
+                         "doc_ids": torch.tensor([doc_buffer[i * seq_len:(i + 1) * seq_len]
+                                                  for i in range(batch_size)])}
                 del token_buffer[:tokens_per_batch], doc_buffer[:tokens_per_batch]
                 produced += 1
             if produced == num_batches:

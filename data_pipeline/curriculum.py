@@ -33,8 +33,8 @@ import numpy as np
 from data_pipeline.config import CurriculumConfig
 from data_pipeline.shards import Block, MappedShard
 
-# A document as the stream hands it on: (shard index, byte offset of its
-# tokens in the shard file, number of tokens, doc_id).
+# A document as the stream hands it on: (shard index, index of its first token
+# in the shard's token view, number of tokens, doc_id).
 DocRef = tuple[int, int, int, int]
 
 _UNIFORMS_PER_DRAW_CHUNK = 4096
@@ -94,6 +94,12 @@ class DocumentStream:
 
     def next(self, pace_now: float) -> Optional[DocRef]:
         """The next document with percentile <= `pace_now`; None at the end of a non-looping stream."""
+        if pace_now == self._eligible_pace and self._next_eligible < len(self._eligible):
+            # Fast path: the next eligible row of the current block.
+            position = self._eligible[self._next_eligible]
+            self._next_eligible += 1
+            self.row_pos = position + 1
+            return self._docs[position]
         blocks_without_document = 0
         while True:
             if self.block_pos == len(self.blocks):
@@ -109,6 +115,7 @@ class DocumentStream:
                 self.row_pos = position + 1
                 return self._docs[position]
             self.block_pos, self.row_pos = self.block_pos + 1, 0
+            self._eligible_pace = None
             blocks_without_document += 1
             # The rest of this pass and all of the next one, in its own block order.
             if blocks_without_document > 2 * len(self.blocks):
@@ -130,7 +137,7 @@ class DocumentStream:
         permutation = (np.random.default_rng([self.seed, 1, self.pass_index, block_index]).permutation(rows)
                        if self.shuffle else np.arange(rows))
         # Python tuples: the hot loop hands documents on one at a time.
-        self._docs: list[DocRef] = list(zip([shard_index] * rows, block.token_offsets[permutation].tolist(),
+        self._docs: list[DocRef] = list(zip([shard_index] * rows, block.token_starts[permutation].tolist(),
                                             block.n_tokens[permutation].tolist(),
                                             block.doc_ids[permutation].tolist()))
         self._difficulty = None if block.difficulty is None else block.difficulty[permutation]
@@ -162,29 +169,28 @@ class ShuffleBuffer:
         self.items: list[DocRef] = list(items or [])
         self.draws = draws
         self._uniform_chunk = -1
-        self._uniforms: Optional[np.ndarray] = None
+        self._uniforms: list[float] = []
 
     def pop(self, refill: Callable[[], Optional[DocRef]]) -> Optional[DocRef]:
         """Fills the buffer from `refill`, then removes and returns a uniformly drawn document."""
         if self.capacity == 0:
             return refill()
-        while len(self.items) < self.capacity:
+        items = self.items
+        while len(items) < self.capacity:
             item = refill()
             if item is None:
                 break
-            self.items.append(item)
-        if not self.items:
+            items.append(item)
+        if not items:
             return None
-        index = int(self._uniform(self.draws) * len(self.items))
-        self.draws += 1
-        item = self.items[index]
-        self.items[index] = self.items[-1]
-        self.items.pop()
-        return item
-
-    def _uniform(self, draw: int) -> float:
+        draw = self.draws
         chunk = draw // _UNIFORMS_PER_DRAW_CHUNK
         if chunk != self._uniform_chunk:
-            self._uniforms = np.random.default_rng([self.seed, 2, chunk]).random(_UNIFORMS_PER_DRAW_CHUNK)
+            self._uniforms = np.random.default_rng([self.seed, 2, chunk]).random(_UNIFORMS_PER_DRAW_CHUNK).tolist()
             self._uniform_chunk = chunk
-        return float(self._uniforms[draw % _UNIFORMS_PER_DRAW_CHUNK])
+        index = int(self._uniforms[draw % _UNIFORMS_PER_DRAW_CHUNK] * len(items))
+        self.draws = draw + 1
+        item = items[index]
+        items[index] = items[-1]
+        items.pop()
+        return item

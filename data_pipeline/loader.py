@@ -123,7 +123,6 @@ class CurriculumLoader:
         self.shards, self.skipped_shards = self._open_shards(schema, on_corrupt, verify_checksums)
         self._blocks = [(i, b) for i, shard in enumerate(self.shards)
                         for b in range(len(shard.entry["record_batches"]))]
-        self._token_itemsize = np.dtype(self.manifest["token_dtype"]).itemsize
         num_tokens = sum(shard.entry["num_tokens"] for shard in self.shards)
         tokens_per_batch = seq_len * global_batch_size
         self.num_batches: Optional[int] = None
@@ -191,7 +190,7 @@ class CurriculumLoader:
     @property
     def step(self) -> int:
         """The training step of the next batch (batches consumed so far, or as set by `set_step`)."""
-        return self._current_state()["step"]
+        return self._producer.step if self._state is None else self._state["step"]
 
     @property
     def pace(self) -> float:
@@ -206,7 +205,7 @@ class CurriculumLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The position of the stream after the batches consumed so far (plain Python types)."""
-        return self._current_state()
+        return _plain_state(self._current_state())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resumes from `state_dict()` output; the next batches are those an uninterrupted run yields.
@@ -231,7 +230,7 @@ class CurriculumLoader:
         if differing:
             raise ValueError(f"the loader state does not match this loader: {', '.join(differing)} differ "
                              f"(saved {[saved.get(k) for k in differing]}, now {[expected.get(k) for k in differing]})")
-        self._restart(_copy_state(state))
+        self._restart(_plain_state(state))
 
     def close(self) -> None:
         """Stops the prefetch thread (iteration can resume later from the same position)."""
@@ -243,9 +242,10 @@ class CurriculumLoader:
             thread.stop()
 
     def _current_state(self) -> dict[str, Any]:
+        """The consumed position; may share immutable parts with the producer (see `_Producer.snapshot`)."""
         if self._state is None:
             return self._producer.snapshot()
-        return _copy_state(self._state)
+        return dict(self._state)
 
     def _restart(self, state: dict[str, Any]) -> None:
         if self._thread is not None:
@@ -259,9 +259,10 @@ class CurriculumLoader:
                 "buffer": [], "draws": 0, "carry": None}
 
     def _fingerprint(self) -> dict[str, Any]:
+        curriculum = dataclasses.asdict(self.curriculum) if self._difficulty_column else "none"
         return {"dataset": self.manifest["fingerprint"], "split": self.split, "seed": self.seed,
                 "seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
-                "shuffle_buffer": self.shuffle_buffer, "curriculum": dataclasses.asdict(self.curriculum) if self._difficulty_column else "none",
+                "shuffle_buffer": self.shuffle_buffer, "curriculum": curriculum,
                 "usable_shards": [shard.path.name for shard in self.shards]}
 
     def _open_shards(self, schema, on_corrupt: str, verify_checksums: bool):
@@ -288,29 +289,34 @@ class CurriculumLoader:
 
 
 class _Producer:
-    """Builds batches from a state: document stream -> shuffle buffer -> packer -> this rank's rows."""
+    """Builds batches from a state: document stream -> shuffle buffer -> packer -> this rank's rows.
+
+    It keeps what it needs from the loader but not the loader itself, so that
+    a loader dropped without `close()` is collected and stops its thread.
+    """
 
     def __init__(self, loader: CurriculumLoader, state: dict[str, Any]) -> None:
-        self.loader = loader
         self.fingerprint = state["fingerprint"]
         self.step = state["step"]
+        self.shards = loader.shards
+        self.curriculum = loader.curriculum if loader._difficulty_column else None
+        self.rows, self.seq_len, self.rank = loader.local_batch_size, loader.seq_len, loader.rank
         train = loader.split == "train"
         self.stream = DocumentStream(loader.shards, loader._blocks, seed=loader.seed, shuffle=train, loop=train,
                                      difficulty_column=loader._difficulty_column, state=tuple(state["stream"]))
         self.buffer = ShuffleBuffer(loader.shuffle_buffer, loader.seed,
                                     items=[tuple(item) for item in state["buffer"]], draws=state["draws"])
         carry = state["carry"]
-        self.packer = Packer(loader.seq_len, loader.global_batch_size, loader._token_itemsize,
+        self.packer = Packer(loader.seq_len, loader.global_batch_size,
                              carry=None if carry is None else (tuple(carry[0]), carry[1]))
 
-    def produce(self) -> Optional[Batch]:
-        loader = self.loader
-        pace_now = pace(self.step, loader.curriculum) if loader._difficulty_column else 100.0
+    def produce(self) -> Batch:
+        pace_now = 100.0 if self.curriculum is None else pace(self.step, self.curriculum)
         segments = self.packer.plan(lambda: self.buffer.pop(lambda: self.stream.next(pace_now)))
         if segments is None:
             raise RuntimeError("the document stream ended inside a batch")
-        rows, length = loader.local_batch_size, loader.seq_len
-        tokens_N, doc_ids_N = materialize(segments, loader.shards, loader.rank * rows * length, rows * length + 1)
+        rows, length = self.rows, self.seq_len
+        tokens_N, doc_ids_N = materialize(segments, self.shards, self.rank * rows * length, rows * length + 1)
         self.step += 1
         return {
             "input_ids": torch.from_numpy(tokens_N[:-1].reshape(rows, length)),
@@ -320,10 +326,14 @@ class _Producer:
         }
 
     def snapshot(self) -> dict[str, Any]:
-        carry = self.packer.carry
+        """The state after the last batch, cheap enough to take after every batch.
+
+        Documents are immutable tuples, so a shallow copy of the buffer is a
+        snapshot; `_plain_state` turns it into lists for `state_dict()`.
+        """
         return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "step": self.step,
-                "stream": list(self.stream.state()), "buffer": [list(item) for item in self.buffer.items],
-                "draws": self.buffer.draws, "carry": None if carry is None else [list(carry[0]), carry[1]]}
+                "stream": self.stream.state(), "buffer": list(self.buffer.items), "draws": self.buffer.draws,
+                "carry": self.packer.carry}
 
 
 class _PrefetchThread:
@@ -365,7 +375,8 @@ class _PrefetchThread:
         self._thread.join(timeout=10)
 
 
-def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
+def _plain_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy in plain Python types (lists, ints), fit for JSON or torch.save(weights_only=True)."""
     return {"version": state["version"], "fingerprint": dict(state["fingerprint"]), "step": int(state["step"]),
             "stream": [int(v) for v in state["stream"]], "buffer": [[int(v) for v in item] for item in state["buffer"]],
             "draws": int(state["draws"]),

@@ -22,7 +22,7 @@ import numpy as np
 from data_pipeline.curriculum import DocRef
 from data_pipeline.shards import MappedShard
 
-# A slice of one document: (shard index, byte offset of its first token, tokens, doc_id).
+# A slice of one document: (shard index, index of its first token in the shard's token view, tokens, doc_id).
 Segment = tuple[int, int, int, int]
 
 
@@ -32,15 +32,12 @@ class Packer:
     Args:
         seq_len: L.
         global_batch_size: G.
-        token_itemsize: bytes per stored token.
         carry: (document, tokens of it already used) to resume from.
     """
 
-    def __init__(self, seq_len: int, global_batch_size: int, token_itemsize: int,
-                 carry: Optional[tuple[DocRef, int]] = None) -> None:
+    def __init__(self, seq_len: int, global_batch_size: int, carry: Optional[tuple[DocRef, int]] = None) -> None:
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
-        self.token_itemsize = token_itemsize
         self.carry = carry
 
     def plan(self, next_document: Callable[[], Optional[DocRef]]) -> Optional[list[Segment]]:
@@ -51,44 +48,41 @@ class Packer:
         """
         segments: list[Segment] = []
         needed = self.seq_len * self.global_batch_size
-        while needed > 0:
-            if not self._ensure_carry(next_document):
-                return None
-            (shard, byte_offset, num_tokens, doc_id), used = self.carry
+        document, used = self.carry if self.carry is not None else (None, 0)
+        while True:
+            if document is None or used == document[2]:
+                document, used = next_document(), 0
+                if document is None:
+                    self.carry = None
+                    return None
+            shard, token_start, num_tokens, doc_id = document
+            if needed == 0:
+                segments.append((shard, token_start + used, 1, doc_id))
+                self.carry = (document, used)
+                return segments
             take = min(num_tokens - used, needed)
-            segments.append((shard, byte_offset + used * self.token_itemsize, take, doc_id))
-            self.carry = (self.carry[0], used + take)
+            segments.append((shard, token_start + used, take, doc_id))
+            used += take
             needed -= take
-        if not self._ensure_carry(next_document):
-            return None
-        (shard, byte_offset, _, doc_id), used = self.carry
-        segments.append((shard, byte_offset + used * self.token_itemsize, 1, doc_id))
-        return segments
-
-    def _ensure_carry(self, next_document: Callable[[], Optional[DocRef]]) -> bool:
-        if self.carry is None or self.carry[1] == self.carry[0][2]:
-            document = next_document()
-            if document is None:
-                return False
-            self.carry = (document, 0)
-        return True
 
 
 def materialize(segments: list[Segment], shards: list[MappedShard], start: int, length: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Tokens and doc_ids of planned tokens [start, start + length) as int64 arrays of N = length."""
     tokens_N = np.empty(length, dtype=np.int64)
-    doc_ids_N = np.empty(length, dtype=np.int64)
     end = start + length
+    doc_ids, counts = [], []
     position = 0  # planned-token index of the current segment's first token
-    for shard, byte_offset, count, doc_id in segments:
+    for shard, token_start, count, doc_id in segments:
         segment_end = position + count
-        if segment_end > start and position < end:
+        if segment_end > start:
             lo, hi = max(position, start), min(segment_end, end)
-            itemsize = shards[shard].token_dtype.itemsize
-            tokens_N[lo - start:hi - start] = shards[shard].tokens(byte_offset + (lo - position) * itemsize, hi - lo)
-            doc_ids_N[lo - start:hi - start] = doc_id
+            first = token_start + lo - position
+            tokens_N[lo - start:hi - start] = shards[shard].token_view[first:first + hi - lo]
+            doc_ids.append(doc_id)
+            counts.append(hi - lo)
+            if segment_end >= end:
+                break
         position = segment_end
-        if position >= end:
-            break
+    doc_ids_N = np.repeat(np.array(doc_ids, dtype=np.int64), counts)
     return tokens_N, doc_ids_N

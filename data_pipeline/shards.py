@@ -188,14 +188,14 @@ def describe_shard(path: Path, schema: pa.Schema, *, split: str) -> dict[str, An
 class Block:
     """One record batch of a shard, seen through numpy.
 
-    `token_offsets` are byte offsets of each document's tokens inside the
-    memory-mapped shard file, so a document can be read later from nothing but
-    (shard index, byte offset, token count).
+    `token_starts` index each document's first token in the whole shard file
+    viewed as an array of tokens (`MappedShard.token_view`), so a document can
+    be read later from nothing but (shard index, token start, token count).
     """
 
     doc_ids: np.ndarray        # int64 (rows,)
     n_tokens: np.ndarray       # int64 (rows,)
-    token_offsets: np.ndarray  # int64 (rows,) byte offset in the shard file
+    token_starts: np.ndarray   # int64 (rows,) index into MappedShard.token_view
     difficulty: Optional[np.ndarray]  # float32 (rows,) percentile of the curriculum metric
 
 
@@ -221,6 +221,10 @@ class MappedShard:
         self._buffer = self._source.read_buffer()  # zero-copy: the whole mapping
         self.bytes = np.frombuffer(self._buffer, dtype=np.uint8)
         self.token_dtype = np.dtype(schema.field("tokens").type.value_type.to_pandas_dtype())
+        # The whole file as tokens: IPC aligns every buffer to 8 bytes, so each
+        # record batch's token values start at a whole token of this view.
+        itemsize = self.token_dtype.itemsize
+        self.token_view = self.bytes[:len(self.bytes) - len(self.bytes) % itemsize].view(self.token_dtype)
 
     def verify(self, *, check_crc: bool = True) -> None:
         """Checks size, schema, checksums and structure; raises `ShardError` at the first fault."""
@@ -265,8 +269,10 @@ class MappedShard:
         values_buffer = tokens.values.buffers()[1]
         # The batch is a zero-copy slice of the mapping, so its values live at
         # a fixed byte offset inside the file.
-        values_offset = values_buffer.address - self._buffer.address + tokens.values.offset * self.token_dtype.itemsize
-        assert 0 <= values_offset <= len(self.bytes), "record batch is not a view of the mapped shard"
+        values_offset = values_buffer.address - self._buffer.address
+        itemsize = self.token_dtype.itemsize
+        assert 0 <= values_offset <= len(self.bytes) and values_offset % itemsize == 0, \
+            "record batch is not an aligned view of the mapped shard"
         list_offsets = tokens.offsets.to_numpy().astype(np.int64)
         difficulty = None
         if difficulty_column is not None:
@@ -274,11 +280,6 @@ class MappedShard:
         return Block(
             doc_ids=batch.column("doc_id").to_numpy(),
             n_tokens=np.diff(list_offsets),
-            token_offsets=values_offset + list_offsets[:-1] * self.token_dtype.itemsize,
+            token_starts=values_offset // itemsize + tokens.values.offset + list_offsets[:-1],
             difficulty=difficulty,
         )
-
-    def tokens(self, byte_offset: int, count: int) -> np.ndarray:
-        """`count` token ids starting at `byte_offset` in the file (a view, no copy)."""
-        end = byte_offset + count * self.token_dtype.itemsize
-        return self.bytes[byte_offset:end].view(self.token_dtype)

@@ -256,7 +256,9 @@ def test_prefetch_does_not_change_the_stream(data_dir) -> None:
     reference = take(make_loader(data_dir, **RESUME_CURRICULUM), 12)
     loader = make_loader(data_dir, prefetch=3, **RESUME_CURRICULUM)
     assert_same_batches(take(loader, 12), reference)
+    thread = loader._thread._thread
     loader.close()
+    assert not thread.is_alive()
 
 
 def test_state_of_another_configuration_is_rejected(data_dir) -> None:

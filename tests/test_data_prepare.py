@@ -194,7 +194,8 @@ def _bad_sources(tmp_path: Path):
         "glob": ([str(tmp_path / "*.nothing")], {}, "*.nothing"),
         "empty_dir": ([str(tmp_path / "empty_dir")], {}, "empty_dir"),
         "empty_files": ([str(tmp_path / "empty_files")], {}, "empty corpus"),
-        "jsonl_field": ([str(tmp_path / "wrong.jsonl")], {"text_field": "text"}, "wrong.jsonl:1: no field data.text_field='text'"),
+        "jsonl_field": ([str(tmp_path / "wrong.jsonl")], {"text_field": "text"},
+                        "wrong.jsonl:1: no field data.text_field='text'"),
         "parquet_column": ([str(tmp_path / "wrong.parquet")], {"text_column": "content"},
                            "no column data.text_column='content'"),
     }
