@@ -50,34 +50,9 @@ def latest_checkpoint(checkpoint_root: Path) -> Optional[Path]:
     return checkpoints[-1] if checkpoints else None
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
-    """Flattens a torch optimizer's per-parameter state into named tensors."""
-    out = {}
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            tensor = value if torch.is_tensor(value) else torch.tensor(value)
-            out[f"{names[param]}::{key}"] = tensor.detach().contiguous().cpu()
-    return out
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
-                           tensors: dict[str, torch.Tensor]) -> None:
-    by_name = {name: param for param, name in names.items()}
-    expected = {name for name in by_name}
-    stored = {key.split("::", 1)[0] for key in tensors}
-    if stored - expected:
-        raise ValueError(f"optimizer state has unknown parameters: {sorted(stored - expected)[:5]}")
-    optimizer.state.clear()
-    for key, tensor in tensors.items():
-        name, field = key.split("::", 1)
-        param = by_name[name]
-        optimizer.state[param][field] = tensor.to(param.device) if field != "step" else tensor.clone()
-
-
 def save_training_checkpoint(checkpoint_root: Path, step: int, rank: int, *,
                              full_model_state: Optional[dict[str, torch.Tensor]],
-                             model_config: dict[str, Any],
-                             optimizer: torch.optim.Optimizer, param_names: dict[torch.nn.Parameter, str],
+                             model_config: dict[str, Any], optimizer_state: dict[str, torch.Tensor],
                              train_state: dict[str, Any], barrier: Callable[[], None], keep_last: int) -> Path:
     """Writes one checkpoint collectively (every rank calls it). See the module NOTE.
 
@@ -95,7 +70,7 @@ def save_training_checkpoint(checkpoint_root: Path, step: int, rank: int, *,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    save_file(optimizer_tensors(optimizer, param_names), str(tmp / f"optimizer_rank{rank}.safetensors"))
+    save_file(optimizer_state, str(tmp / f"optimizer_rank{rank}.safetensors"))
     save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng_rank{rank}.safetensors"))
     if rank == 0:
         assert full_model_state is not None
@@ -115,9 +90,9 @@ def save_training_checkpoint(checkpoint_root: Path, step: int, rank: int, *,
     return final
 
 
-def load_training_checkpoint(path: Path, rank: int, *, optimizer: torch.optim.Optimizer,
-                             param_names: dict[torch.nn.Parameter, str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Loads this rank's optimizer and RNG state; returns (full model state, train_state)."""
+def load_training_checkpoint(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                             dict[str, Any]]:
+    """Restores this rank's RNG state; returns (full model state, this rank's optimizer state, train_state)."""
     state_file = path / TRAIN_STATE
     if not state_file.is_file():
         raise FileNotFoundError(f"incomplete or missing checkpoint: {state_file} does not exist")
@@ -125,6 +100,5 @@ def load_training_checkpoint(path: Path, rank: int, *, optimizer: torch.optim.Op
     if not rank_file.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no optimizer state for rank {rank} ({rank_file.name}); "
                                 f"it was written with fewer workers")
-    load_optimizer_tensors(optimizer, param_names, load_file(str(rank_file)))
     torch.set_rng_state(load_file(str(path / f"rng_rank{rank}.safetensors"))["torch"])
-    return load_file(str(path / WEIGHTS_NAME)), json.loads(state_file.read_text())
+    return load_file(str(path / WEIGHTS_NAME)), load_file(str(rank_file)), json.loads(state_file.read_text())

@@ -19,12 +19,12 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from moe import ModelConfig, MoETransformer, update_expert_bias
+from moe import ModelConfig, MoETransformer
 from moe.model import count_parameters
 
 from cluster.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
-from cluster.expert_parallel import (apply_expert_parallel, gather_full_state_dict, load_full_state_dict,
-                                     reduce_gradients)
+from cluster.engine import build_engine
+from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict, load_full_state_dict
 from cluster.metrics import MetricsLogger
 from cluster.parallel_dims import ParallelDims
 
@@ -39,47 +39,6 @@ def lr_at(step: int, cfg: dict[str, Any]) -> float:
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     floor = lr * cfg["min_lr_ratio"]
     return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms, biases, embeddings)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (decay if param.dim() >= 2 and "embed_tokens" not in name else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=1e-8)
-
-
-def is_expert_param(param: torch.nn.Parameter) -> bool:
-    return getattr(param, "is_expert", False)
-
-
-def clip_grad_norm(model: torch.nn.Module, max_norm: float, dims: ParallelDims) -> torch.Tensor:
-    """Global gradient norm over the full model (expert shards included) and clipping.
-
-    After `reduce_gradients`, non-expert gradients are identical on all ranks
-    and each expert shard is identical across its replicas, so the full norm
-    is the local non-expert part plus the expert parts summed over the
-    expert-parallel group.
-    """
-    grads = [p for p in model.parameters() if p.grad is not None]
-    device = grads[0].grad.device
-    expert_sq = torch.zeros((), device=device, dtype=torch.float32)
-    other_sq = torch.zeros((), device=device, dtype=torch.float32)
-    for p in grads:
-        sq = p.grad.detach().float().square().sum()
-        if is_expert_param(p):
-            expert_sq += sq
-        else:
-            other_sq += sq
-    if dims.ep > 1:
-        dist.all_reduce(expert_sq, group=dims.ep_group)
-    total = (expert_sq + other_sq).sqrt()
-    if max_norm > 0:
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for p in grads:
-            p.grad.mul_(scale.to(p.grad.dtype))
-    return total
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -105,8 +64,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = MoETransformer(model_config)
     apply_expert_parallel(model, dims)
     model.to(device)
-    optimizer = build_optimizer(model, tcfg)
-    param_names = {p: n for n, p in model.named_parameters()}
+    engine = build_engine(model, dims, tcfg)
 
     local_batch = tcfg["global_batch_size"] // world_size
     micro_batch = local_batch // tcfg["grad_accum_steps"]
@@ -124,9 +82,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         resume_from = Path(tcfg["resume"])
     step, bad_steps_total, tokens_seen = 0, 0, 0
     if resume_from is not None:
-        full_state, train_state = load_training_checkpoint(resume_from, rank, optimizer=optimizer,
-                                                           param_names=param_names)
+        full_state, optimizer_state, train_state = load_training_checkpoint(resume_from, rank)
         load_full_state_dict(model, full_state, dims)
+        engine.load_optimizer_state(optimizer_state)
         loader.load_state_dict(train_state["loader"])
         step, bad_steps_total, tokens_seen = train_state["step"], train_state["bad_steps"], train_state["tokens"]
         if rank == 0:
@@ -137,7 +95,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger = MetricsLogger(run_dir, cfg["logger"]["wandb"], cfg["name"], cfg, cfg["logger"]["ray_metrics"],
                                resume_step=step)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg["dtype"] == "bfloat16" else nullcontext())
-    world_all_reduce = (lambda t: dist.all_reduce(t)) if world_size > 1 else None
     counts = count_parameters(model_config)
     flops_per_token = 6 * counts["active_non_embedding"] + 12 * model_config.num_layers * \
         model_config.num_heads * model_config.head_dim * data_cfg["seq_len"]
@@ -152,8 +109,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_state = {"step": step_now, "bad_steps": bad_steps_total, "tokens": tokens_seen,
                        "loader": loader.state_dict(), "world_size": world_size}
         final = save_training_checkpoint(ckpt_root, step_now, rank, full_model_state=full_state if rank == 0 else None,
-                                         model_config=model_config.to_dict(), optimizer=optimizer,
-                                         param_names=param_names, train_state=train_state,
+                                         model_config=model_config.to_dict(),
+                                         optimizer_state=engine.optimizer_state(), train_state=train_state,
                                          barrier=dist.barrier, keep_last=tcfg["keep_last"])
         # Already on the run directory's storage: report it to Ray Train without another copy.
         checkpoint = Checkpoint.from_directory(str(final)) if rank == 0 else None
@@ -169,8 +126,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 os._exit(1)
         difficulty = loader.pace  # the curriculum pace of the batch about to be drawn
         batch = loader.next_batch()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tcfg)
         lm_loss_sum = torch.zeros((), device=device)
         aux_loss_sum = torch.zeros((), device=device)
         stats = []
@@ -182,12 +137,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = out.loss + out.aux_loss
             if step in debug["nan_loss_at_steps"]:
                 loss = loss * float("nan")
-            (loss / tcfg["grad_accum_steps"]).backward()
+            engine.backward(loss / tcfg["grad_accum_steps"])
             lm_loss_sum += out.loss.detach().float()
             aux_loss_sum += out.aux_loss.detach().float()
             stats.append(out.router_stats)
-        reduce_gradients(model, dims)
-        grad_norm = clip_grad_norm(model, tcfg["grad_clip"], dims)
 
         # One collective for everything logged: losses, load and drops of every MoE layer.
         num_layers = len(stats[0])
@@ -202,17 +155,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             flat[:2] /= world_size
             flat[2 + tokens_LE.numel():] /= world_size
         lm_loss, aux_loss = flat[0].item(), flat[1].item()
-        finite = math.isfinite(lm_loss) and math.isfinite(aux_loss) and bool(torch.isfinite(grad_norm))
-        if finite:
-            optimizer.step()
-            update_expert_bias(model, all_reduce=world_all_reduce)
+        grad_norm, stepped = engine.step(lr_at(step, tcfg), math.isfinite(lm_loss) and math.isfinite(aux_loss))
+        if stepped:
             consecutive_bad = 0
         else:
             bad_steps_total += 1
             consecutive_bad += 1
-            for router in (m for m in model.modules() if hasattr(m, "tokens_per_expert")):
-                router.tokens_per_expert.zero_()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         step_tokens = tcfg["global_batch_size"] * data_cfg["seq_len"]
         tokens_seen += step_tokens
@@ -223,8 +171,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tokens_LE_global = flat[2:2 + tokens_LE.numel()].view(num_layers, -1) if num_layers else tokens_LE
             mean_load = tokens_LE_global.mean(-1) if num_layers else tokens_LE_global
             record = {"kind": "train", "step": step, "loss": lm_loss, "aux_loss": aux_loss,
-                      "grad_norm": float(grad_norm), "lr": lr_at(step - 1, tcfg), "tokens": tokens_seen,
-                      "tokens_per_s": step_tokens / elapsed, "step_time_s": elapsed, "skipped": not finite,
+                      "grad_norm": grad_norm, "lr": lr_at(step - 1, tcfg), "tokens": tokens_seen,
+                      "tokens_per_s": step_tokens / elapsed, "step_time_s": elapsed, "skipped": not stepped,
                       "bad_steps": bad_steps_total, "difficulty": difficulty,
                       "tokens_per_expert": tokens_LE_global.tolist(),
                       "max_load": tokens_LE_global.max(-1).values.tolist() if num_layers else [],
@@ -241,7 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                  f"(trainer.max_bad_steps={tcfg['max_bad_steps']}); stopped at step {step}. The "
                                  f"last good checkpoint is kept in {ckpt_root}."}
             break
-        if finite and (step % tcfg["checkpoint_every"] == 0 or step == tcfg["max_steps"]):
+        if stepped and (step % tcfg["checkpoint_every"] == 0 or step == tcfg["max_steps"]):
             checkpoint(step, {"step": step, "loss": lm_loss})
         if tcfg["eval_every"] and step % tcfg["eval_every"] == 0 and step < tcfg["max_steps"]:
             val = evaluate(model, config, rank, world_size, device, autocast)
