@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
@@ -267,6 +268,23 @@ def test_state_of_another_configuration_is_rejected(data_dir) -> None:
         make_loader(data_dir, seed=1, **RESUME_CURRICULUM).load_state_dict(state)
     with pytest.raises(ValueError, match="global_batch_size"):
         make_loader(data_dir, global_batch_size=16, **RESUME_CURRICULUM).load_state_dict(state)
+
+
+def test_streaming_does_not_grow_memory(data_dir) -> None:
+    """Many passes over the corpus allocate nothing that stays (no per-document or per-pass caches)."""
+    loader = make_loader(data_dir, schedule="fixed_linear", total_curriculum_step=100)
+    batches = iter(loader)
+    for _ in range(20):
+        next(batches)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(400):  # about five passes
+            next(batches)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 16 * 1024, grown  # measured: about 5 KB
 
 
 # ---------------------------------------------------------------- validation
