@@ -86,7 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                                resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=str(run_dir / "ray"),
+            name=cfg.name, storage_path=str(run_dir.parent),  # Ray's experiment directory is the run directory
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
     )

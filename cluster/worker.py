@@ -45,7 +45,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker; `config` comes from the driver (plain dicts)."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointUploadMode
 
     from data_pipeline.loader import CurriculumLoader
 
@@ -112,10 +112,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                          model_config=model_config.to_dict(),
                                          optimizer_state=engine.optimizer_state(), train_state=train_state,
                                          barrier=dist.barrier, keep_last=tcfg["keep_last"])
-        # Already on the run directory's storage: report it to Ray Train without another copy.
+        # The run directory is Ray Train's experiment directory: register the
+        # checkpoint where it lies, without another copy.
         checkpoint = Checkpoint.from_directory(str(final)) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=final.name,
-                         checkpoint_upload_fn=(lambda ckpt, _name: ckpt) if checkpoint else None)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
     while step < tcfg["max_steps"]:
         if debug["kill_rank_at_step"] == step and rank == debug["kill_rank"]:
