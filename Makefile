@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 train: install
-	$(PY) -m moe.demo
+	$(PY) -m moe.train +experiment=$(EXPERIMENT)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

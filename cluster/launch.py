@@ -54,7 +54,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from data_pipeline.prepare import ensure_prepared
     from data_pipeline.manifest import read_manifest
 
-    data_dir = ensure_prepared(cfg.data)
+    data_dir = ensure_prepared(cfg.data).resolve()  # workers run in other directories
+    cfg.data.output = str(data_dir)
     vocab_size = read_manifest(data_dir)["vocab_size"]
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab_size:
         raise ValueError(f"invalid configuration: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
