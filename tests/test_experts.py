@@ -202,7 +202,7 @@ def test_capacity_drops_match_reference(policy: str) -> None:
     for e in range(4):
         slots = [(t, k) for t in range(num_tokens) for k in range(2) if top_ids[t, k] == e]
         if policy == "probs":
-            slots.sort(key=lambda tk: -float(top_w[tk]))
+            slots.sort(key=lambda tk: -float(top_w[tk].detach()))
         for t, k in slots[:capacity]:
             keep[t, k] = True
     assert (~keep).any(), "the test must actually drop something"

@@ -70,15 +70,38 @@ def make_cfg(corpus: Path, run_root: Path, name: str, *overrides: str, experimen
             f"data.output={corpus / 'prepared'}", f"trainer.run_root={run_root}", f"name={name}", *overrides])
 
 
+def prometheus_lines(names: list[str], timeout_s: float = 40.0) -> dict[str, list[str]]:
+    """Samples of the given metrics on this node's Prometheus endpoint (Ray exports every ~10 s)."""
+    import time
+
+    import requests
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = {n: [l for l in text.splitlines() if l.startswith(n + "{")] for n in names}
+        if all(found.values()) or time.monotonic() > deadline:
+            assert all(found.values()), f"missing on the Prometheus endpoint: {[n for n in names if not found[n]]}"
+            return found
+        time.sleep(1.0)
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
 
 
 def test_single_worker_run_learns_and_writes_artifacts(ray_session, corpus, tmp_path) -> None:
     cfg = make_cfg(corpus, tmp_path, "single", "trainer.max_steps=30", "trainer.checkpoint_every=10",
-                   "trainer.eval_every=15", "trainer.keep_last=2")
+                   "trainer.eval_every=15", "trainer.keep_last=2", "logger.wandb.mode=offline",
+                   "logger.ray_metrics=true")
     summary = train(cfg)
     run_dir = tmp_path / "single"
+    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb logged offline into the run directory"
+    prometheus = prometheus_lines(["ray_moe_train_loss", "ray_moe_expert_max_over_mean_load"])
+    assert any('layer="1"' in line for line in prometheus["ray_moe_expert_max_over_mean_load"])
+    assert float(prometheus["ray_moe_train_loss"][0].rsplit(" ", 1)[1]) == pytest.approx(
+        train_losses(run_dir)[30], rel=1e-5)
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, 31))
     assert sum(list(losses.values())[-5:]) / 5 < 0.7 * losses[1], losses
