@@ -45,6 +45,7 @@ import pyarrow.ipc as ipc
 
 from data_pipeline.config import DataConfig
 from data_pipeline.engine import make_engine
+from moe.checkpoint import replace_directory
 from data_pipeline.manifest import PIPELINE_VERSION, ManifestError, read_manifest, write_manifest
 from data_pipeline.score import (METRIC_COLUMNS, metric_stats, percentile_column, percentiles,
                                  unigram_neglogp)
@@ -91,7 +92,7 @@ def prepare(cfg: Any) -> Path:
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the data from other users of a shared volume
     try:
         _build(cfg, files, fingerprint, tmp)
-        _install(tmp, output)
+        replace_directory(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -337,16 +338,6 @@ def _write_shards(cfg: DataConfig, stage: list[pa.RecordBatch], metrics: dict[st
         splits[split] = {"num_documents": sum(s["num_documents"] for s in shards),
                          "num_tokens": sum(s["num_tokens"] for s in shards), "shards": shards}
     return splits
-
-
-def _install(tmp: Path, output: Path) -> None:
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -49,6 +49,37 @@ def write_model_files(model: MoETransformer, directory: Path) -> None:
     (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True))
 
 
+def replace_directory(tmp: Path, target: Path) -> None:
+    """Moves the complete directory `tmp` to `target`, replacing what is there.
+
+    The old `target` is renamed aside first and removed only after the swap, so
+    at every moment either the old or the new directory is in place.
+    """
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def write_directory_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
+    """Calls `write(tmp)` on a fresh sibling directory, then swaps it into `directory`.
+
+    An exception (or a crash) leaves `directory` as it was.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        write(tmp)
+        replace_directory(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
 def save_checkpoint(model: MoETransformer, path: PathLike) -> Path:
     """Saves `model` to the directory `path` atomically (replacing it if present).
 
@@ -58,22 +89,7 @@ def save_checkpoint(model: MoETransformer, path: PathLike) -> Path:
     Returns:
         The checkpoint directory.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write_model_files(model, tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return write_directory_atomically(Path(path), lambda tmp: write_model_files(model, tmp))
 
 
 def read_model_config(path: PathLike) -> ModelConfig:

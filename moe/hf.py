@@ -41,15 +41,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe.checkpoint import load_checkpoint, save_checkpoint
+from moe.checkpoint import load_checkpoint, save_checkpoint, write_directory_atomically
 from moe.config import EXPERT_BACKENDS, ModelConfig
 from moe.model import MoETransformer
 
@@ -332,24 +330,6 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig) -
     return out
 
 
-def _write_atomically(directory: Path, write) -> Path:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        write(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
 def export_hf(model: MoETransformer, out_dir: PathLike, dtype: Optional[torch.dtype] = None,
               fused_experts: bool = False) -> Path:
     """Writes `model` as a Hugging Face Mixtral directory (replacing it atomically).
@@ -371,7 +351,7 @@ def export_hf(model: MoETransformer, out_dir: PathLike, dtype: Optional[torch.dt
         save_file(state, str(directory / HF_WEIGHTS_NAME), metadata={"format": "pt"})
         (directory / HF_CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
 
-    return _write_atomically(Path(out_dir), write)
+    return write_directory_atomically(Path(out_dir), write)
 
 
 def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
