@@ -132,7 +132,15 @@ class GroupedExperts(nn.Module):
             x_ND: rows sorted by expert.
             tokens_per_expert: (E,) integer row counts, summing to N.
         """
-        return self._compute(x_ND, tokens_per_expert, self.w1_EDF, self.w2_EFD, self.w3_EDF)
+        weights = (self.w1_EDF, self.w2_EFD, self.w3_EDF)
+        device_type = x_ND.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Autocast does not cover grouped GEMMs: cast like it casts matmuls.
+            dtype = torch.get_autocast_dtype(device_type)
+            x_ND = x_ND.to(dtype)
+            weights = tuple(w.to(dtype) for w in weights)
+        w1_EDF, w2_EFD, w3_EDF = weights
+        return self._compute(x_ND, tokens_per_expert, w1_EDF, w2_EFD, w3_EDF)
 
     def extra_repr(self) -> str:
         e, d, f = self.w1_EDF.shape

@@ -213,3 +213,17 @@ def test_capacity_drops_match_reference(policy: str) -> None:
     torch.testing.assert_close(routing.stats["dropped_fraction"].double(), expected_fraction)
     out, _ = layer(x)
     torch.testing.assert_close(out, naive_moe(layer, x), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
+def test_experts_follow_autocast(backend: str) -> None:
+    """Under bf16 autocast the expert GEMMs run in bf16, like the model's other matmuls."""
+    torch.manual_seed(0)
+    layer = MoELayer(tiny_moe_config(experts=dict(backend=backend)))
+    x = torch.randn(2, 8, 8)
+    reference, _ = layer(x)
+    x_ND = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = layer(x)
+        assert layer.experts(x_ND, torch.tensor([2, 0, 3, 0])).dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
