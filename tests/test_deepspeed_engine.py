@@ -15,14 +15,10 @@ besides the balancing loss, and the gradient clipping acts on some of the steps.
 from __future__ import annotations
 
 import math
-import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.testing import assert_close
 
 from moe import ModelConfig, MoETransformer
@@ -30,6 +26,7 @@ from moe import ModelConfig, MoETransformer
 from cluster.engine import NativeEngine
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict, load_full_state_dict
 from cluster.parallel_dims import ParallelDims
+from dist_helpers import run_distributed
 
 pytest.importorskip("deepspeed")
 
@@ -39,36 +36,12 @@ DEBUG_MODEL = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, max
                    experts=dict(num_experts=4, hidden_size=32))
 SEQ_LEN, ROWS_PER_RANK, GRAD_ACCUM, NUM_STEPS, WORLD_SIZE = 16, 4, 2, 4, 2
 TOLERANCE = 1e-5
+PRELOAD = ["deepspeed", "cluster.deepspeed_engine", __name__]  # imported once by the forkserver
 
 
 def trainer_config(zero_stage: int) -> dict:
     return dict(engine="deepspeed", zero_stage=zero_stage, lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1,
                 grad_clip=0.75, grad_accum_steps=GRAD_ACCUM, global_batch_size=WORLD_SIZE * ROWS_PER_RANK)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
-    torch.set_num_threads(1)
-    os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed requires it; Ray Train sets it in the real workers
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_distributed(world_size: int, fn, *args) -> None:
-    # forkserver with deepspeed preloaded: children start without re-importing torch and deepspeed
-    # (seconds each on 2 cores), and without inheriting the pytest process's threads.
-    mp.set_forkserver_preload(["torch", "torch.distributed", "deepspeed", "cluster.deepspeed_engine", __name__])
-    mp.start_processes(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True,
-                       start_method="forkserver")
 
 
 def _model(dims: ParallelDims, dense: bool = False) -> MoETransformer:
@@ -180,7 +153,7 @@ def test_zero_matches_native_engine() -> None:
     steps (within 1e-5), and a DeepSpeed engine resumed from the native checkpoint continues identically.
     A dense model (no expert parameters, so no DeepSpeed MoE groups) works too."""
     run_distributed(WORLD_SIZE, _matches_native_worker,
-                    ((1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)))
+                    ((1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)), preload=PRELOAD)
 
 
 def _nan_worker(rank: int, world_size: int, zero_stages: tuple) -> None:
@@ -224,7 +197,7 @@ def test_nan_steps_are_skipped() -> None:
     """NaN gradients from one rank (reported loss finite or not) and a finite loss flagged non-finite skip
     the update on every rank under ZeRO-1 and ZeRO-2 with ep=2: weights, biases and AdamW state stay as
     they were, no gradient is carried into the next step, and the run goes on as the native engine's."""
-    run_distributed(WORLD_SIZE, _nan_worker, (1, 2))
+    run_distributed(WORLD_SIZE, _nan_worker, (1, 2), preload=PRELOAD)
 
 
 @pytest.mark.slow
@@ -235,7 +208,7 @@ def test_ray_training_with_deepspeed_matches_native(tmp_path) -> None:
     a checkpoint): the same losses, skipped step and final weights as trainer.engine=native."""
     ray = pytest.importorskip("ray")
     from safetensors.torch import load_file
-    from test_train import make_cfg, train_losses, write_corpus  # the Ray tests' corpus and tiny config
+    from train_helpers import make_cfg, train_losses, write_corpus  # the Ray tests' corpus and tiny config
 
     from cluster.launch import train
     from cluster.metrics import read_metrics

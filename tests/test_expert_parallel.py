@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
@@ -29,6 +26,7 @@ from moe.layer import MoELayer
 from cluster.expert_parallel import (apply_expert_parallel, expert_bias_all_reduce, gather_full_state_dict,
                                      is_expert_param, load_full_state_dict, reduce_gradients)
 from cluster.parallel_dims import ParallelDims
+from dist_helpers import run_distributed
 
 # Named tiny sizes for tests (never the real ones).
 DEBUG_MODEL = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=16)
@@ -39,31 +37,6 @@ NO_BALANCE_LOSS = dict(aux_loss_coef=0.0, seq_aux_loss_coef=0.0, z_loss_coef=0.0
 def debug_config(backend: str = "grouped_mm", **router) -> ModelConfig:
     return ModelConfig(**DEBUG_MODEL, router=dict(top_k=2, **router),
                        experts=dict(num_experts=NUM_EXPERTS, hidden_size=32, backend=backend))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_distributed(world_size: int, fn, *args) -> None:
-    # forkserver, not spawn: a spawned child re-imports torch and this module (seconds per process on 2
-    # cores); children forked from a server that preloaded them start at once. Not plain fork: the pytest
-    # process may hold threads (Ray, OpenMP) from other tests.
-    mp.set_forkserver_preload(["torch", "torch.distributed", __name__])
-    mp.start_processes(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True,
-                       start_method="forkserver")
 
 
 def _rows(rank: int) -> slice:
@@ -126,7 +99,7 @@ def _compare_layer(rank: int, world_size: int, dims: ParallelDims) -> None:
 def test_moe_layer_matches_single_process(world_size: int, eps: tuple[int, ...]) -> None:
     """(a) sharded experts + all-to-all = the single-process layer, float64 loop and float32 grouped_mm,
     dropless and with capacity dropping; ep = 2 of 4 ranks also reduces over the expert-data-parallel group."""
-    run_distributed(world_size, _layer_worker, eps)
+    run_distributed(world_size, _layer_worker, eps, preload=[__name__])
 
 
 def _dispatch_edge_worker(rank: int, world_size: int) -> None:
@@ -181,7 +154,7 @@ def _dispatch_edge_worker(rank: int, world_size: int) -> None:
 @pytest.mark.timeout(180)
 def test_all_to_all_dispatcher_empty_ranks_experts_and_drops() -> None:
     """(a) zero rows to a rank or an expert, a rank that sends nothing, capacity drops (ids -1)."""
-    run_distributed(2, _dispatch_edge_worker)
+    run_distributed(2, _dispatch_edge_worker, preload=[__name__])
 
 
 # (b) training: losses and parameters after several AdamW steps -------------------------------------------------
@@ -315,7 +288,7 @@ def test_training_matches_single_process(world_size: int, eps: tuple[int, ...], 
     """(b) losses of every step and the parameters after AdamW steps equal one process on the global batch
     (within 1e-5, float32); the gathered state is a loadable checkpoint; one all-reduce per group.
     One spawn per world size runs every ep (process start-up dominates the cost)."""
-    run_distributed(world_size, _train_worker, eps, str(tmp_path))
+    run_distributed(world_size, _train_worker, eps, str(tmp_path), preload=[__name__])
 
 
 # (c) auxiliary-loss-free bias update ---------------------------------------------------------------------------
@@ -346,7 +319,7 @@ def _bias_worker(rank: int, world_size: int, ep: int) -> None:
 @pytest.mark.timeout(180)
 def test_expert_bias_update_matches_single_process() -> None:
     """(c) counts summed over the world give the single-process bias update."""
-    run_distributed(2, _bias_worker, 2)
+    run_distributed(2, _bias_worker, 2, preload=[__name__])
 
 
 # (d) validation and single-process behaviour -------------------------------------------------------------------
