@@ -198,7 +198,7 @@ class _Progress:
                     continue
                 if record.get("kind") == "train":
                     bar.n = record["step"]
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                     bar.refresh()
         bar.close()
 
