@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -50,6 +51,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate_train_config(cfg)
     run_dir = run_dir_of(cfg)
     check_run_dir(cfg, run_dir)
+    if cfg.cluster.address is None:
+        import ray
+
+        check_local_resources(cfg, ray.cluster_resources() if ray.is_initialized() else local_resources(cfg))
 
     from data_pipeline.prepare import ensure_prepared
     from data_pipeline.manifest import read_manifest
@@ -61,9 +66,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"invalid configuration: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                          f"tokenizer's vocabulary ({vocab_size}) of {data_dir}; leave it null to use the tokenizer's")
     model_config = model_config_from(cfg, vocab_size)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (run_dir / STATUS_FILE).unlink(missing_ok=True)
 
     import ray
     import ray.train
@@ -76,6 +78,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else:
             ray.init(address=cfg.cluster.address)
     print(f"[moe.train] Ray dashboard: {dashboard_url()}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / STATUS_FILE).unlink(missing_ok=True)
     print(f"[moe.train] run directory: {run_dir}", flush=True)
 
     plain = to_plain(cfg)
@@ -105,6 +110,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if status["status"] != "finished":
         raise TrainingStopped(status["message"])
     return summary
+
+
+def local_resources(cfg: DictConfig) -> dict[str, float]:
+    """What a local Ray started with this config will hold."""
+    import torch
+
+    return {"CPU": float(cfg.cluster.num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def check_local_resources(cfg: DictConfig, resources: dict[str, float]) -> None:
+    """On a local Ray (no autoscaler) a request it cannot hold would wait forever: fail instead."""
+    c = cfg.cluster
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if c.num_workers * c.cpus_per_worker > cpus:
+        raise ValueError(f"invalid configuration: cluster.cpus_per_worker: {c.num_workers} workers x "
+                         f"{c.cpus_per_worker} CPUs exceed the {cpus:g} CPUs of the local Ray; lower "
+                         f"cluster.cpus_per_worker or cluster.num_workers")
+    if c.use_gpu and c.num_workers > gpus:
+        raise ValueError(f"invalid configuration: cluster.use_gpu: {c.num_workers} workers need one GPU each and "
+                         f"the local Ray has {gpus:g}")
 
 
 def dashboard_url() -> str:

@@ -78,12 +78,17 @@ def test_typo_fails_at_composition() -> None:
         compose_cfg(["+experiment=mixtral_tiny", "trainer.max_stepz=3"])
 
 
-def test_bad_config_fails_before_ray_starts(tmp_path) -> None:
+@pytest.mark.parametrize("overrides,key", [
+    (["parallel.ep=3"], "parallel.ep"),
+    (["cluster.num_workers=2", "cluster.num_cpus=2", "cluster.cpus_per_worker=2"], "cluster.cpus_per_worker"),
+])
+def test_bad_config_fails_before_ray_starts(tmp_path, overrides: list[str], key: str) -> None:
     """The real entry point exits with the key named, and never starts Ray."""
-    proc = subprocess.run([sys.executable, "-m", "moe.train", "+experiment=mixtral_tiny", "parallel.ep=3",
-                           f"trainer.run_root={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "moe.train", "+experiment=mixtral_tiny", *overrides,
+                           f"trainer.run_root={tmp_path}", "data.output=/nonexistent/never-prepared"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 1
-    assert "parallel.ep" in proc.stderr
+    assert key in proc.stderr, proc.stderr
     assert "Ray dashboard" not in proc.stdout and not (tmp_path / "mixtral_tiny").exists()
 
 

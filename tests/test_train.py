@@ -146,3 +146,13 @@ def test_experiment_smoke(ray_session, corpus, tmp_path, experiment: str) -> Non
               "model.num_heads=2", "model.num_kv_heads=1", "trainer.max_steps=1"]
     summary = train(make_cfg(corpus, tmp_path, experiment, *shrink, experiment=experiment))
     assert summary["final_step"] == 1 and summary["status"] == "finished"
+
+
+def test_local_resources_are_checked_before_training(ray_session, corpus, tmp_path) -> None:
+    """A request the local Ray cannot hold (it would wait forever) fails with the key named."""
+    cfg = make_cfg(corpus, tmp_path, "too_big", "cluster.num_workers=2", "cluster.cpus_per_worker=2")
+    with pytest.raises(ValueError, match="cluster.cpus_per_worker"):
+        train(cfg)
+    cfg = make_cfg(corpus, tmp_path, "no_gpu", "cluster.use_gpu=true")
+    with pytest.raises(ValueError, match="cluster.use_gpu"):
+        train(cfg)
