@@ -71,6 +71,7 @@ from deepspeed.utils import (groups, lazy_init_hp_params_optimizer_state, safe_g
 
 from moe import update_expert_bias
 from moe.layer import MoELayer
+from moe.router import discard_expert_counts
 
 from cluster.engine import build_adamw, is_expert_param
 from cluster.expert_parallel import expert_bias_all_reduce
@@ -125,8 +126,7 @@ class DeepSpeedEngine:
         if stepped:
             update_expert_bias(self.model, all_reduce=self._bias_all_reduce)
         else:
-            for router in (m for m in self.model.modules() if hasattr(m, "tokens_per_expert")):
-                router.tokens_per_expert.zero_()
+            discard_expert_counts(self.model)
         value = float(norm) if norm is not None else float("nan")
         return (value if math.isfinite(value) and value >= 0 else float("nan")), stepped  # ZeRO's invalid norm is -1
 

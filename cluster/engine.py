@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from moe import update_expert_bias
+from moe.router import discard_expert_counts
 
 from cluster.parallel_dims import ParallelDims
 
@@ -105,7 +106,7 @@ class NativeEngine:
     """Our expert-parallel gradient reduction (cluster.expert_parallel) and torch AdamW."""
 
     def __init__(self, model: torch.nn.Module, dims: ParallelDims, cfg: dict[str, Any]) -> None:
-        from cluster.expert_parallel import reduce_gradients
+        from cluster.expert_parallel import expert_bias_all_reduce, reduce_gradients
 
         self.model = model
         self.dims = dims
@@ -113,7 +114,7 @@ class NativeEngine:
         self.optimizer = build_adamw(model, cfg)
         self._reduce_gradients = reduce_gradients
         self._names = {p: n for n, p in model.named_parameters()}
-        self._bias_all_reduce = (lambda t: dist.all_reduce(t)) if dims.world_size > 1 else None
+        self._bias_all_reduce = expert_bias_all_reduce(dims)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -133,8 +134,7 @@ class NativeEngine:
             self.optimizer.step()
             update_expert_bias(self.model, all_reduce=self._bias_all_reduce)
         else:
-            for router in (m for m in self.model.modules() if hasattr(m, "tokens_per_expert")):
-                router.tokens_per_expert.zero_()
+            discard_expert_counts(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         value = float(norm)
         return (value if math.isfinite(value) else float("nan")), stepped

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from moe.config import RouterConfig
 
@@ -240,5 +239,9 @@ def update_expert_bias(model: nn.Module,
     return counts_LE
 
 
-def iter_routers(model: nn.Module) -> Iterable[Router]:
-    return (m for m in model.modules() if isinstance(m, Router))
+@torch.no_grad()
+def discard_expert_counts(model: nn.Module) -> None:
+    """Forgets the counts of a step that was not applied (e.g. skipped for a NaN loss)."""
+    for router in model.modules():
+        if isinstance(router, Router):
+            router.tokens_per_expert.zero_()
