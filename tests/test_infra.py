@@ -1,0 +1,224 @@
+"""Exposure checks for infra/: Ray token authentication in every manifest, no literal token, the
+dashboard (whose Jobs API runs arbitrary code) never open without the token, a non-root image.
+
+The manifests are parsed as YAML and the Dockerfile as text; nothing is deployed.
+"""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+LAUNCHER = INFRA / "ray-cluster.yaml"
+RAYJOB = INFRA / "rayjob.yaml"
+DOCKERFILE = INFRA / "Dockerfile"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+KUBERAY_DEFAULT_DASHBOARD_HOST = "0.0.0.0"  # what KubeRay sets when rayStartParams has none
+
+
+def load(path):
+    return yaml.safe_load(path.read_text())
+
+
+# ---- cluster launcher -------------------------------------------------------------------------------
+
+
+def launcher_container_env(cfg):
+    """Environment the launcher gives every container: the -e/--env flags of docker.run_options."""
+    env = {}
+    args = shlex.split(" ".join(cfg.get("docker", {}).get("run_options", [])))
+    for flag, value in zip(args, args[1:] + [""]):
+        if flag in ("-e", "--env"):
+            name, _, val = value.partition("=")
+            env[name] = val
+        elif flag.startswith("--env="):
+            name, _, val = flag[len("--env="):].partition("=")
+            env[name] = val
+    return env
+
+
+def launcher_start_commands(cfg):
+    return cfg.get("head_start_ray_commands", []) + cfg.get("worker_start_ray_commands", [])
+
+
+def launcher_dashboard_hosts(cfg):
+    hosts = []
+    for command in launcher_start_commands(cfg):
+        if "ray start" in command and "--head" in command:
+            found = re.findall(r"--dashboard-host[= ](\S+)", command)
+            hosts += found or ["127.0.0.1"]  # `ray start` binds loopback by default
+    return hosts
+
+
+def launcher_token_auth(cfg):
+    env = launcher_container_env(cfg)
+    from_env = env.get("RAY_AUTH_MODE") == "token"
+    in_every_start = all("RAY_AUTH_MODE=token" in c for c in launcher_start_commands(cfg) if "ray start" in c)
+    return from_env or in_every_start
+
+
+# ---- KubeRay ----------------------------------------------------------------------------------------
+
+
+def kuberay_cluster_spec(doc):
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] in ("RayJob", "RayService") else doc["spec"]
+
+
+def kuberay_pod_specs(cluster_spec):
+    yield cluster_spec["headGroupSpec"]["template"]["spec"]
+    for group in cluster_spec.get("workerGroupSpecs", []):
+        yield group["template"]["spec"]
+
+
+def env_of(container):
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def kuberay_token_auth(cluster_spec):
+    """authOptions.mode=token, or RAY_AUTH_MODE=token set by hand in every Ray container."""
+    if (cluster_spec.get("authOptions") or {}).get("mode") == "token":
+        return True
+    ray_containers = [pod["containers"][0] for pod in kuberay_pod_specs(cluster_spec)]
+    return all(env_of(c).get("RAY_AUTH_MODE", {}).get("value") == "token" for c in ray_containers)
+
+
+def kuberay_dashboard_host(cluster_spec):
+    params = cluster_spec["headGroupSpec"].get("rayStartParams") or {}
+    return params.get("dashboard-host", KUBERAY_DEFAULT_DASHBOARD_HOST)
+
+
+# ---- generic ----------------------------------------------------------------------------------------
+
+
+def walk(node):
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        yield from walk(child)
+
+
+def env_entries(doc):
+    for node in walk(doc):
+        if isinstance(node, dict) and "name" in node and ("value" in node or "valueFrom" in node):
+            yield node
+
+
+# ---- the checks -------------------------------------------------------------------------------------
+
+
+def test_every_manifest_enables_token_auth():
+    assert launcher_token_auth(load(LAUNCHER)), f"{LAUNCHER.name}: RAY_AUTH_MODE=token not set for ray start"
+    assert kuberay_token_auth(kuberay_cluster_spec(load(RAYJOB))), f"{RAYJOB.name}: token auth not enabled"
+
+
+def test_dashboard_never_reachable_without_token():
+    launcher = load(LAUNCHER)
+    for host in launcher_dashboard_hosts(launcher):
+        assert host in LOOPBACK or launcher_token_auth(launcher), f"{LAUNCHER.name}: dashboard on {host} without token"
+    spec = kuberay_cluster_spec(load(RAYJOB))
+    host = kuberay_dashboard_host(spec)
+    assert host in LOOPBACK or kuberay_token_auth(spec), f"{RAYJOB.name}: dashboard on {host} without token"
+
+
+def test_launcher_dashboard_on_loopback():
+    # With the launcher nothing off the head needs the dashboard: `ray dashboard` tunnels over ssh.
+    hosts = launcher_dashboard_hosts(load(LAUNCHER))
+    assert hosts and all(h in LOOPBACK for h in hosts), hosts
+
+
+def test_launcher_token_comes_from_a_mounted_file():
+    cfg = load(LAUNCHER)
+    env = launcher_container_env(cfg)
+    assert "RAY_AUTH_TOKEN" not in env, "the token itself must not be in the launcher config"
+    token_path = env.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")
+    assert token_path in cfg.get("file_mounts", {}), f"{token_path} is not copied to the nodes (file_mounts)"
+
+
+def test_kuberay_token_comes_from_a_secret():
+    doc = load(RAYJOB)
+    spec = kuberay_cluster_spec(doc)
+    for entry in env_entries(doc):
+        if entry["name"] == "RAY_AUTH_TOKEN":
+            assert "value" not in entry and "secretKeyRef" in entry.get("valueFrom", {}), entry
+    auth = spec.get("authOptions") or {}
+    if auth.get("mode") == "token":
+        # KubeRay injects RAY_AUTH_TOKEN as a secretKeyRef; infra/README.md says how to create this Secret.
+        assert auth.get("secretName"), "authOptions without the secretName that infra/README.md documents"
+    else:  # enabled by hand: every Ray container must read the token from a Secret
+        for pod in kuberay_pod_specs(spec):
+            entry = env_of(pod["containers"][0]).get("RAY_AUTH_TOKEN", {})
+            assert "secretKeyRef" in entry.get("valueFrom", {}), pod["containers"][0]["name"]
+
+
+@pytest.mark.parametrize("path", sorted(INFRA.iterdir()), ids=lambda p: p.name)
+def test_no_literal_token_in_infra(path):
+    text = path.read_text()
+    literal = re.search(r"RAY_AUTH_TOKEN\s*[=:]\s*['\"]?(?!\$)[A-Za-z0-9+/_-]{8,}", text)
+    assert literal is None, f"{path.name}: literal token {literal.group(0)!r}"
+    assert not re.search(r"\b[0-9a-f]{32,}\b", text), f"{path.name}: something that looks like a token"
+
+
+def test_kuberay_pods_run_as_non_root():
+    for pod in kuberay_pod_specs(kuberay_cluster_spec(load(RAYJOB))):
+        security = pod.get("securityContext") or {}
+        assert security.get("runAsNonRoot") is True and security.get("runAsUser", 0) != 0, security
+
+
+# ---- Dockerfile -------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions():
+    """(instruction, arguments, comment lines just above it), continuation lines joined."""
+    result, comments, pending = [], [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            if not pending:  # Docker drops comment lines inside a continued instruction
+                comments.append(stripped.lstrip("# "))
+            continue
+        if not stripped:
+            comments = [] if not pending else comments
+            continue
+        pending += " " + stripped.rstrip("\\")
+        if stripped.endswith("\\"):
+            continue
+        keyword, _, args = pending.strip().partition(" ")
+        result.append((keyword.upper(), args.strip(), comments))
+        comments, pending = [], ""
+    return result
+
+
+def test_dockerfile_runs_as_non_root():
+    users = [args for keyword, args, _ in dockerfile_instructions() if keyword == "USER"]
+    assert users, "no USER: the image runs as root"
+    final_user = users[-1].split(":")[0]
+    assert final_user not in ("root", "0"), final_user
+
+
+def test_dockerfile_exposes_only_commented_needed_ports():
+    exposed = {}
+    for keyword, args, comments in dockerfile_instructions():
+        if keyword == "EXPOSE":
+            for port in args.split():
+                exposed[int(port.split("/")[0])] = " ".join(comments)
+    for port, comment in exposed.items():
+        assert comment, f"EXPOSE {port} has no comment saying why"
+    if 6379 in exposed:
+        assert "needed" in exposed[6379].lower(), "EXPOSE 6379 (GCS) without saying why it is needed"
+    assert not {10001, 8000} & exposed.keys(), "Ray Client / Serve exposed but nothing here uses them"
+
+
+def test_readme_lists_every_declared_port():
+    readme = (INFRA / "README.md").read_text()
+    declared = set()
+    for keyword, args, _ in dockerfile_instructions():
+        if keyword == "EXPOSE":
+            declared |= {int(p.split("/")[0]) for p in args.split()}
+    for node in walk(load(RAYJOB)):
+        if isinstance(node, dict) and "containerPort" in node:
+            declared.add(int(node["containerPort"]))
+    for port in declared:
+        assert re.search(rf"^\| {port} \|", readme, re.MULTILINE), f"infra/README.md has no row for port {port}"
