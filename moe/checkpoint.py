@@ -4,6 +4,12 @@ A checkpoint is a directory holding `model.safetensors` and `config.json`.
 It is written to a temporary sibling directory and renamed into place, so an
 interrupted save never leaves a directory that looks complete and never
 destroys the checkpoint it replaces until the new one is whole.
+
+`replace_directory` / `write_directory_atomically` are the one atomic swap for
+every directory this project writes (checkpoints, Hugging Face exports,
+prepared data). Each caller says which existing directory it may replace (one
+it wrote itself, recognised by its files); anything else, and any file, is
+refused before the write starts, so a mistyped path never deletes a user's data.
 """
 
 from __future__ import annotations
@@ -49,12 +55,59 @@ def write_model_files(model: MoETransformer, directory: Path) -> None:
     (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True))
 
 
-def replace_directory(tmp: Path, target: Path) -> None:
-    """Moves the complete directory `tmp` to `target`, replacing what is there.
+class ReplaceRefusedError(ValueError):
+    """An existing path that a directory write may not replace; the message names it and why."""
+
+    def __init__(self, target: PathLike, reason: str, label: str = "") -> None:
+        super().__init__(f"refusing to replace {label + '=' if label else ''}{target}: {reason}")
+        self.target = Path(target)
+        self.reason = reason
+        self.label = label
+
+    def __reduce__(self):
+        # Rebuilt from its fields, so that it crosses a process boundary (Ray) intact.
+        return type(self), (self.target, self.reason, self.label)
+
+
+def check_replaceable(target: Path, *, replaceable: Callable[[Path], bool], kind: str, label: str = "") -> None:
+    """Raises `ReplaceRefusedError` unless `target` is absent, an empty directory, or `replaceable(target)`.
+
+    Args:
+        target: the path a write would replace.
+        replaceable: whether an existing non-empty directory is one this kind of
+            write made (and may therefore replace).
+        kind: what `replaceable` recognises, for the message ("a moe checkpoint").
+        label: the config key that named `target`, for the message.
+    """
+    if target.is_symlink():
+        raise ReplaceRefusedError(target, f"it is a symbolic link (to {os.readlink(target)}); name the directory "
+                                  "it points to", label)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ReplaceRefusedError(target, f"it is an existing file, not {kind}; a file is never replaced", label)
+    if next(target.iterdir(), None) is None or replaceable(target):
+        return
+    raise ReplaceRefusedError(target, f"it is a non-empty directory that is not {kind}; only {kind} or an "
+                              "empty directory is replaced (remove it or choose another path)", label)
+
+
+def replace_directory(tmp: Path, target: Path, *, replaceable: Callable[[Path], bool], kind: str,
+                      label: str = "") -> None:
+    """Moves the complete directory `tmp` to `target`, replacing what is there if that may be replaced.
 
     The old `target` is renamed aside first and removed only after the swap, so
     at every moment either the old or the new directory is in place.
+
+    Args:
+        tmp: the finished directory, a sibling of `target`.
+        target: where it goes.
+        replaceable, kind, label: see `check_replaceable`; checked before anything moves.
+    Raises:
+        ReplaceRefusedError: `target` is a file, a symbolic link or a
+            non-empty directory that `replaceable` does not recognise.
     """
+    check_replaceable(target, replaceable=replaceable, kind=kind, label=label)
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
@@ -64,32 +117,65 @@ def replace_directory(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
-def write_directory_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
+def write_directory_atomically(directory: Path, write: Callable[[Path], None], *,
+                               replaceable: Callable[[Path], bool], kind: str) -> Path:
     """Calls `write(tmp)` on a fresh sibling directory, then swaps it into `directory`.
 
-    An exception (or a crash) leaves `directory` as it was.
+    `directory` is checked (see `check_replaceable`) before `write` runs, so a
+    refused target costs no work. An exception (or a crash) leaves `directory`
+    as it was.
+
+    Returns:
+        The directory written (the target of a symbolic link, if `directory` is one).
     """
+    if directory.is_symlink():
+        # Write where the link points: replacing the link would move the data
+        # off the volume the user linked to.
+        directory = directory.resolve()
+    check_replaceable(directory, replaceable=replaceable, kind=kind)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         write(tmp)
-        replace_directory(tmp, directory)
+        replace_directory(tmp, directory, replaceable=replaceable, kind=kind)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
 
 
+def is_model_checkpoint(path: Path) -> bool:
+    """Whether `path` is a directory `save_checkpoint` wrote: our config.json and weights, nothing else.
+
+    A training checkpoint (optimizer and RNG state beside the model) is not one:
+    saving a model over it would destroy the state a run resumes from.
+    """
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file() or not {p.name for p in path.iterdir()} <= {CONFIG_NAME, WEIGHTS_NAME}:
+        return False
+    try:
+        payload = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(payload, dict) and "moe_format_version" in payload
+
+
 def save_checkpoint(model: MoETransformer, path: PathLike) -> Path:
-    """Saves `model` to the directory `path` atomically (replacing it if present).
+    """Saves `model` to the directory `path` atomically.
 
     Args:
         model: the model; its config is stored beside the weights.
-        path: the checkpoint directory.
+        path: the checkpoint directory; if it exists it must be empty or a
+            checkpoint `save_checkpoint` wrote, which is replaced.
     Returns:
         The checkpoint directory.
+    Raises:
+        ReplaceRefusedError: `path` is a file or holds something else.
     """
-    return write_directory_atomically(Path(path), lambda tmp: write_model_files(model, tmp))
+    return write_directory_atomically(Path(path), lambda tmp: write_model_files(model, tmp),
+                                      replaceable=is_model_checkpoint,
+                                      kind=f"a moe checkpoint ({CONFIG_NAME} with moe_format_version and "
+                                           f"{WEIGHTS_NAME} only)")
 
 
 def read_model_config(path: PathLike) -> ModelConfig:

@@ -336,13 +336,15 @@ def export_hf(model: MoETransformer, out_dir: PathLike, dtype: Optional[torch.dt
 
     Args:
         model: a Mixtral-compatible model.
-        out_dir: directory for `config.json` and `model.safetensors`.
+        out_dir: directory for `config.json` and `model.safetensors`; if it
+            exists it must be empty or a previous export (`is_hf_export`).
         dtype: dtype to store the weights in (default: the model's).
         fused_experts: see `to_hf_state_dict`.
     Returns:
         The directory, loadable with `MixtralForCausalLM.from_pretrained`.
     Raises:
         ValueError: the config is not Mixtral-compatible, naming the field.
+        ReplaceRefusedError: `out_dir` is a file or holds something else.
     """
     state = to_hf_state_dict(model, fused_experts=fused_experts, dtype=dtype)
     hf_config = to_hf_config(model.config, dtype or model.embed_tokens.weight.dtype)
@@ -351,7 +353,24 @@ def export_hf(model: MoETransformer, out_dir: PathLike, dtype: Optional[torch.dt
         save_file(state, str(directory / HF_WEIGHTS_NAME), metadata={"format": "pt"})
         (directory / HF_CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
 
-    return write_directory_atomically(Path(out_dir), write)
+    return write_directory_atomically(Path(out_dir), write, replaceable=is_hf_export,
+                                      kind=f"a Hugging Face export ({HF_CONFIG_NAME} and *.safetensors only)")
+
+
+def is_hf_export(path: Path) -> bool:
+    """Whether `path` looks like a directory `export_hf` wrote: a JSON config.json and safetensors, nothing else.
+
+    A model directory with anything more (a tokenizer, a README, a training
+    checkpoint's state) is not ours to replace.
+    """
+    names = {p.name for p in path.iterdir()}
+    weights = {n for n in names if n.endswith(".safetensors")}
+    if HF_CONFIG_NAME not in names or not weights or names - weights - {HF_CONFIG_NAME, HF_INDEX_NAME}:
+        return False
+    try:
+        return isinstance(json.loads((path / HF_CONFIG_NAME).read_text()), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:

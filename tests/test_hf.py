@@ -318,3 +318,31 @@ def test_moe_hf_does_not_import_transformers() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_export_replaces_only_a_previous_export_or_an_empty_directory(tmp_path) -> None:
+    from moe.checkpoint import ReplaceRefusedError
+
+    path = moe_hf.export_hf(tiny_model(), tmp_path / "hf")
+    assert moe_hf.is_hf_export(path)
+    moe_hf.export_hf(tiny_model(), path)  # a previous export: replaced
+    (tmp_path / "empty").mkdir()
+    moe_hf.export_hf(tiny_model(), tmp_path / "empty")
+    # A downloaded model (tokenizer beside the weights), an unrelated directory, a file: kept, refused.
+    downloaded = tmp_path / "downloaded"
+    downloaded.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (downloaded / name).write_bytes((path / name).read_bytes())
+    (downloaded / "tokenizer.json").write_text("{}")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("precious")
+    (tmp_path / "file").write_text("precious")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for target in (downloaded, tmp_path / "notes", tmp_path / "file"):
+        with pytest.raises(ReplaceRefusedError, match=f"refusing to replace {target}"):
+            moe_hf.export_hf(tiny_model(), target)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    checkpoint = moe.save_checkpoint(tiny_model(), tmp_path / "ckpt")
+    result = run_cli("export", checkpoint, tmp_path / "notes")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: refusing to replace {tmp_path / 'notes'}")
+    assert "Traceback" not in result.stderr
