@@ -1,4 +1,4 @@
-"""Training checkpoints: everything needed to continue a run exactly.
+"""Training checkpoints: everything needed to continue a run exactly, and how to find a sound one.
 
 A checkpoint directory `run_dir/checkpoints/step_00000100/` holds
   model.safetensors, config.json   the full model (single-process layout; a
@@ -6,21 +6,33 @@ A checkpoint directory `run_dir/checkpoints/step_00000100/` holds
   optimizer_rank{r}.safetensors    each rank's optimizer state (expert shards
                                    differ between expert-parallel ranks)
   rng_rank{r}.safetensors          each rank's torch RNG state
-  train_state.json                 step, data-loader state, counters
+  train_state.json                 step, data-loader state, counters, and the
+                                   size and sha256 of every other file
 No pickle anywhere.
 
-NOTE: atomicity. 1) rank 0 creates `.tmp-step_N`; 2) every rank writes its
-files there; 3) after a barrier, rank 0 renames it to `step_N` and prunes old
-checkpoints. A crash before 3) leaves only a `.tmp-*` directory, which is never
-read, so the previous checkpoint stays the latest complete one.
+NOTE: atomicity and integrity.
+ 1. Rank 0 creates `.tmp-step_N`; every rank writes its files there and
+    hashes them while they are still in the page cache.
+ 2. The digests are gathered to rank 0, which writes train_state.json last
+    (its presence marks the directory complete) and renames the directory to
+    `step_N`. A crash before that leaves only a `.tmp-*` directory, never read.
+ 3. Old checkpoints beyond `keep_last` are pruned by rank 0. Ray Train is not
+    told about checkpoints at all: the directory on disk is the only record,
+    so nothing Ray remembers can disagree with it (pruned or damaged ones).
+ 4. On resume, `verify_checkpoint` re-reads every file against its recorded
+    size and digest; `resolve_resume` skips damaged checkpoints newest first
+    (naming the bad file) and never deletes anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,20 +41,29 @@ from safetensors.torch import load_file, save_file
 
 from moe.checkpoint import CONFIG_NAME, WEIGHTS_NAME, FORMAT_VERSION
 
+log = logging.getLogger(__name__)
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAIN_STATE = "train_state.json"
+SUPERSEDED_DIR = "superseded"
+_HASH_CHUNK = 8 << 20
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def list_checkpoints(checkpoint_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def step_dirs(checkpoint_root: Path) -> list[Path]:
+    """Every `step_N` directory, complete or not, oldest first."""
     if not checkpoint_root.is_dir():
         return []
-    found = [p for p in checkpoint_root.iterdir() if STEP_DIR.match(p.name) and (p / TRAIN_STATE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in checkpoint_root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()),
+                  key=lambda p: p.name)
+
+
+def list_checkpoints(checkpoint_root: Path) -> list[Path]:
+    """Complete checkpoints (train_state.json present), oldest first."""
+    return [p for p in step_dirs(checkpoint_root) if (p / TRAIN_STATE).is_file()]
 
 
 def latest_checkpoint(checkpoint_root: Path) -> Optional[Path]:
@@ -50,16 +71,85 @@ def latest_checkpoint(checkpoint_root: Path) -> Optional[Path]:
     return checkpoints[-1] if checkpoints else None
 
 
+def file_digest(path: Path) -> dict[str, Any]:
+    """{"size": bytes, "sha256": hex} of a file."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    """The parsed train_state.json of a checkpoint; ValueError naming the file when it is missing or corrupt."""
+    state_file = path / TRAIN_STATE
+    if not state_file.is_file():
+        raise ValueError(f"{state_file} is missing")
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{state_file} is not valid JSON ({err})") from err
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"{state_file} has no integer 'step'")
+    return state
+
+
+def verify_checkpoint(path: Path, world_size: Optional[int] = None) -> Optional[str]:
+    """Checks a checkpoint against the sizes and digests in its train_state.json.
+
+    Args:
+        path: a `step_N` directory.
+        world_size: when given, also require the optimizer and RNG files of that many ranks.
+    Returns:
+        None when it is sound, else one line naming the damaged or missing file.
+    """
+    try:
+        state = read_train_state(path)
+    except ValueError as err:
+        return str(err)
+    files = state.get("files")
+    if files is None:  # written before digests were recorded: check that every safetensors header parses
+        from safetensors import safe_open
+
+        for name in [WEIGHTS_NAME] + sorted(p.name for p in path.glob("*_rank*.safetensors")):
+            try:
+                with safe_open(str(path / name), framework="pt") as handle:
+                    handle.keys()
+            except Exception as err:  # safetensors raises its own error types
+                return f"{path / name} cannot be read ({type(err).__name__}: {err})"
+        return None
+    for name, expected in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{file} has {size} bytes, {expected['size']} were written"
+        if file_digest(file)["sha256"] != expected["sha256"]:
+            return f"{file} does not match its recorded sha256 (the file was modified or damaged)"
+    if world_size is not None:
+        for rank in range(world_size):
+            for kind in ("optimizer", "rng"):
+                if f"{kind}_rank{rank}.safetensors" not in files:
+                    return (f"{path} has no {kind} state for rank {rank}: it was written by "
+                            f"{state.get('world_size', '?')} workers, this run has {world_size}")
+    return None
+
+
 def save_training_checkpoint(checkpoint_root: Path, step: int, rank: int, *,
                              full_model_state: Optional[dict[str, torch.Tensor]],
                              model_config: dict[str, Any], optimizer_state: dict[str, torch.Tensor],
-                             train_state: dict[str, Any], barrier: Callable[[], None], keep_last: int) -> Path:
+                             train_state: dict[str, Any], barrier: Callable[[], None],
+                             gather: Callable[[Any], list[Any]], keep_last: int) -> Path:
     """Writes one checkpoint collectively (every rank calls it). See the module NOTE.
 
     Args:
         full_model_state: the gathered full model (rank 0), None elsewhere.
         train_state: JSON-able state written by rank 0 (step, loader, counters).
         barrier: a barrier over all ranks.
+        gather: all-gathers one picklable object per rank (rank order).
     Returns:
         The final checkpoint directory.
     """
@@ -70,35 +160,121 @@ def save_training_checkpoint(checkpoint_root: Path, step: int, rank: int, *,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    save_file(optimizer_state, str(tmp / f"optimizer_rank{rank}.safetensors"))
-    save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng_rank{rank}.safetensors"))
+    written = [f"optimizer_rank{rank}.safetensors", f"rng_rank{rank}.safetensors"]
+    save_file(optimizer_state, str(tmp / written[0]))
+    save_file({"torch": torch.get_rng_state()}, str(tmp / written[1]))
     if rank == 0:
         assert full_model_state is not None
         save_file(full_model_state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps({"moe_format_version": FORMAT_VERSION, "model": model_config},
                                                   indent=2, sort_keys=True))
-    barrier()
+        written += [WEIGHTS_NAME, CONFIG_NAME]
+    digests = gather({name: file_digest(tmp / name) for name in written})
     if rank == 0:
+        files = {name: d for per_rank in digests for name, d in per_rank.items()}
         # train_state.json last: its presence marks the directory complete.
-        (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=2, sort_keys=True))
-        if final.exists():  # a re-run of this step after a restart
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(checkpoint_root)[:-keep_last]:
+        (tmp / TRAIN_STATE).write_text(json.dumps({**train_state, "files": files}, indent=2, sort_keys=True))
+        if final.exists():  # this step re-run after a restart within the same launch: replace our own checkpoint
+            if read_train_state_or_none(final) is None:
+                raise RuntimeError(f"{final} exists and is not a training checkpoint; refusing to replace it")
+            old = final.with_name(f".old-{final.name}")
             shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        for previous in list_checkpoints(checkpoint_root)[:-keep_last]:
+            shutil.rmtree(previous)
     barrier()
     return final
+
+
+def read_train_state_or_none(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return read_train_state(path)
+    except ValueError:
+        return None
 
 
 def load_training_checkpoint(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
                                                              dict[str, Any]]:
     """Restores this rank's RNG state; returns (full model state, this rank's optimizer state, train_state)."""
-    state_file = path / TRAIN_STATE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"incomplete or missing checkpoint: {state_file} does not exist")
+    state = read_train_state(path)
     rank_file = path / f"optimizer_rank{rank}.safetensors"
     if not rank_file.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no optimizer state for rank {rank} ({rank_file.name}); "
                                 f"it was written with fewer workers")
     torch.set_rng_state(load_file(str(path / f"rng_rank{rank}.safetensors"))["torch"])
-    return load_file(str(path / WEIGHTS_NAME)), load_file(str(rank_file)), json.loads(state_file.read_text())
+    return load_file(str(path / WEIGHTS_NAME)), load_file(str(rank_file)), state
+
+
+class ResumeError(ValueError):
+    """No usable checkpoint for the requested resume; the message names the file at fault."""
+
+
+def resolve_resume(checkpoint_root: Path, resume: Optional[str], world_size: int,
+                   warn: Callable[[str], None] = print) -> Optional[Path]:
+    """Which checkpoint a launch starts from, decided on the driver before Ray starts.
+
+    Args:
+        checkpoint_root: the run's `checkpoints/` directory.
+        resume: None (fresh), "auto" (the newest sound checkpoint, or fresh when
+            there is none) or a checkpoint directory.
+        world_size: the workers of this launch (their optimizer states must be there).
+        warn: where to report a damaged checkpoint that is skipped.
+    Returns:
+        The checkpoint directory, or None to start from step 0.
+    Raises:
+        ResumeError: an explicit checkpoint that is damaged or missing, or
+            `auto` with checkpoints on disk none of which is sound.
+    """
+    if resume in (None, ""):
+        return None
+    if resume != "auto":
+        path = Path(resume).resolve()
+        if not path.is_dir():
+            raise ResumeError(f"trainer.resume: {path} is not a directory")
+        problem = verify_checkpoint(path, world_size)
+        if problem is not None:
+            raise ResumeError(f"trainer.resume: {path} is damaged: {problem}")
+        return path
+    candidates = step_dirs(checkpoint_root)
+    for path in reversed(candidates):
+        problem = verify_checkpoint(path, world_size)
+        if problem is None:
+            return path
+        warn(f"[moe.train] warning: skipping damaged checkpoint {path.name}: {problem}")
+    if candidates:
+        raise ResumeError(f"trainer.resume=auto: none of the {len(candidates)} checkpoints in {checkpoint_root} "
+                          f"is intact (see the warnings above); nothing was deleted")
+    return None
+
+
+def set_aside_newer(checkpoint_root: Path, start: Optional[Path], warn: Callable[[str], None] = print) -> list[Path]:
+    """Moves the checkpoints newer than `start` into `checkpoints/superseded/<time>/`.
+
+    A run resumed from an older checkpoint (a named one, or the newest intact
+    one behind damaged ones) would otherwise overwrite or prune them, and a
+    later `resume=auto` would jump back onto the old line. Nothing is deleted.
+    Returns the new locations.
+    """
+    if start is None:
+        return []
+    match = STEP_DIR.match(start.name)
+    if match and start.parent.resolve() == checkpoint_root.resolve():
+        start_step = int(match.group(1))
+    else:
+        start_step = -1  # a checkpoint of another run: every checkpoint here belongs to a line it replaces
+    newer = [p for p in step_dirs(checkpoint_root) if int(STEP_DIR.match(p.name).group(1)) > start_step]
+    if not newer:
+        return []
+    aside = checkpoint_root / SUPERSEDED_DIR / time.strftime("%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=False)
+    moved = []
+    for path in newer:
+        os.replace(path, aside / path.name)
+        moved.append(aside / path.name)
+    warn(f"[moe.train] resuming from {start}: moved the {len(moved)} newer checkpoint(s) "
+         f"({', '.join(p.name for p in moved)}) to {aside} (kept, not deleted)")
+    return moved

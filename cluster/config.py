@@ -8,6 +8,7 @@ cannot (values and relations between groups) and names the offending key.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -163,8 +164,20 @@ def validate_train_config(cfg: DictConfig) -> None:
         _fail("trainer.engine", f"must be one of {list(ENGINES)}, got {t.engine!r}")
     if t.dtype not in DTYPES:
         _fail("trainer.dtype", f"must be one of {list(DTYPES)}, got {t.dtype!r}")
-    if t.lr <= 0:
-        _fail("trainer.lr", f"must be positive, got {t.lr}")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        _fail("trainer.lr", f"must be a positive number, got {t.lr}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        _fail("trainer.min_lr_ratio", f"must lie in [0, 1] (the final learning rate is lr * min_lr_ratio), "
+                                      f"got {t.min_lr_ratio}")
+    if not (math.isfinite(t.grad_clip) and t.grad_clip >= 0):
+        _fail("trainer.grad_clip", f"must be >= 0 (0 turns clipping off), got {t.grad_clip}")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        _fail("trainer.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= t[key] < 1.0:
+            _fail(f"trainer.{key}", f"must lie in [0, 1), got {t[key]}")
+    if t.debug.kill_rank_at_step is not None and not 0 <= t.debug.kill_rank < c.num_workers:
+        _fail("trainer.debug.kill_rank", f"must name one of the {c.num_workers} workers, got {t.debug.kill_rank}")
     if t.warmup_steps < 0 or t.eval_every < 0:
         _fail("trainer.warmup_steps" if t.warmup_steps < 0 else "trainer.eval_every", "must be non-negative")
     if t.zero_stage not in (1, 2):
@@ -175,6 +188,10 @@ def validate_train_config(cfg: DictConfig) -> None:
         _fail("cluster.cpus_per_worker", f"must be positive, got {c.cpus_per_worker}")
     if c.max_failures < 0:
         _fail("cluster.max_failures", f"must be non-negative, got {c.max_failures}")
+    if c.num_cpus is not None and c.num_cpus <= 0:
+        _fail("cluster.num_cpus", f"must be positive or null (all CPUs of the machine), got {c.num_cpus}")
+    if not 1 <= c.dashboard_port <= 65535:
+        _fail("cluster.dashboard_port", f"must be a TCP port in 1..65535, got {c.dashboard_port}")
     if p.ep <= 0:
         _fail("parallel.ep", f"must be positive, got {p.ep}")
     if c.num_workers % p.ep:
@@ -188,6 +205,9 @@ def validate_train_config(cfg: DictConfig) -> None:
         _fail("parallel.ep", f"({p.ep}) must divide model.experts.num_experts ({model.experts.num_experts})")
     if t.engine == "deepspeed" and p.ep > 1 and model.experts.backend == "megablocks":
         _fail("model.experts.backend", "megablocks is not supported with trainer.engine=deepspeed")
+    if cfg.data.validation_fraction <= 0:
+        _fail("data.validation_fraction", f"must be > 0: training evaluates the validation split at the end "
+                                          f"(and every trainer.eval_every steps), got {cfg.data.validation_fraction}")
     if cfg.data.seq_len > model.max_seq_len:
         _fail("data.seq_len", f"({cfg.data.seq_len}) exceeds model.max_seq_len ({model.max_seq_len})")
     if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):

@@ -14,16 +14,18 @@ import os
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from cluster.checkpointing import list_checkpoints
+from cluster.checkpointing import latest_checkpoint, resolve_resume, set_aside_newer, step_dirs
 from cluster.config import model_config_from, to_plain, validate_train_config
 from cluster.metrics import read_metrics
 from cluster.worker import STATUS_FILE
 
+RAY_TRAIN_DIR = "ray_train"
 # Peak dense bf16 TFLOP/s for model FLOPs utilisation, by device name.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 
@@ -34,20 +36,25 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """A fresh run never overwrites the checkpoints of an earlier run of the same name."""
-    resume = cfg.trainer.resume
-    if resume in (None, "", "auto"):
-        if resume is None and list_checkpoints(run_dir / "checkpoints"):
-            raise ValueError(f"invalid configuration: trainer.resume: {run_dir} already holds checkpoints of a "
-                             f"run named {cfg.name!r}; set trainer.resume=auto to continue it, or choose another "
-                             f"name (name=...) or trainer.run_root")
-        return
-    if not (Path(resume) / "train_state.json").is_file():
-        raise ValueError(f"invalid configuration: trainer.resume: {resume} is not a complete training checkpoint "
-                         f"(no train_state.json)")
+    if cfg.trainer.resume is None and step_dirs(run_dir / "checkpoints"):
+        raise ValueError(f"invalid configuration: trainer.resume: {run_dir} already holds checkpoints of a "
+                         f"run named {cfg.name!r}; set trainer.resume=auto to continue it, or choose another "
+                         f"name (name=...) or trainer.run_root")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Runs a whole training job and returns its summary. Raises ValueError on bad configuration."""
+    """Runs a whole training job and returns its summary.
+
+    NOTE: the order matters. 1) Everything that can be checked is checked
+    (config values, the run directory, local resources, the prepared data, the
+    checkpoint to resume from) before anything is changed on disk or Ray
+    starts. 2) Checkpoints newer than the one resumed from are set aside.
+    3) Ray starts and Ray Train runs the workers.
+
+    Raises:
+        ValueError: bad configuration, data or checkpoint (the message names the culprit).
+        TrainingStopped: the run stopped on purpose (too many NaN steps).
+    """
     validate_train_config(cfg)
     run_dir = run_dir_of(cfg)
     check_run_dir(cfg, run_dir)
@@ -66,6 +73,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"invalid configuration: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                          f"tokenizer's vocabulary ({vocab_size}) of {data_dir}; leave it null to use the tokenizer's")
     model_config = model_config_from(cfg, vocab_size)
+    check_data(cfg, data_dir)
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = resolve_resume(ckpt_root, cfg.trainer.resume, cfg.cluster.num_workers)
+    set_aside_newer(ckpt_root, resume_from)
+    if resume_from is not None:
+        print(f"[moe.train] resuming from {resume_from}", flush=True)
 
     import ray
     import ray.train
@@ -75,6 +88,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.cluster.address is None:
             ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=cfg.cluster.dashboard_port,
                      num_cpus=cfg.cluster.num_cpus)
+            start_reaper()
         else:
             ray.init(address=cfg.cluster.address)
     print(f"[moe.train] Ray dashboard: {dashboard_url()}", flush=True)
@@ -87,18 +101,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop,
         train_loop_config={"cfg": plain, "model": model_config.to_dict(), "data_dir": str(data_dir),
-                           "run_dir": str(run_dir)},
+                           "run_dir": str(run_dir), "resume_from": str(resume_from) if resume_from else None,
+                           "launch_id": uuid.uuid4().hex},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                                resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+        # Ray Train's own run state lives in run_dir/ray_train and never lists
+        # checkpoints (the workers report metrics only): which checkpoint to
+        # resume from is decided above, from the disk.
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=str(run_dir.parent),  # Ray's experiment directory is the run directory
-            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
+            name=RAY_TRAIN_DIR, storage_path=str(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures)),
     )
     progress = _Progress(run_dir, cfg.trainer.max_steps) if cfg.logger.progress_bar else None
     try:
-        trainer.fit()
+        _fit_interruptibly(trainer)
     finally:
         if progress:
             progress.stop()
@@ -110,6 +127,79 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if status["status"] != "finished":
         raise TrainingStopped(status["message"])
     return summary
+
+
+def _fit_interruptibly(trainer: Any) -> None:
+    """Runs `trainer.fit()` so that Ctrl-C reaches us as KeyboardInterrupt.
+
+    From the main thread, Ray Train installs its own SIGINT handler, which
+    aborts the run and then exits the process with status 1 and no word of
+    where the run stood. From another thread it installs none: the main
+    thread waits, and on Ctrl-C disconnects from Ray (the train controller,
+    owned by this driver, dies with it and takes the workers along; checkpoint
+    writes are atomic) and re-raises, so `moe.train` can report the step
+    reached and how to resume.
+    """
+    import ray
+
+    outcome: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome.append(err)
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        print("\n[moe.train] Ctrl-C: stopping the workers", file=sys.stderr, flush=True)
+        ray.shutdown()
+        raise
+    if outcome:
+        raise outcome[0]
+
+
+def check_data(cfg: DictConfig, data_dir: Path) -> None:
+    """The prepared directory can feed this run: shards intact, tokenizer matching, a big enough validation split."""
+    try:  # TEMP until the data check lands
+        from data_pipeline.prepare import check_prepared
+    except ImportError:
+        return
+
+    check_prepared(data_dir, seq_len=cfg.data.seq_len, global_batch_size=cfg.trainer.global_batch_size,
+                   need_validation=True, on_corrupt=cfg.data.on_corrupt)
+
+
+def start_reaper() -> None:
+    """Starts `cluster.reaper`, which stops this local Ray if the driver dies without shutting it down."""
+    import subprocess
+
+    read_end, write_end = os.pipe()
+    subprocess.Popen([sys.executable, "-m", "cluster.reaper", str(os.getpid())], stdin=read_end,
+                     start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
+    os.close(read_end)
+    os.set_inheritable(write_end, False)
+    _REAPER_PIPE.append(write_end)  # open until this process exits
+
+
+_REAPER_PIPE: list[int] = []
+
+
+def interrupted_message(cfg: DictConfig, overrides: list[str]) -> str:
+    """What a user needs after Ctrl-C: the step reached, the latest checkpoint, the command that resumes."""
+    run_dir = run_dir_of(cfg)
+    train_steps = [r["step"] for r in read_metrics(run_dir) if r.get("kind") == "train"] \
+        if (run_dir / "metrics.jsonl").is_file() else []
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("trainer.resume=")]
+    command = " ".join(["python -m moe.train", *kept, "trainer.resume=auto"])
+    where = f"step {train_steps[-1]} of {cfg.trainer.max_steps}" if train_steps else "before the first step"
+    saved = f"latest checkpoint: {latest}" if latest else "no checkpoint was written"
+    return f"interrupted at {where}; {saved}; resume with: {command}"
 
 
 def local_resources(cfg: DictConfig) -> dict[str, float]:

@@ -42,8 +42,7 @@ class MetricsLogger:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [json.dumps(record) for record in read_metrics(self.path.parent) if record.get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def _gauge(self, name: str, description: str, tag_keys: tuple[str, ...] = ()):
@@ -103,7 +102,14 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a line cut short by a killed process is left out."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from moe import ModelConfig, MoETransformer
 from moe.model import count_parameters
 
-from cluster.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from cluster.checkpointing import (list_checkpoints, load_training_checkpoint, read_train_state_or_none,
+                                  save_training_checkpoint)
 from cluster.engine import build_engine
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict, load_full_state_dict
 from cluster.metrics import MetricsLogger
@@ -41,11 +42,32 @@ def lr_at(step: int, cfg: dict[str, Any]) -> float:
     return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+def start_checkpoint(checkpoint_root: Path, config: dict[str, Any]) -> Optional[Path]:
+    """The checkpoint this worker group starts from.
+
+    The driver chose `config["resume_from"]` before Ray started (verified, and
+    newer checkpoints set aside). After a worker failure Ray Train restarts the
+    group within the same launch: then the newest checkpoint this launch wrote wins.
+    """
+    for path in reversed(list_checkpoints(checkpoint_root)):
+        state = read_train_state_or_none(path)
+        if state is not None and state.get("launch_id") == config["launch_id"]:
+            return path
+    return Path(config["resume_from"]) if config.get("resume_from") else None
+
+
+def _all_gather_object(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker; `config` comes from the driver (plain dicts)."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint, CheckpointUploadMode
 
     from data_pipeline.loader import CurriculumLoader
 
@@ -71,15 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loader = CurriculumLoader.from_config(data_cfg, global_batch_size=tcfg["global_batch_size"], rank=rank,
                                           world_size=world_size, data_dir=config["data_dir"])
 
-    # Resume: a restart after a failure uses Ray Train's latest checkpoint; otherwise trainer.resume.
-    resume_from: Optional[Path] = None
-    reported = ray.train.get_checkpoint()
-    if reported is not None:
-        resume_from = Path(reported.path)
-    elif tcfg["resume"] == "auto":
-        resume_from = latest_checkpoint(ckpt_root)
-    elif tcfg["resume"]:
-        resume_from = Path(tcfg["resume"])
+    resume_from = start_checkpoint(ckpt_root, config)
     step, bad_steps_total, tokens_seen = 0, 0, 0
     if resume_from is not None:
         full_state, optimizer_state, train_state = load_training_checkpoint(resume_from, rank)
@@ -107,15 +121,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def checkpoint(step_now: int, metrics: dict[str, Any]) -> None:
         full_state = gather_full_state_dict(model, dims)
         train_state = {"step": step_now, "bad_steps": bad_steps_total, "tokens": tokens_seen,
-                       "loader": loader.state_dict(), "world_size": world_size}
-        final = save_training_checkpoint(ckpt_root, step_now, rank, full_model_state=full_state if rank == 0 else None,
-                                         model_config=model_config.to_dict(),
-                                         optimizer_state=engine.optimizer_state(), train_state=train_state,
-                                         barrier=dist.barrier, keep_last=tcfg["keep_last"])
-        # The run directory is Ray Train's experiment directory: register the
-        # checkpoint where it lies, without another copy.
-        checkpoint = Checkpoint.from_directory(str(final)) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+                       "loader": loader.state_dict(), "world_size": world_size, "launch_id": config["launch_id"]}
+        save_training_checkpoint(ckpt_root, step_now, rank, full_model_state=full_state if rank == 0 else None,
+                                 model_config=model_config.to_dict(), optimizer_state=engine.optimizer_state(),
+                                 train_state=train_state, barrier=dist.barrier, gather=_all_gather_object,
+                                 keep_last=tcfg["keep_last"])
+        # Ray Train gets the metrics only: the checkpoint directory on disk is the
+        # one record of checkpoints (see cluster/checkpointing.py).
+        ray.train.report(metrics)
 
     while step < tcfg["max_steps"]:
         if debug["kill_rank_at_step"] == step and rank == debug["kill_rank"]:

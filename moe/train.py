@@ -7,6 +7,7 @@ A thin Hydra entry point: compose the config, hand it to the driver in
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import hydra
@@ -19,13 +20,26 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from cluster.launch import TrainingStopped, train
+    from hydra.core.hydra_config import HydraConfig
 
+    from cluster.launch import TrainingStopped, interrupted_message, train
+
+    terminated = []
+
+    def on_sigterm(signum: int, frame: object) -> None:  # a scheduler or `kill`: stop as Ctrl-C does
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         train(cfg)
     except (ValueError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"\n[moe.train] {interrupted_message(cfg, list(HydraConfig.get().overrides.task))}", file=sys.stderr,
+              flush=True)
+        sys.exit(143 if terminated else 130)  # the shell's codes for SIGTERM and SIGINT
 
 
 if __name__ == "__main__":

@@ -1,0 +1,262 @@
+"""The fault matrix of `python -m moe.train`: each fault injected through the real CLI and a real local Ray.
+
+Every case asserts the outcome a user sees: the exit status, one `error:` line
+naming the culprit (no traceback), no Ray process of the run left alive, and
+every file that existed before unchanged (the source corpus, earlier
+checkpoints, an unrelated directory, hashed before and after).
+
+To stay inside the test budget the cases share one corpus and one prepared
+directory, and the training runs build on each other: a run that prunes
+checkpoints, a resume after pruning, resumes past damaged checkpoints, an
+explicit older checkpoint, a SIGKILLed driver and a Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from train_helpers import DEBUG_OVERRIDES, ROOT, train_losses, write_corpus
+
+pytest.importorskip("ray")
+
+pytestmark = pytest.mark.slow
+
+
+def tree_hashes(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under the roots (a missing root hashes to nothing)."""
+    out = {}
+    for root in roots:
+        if root.is_file():
+            out[str(root)] = hashlib.sha256(root.read_bytes()).hexdigest()
+        elif root.is_dir():
+            for path in sorted(root.rglob("*")):
+                if path.is_file():
+                    out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+class Run:
+    """One `python -m moe.train` process; records its descendants while it runs."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "moe.train", *args], cwd=cwd, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"})
+        self.descendants: dict[int, float] = {}
+
+    def poll_descendants(self) -> None:
+        try:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                try:
+                    self.descendants.setdefault(child.pid, child.create_time())
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+
+    def wait_for(self, predicate, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            self.poll_descendants()
+            assert self.proc.poll() is None, f"the run ended early:\n{self.proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "timed out waiting for the run"
+            time.sleep(0.3)
+
+    def finish(self, timeout_s: float = 240) -> tuple[int, str, str]:
+        deadline = time.monotonic() + timeout_s
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.poll_descendants()
+            time.sleep(0.3)
+        out, err = self.proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        return self.proc.returncode, out, err
+
+    def survivors(self, grace_s: float = 20.0) -> list[str]:
+        """Descendants still alive `grace_s` after the driver ended (their command lines)."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            alive = []
+            for pid, created in self.descendants.items():
+                try:
+                    process = psutil.Process(pid)
+                    if process.create_time() == created and process.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(" ".join(process.cmdline())[:120])
+                except psutil.Error:
+                    pass
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("faults")
+    write_corpus(root / "corpus" / "text")
+    (root / "unrelated").mkdir()
+    (root / "unrelated" / "notes.txt").write_text("keep me\n")
+    return {"root": root, "corpus": root / "corpus" / "text", "prepared": root / "prepared",
+            "runs": root / "runs", "unrelated": root / "unrelated"}
+
+
+def base_args(world: dict[str, Path], name: str, *extra: str) -> list[str]:
+    return ["+experiment=mixtral_tiny", *DEBUG_OVERRIDES, f"data.sources=[{world['corpus']}]",
+            f"data.output={world['prepared']}", f"trainer.run_root={world['runs']}", f"name={name}", *extra]
+
+
+def run_cli(world: dict[str, Path], name: str, *extra: str, timeout_s: float = 240) -> tuple[int, str, str, Run]:
+    run = Run(base_args(world, name, *extra), world["root"])
+    code, out, err = run.finish(timeout_s)
+    return code, out, err, run
+
+
+def assert_refused(code: int, err: str, *names: str) -> str:
+    """Exit 1 with exactly one `error:` line that names every culprit, and no traceback."""
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1, err[-3000:]
+    assert len(errors) == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    for name in names:
+        assert name in errors[0], (name, errors[0])
+    return errors[0]
+
+
+def guarded(world: dict[str, Path], *extra: Path) -> dict[str, str]:
+    return tree_hashes(world["corpus"], world["unrelated"], *extra)
+
+
+# 1. Values that used to be accepted silently or to fail inside Ray: refused before Ray starts.
+@pytest.mark.parametrize("override,key", [
+    ("trainer.min_lr_ratio=-2", "trainer.min_lr_ratio"),
+    ("trainer.grad_clip=-1", "trainer.grad_clip"),
+    ("trainer.weight_decay=-1", "trainer.weight_decay"),
+    ("trainer.beta1=1.5", "trainer.beta1"),
+    ("cluster.num_cpus=0", "cluster.num_cpus"),
+    ("cluster.dashboard_port=99999", "cluster.dashboard_port"),
+    ("data.validation_fraction=0", "data.validation_fraction"),
+    ("data.curriculum.metric=perplexity data.curriculum.schedule=fixed_linear", "data.score_with"),
+])
+def test_bad_values_are_refused_before_ray(world, override: str, key: str) -> None:
+    before = guarded(world)
+    started = time.monotonic()
+    code, _, err, run = run_cli(world, "bad_value", *override.split(), timeout_s=120)
+    assert_refused(code, err, key)
+    assert "Ray dashboard" not in err and not run.survivors(grace_s=2), "Ray never started"
+    assert time.monotonic() - started < 60
+    assert guarded(world) == before
+    assert not (world["runs"] / "bad_value").exists(), "nothing was written for a refused run"
+
+
+# 2. Pruned checkpoints, then resume=auto (Ray Train's saved state used to list the pruned ones).
+def test_resume_after_pruning(world) -> None:
+    code, _, err, run = run_cli(world, "line", "trainer.max_steps=30", "trainer.checkpoint_every=10",
+                                "trainer.keep_last=2")
+    assert code == 0, err[-3000:]
+    assert not run.survivors(), "no Ray process outlives a finished run"
+    ckpts = world["runs"] / "line" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000020", "step_00000030"]
+    before = guarded(world, ckpts / "step_00000020")
+    code, out, err, run = run_cli(world, "line", "trainer.max_steps=40", "trainer.checkpoint_every=10",
+                                  "trainer.keep_last=3", "trainer.resume=auto")
+    assert code == 0, err[-3000:]
+    assert f"resuming from {ckpts / 'step_00000030'}" in out + err
+    assert sorted(train_losses(world["runs"] / "line")) == list(range(1, 41))
+    assert guarded(world, ckpts / "step_00000020") == before
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000020", "step_00000030", "step_00000040"]
+
+
+# 3. Damaged checkpoints: resume=auto skips them newest first, naming the file; nothing is deleted.
+def test_resume_skips_damaged_checkpoints(world) -> None:
+    ckpts = world["runs"] / "line" / "checkpoints"
+    if not (ckpts / "step_00000040").is_dir():
+        pytest.skip("needs the checkpoints of test_resume_after_pruning")
+    weights = ckpts / "step_00000040" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    (ckpts / "step_00000030" / "train_state.json").unlink()  # incomplete
+    damaged = tree_hashes(ckpts / "step_00000040", ckpts / "step_00000030")
+    before = guarded(world, ckpts / "step_00000020")
+
+    # An explicit path to a damaged checkpoint is refused before Ray starts.
+    code, _, err, run = run_cli(world, "line", f"trainer.resume={ckpts / 'step_00000040'}", timeout_s=120)
+    assert_refused(code, err, "trainer.resume", "model.safetensors")
+    assert "Ray dashboard" not in err
+
+    code, out, err, run = run_cli(world, "line", "trainer.max_steps=30", "trainer.checkpoint_every=10",
+                                  "trainer.keep_last=3", "trainer.resume=auto")
+    assert code == 0, err[-3000:]
+    text = out + err
+    assert "skipping damaged checkpoint step_00000040" in text and "model.safetensors has 1000 bytes" in text
+    assert "skipping damaged checkpoint step_00000030" in text and "train_state.json is missing" in text
+    assert f"resuming from {ckpts / 'step_00000020'}" in text
+    assert guarded(world, ckpts / "step_00000020") == before
+    aside = list((ckpts / "superseded").glob("*"))
+    assert len(aside) == 1, "the damaged checkpoints are set aside, not deleted"
+    moved = {str(p).replace(str(aside[0]), str(ckpts)): h for p, h in
+             tree_hashes(aside[0] / "step_00000040", aside[0] / "step_00000030").items()}
+    assert moved == damaged
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000020", "step_00000030"]
+    assert json.loads((ckpts / "step_00000030" / "train_state.json").read_text())["step"] == 30
+
+
+# 4. An explicit older checkpoint wins over newer ones (Ray's saved state used to override it).
+def test_explicit_resume_wins(world) -> None:
+    ckpts = world["runs"] / "line" / "checkpoints"
+    if not (ckpts / "step_00000030").is_dir():
+        pytest.skip("needs the checkpoints of the earlier cases")
+    code, out, err, run = run_cli(world, "line", "trainer.max_steps=25", "trainer.checkpoint_every=5",
+                                  "trainer.keep_last=3", f"trainer.resume={ckpts / 'step_00000020'}")
+    assert code == 0, err[-3000:]
+    text = out + err
+    assert f"resuming from {ckpts / 'step_00000020'}" in text and "at step 20" in text
+    assert "moved the 1 newer checkpoint(s) (step_00000030)" in text
+    assert sorted(train_losses(world["runs"] / "line")) == list(range(1, 26))
+
+
+# 5. A SIGKILLed driver leaves no Ray process behind, and the run resumes from its newest checkpoint.
+def test_driver_sigkill_leaves_nothing_and_resumes(world) -> None:
+    run = Run(base_args(world, "killed", "trainer.max_steps=2000", "trainer.checkpoint_every=5"), world["root"])
+    ckpts = world["runs"] / "killed" / "checkpoints"
+    run.wait_for(lambda: (ckpts / "step_00000005").is_dir(), timeout_s=180)
+    run.poll_descendants()
+    assert any("raylet" in _cmdline(pid) for pid in run.descendants), "the run started its own Ray"
+    os.kill(run.proc.pid, signal.SIGKILL)
+    run.proc.wait(timeout=10)
+    survivors = run.survivors(grace_s=20)
+    assert not survivors, f"Ray processes outlived the killed driver: {survivors}"
+    newest = sorted(p.name for p in ckpts.glob("step_*"))[-1]
+    code, out, err, run = run_cli(world, "killed", f"trainer.max_steps={int(newest[5:]) + 2}",
+                                  "trainer.checkpoint_every=5", "trainer.resume=auto")
+    assert code == 0, err[-3000:]
+    assert f"resuming from {ckpts / newest}" in out + err
+
+
+# 6. Ctrl-C: a clean stop that says where the run is and how to resume it.
+def test_ctrl_c_names_step_checkpoint_and_command(world) -> None:
+    run = Run(base_args(world, "interrupted", "trainer.max_steps=2000", "trainer.checkpoint_every=5"),
+              world["root"])
+    ckpts = world["runs"] / "interrupted" / "checkpoints"
+    run.wait_for(lambda: (ckpts / "step_00000005").is_dir(), timeout_s=180)
+    os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group
+    code, _, err = run.finish(timeout_s=60)
+    assert code == 130, err[-3000:]
+    line = next(line for line in err.splitlines() if "interrupted at step" in line)
+    assert "latest checkpoint: " + str(ckpts / "step_") in line
+    assert "trainer.resume=auto" in line and "name=interrupted" in line
+    assert "Traceback" not in err
+    assert not run.survivors(), "no Ray process outlives Ctrl-C"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return ""
