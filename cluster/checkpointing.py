@@ -6,6 +6,7 @@ A checkpoint directory `run_dir/checkpoints/step_00000100/` holds
   optimizer_rank{r}.safetensors    each rank's optimizer state (expert shards
                                    differ between expert-parallel ranks)
   rng_rank{r}.safetensors          each rank's torch RNG state
+  tokenizer.json                   the prepared data's tokenizer (serving needs it)
   train_state.json                 step, data-loader state, counters, and the
                                    size and sha256 of every other file
 No pickle anywhere.
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAIN_STATE = "train_state.json"
+TOKENIZER_NAME = "tokenizer.json"
 SUPERSEDED_DIR = "superseded"
 _HASH_CHUNK = 8 << 20
 
@@ -142,7 +144,8 @@ def save_training_checkpoint(checkpoint_root: Path, step: int, rank: int, *,
                              full_model_state: Optional[dict[str, torch.Tensor]],
                              model_config: dict[str, Any], optimizer_state: dict[str, torch.Tensor],
                              train_state: dict[str, Any], barrier: Callable[[], None],
-                             gather: Callable[[Any], list[Any]], keep_last: int) -> Path:
+                             gather: Callable[[Any], list[Any]], keep_last: int,
+                             tokenizer_file: Optional[Path] = None) -> Path:
     """Writes one checkpoint collectively (every rank calls it). See the module NOTE.
 
     Args:
@@ -150,6 +153,8 @@ def save_training_checkpoint(checkpoint_root: Path, step: int, rank: int, *,
         train_state: JSON-able state written by rank 0 (step, loader, counters).
         barrier: a barrier over all ranks.
         gather: all-gathers one picklable object per rank (rank order).
+        tokenizer_file: the prepared data's tokenizer.json, copied beside the
+            model so that the checkpoint can be served on its own.
     Returns:
         The final checkpoint directory.
     """
@@ -169,6 +174,9 @@ def save_training_checkpoint(checkpoint_root: Path, step: int, rank: int, *,
         (tmp / CONFIG_NAME).write_text(json.dumps({"moe_format_version": FORMAT_VERSION, "model": model_config},
                                                   indent=2, sort_keys=True))
         written += [WEIGHTS_NAME, CONFIG_NAME]
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_NAME)
+            written.append(TOKENIZER_NAME)
     digests = gather({name: file_digest(tmp / name) for name in written})
     if rank == 0:
         files = {name: d for per_rank in digests for name, d in per_rank.items()}

@@ -125,7 +125,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         save_training_checkpoint(ckpt_root, step_now, rank, full_model_state=full_state if rank == 0 else None,
                                  model_config=model_config.to_dict(), optimizer_state=engine.optimizer_state(),
                                  train_state=train_state, barrier=dist.barrier, gather=_all_gather_object,
-                                 keep_last=tcfg["keep_last"])
+                                 keep_last=tcfg["keep_last"],
+                                 tokenizer_file=Path(config["data_dir"]) / "tokenizer.json")
         # Ray Train gets the metrics only: the checkpoint directory on disk is the
         # one record of checkpoints (see cluster/checkpointing.py).
         ray.train.report(metrics)
