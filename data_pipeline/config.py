@@ -171,6 +171,10 @@ class DataConfig:
             raise ValueError("DataConfig.output must name the prepared directory")
         if not self.eos_token:
             raise ValueError("DataConfig.eos_token must be a non-empty string")
+        if self.curriculum.metric == "perplexity" and self.score_with is None:
+            # Caught here, not in every worker's loader after the data is prepared.
+            raise ValueError("data.curriculum.metric=perplexity needs data.score_with (the moe checkpoint whose "
+                             "perplexity scores the documents), which is null")
 
     @classmethod
     def from_any(cls, cfg: Any) -> "DataConfig":

@@ -119,19 +119,21 @@ class CurriculumLoader:
             raise ValueError(f"CurriculumLoader.metric={self.curriculum.metric!r} is not in {self.data_dir} "
                              f"(it has {sorted(metrics)}; perplexity needs data.score_with)")
         self._difficulty_column = percentile_column(self.curriculum.metric) if paced else None
-        schema = shard_schema(np.dtype(self.manifest["token_dtype"]), metrics, PIPELINE_VERSION)
-        self.shards, self.skipped_shards = self._open_shards(schema, on_corrupt, verify_checksums)
+        self.shards, self.skipped_shards = open_split_shards(self.data_dir, self.manifest, split,
+                                                             on_corrupt=on_corrupt,
+                                                             verify_checksums=verify_checksums)
         self._blocks = [(i, b) for i, shard in enumerate(self.shards)
                         for b in range(len(shard.entry["record_batches"]))]
-        num_tokens = sum(shard.entry["num_tokens"] for shard in self.shards)
-        tokens_per_batch = seq_len * global_batch_size
         self.num_batches: Optional[int] = None
         if split == "validation":
-            self.num_batches = max(0, (num_tokens - 1) // tokens_per_batch)
+            num_tokens = sum(shard.entry["num_tokens"] for shard in self.shards)
+            num_documents = sum(shard.entry["num_documents"] for shard in self.shards)
+            self.num_batches = num_validation_batches(num_tokens, seq_len=seq_len,
+                                                      global_batch_size=global_batch_size)
             if self.num_batches == 0:
-                raise ValueError(f"the validation split of {self.data_dir} has {num_tokens} tokens, fewer than "
-                                 f"one global batch ({global_batch_size} x {seq_len} + 1): lower "
-                                 "global_batch_size or seq_len, or raise data.validation_fraction")
+                raise ValueError(validation_too_small_message(
+                    self.data_dir, self.manifest, num_tokens, num_documents, seq_len=seq_len,
+                    global_batch_size=global_batch_size))
 
         self._state = self._initial_state(step=0)
         self._producer: Optional[_Producer] = None
@@ -265,27 +267,64 @@ class CurriculumLoader:
                 "shuffle_buffer": self.shuffle_buffer, "curriculum": curriculum,
                 "usable_shards": [shard.path.name for shard in self.shards]}
 
-    def _open_shards(self, schema, on_corrupt: str, verify_checksums: bool):
-        if not self.manifest["splits"][self.split]["shards"]:
-            raise ValueError(f"the {self.split} split of {self.data_dir} is empty (it was prepared with "
-                             f"data.validation_fraction={self.manifest['split']['validation_fraction']})")
-        shards, skipped = [], []
-        for entry in self.manifest["splits"][self.split]["shards"]:
-            path = self.data_dir / entry["file"]
-            try:
-                shard = MappedShard(path, entry, schema)
-                shard.verify(check_crc=verify_checksums)
-            except ShardError as err:
-                if on_corrupt == "error":
-                    raise
-                log.warning("skipping %s (data.on_corrupt=skip)", err)
-                skipped.append({"shard": entry["file"], "record_batch": err.batch_index, "reason": err.reason})
-                continue
-            shards.append(shard)
-        if not shards:
-            raise ValueError(f"the {self.split} split of {self.data_dir} has no usable shard "
-                             f"({len(skipped)} skipped as corrupt)")
-        return shards, skipped
+def num_validation_batches(num_tokens: int, *, seq_len: int, global_batch_size: int) -> int:
+    """Global batches in one pass over a validation split of `num_tokens` tokens.
+
+    Batch t covers packed tokens [t*G*L, (t+1)*G*L + 1) (see pack.py), so a
+    batch needs G*L + 1 tokens and every further batch G*L more.
+    """
+    return max(0, (num_tokens - 1) // (seq_len * global_batch_size))
+
+
+def validation_too_small_message(data_dir: Path, manifest: dict[str, Any], num_tokens: int, num_documents: int,
+                                 *, seq_len: int, global_batch_size: int) -> str:
+    """The one-line explanation of a validation split that cannot fill one global batch."""
+    return (f"the validation split of {data_dir} has {num_tokens} tokens in {num_documents} documents, "
+            f"{max(0, num_tokens - 1) // seq_len} sequences of seq_len {seq_len}; one global batch needs "
+            f"{global_batch_size} sequences ({global_batch_size * seq_len + 1} tokens): raise "
+            f"data.validation_fraction (prepared with {manifest['split']['validation_fraction']}), or lower "
+            "the global batch size or data.seq_len")
+
+
+def open_split_shards(data_dir: Path, manifest: dict[str, Any], split: str, *, on_corrupt: str,
+                      verify_checksums: bool = True) -> tuple[list[MappedShard], list[dict[str, Any]]]:
+    """Memory-maps and verifies the shards of one split.
+
+    Args:
+        data_dir: the prepared directory.
+        manifest: its manifest (`read_manifest`).
+        split: `train` or `validation`.
+        on_corrupt: `error` raises the first `ShardError`; `skip` logs a
+            warning for each damaged shard and leaves it out.
+        verify_checksums: crc32 every record batch.
+    Returns:
+        (the usable shards, one entry per skipped shard: shard, record_batch, reason).
+    Raises:
+        ShardError: a damaged shard with on_corrupt=error.
+        ValueError: the split is empty, or no shard of it is usable.
+    """
+    if not manifest["splits"][split]["shards"]:
+        raise ValueError(f"the {split} split of {data_dir} is empty (it was prepared with "
+                         f"data.validation_fraction={manifest['split']['validation_fraction']} from "
+                         f"{manifest['num_documents']} documents)")
+    schema = shard_schema(np.dtype(manifest["token_dtype"]), list(manifest["metrics"]), PIPELINE_VERSION)
+    shards, skipped = [], []
+    for entry in manifest["splits"][split]["shards"]:
+        path = data_dir / entry["file"]
+        try:
+            shard = MappedShard(path, entry, schema)
+            shard.verify(check_crc=verify_checksums)
+        except ShardError as err:
+            if on_corrupt == "error":
+                raise
+            log.warning("skipping %s (data.on_corrupt=skip)", err)
+            skipped.append({"shard": entry["file"], "record_batch": err.batch_index, "reason": err.reason})
+            continue
+        shards.append(shard)
+    if not shards:
+        raise ValueError(f"the {split} split of {data_dir} has no usable shard "
+                         f"({len(skipped)} skipped as corrupt)")
+    return shards, skipped
 
 
 class _Producer:

@@ -23,21 +23,31 @@ NOTE: how a prepared directory is made.
 Everything happens in a temporary sibling directory that is renamed onto
 `data.output` at the end, so an interrupted run never leaves a directory that
 looks complete, and a previous output stays intact until the new one is whole.
+`data.output` may only be absent, an empty directory or a previous output of
+`prepare` (`is_prepared_directory`), and may not overlap a source: anything
+else is refused in step 1, so no user file is ever replaced.
+
+`check_prepared` is the training driver's check of a prepared directory
+(shards, tokenizer, validation size) before any worker starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
+import glob
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
 
 import numpy as np
 import pyarrow as pa
@@ -45,15 +55,16 @@ import pyarrow.ipc as ipc
 
 from data_pipeline.config import DataConfig
 from data_pipeline.engine import make_engine
-from moe.checkpoint import replace_directory
-from data_pipeline.manifest import PIPELINE_VERSION, ManifestError, read_manifest, write_manifest
+from data_pipeline.loader import num_validation_batches, open_split_shards, validation_too_small_message
+from data_pipeline.manifest import MANIFEST_FILE, PIPELINE_VERSION, ManifestError, read_manifest, write_manifest
 from data_pipeline.score import (METRIC_COLUMNS, metric_stats, percentile_column, percentiles,
                                  unigram_neglogp)
 from data_pipeline.shards import ShardWriter, shard_schema
 from data_pipeline.source import (Document, ReadStats, SourceError, SourceFile, default_corpus_root,
                                   fingerprint_sources, iter_documents, resolve_sources)
-from data_pipeline.tokenize import (TOKENIZER_FILE, file_sha256, load_tokenizer_file, token_dtype,
-                                    train_tokenizer)
+from data_pipeline.tokenize import (TOKENIZER_FILE, check_tokenizer_hash, file_sha256, load_tokenizer_file,
+                                    split_long_text, token_dtype, train_tokenizer)
+from moe.checkpoint import check_replaceable, replace_directory
 
 log = logging.getLogger(__name__)
 
@@ -65,26 +76,32 @@ RARITY_SCALE = float(1 << 24)
 PREPARE_KEYS = ("sources", "text_field", "text_column", "tokenizer", "vocab_size", "eos_token",
                 "tokenizer_train_bytes", "score_with", "score_seq_len", "validation_fraction",
                 "shard_max_bytes", "record_batch_bytes")
+SHARD_NAME = re.compile(r"^(train|validation)-\d{5}\.arrow$")
+PREPARED_KIND = f"the output of a previous prepare (a directory with its {MANIFEST_FILE})"
 
 
 def prepare(cfg: Any) -> Path:
-    """Prepares the corpus of `cfg` into `cfg.output`, replacing what is there.
+    """Prepares the corpus of `cfg` into `cfg.output`, replacing a previous output there.
 
     Args:
         cfg: the `data` config (DataConfig, DictConfig or dict).
     Returns:
         The prepared directory.
     Raises:
+        ValueError: `data.output` overlaps a source (see `check_output`).
+        ReplaceRefusedError: `data.output` is a file or a non-empty directory
+            that `prepare` did not write.
         SourceError: a missing path, a wrong field/column, an empty corpus or,
-            with on_corrupt=error, an unparseable record.
+            with on_corrupt=error, an unparseable record or undecodable file.
     """
     cfg = DataConfig.from_any(cfg)
-    files = resolve_sources(cfg.sources, text_field=cfg.text_field, text_column=cfg.text_column)
+    output = check_output(cfg)
+    files = resolve_sources(cfg.sources, text_field=cfg.text_field, text_column=cfg.text_column,
+                            on_corrupt=cfg.on_corrupt)
     if cfg.tokenizer is not None:
         load_tokenizer_file(cfg.tokenizer, eos_token=cfg.eos_token)
     if cfg.score_with is not None and not Path(cfg.score_with).exists():
         raise FileNotFoundError(f"data.score_with: no such checkpoint: {cfg.score_with!r}")
-    output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fingerprint = compute_fingerprint(cfg, files)
 
@@ -92,7 +109,7 @@ def prepare(cfg: Any) -> Path:
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the data from other users of a shared volume
     try:
         _build(cfg, files, fingerprint, tmp)
-        replace_directory(tmp, output)
+        replace_directory(tmp, output, replaceable=is_prepared_directory, kind=PREPARED_KIND, label="data.output")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -107,7 +124,7 @@ def ensure_prepared(cfg: Any) -> Path:
     file beside the output; the first prepares, the others find it current.
     """
     cfg = DataConfig.from_any(cfg)
-    output = Path(cfg.output)
+    output = check_output(cfg)  # before the lock file, which goes beside the output
     output.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(output.parent / f".{output.name}.lock"):
         if is_current(cfg, output):
@@ -123,8 +140,80 @@ def is_current(cfg: Any, output: Path) -> bool:
         manifest = read_manifest(output)
     except ManifestError:
         return False
-    files = resolve_sources(cfg.sources, text_field=cfg.text_field, text_column=cfg.text_column)
+    files = resolve_sources(cfg.sources, text_field=cfg.text_field, text_column=cfg.text_column,
+                            on_corrupt=cfg.on_corrupt)
     return manifest.get("fingerprint") == compute_fingerprint(cfg, files)
+
+
+def is_prepared_directory(path: Path) -> bool:
+    """Whether `path` is a directory `prepare` wrote, which a new `prepare` may replace.
+
+    It has our manifest.json (of any pipeline version) or, when that was lost,
+    holds nothing but the files `prepare` writes, shards among them.
+    """
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if isinstance(manifest, dict) and "pipeline_version" in manifest and "fingerprint" in manifest:
+        return True
+    names = [p.name for p in path.iterdir()]
+    ours = (TOKENIZER_FILE, MANIFEST_FILE, STAGE_FILE)
+    return any(SHARD_NAME.match(n) for n in names) and all(SHARD_NAME.match(n) or n in ours for n in names)
+
+
+def check_output(cfg: DataConfig) -> Path:
+    """Checks that `prepare` may write `cfg.output`; returns the directory it will write.
+
+    Raises:
+        ValueError: the output is, is inside or contains a source, the
+            tokenizer file or the scoring checkpoint (naming both paths).
+        ReplaceRefusedError: the output is a file, a non-empty directory
+            that `prepare` did not write, or a broken symbolic link.
+    """
+    output = Path(cfg.output).expanduser()
+    if output.is_symlink() and output.exists():
+        output = output.resolve()  # write where the link points, keep the link
+    overlap = next(_overlaps(output, cfg), None)
+    if overlap is not None:
+        label, relation = overlap
+        raise ValueError(f"data.output={cfg.output} {relation} {label}: prepare would replace or mix with its "
+                         "own input; choose a data.output outside the sources")
+    check_replaceable(output, replaceable=is_prepared_directory, kind=PREPARED_KIND, label="data.output")
+    return output
+
+
+def _overlaps(output: Path, cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    """(input, relation) for every input path that the output is, lies inside or contains."""
+    inputs: list[tuple[str, Path]] = []
+    candidates = {os.path.abspath(output), str(output.resolve())}
+    for index, entry in enumerate(cfg.sources):
+        path = Path(entry).expanduser()
+        label = f"data.sources[{index}]={entry}"
+        if path.exists() or not glob.has_magic(entry):
+            inputs.append((label, path))
+            continue
+        pattern = os.path.abspath(os.path.expanduser(entry))
+        for candidate in candidates:
+            if any(fnmatch.fnmatchcase(str(p), pattern) for p in (Path(candidate), *Path(candidate).parents)):
+                yield label, "is matched by"
+        inputs.extend((f"{label} (matching {match})", Path(match))
+                      for match in glob.glob(os.path.expanduser(entry), recursive=True))
+    if not cfg.sources:
+        inputs.append((f"the default corpus {default_corpus_root()}", default_corpus_root()))
+    if cfg.tokenizer is not None:
+        inputs.append((f"data.tokenizer={cfg.tokenizer}", Path(cfg.tokenizer).expanduser()))
+    if cfg.score_with is not None:
+        inputs.append((f"data.score_with={cfg.score_with}", Path(cfg.score_with).expanduser()))
+    out = output.resolve()
+    for label, path in inputs:
+        path = path.resolve()
+        if out == path:
+            yield label, "is"
+        elif path in out.parents:
+            yield label, "is inside"
+        elif out in path.parents:
+            yield label, "contains"
 
 
 def compute_fingerprint(cfg: DataConfig, files: list[SourceFile]) -> str:
@@ -221,13 +310,13 @@ class _TrainingSample:
 
     def __iter__(self) -> Iterator[str]:
         documents = iter_documents(self.files, text_field=self.cfg.text_field, text_column=self.cfg.text_column,
-                                   on_corrupt=self.cfg.on_corrupt, stats=ReadStats())
+                                   on_corrupt=self.cfg.on_corrupt, stats=ReadStats(log_skips=False))
         for index, document in enumerate(documents):
             if index % self.stride:
                 continue
             self.num_documents += 1
             self.num_bytes += len(document.text.encode("utf-8"))
-            yield document.text
+            yield from split_long_text(document.text)  # bounded memory, the same word counts
             if self.num_bytes >= self.cfg.tokenizer_train_bytes:
                 return
 
@@ -340,6 +429,48 @@ def _write_shards(cfg: DataConfig, stage: list[pa.RecordBatch], metrics: dict[st
     return splits
 
 
+def check_prepared(data_dir: Union[str, Path], *, seq_len: int, global_batch_size: int, need_validation: bool,
+                   on_corrupt: str) -> None:
+    """Checks on the driver that a prepared directory can feed a run, before any worker starts.
+
+    The checks are the loader's own (same shard verification, same count of
+    validation batches), so what passes here does not fail in a worker.
+
+    Args:
+        data_dir: the prepared directory.
+        seq_len: tokens per sequence (data.seq_len).
+        global_batch_size: sequences per step across all ranks.
+        need_validation: the run evaluates, so the validation split must hold
+            at least one global batch.
+        on_corrupt: `error` refuses a damaged shard; `skip` logs a warning for
+            each and fails only when a split has no usable shard left.
+    Raises:
+        ValueError (ManifestError, ShardError, TokenizerMismatchError): with a
+            one-line message naming the file or config key at fault.
+    """
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    try:
+        check_tokenizer_hash(data_dir / TOKENIZER_FILE, manifest["tokenizer"]["sha256"])
+    except FileNotFoundError as err:
+        raise ManifestError(str(err)) from err
+    open_split_shards(data_dir, manifest, "train", on_corrupt=on_corrupt)
+    if not manifest["splits"]["validation"]["shards"]:
+        if need_validation:
+            raise ValueError(f"{data_dir} has no validation split (prepared with data.validation_fraction="
+                             f"{manifest['split']['validation_fraction']} from {manifest['num_documents']} "
+                             "documents) but the run evaluates on it: set data.validation_fraction > 0 "
+                             "(and a corpus of at least 2 documents)")
+        return
+    shards, _ = open_split_shards(data_dir, manifest, "validation", on_corrupt=on_corrupt)
+    num_tokens = sum(shard.entry["num_tokens"] for shard in shards)
+    num_documents = sum(shard.entry["num_documents"] for shard in shards)
+    if need_validation and num_validation_batches(num_tokens, seq_len=seq_len,
+                                                  global_batch_size=global_batch_size) == 0:
+        raise ValueError(validation_too_small_message(data_dir, manifest, num_tokens, num_documents,
+                                                      seq_len=seq_len, global_batch_size=global_batch_size))
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     with open(path, "w") as handle:
@@ -362,7 +493,15 @@ def _main() -> None:
     # conf/data/default.yaml) and hands the `data` node to `prepare`.
     @hydra.main(version_base="1.3", config_path="../conf", config_name="data_prepare")
     def main(cfg: DictConfig) -> None:
-        output = prepare(cfg.data)
+        try:
+            output = prepare(cfg.data)
+        except (ValueError, FileNotFoundError) as err:
+            # A mistake in the config or the corpus: one line that names it, no traceback.
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print("\ninterrupted: the previous data.output, if any, is unchanged", file=sys.stderr)
+            sys.exit(130)  # the shell's code for a process ended by SIGINT
         manifest = read_manifest(output)
         splits = manifest["splits"]
         print(f"prepared {output}: {manifest['num_documents']} documents, {manifest['num_tokens']} tokens, "

@@ -8,10 +8,15 @@ library of the running interpreter (`*.py` under `sysconfig`'s stdlib, without
 site-packages): real text that exists on every machine.
 
 `resolve_sources` checks everything it can cheaply (paths exist, fields and
-columns exist, the corpus is not empty) and raises `SourceError` naming the
-path or field before any tokenization starts. `iter_documents` yields the
-documents in a deterministic order (sorted paths, then record order), counts
-undecodable bytes (replaced by U+FFFD) and skips empty documents.
+columns exist and hold text, the corpus is not empty) and raises `SourceError`
+naming the path or field before any tokenization starts. `iter_documents`
+yields the documents in a deterministic order (sorted paths, then record
+order), counts undecodable bytes (replaced by U+FFFD) and skips empty
+documents. Damage found while reading (an unparseable JSONL line, an unreadable
+Parquet file, a document that is not text: NUL bytes or more than
+`MAX_UNDECODABLE_SHARE` of its bytes not UTF-8, say an executable) raises
+`SourceError` naming the file (and line) with on_corrupt=error; with
+on_corrupt=skip it is skipped, counted and logged as a warning.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import codecs
 import glob
 import hashlib
 import json
+import logging
 import os
 import sysconfig
 import threading
@@ -27,10 +33,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
+# A document with more undecodable bytes than this share is not text.
+MAX_UNDECODABLE_SHARE = 0.1
+# With on_corrupt=skip, lines read to find a parseable JSONL record to check the field on.
+JSONL_CHECK_LINES = 100
+# Skipped records named one by one in the log; the rest are only counted.
+MAX_LOGGED_SKIPS = 20
 
 
 class SourceError(ValueError):
@@ -61,6 +76,15 @@ class ReadStats:
     num_empty_documents: int = 0
     num_skipped_records: int = 0
     skipped_records: list[str] = field(default_factory=list)
+    log_skips: bool = True  # False for a second pass over the same corpus
+
+    def skip(self, where: str, reason: str) -> None:
+        """Counts a record or file skipped under on_corrupt=skip, and logs it."""
+        self.num_skipped_records += 1
+        self.skipped_records.append(f"{where}: {reason}")
+        if self.log_skips and self.num_skipped_records <= MAX_LOGGED_SKIPS:
+            log.warning("skipping %s: %s (data.on_corrupt=skip)%s", where, reason,
+                        "; further skips are only counted" if self.num_skipped_records == MAX_LOGGED_SKIPS else "")
 
     def to_dict(self) -> dict:
         return {
@@ -101,20 +125,25 @@ def _walk(directory: Path) -> list[Path]:
     return files
 
 
-def resolve_sources(sources: list[str], *, text_field: str = "text",
-                    text_column: str = "text") -> list[SourceFile]:
+def resolve_sources(sources: list[str], *, text_field: str = "text", text_column: str = "text",
+                    on_corrupt: str = "error") -> list[SourceFile]:
     """Expands and checks the configured sources.
 
     Args:
         sources: paths, directories or globs (`data.sources`); empty means the
             default corpus.
         text_field: JSONL field that must be present in every JSONL file.
-        text_column: Parquet column that must be present in every Parquet file.
+        text_column: Parquet column that must be present, holding text, in
+            every Parquet file.
+        on_corrupt: with `skip`, an unreadable Parquet file or unparseable
+            first JSONL line is left for `iter_documents` to skip.
     Returns:
         The corpus files, sorted by path, without duplicates.
     Raises:
         SourceError: a missing path, a glob that matches nothing, an empty
-            corpus, or a JSONL field / Parquet column that does not exist.
+            corpus, a JSONL field / Parquet column that does not exist, a
+            Parquet column that does not hold text, or (on_corrupt=error) an
+            unreadable Parquet file or unparseable first JSONL record.
     """
     paths: list[Path] = []
     if not sources:
@@ -146,37 +175,54 @@ def resolve_sources(sources: list[str], *, text_field: str = "text",
         stat = path.stat()
         files.append(SourceFile(path, _kind(path), stat.st_size, stat.st_mtime_ns))
     for source_file in files:
-        _check_fields(source_file, text_field, text_column)
+        _check_fields(source_file, text_field, text_column, on_corrupt)
     if all(f.size == 0 for f in files):
         raise SourceError(f"empty corpus: the {len(files)} source file(s) of data.sources={sources!r} "
                           "are all empty")
     return files
 
 
-def _check_fields(source_file: SourceFile, text_field: str, text_column: str) -> None:
+def _is_text_type(type_: pa.DataType) -> bool:
+    if pa.types.is_dictionary(type_):
+        return _is_text_type(type_.value_type)
+    return (pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_binary(type_)
+            or pa.types.is_large_binary(type_) or pa.types.is_null(type_))
+
+
+def _check_fields(source_file: SourceFile, text_field: str, text_column: str, on_corrupt: str) -> None:
+    path = source_file.path
     if source_file.kind == "parquet":
         try:
-            schema = pq.read_schema(source_file.path)
+            schema = pq.read_schema(path)
         except Exception as err:  # pyarrow raises several types for a bad footer
-            raise SourceError(f"{source_file.path}: not a readable Parquet file ({err})") from err
+            if on_corrupt == "skip":
+                return  # iter_documents skips it, with a warning
+            raise SourceError(f"{path}: not a readable Parquet file ({err}); data.on_corrupt=skip would skip "
+                              "it") from err
         if text_column not in schema.names:
-            raise SourceError(f"{source_file.path}: no column data.text_column={text_column!r} "
-                              f"(columns: {schema.names})")
+            raise SourceError(f"{path}: no column data.text_column={text_column!r} (columns: {schema.names})")
+        column_type = schema.field(text_column).type
+        if not _is_text_type(column_type):
+            raise SourceError(f"{path}: column data.text_column={text_column!r} holds {column_type}, not text "
+                              "(string or binary)")
     elif source_file.kind == "jsonl" and source_file.size:
-        with open(source_file.path, "rb") as handle:
+        with open(path, "rb") as handle:
             for line_no, line in enumerate(handle, start=1):
-                if line.strip():
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
                     break
+                except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError from bytes
+                    if on_corrupt == "error":
+                        raise SourceError(f"{path}:{line_no}: not valid JSON ({err})") from err
+                    if line_no >= JSONL_CHECK_LINES:
+                        return  # nothing parseable so far: iter_documents counts what it skips
             else:
                 return
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SourceError(f"{source_file.path}:{line_no}: not valid JSON ({err})") from err
         if not isinstance(record, dict) or text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise SourceError(f"{source_file.path}:{line_no}: no field data.text_field={text_field!r} "
-                              f"(found: {keys})")
+            raise SourceError(f"{path}:{line_no}: no field data.text_field={text_field!r} (found: {keys})")
 
 
 def fingerprint_sources(files: list[SourceFile]) -> str:
@@ -199,7 +245,10 @@ codecs.register_error("data_pipeline.count_and_replace", _count_and_replace)
 
 
 def decode(data: bytes) -> tuple[str, int]:
-    """UTF-8 decodes `data`, replacing undecodable bytes; returns (text, bytes replaced)."""
+    """UTF-8 decodes `data`, replacing undecodable bytes; returns (text, bytes replaced).
+
+    See `not_text_reason` for telling a text with a few bad bytes from a binary file.
+    """
     try:
         return data.decode("utf-8"), 0
     except UnicodeDecodeError:
@@ -209,6 +258,16 @@ def decode(data: bytes) -> tuple[str, int]:
     return text, _decode_counter.value
 
 
+def not_text_reason(data: bytes, num_undecodable_bytes: int) -> Optional[str]:
+    """Why `data` is not text (NUL bytes, mostly undecodable), or None for text."""
+    if b"\0" in data:
+        return f"not text: it contains NUL bytes ({data.count(0)} of {len(data)} bytes; a binary file?)"
+    if num_undecodable_bytes > MAX_UNDECODABLE_SHARE * len(data):
+        return (f"not text: {num_undecodable_bytes} of its {len(data)} bytes are not UTF-8 (more than "
+                f"{MAX_UNDECODABLE_SHARE:.0%})")
+    return None
+
+
 def iter_documents(files: list[SourceFile], *, text_field: str = "text", text_column: str = "text",
                    on_corrupt: str = "error", stats: Optional[ReadStats] = None) -> Iterator[Document]:
     """Yields the non-empty documents of `files` in order.
@@ -216,8 +275,9 @@ def iter_documents(files: list[SourceFile], *, text_field: str = "text", text_co
     Args:
         files: from `resolve_sources`.
         text_field, text_column: where JSONL / Parquet keep the text.
-        on_corrupt: `error` raises `SourceError` on an unparseable record;
-            `skip` skips it and counts it in `stats`.
+        on_corrupt: `error` raises `SourceError` on an unparseable record, an
+            unreadable file or a document that is not text; `skip` skips it,
+            logs a warning and counts it in `stats`.
         stats: receives the counts of replaced bytes and skipped documents.
     """
     stats = stats if stats is not None else ReadStats()
@@ -235,8 +295,19 @@ def iter_documents(files: list[SourceFile], *, text_field: str = "text", text_co
 def _read_file(source_file: SourceFile, text_field: str, text_column: str, on_corrupt: str,
                stats: ReadStats) -> Iterator[Document]:
     path = source_file.path
+
+    def corrupt(where: str, reason: str, err: Optional[BaseException] = None) -> None:
+        if on_corrupt == "error":
+            raise SourceError(f"{where}: {reason}") from err
+        stats.skip(where, reason)
+
     if source_file.kind == "text":
-        text, num_bad = decode(path.read_bytes())
+        data = path.read_bytes()
+        text, num_bad = decode(data)
+        reason = not_text_reason(data, num_bad)
+        if reason is not None:
+            corrupt(str(path), reason)
+            return
         yield Document(str(path), text, num_bad)
     elif source_file.kind == "jsonl":
         with open(path, "rb") as handle:
@@ -252,10 +323,11 @@ def _read_file(source_file: SourceFile, text_field: str, text_column: str, on_co
                         raise TypeError(f"field {text_field!r} is a {type(text).__name__}, not a string")
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
                     reason = f"no field data.text_field={text_field!r}" if isinstance(err, KeyError) else str(err)
-                    if on_corrupt == "error":
-                        raise SourceError(f"{where}: {reason}") from err
-                    stats.num_skipped_records += 1
-                    stats.skipped_records.append(f"{where}: {reason}")
+                    corrupt(where, reason, err)
+                    continue
+                reason = not_text_reason(raw, num_bad)
+                if reason is not None:
+                    corrupt(where, reason)
                     continue
                 yield Document(where, text, num_bad)
     else:
@@ -263,16 +335,21 @@ def _read_file(source_file: SourceFile, text_field: str, text_column: str, on_co
             parquet = pq.ParquetFile(path)
             for group in range(parquet.num_row_groups):
                 column = parquet.read_row_group(group, columns=[text_column]).column(0)
+                if not _is_text_type(column.type):
+                    raise SourceError(f"{path}: column data.text_column={text_column!r} holds {column.type}, "
+                                      "not text (string or binary)")
                 for row, value in enumerate(column.to_pylist()):
+                    where = f"{path}:{group}:{row}"
+                    num_bad = 0
                     if isinstance(value, bytes):
-                        value, num_bad = decode(value)
-                    else:
-                        num_bad = 0
-                    yield Document(f"{path}:{group}:{row}", value or "", num_bad)
+                        raw = value
+                        value, num_bad = decode(raw)
+                        reason = not_text_reason(raw, num_bad)
+                        if reason is not None:
+                            corrupt(where, reason)
+                            continue
+                    yield Document(where, value or "", num_bad)
         except SourceError:
             raise
         except Exception as err:  # a damaged file surfaces as one of several pyarrow errors
-            if on_corrupt == "error":
-                raise SourceError(f"{path}: cannot read Parquet column {text_column!r} ({err})") from err
-            stats.num_skipped_records += 1
-            stats.skipped_records.append(f"{path}: {err}")
+            corrupt(str(path), f"cannot read Parquet column data.text_column={text_column!r} ({err})", err)

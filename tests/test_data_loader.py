@@ -303,7 +303,7 @@ def test_validation_split_is_deterministic_and_bounded(data_dir, docs) -> None:
     ranks = [list(make_loader(data_dir, split="validation", rank=r, world_size=2)) for r in range(2)]
     assert_same_batches([{k: torch.cat([ranks[0][i][k], ranks[1][i][k]]) for k in KEYS}
                          for i in range(len(first))], first)
-    with pytest.raises(ValueError, match="fewer than one global batch"):
+    with pytest.raises(ValueError, match="one global batch needs 512 sequences"):
         make_loader(data_dir, split="validation", global_batch_size=512)
 
 
