@@ -37,6 +37,11 @@ class ShardError(ValueError):
         self.batch_index = batch_index
         self.reason = reason
 
+    def __reduce__(self):
+        # Rebuilt from its fields: the default would call __init__ with the message
+        # alone, which fails where the error crosses a process boundary (Ray).
+        return type(self), (self.shard, self.batch_index, self.reason)
+
 
 def shard_schema(token_type: np.dtype, metrics: list[str], pipeline_version: int) -> pa.Schema:
     """The schema of every shard: document columns, metric values, metric percentiles."""

@@ -386,3 +386,84 @@ def test_tokenizer_that_does_not_match_is_an_error(damaged) -> None:
 def test_missing_manifest_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(ValueError, match="not a prepared data directory"):
         make_loader(tmp_path)
+
+
+# ---------------------------------------------------------------- the driver's check (check_prepared)
+
+
+def check(data_dir: Path, **kwargs) -> None:
+    from data_pipeline.prepare import check_prepared
+
+    kwargs = {"seq_len": SEQ_LEN, "global_batch_size": GLOBAL_BATCH, "need_validation": True,
+              "on_corrupt": "error", **kwargs}
+    check_prepared(data_dir, **kwargs)
+
+
+def test_check_prepared_counts_validation_batches_as_the_loader_does(data_dir) -> None:
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    num_tokens = manifest["splits"]["validation"]["num_tokens"]
+    # seq_len 1: a global batch of G sequences needs G + 1 tokens, so G = num_tokens - 1 is the boundary.
+    for seq_len, fits in ((1, num_tokens - 1), (SEQ_LEN, (num_tokens - 1) // SEQ_LEN)):
+        check(data_dir, seq_len=seq_len, global_batch_size=fits)
+        assert make_loader(data_dir, split="validation", seq_len=seq_len, global_batch_size=fits).num_batches == 1
+        message = (f"the validation split of {data_dir} has {num_tokens} tokens in "
+                   f"{manifest['splits']['validation']['num_documents']} documents, {(num_tokens - 1) // seq_len} "
+                   f"sequences of seq_len {seq_len}; one global batch needs {fits + 1} sequences "
+                   f"({(fits + 1) * seq_len + 1} tokens): raise data.validation_fraction (prepared with 0.1)")
+        with pytest.raises(ValueError) as from_check:
+            check(data_dir, seq_len=seq_len, global_batch_size=fits + 1)
+        with pytest.raises(ValueError) as from_loader:
+            make_loader(data_dir, split="validation", seq_len=seq_len, global_batch_size=fits + 1)
+        assert str(from_check.value) == str(from_loader.value) and str(from_check.value).startswith(message)
+    check(data_dir, global_batch_size=10 ** 6, need_validation=False)  # a run that does not evaluate
+
+
+def test_check_prepared_names_a_damaged_shard_or_skips_it(damaged, caplog) -> None:
+    validation = damaged / "validation-00000.arrow"
+    intact = validation.read_bytes()
+    batch = shard_entry(damaged, validation.name)["record_batches"][0]
+    middle = batch["offset"] + batch["length"] - 40
+    validation.write_bytes(intact[:middle] + bytes([intact[middle] ^ 1]) + intact[middle + 1:])
+    with pytest.raises(ShardError, match=r"validation-00000\.arrow, record batch 0: checksum mismatch"):
+        check(damaged, need_validation=False)
+    validation.write_bytes(intact)
+    path = damaged / "train-00001.arrow"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ShardError, match=r"corrupt shard .*train-00001\.arrow, record batch \d+: truncated"):
+        check(damaged)
+    with caplog.at_level("WARNING"):
+        check(damaged, on_corrupt="skip")
+    assert any("train-00001.arrow" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    for shard in damaged.glob("train-*.arrow"):
+        shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"the train split of .* has no usable shard \(\d+ skipped as corrupt\)"):
+        check(damaged, on_corrupt="skip")
+
+
+def test_check_prepared_refuses_a_tokenizer_that_does_not_match(damaged) -> None:
+    tokenizer = damaged / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text() + "\n")
+    with pytest.raises(TokenizerMismatchError, match=r"tokenizer\.json has SHA-256"):
+        check(damaged)
+    tokenizer.unlink()
+    with pytest.raises(ValueError, match=r"tokenizer\.json is missing"):
+        check(damaged)
+    (damaged / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"manifest\.json is missing"):
+        check(damaged)
+
+
+def test_check_prepared_refuses_a_missing_or_tiny_validation_split(tmp_path) -> None:
+    make_corpus(tmp_path / "corpus", num_text=38, num_jsonl=15, num_parquet=10)  # 63 documents
+    none = prepare(tiny_data_config(tmp_path / "corpus", tmp_path / "none", validation_fraction=0.0))
+    with pytest.raises(ValueError, match=r"has no validation split \(prepared with data.validation_fraction=0.0 "
+                                         r"from 63 documents\) but the run evaluates on it"):
+        check(none)
+    check(none, need_validation=False)
+    tiny = prepare(tiny_data_config(tmp_path / "corpus", tmp_path / "tiny", validation_fraction=0.01))
+    manifest = json.loads((tiny / "manifest.json").read_text())
+    assert manifest["splits"]["validation"]["num_documents"] == 1
+    with pytest.raises(ValueError, match=r"has \d+ tokens in 1 documents, \d+ sequences of seq_len 16; one global "
+                                         r"batch needs 64 sequences \(1025 tokens\): raise data.validation_fraction "
+                                         r"\(prepared with 0.01\)"):
+        check(tiny, global_batch_size=64)
