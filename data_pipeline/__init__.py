@@ -7,7 +7,7 @@ Stages, one file each:
     shards.py      bounded Arrow IPC stream shards: writing, verifying, memory-mapped reading
     manifest.py    `manifest.json`: counts, tokenizer hash, metric statistics, split, record batch index
     engine.py      where tokenization and scoring run: this process or Ray Data
-    prepare.py     `prepare(cfg)`, `ensure_prepared(cfg)`, `python -m data_pipeline.prepare`
+    prepare.py     `prepare(cfg)`, `ensure_prepared(cfg)`, `check_prepared(dir, ...)`, `python -m data_pipeline.prepare`
     curriculum.py  DeepSpeed-style pacing, the document stream and the shuffle buffer
     pack.py        documents -> sequences of seq_len + 1 tokens
     loader.py      `CurriculumLoader`: per-rank batches, prefetch, exact `state_dict()` resumption

@@ -111,9 +111,11 @@ class DataConfig:
         seq_len: tokens per training sequence (the loader packs seq_len + 1).
         engine: `local` (one process) or `ray` (Ray Data tokenization and scoring).
         ray_address: the cluster to join for engine=ray; None starts/uses a local one.
-        on_corrupt: `error` or `skip`, for corrupt shards (loader) and
-            unparseable source records (prepare).
-        score_with: a `moe` checkpoint whose perplexity becomes a metric.
+        on_corrupt: `error` or `skip`, for corrupt shards (loader,
+            `check_prepared`) and, in prepare, unparseable source records,
+            unreadable Parquet files and documents that are not text.
+        score_with: a `moe` checkpoint whose perplexity becomes a metric;
+            required by curriculum.metric=perplexity.
         score_seq_len: window length for perplexity scoring.
         validation_fraction: share of documents held out for validation.
         shard_max_bytes: bound on the size of one `*.arrow` shard.
