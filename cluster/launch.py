@@ -165,10 +165,7 @@ def _fit_interruptibly(trainer: Any) -> None:
 
 def check_data(cfg: DictConfig, data_dir: Path) -> None:
     """The prepared directory can feed this run: shards intact, tokenizer matching, a big enough validation split."""
-    try:  # TEMP until the data check lands
-        from data_pipeline.prepare import check_prepared
-    except ImportError:
-        return
+    from data_pipeline.prepare import check_prepared
 
     check_prepared(data_dir, seq_len=cfg.data.seq_len, global_batch_size=cfg.trainer.global_batch_size,
                    need_validation=True, on_corrupt=cfg.data.on_corrupt)

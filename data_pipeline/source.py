@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
-# A document with more undecodable bytes than this share is not text.
+# A document with more undecodable bytes than this share gets a warning naming it.
 MAX_UNDECODABLE_SHARE = 0.1
 # With on_corrupt=skip, lines read to find a parseable JSONL record to check the field on.
 JSONL_CHECK_LINES = 100
@@ -258,13 +258,19 @@ def decode(data: bytes) -> tuple[str, int]:
     return text, _decode_counter.value
 
 
-def not_text_reason(data: bytes, num_undecodable_bytes: int) -> Optional[str]:
-    """Why `data` is not text (NUL bytes, mostly undecodable), or None for text."""
+def not_text_reason(data: bytes, num_undecodable_bytes: int, where: str = "") -> Optional[str]:
+    """Why `data` is not text (NUL bytes: a binary file), or None for text.
+
+    A document that is mostly not UTF-8 but has no NUL byte is text in another
+    encoding (the standard library ships KOI8-R and Latin-1 test modules): it is
+    kept, its bad bytes replaced and counted, with a warning naming it.
+    """
     if b"\0" in data:
         return f"not text: it contains NUL bytes ({data.count(0)} of {len(data)} bytes; a binary file?)"
     if num_undecodable_bytes > MAX_UNDECODABLE_SHARE * len(data):
-        return (f"not text: {num_undecodable_bytes} of its {len(data)} bytes are not UTF-8 (more than "
-                f"{MAX_UNDECODABLE_SHARE:.0%})")
+        log.warning("%s: %d of its %d bytes are not UTF-8 (more than %.0f%%); kept with those bytes replaced "
+                    "by U+FFFD (another encoding?)", where or "a document", num_undecodable_bytes, len(data),
+                    100 * MAX_UNDECODABLE_SHARE)
     return None
 
 
@@ -304,7 +310,7 @@ def _read_file(source_file: SourceFile, text_field: str, text_column: str, on_co
     if source_file.kind == "text":
         data = path.read_bytes()
         text, num_bad = decode(data)
-        reason = not_text_reason(data, num_bad)
+        reason = not_text_reason(data, num_bad, str(path))
         if reason is not None:
             corrupt(str(path), reason)
             return
@@ -325,7 +331,7 @@ def _read_file(source_file: SourceFile, text_field: str, text_column: str, on_co
                     reason = f"no field data.text_field={text_field!r}" if isinstance(err, KeyError) else str(err)
                     corrupt(where, reason, err)
                     continue
-                reason = not_text_reason(raw, num_bad)
+                reason = not_text_reason(raw, num_bad, where)
                 if reason is not None:
                     corrupt(where, reason)
                     continue
@@ -344,7 +350,7 @@ def _read_file(source_file: SourceFile, text_field: str, text_column: str, on_co
                     if isinstance(value, bytes):
                         raw = value
                         value, num_bad = decode(raw)
-                        reason = not_text_reason(raw, num_bad)
+                        reason = not_text_reason(raw, num_bad, where)
                         if reason is not None:
                             corrupt(where, reason)
                             continue
