@@ -260,3 +260,31 @@ def _cmdline(pid: int) -> str:
         return " ".join(psutil.Process(pid).cmdline())
     except psutil.Error:
         return ""
+
+
+# 7. Prepared data that cannot feed the run: found by the driver before Ray starts, naming the file or key.
+def test_bad_prepared_data_is_refused_before_ray(world) -> None:
+    if not (world["prepared"] / "manifest.json").is_file():  # this case alone: prepare (then refuse a huge batch)
+        run_cli(world, "prepare_only", "trainer.global_batch_size=4096", timeout_s=120)
+    copy = world["root"] / "prepared_copy"
+    cases = []
+    # A damaged shard (a record batch's bytes flipped), with the default data.on_corrupt=error.
+    shutil.copytree(world["prepared"], copy)
+    shard = sorted(copy.glob("train-*.arrow"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    cases.append((["data.output=" + str(copy)], [shard.name]))
+    # A validation split smaller than one global batch.
+    cases.append((["trainer.global_batch_size=4096"], ["data.validation_fraction"]))
+    before = guarded(world, world["prepared"])
+    for extra, names in cases:
+        code, _, err, run = run_cli(world, "bad_data", *extra, timeout_s=120)
+        assert_refused(code, err, *names)
+        assert "Ray dashboard" not in err, "refused before Ray started"
+    # A tokenizer.json that is not the manifest's.
+    shutil.copyfile(world["prepared"] / "manifest.json", copy / "tokenizer.json")
+    shutil.copyfile(world["prepared"] / "train-00000.arrow", shard)
+    code, _, err, run = run_cli(world, "bad_data", "data.output=" + str(copy), timeout_s=120)
+    assert_refused(code, err, "tokenizer")
+    assert guarded(world, world["prepared"]) == before
