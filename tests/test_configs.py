@@ -28,7 +28,7 @@ def compose_cfg(overrides: list[str]):
 
 
 def test_expected_experiments_exist() -> None:
-    assert {"mixtral_tiny", "mixtral_small", "dense_tiny"} <= set(EXPERIMENTS)
+    assert {"mixtral_tiny", "mixtral_base", "mixtral_small", "dense_tiny"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -56,6 +56,17 @@ def test_preset_sizes() -> None:
     tiny_counts, dense_counts = count_parameters(tiny), count_parameters(dense)
     router_params = tiny.num_layers * tiny.hidden_size * tiny.experts.num_experts
     assert tiny_counts["active"] - router_params == dense_counts["active"]
+
+    # The cascade's large tier: same data (sequence length, tokenizer), several times the compute per token.
+    base_cfg = compose_cfg(["+experiment=mixtral_base"])
+    base = model_config_from(base_cfg, vocab_size=8192)
+    assert base_cfg.data.seq_len == compose_cfg(["+experiment=mixtral_tiny"]).data.seq_len
+    base_counts = count_parameters(base)
+
+    def train_flops(config, counts):  # as cluster/worker.py counts them: 6N + attention
+        return 6 * counts["active_non_embedding"] + 12 * config.num_layers * config.num_heads * config.head_dim * 256
+
+    assert 3.0 < train_flops(base, base_counts) / train_flops(tiny, tiny_counts) < 6.0
 
 
 @pytest.mark.parametrize("overrides,key", [

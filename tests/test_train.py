@@ -138,7 +138,7 @@ def test_nan_steps_are_skipped_then_stop_the_run(ray_session, corpus, tmp_path) 
     assert checkpoints == ["step_00000002"], "the last good checkpoint is kept, nothing after it"
 
 
-@pytest.mark.parametrize("experiment", ["mixtral_small", "dense_tiny"])
+@pytest.mark.parametrize("experiment", ["mixtral_small", "mixtral_base", "dense_tiny"])
 def test_experiment_smoke(ray_session, corpus, tmp_path, experiment: str) -> None:
     """Each preset composes and trains one step with its size shrunk by overrides."""
     shrink = ["cluster.address=null", "cluster.num_workers=1", "cluster.use_gpu=false", "cluster.cpus_per_worker=1",
