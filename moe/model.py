@@ -1,10 +1,12 @@
 """Mixtral-family decoder-only transformer (single-device model code).
 
-Shape legend: B batch, S sequence, D hidden, H query heads, G key/value heads,
-Hd head dim, V vocabulary.
+Shape legend: B batch, S sequence (new tokens), D hidden, H query heads,
+G key/value heads, Hd head dim, V vocabulary, E experts, C cache capacity
+(slots per sequence), K keys attended in one cached step.
 
 Parallelism is applied from outside (see `cluster/`); nothing here knows about
-process groups or Ray.
+process groups or Ray. `KVCache` holds the keys and values of incremental
+decoding (`moe.generate`); without a cache the forward pass is the training one.
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ class RotaryEmbedding(nn.Module):
         emb_SHd = torch.cat((freqs_SH, freqs_SH), dim=-1)
         return emb_SHd.cos().to(dtype), emb_SHd.sin().to(dtype)
 
+    def at_positions(self, positions_BS: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (B, 1, S, Hd) at each sequence's own positions (cached decoding).
+
+        The same float32 angles as `forward` (an outer product is an
+        elementwise product), so position p gets bit-identical values.
+        """
+        freqs_BSH = positions_BS.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(positions_BS.device)
+        emb_BSHd = torch.cat((freqs_BSH, freqs_BSH), dim=-1).unsqueeze(1)
+        return emb_BSHd.cos().to(dtype), emb_BSHd.sin().to(dtype)
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -76,11 +88,129 @@ def attention_mask(seq_len: int, device: torch.device, sliding_window: Optional[
     return mask
 
 
+def cached_attention_mask(positions_BS: torch.Tensor, key_start: int, key_end: int,
+                          sliding_window: Optional[int]) -> torch.Tensor:
+    """Boolean mask (B, 1, S, K) of a cached step: query at position p sees cache slot j
+    (= position j) of its own row iff j <= p and p - j < sliding_window, as `attention_mask`.
+
+    Slots past a row's own tokens (another row is longer, or right padding)
+    lie after every real query of that row, so causality masks them.
+    """
+    k_pos = torch.arange(key_start, key_end, device=positions_BS.device)
+    q_pos = positions_BS.unsqueeze(-1)
+    mask_BSK = k_pos <= q_pos
+    if sliding_window is not None:
+        mask_BSK = mask_BSK & (q_pos - k_pos < sliding_window)
+    return mask_BSK.unsqueeze(1)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, one row per sequence.
+
+    Slot j of row b holds position j of sequence b and `lengths[b]` slots are
+    filled, so sequences of different lengths decode in one batch at their own
+    positions (rotary angles and masks follow each row's positions). Tensors
+    are (B, G, C, Hd) per layer, allocated zero-filled at the first write in
+    the dtype of the keys (stale or never-written slots are masked, and zeros
+    keep a masked score finite: -inf plus NaN would poison the softmax). The
+    whole sequence is kept; a sliding window is applied by the mask (and by
+    not reading slots no query can see), not by a rolling buffer.
+
+    Args:
+        num_layers: layers of the model.
+        batch_size: rows.
+        capacity: initial slots per row; `reserve` grows it.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, capacity: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"KVCache.batch_size must be positive, got {batch_size}")
+        self.num_layers = num_layers
+        self.capacity = capacity
+        self.lengths: list[int] = [0] * batch_size  # on the host: no device sync to plan a step
+        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    def reserve(self, num_new: int) -> None:
+        """Makes room for `num_new` more tokens in every row (capacity at least doubles when it grows)."""
+        needed = max(self.lengths) + num_new
+        if needed <= self.capacity:
+            return
+        new_capacity = max(needed, 2 * self.capacity)
+        for store in (self.keys, self.values):
+            for layer, t in enumerate(store):
+                if t is not None:
+                    store[layer] = F.pad(t, (0, 0, 0, new_capacity - self.capacity))
+        self.capacity = new_capacity
+
+    def update(self, layer: int, k_BGSHd: torch.Tensor, v_BGSHd: torch.Tensor, positions_BS: torch.Tensor,
+               key_start: int, key_end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes the new keys/values at their positions; returns slots [key_start, key_end) (B, G, K, Hd)."""
+        if self.keys[layer] is None:
+            batch, num_kv_heads, _, head_dim = k_BGSHd.shape
+            shape = (batch, num_kv_heads, self.capacity, head_dim)
+            self.keys[layer] = k_BGSHd.new_zeros(shape)
+            self.values[layer] = v_BGSHd.new_zeros(shape)
+        rows_B1 = torch.arange(self.batch_size, device=positions_BS.device).unsqueeze(1)
+        # Advanced indices on dims 0 and 2 put their (B, S) shape first: (B, S, G, Hd).
+        self.keys[layer][rows_B1, :, positions_BS] = k_BGSHd.transpose(1, 2)
+        self.values[layer][rows_B1, :, positions_BS] = v_BGSHd.transpose(1, 2)
+        return self.keys[layer][:, :, key_start:key_end], self.values[layer][:, :, key_start:key_end]
+
+    def advance(self, num_new: "int | list[int]") -> None:
+        """Counts the tokens just written: the same number for every row, or one per row."""
+        counts = [num_new] * self.batch_size if isinstance(num_new, int) else list(num_new)
+        self.lengths = [length + n for length, n in zip(self.lengths, counts, strict=True)]
+
+    def select(self, rows: list[int]) -> "KVCache":
+        """A cache of only `rows` (in that order): finished sequences leave the batch."""
+        if not rows:
+            raise ValueError("KVCache.select: at least one row must remain")
+        out = KVCache(self.num_layers, len(rows), self.capacity)
+        out.lengths = [self.lengths[r] for r in rows]
+        for name in ("keys", "values"):
+            for layer, t in enumerate(getattr(self, name)):
+                if t is not None:
+                    getattr(out, name)[layer] = t[torch.tensor(rows, device=t.device)]
+        return out
+
+    @classmethod
+    def concat(cls, caches: list["KVCache"]) -> "KVCache":
+        """One cache holding the rows of `caches` in order (new sequences join a running batch)."""
+        capacity = max(c.capacity for c in caches)
+        out = cls(caches[0].num_layers, sum(c.batch_size for c in caches), capacity)
+        out.lengths = [length for c in caches for length in c.lengths]
+        for layer in range(out.num_layers):
+            for name in ("keys", "values"):
+                parts = [getattr(c, name)[layer] for c in caches]
+                if any(t is None for t in parts):
+                    raise ValueError("KVCache.concat: every cache must have been written by a forward pass")
+                getattr(out, name)[layer] = torch.cat(
+                    [F.pad(t, (0, 0, 0, capacity - t.shape[2])) for t in parts])
+        return out
+
+
+@dataclass
+class CacheStep:
+    """One cached forward pass as every attention layer sees it: where the new
+    tokens go and which slots [key_start, key_end) the queries may read."""
+
+    cache: KVCache
+    positions_BS: torch.Tensor
+    key_start: int
+    key_end: int
+
+
 class Attention(nn.Module):
     """Grouped-query attention through `scaled_dot_product_attention`."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int = 0) -> None:
         super().__init__()
+        self.layer_id = layer_id  # its slot in a KVCache
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -90,7 +220,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
+                mask: Optional[torch.Tensor], cache_step: Optional[CacheStep] = None) -> torch.Tensor:
         batch, seq_len, _ = x_BSD.shape
         q = self.q_proj(x_BSD).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BSD).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -98,6 +228,9 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.num_kv_heads != self.num_heads
+        if cache_step is not None:
+            k, v = cache_step.cache.update(self.layer_id, k, v, cache_step.positions_BS, cache_step.key_start,
+                                           cache_step.key_end)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -109,16 +242,18 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer_id)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer_id)
         self.ffn = MoELayer(config) if self.is_moe else FeedForward(config.hidden_size, config.dense_hidden_size)
 
     def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: Optional[torch.Tensor]):
-        h = x_BSD + self.attn(self.attn_norm(x_BSD), rope, mask)
+                mask: Optional[torch.Tensor], cache_step: Optional[CacheStep] = None, *,
+                ignore_capacity: bool = False, return_router_probs: bool = False):
+        h = x_BSD + self.attn(self.attn_norm(x_BSD), rope, mask, cache_step)
         if self.is_moe:
-            ffn_out, routing = self.ffn(self.ffn_norm(h))
+            ffn_out, routing = self.ffn(self.ffn_norm(h), ignore_capacity=ignore_capacity,
+                                        return_router_probs=return_router_probs)
             return h + ffn_out, routing
         return h + self.ffn(self.ffn_norm(h)), None
 
@@ -134,6 +269,8 @@ class MoEOutput:
         router_stats: one dict per MoE layer, see `moe.router.load_stats`.
         loss: mean next-token cross entropy when targets were given.
         losses: each unweighted balancing loss averaged over MoE layers.
+        router_probs: with `return_router_probs`, one detached (B, S, E)
+            tensor per MoE layer: each token's probabilities over experts.
     """
 
     logits: torch.Tensor
@@ -141,6 +278,7 @@ class MoEOutput:
     router_stats: list[dict[str, torch.Tensor]] = field(default_factory=list)
     loss: Optional[torch.Tensor] = None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    router_probs: list[torch.Tensor] = field(default_factory=list)
 
 
 class MoETransformer(nn.Module):
@@ -175,23 +313,42 @@ class MoETransformer(nn.Module):
                 module.tokens_per_expert.zero_()
 
     def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None) -> MoEOutput:
+                targets: Optional[torch.Tensor] = None, *, cache: Optional[KVCache] = None,
+                input_lengths: Optional[list[int]] = None, ignore_capacity: bool = False,
+                return_router_probs: bool = False) -> MoEOutput:
         """Args:
             input_ids: (B, S) token ids.
             doc_ids: optional (B, S) document ids of packed sequences; tokens
                 attend only within their document.
             targets: optional (B, S) next-token ids (-100 is ignored).
+            cache: incremental decoding: the new tokens of row b take positions
+                cache.lengths[b] + (0..S-1), attend to the cached tokens and are
+                added to the cache (see `_forward_cached`). Not with doc_ids
+                or targets.
+            input_lengths: with a cache, the real (non-padding) tokens of each
+                row, right-padded to S; the cache advances by these. Default S.
+            ignore_capacity: route every token to its top-k experts whatever
+                the capacity factor, so a token's output does not depend on
+                the rest of the batch (inference; always on with a cache).
+            return_router_probs: fill `MoEOutput.router_probs`.
         """
         self._check_inputs(input_ids, doc_ids, targets)
+        if cache is not None:
+            if doc_ids is not None or targets is not None:
+                raise ValueError("doc_ids and targets are not supported with a cache (incremental decoding)")
+            return self._forward_cached(input_ids, cache, input_lengths, return_router_probs)
         batch, seq_len = input_ids.shape
         x_BSD = self.embed_tokens(input_ids)
         rope = self.rope(seq_len, x_BSD.device, x_BSD.dtype)
         mask = attention_mask(seq_len, x_BSD.device, self.config.sliding_window, doc_ids)
-        aux_losses, router_stats = [], []
+        aux_losses, router_stats, router_probs = [], [], []
         losses: dict[str, list[torch.Tensor]] = {}
         for layer in self.layers:
-            x_BSD, routing = layer(x_BSD, rope, mask)
+            x_BSD, routing = layer(x_BSD, rope, mask, ignore_capacity=ignore_capacity,
+                                   return_router_probs=return_router_probs)
             if routing is not None:
+                if return_router_probs:
+                    router_probs.append(routing.probs_TE.view(batch, seq_len, -1))
                 aux_losses.append(routing.aux_loss)
                 router_stats.append(routing.stats)
                 for name, value in routing.losses.items():
@@ -202,7 +359,46 @@ class MoETransformer(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return MoEOutput(logits, aux_loss, router_stats, loss,
-                         {name: torch.stack(values).mean() for name, values in losses.items()})
+                         {name: torch.stack(values).mean() for name, values in losses.items()}, router_probs)
+
+    def _forward_cached(self, input_ids: torch.Tensor, cache: KVCache, input_lengths: Optional[list[int]],
+                        return_router_probs: bool) -> MoEOutput:
+        """The forward pass of incremental decoding (prefill or one decode step).
+
+        Routing ignores any capacity factor (each token keeps its top-k
+        experts), so a sequence's tokens do not depend on its batch. Balancing
+        losses are not computed (aux_loss is 0).
+        """
+        batch, seq_len = input_ids.shape
+        if cache.batch_size != batch:
+            raise ValueError(f"cache has {cache.batch_size} rows but input_ids has {batch}")
+        if input_lengths is not None and (len(input_lengths) != batch
+                                          or not all(1 <= n <= seq_len for n in input_lengths)):
+            raise ValueError(f"input_lengths must give 1..{seq_len} real tokens for each of the {batch} rows, "
+                             f"got {input_lengths}")
+        if max(cache.lengths) + seq_len > self.config.max_seq_len:
+            raise ValueError(f"cached length {max(cache.lengths)} + {seq_len} new tokens exceeds "
+                             f"ModelConfig.max_seq_len ({self.config.max_seq_len})")
+        device = input_ids.device
+        cache.reserve(seq_len)
+        start_B = torch.tensor(cache.lengths, device=device)
+        positions_BS = start_B.unsqueeze(1) + torch.arange(seq_len, device=device)
+        # Slots before key_start are out of every query's sliding window: not read at all.
+        window = self.config.sliding_window
+        key_start = 0 if window is None else max(0, min(cache.lengths) - window + 1)
+        step = CacheStep(cache, positions_BS, key_start, max(cache.lengths) + seq_len)
+        mask = cached_attention_mask(positions_BS, step.key_start, step.key_end, window)
+        x_BSD = self.embed_tokens(input_ids)
+        rope = self.rope.at_positions(positions_BS, x_BSD.dtype)
+        router_probs = []
+        for layer in self.layers:
+            x_BSD, routing = layer(x_BSD, rope, mask, step, ignore_capacity=True,
+                                   return_router_probs=return_router_probs)
+            if routing is not None and return_router_probs:
+                router_probs.append(routing.probs_TE.view(batch, seq_len, -1))
+        cache.advance(seq_len if input_lengths is None else input_lengths)
+        logits = self.lm_head(self.norm(x_BSD))
+        return MoEOutput(logits, logits.new_zeros((), dtype=torch.float32), router_probs=router_probs)
 
     def _check_inputs(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor],
                       targets: Optional[torch.Tensor]) -> None:

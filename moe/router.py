@@ -29,6 +29,9 @@ class RouterOutput:
     aux_loss: torch.Tensor  # weighted sum of this layer's balancing losses (scalar)
     losses: dict[str, torch.Tensor]  # each unweighted loss, detached, for logging
     stats: dict[str, torch.Tensor]  # detached load statistics, see `load_stats`
+    # Detached per-token probabilities over experts (softmax scores, or sigmoid
+    # scores normalised to sum to 1), only when asked for (`return_probs`).
+    probs_TE: Optional[torch.Tensor] = None
 
 
 def switch_load_balancing_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
@@ -144,7 +147,17 @@ class Router(nn.Module):
         self.tokens_per_expert = self.tokens_per_expert.float()
         return self
 
-    def forward(self, x_BSD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_BSD: torch.Tensor, *, ignore_capacity: bool = False,
+                return_probs: bool = False) -> RouterOutput:
+        """Args:
+            x_BSD: the layer input.
+            ignore_capacity: route every token to its top-k experts even when
+                `capacity_factor` is set. Inference uses it: with a capacity
+                limit a token's experts depend on the other tokens of the
+                batch, so the same prompt would decode differently alone and
+                in a batch, or with padding.
+            return_probs: also return the per-token probabilities (`probs_TE`).
+        """
         cfg = self.config
         batch, seq_len, _ = x_BSD.shape
         x_TD = x_BSD.reshape(batch * seq_len, -1)
@@ -170,7 +183,7 @@ class Router(nn.Module):
 
         num_tokens = batch * seq_len
         dropped_fraction = torch.zeros((), device=x_BSD.device)
-        if cfg.capacity_factor is not None:
+        if cfg.capacity_factor is not None and not ignore_capacity:
             capacity = math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / self.num_experts)
             keep_TK = capacity_keep_mask(topk_ids_TK, topk_weights_TK, self.num_experts, capacity, cfg.drop_policy)
             dropped_fraction = 1.0 - keep_TK.float().mean()
@@ -200,7 +213,12 @@ class Router(nn.Module):
         if self.training and cfg.bias_update_rate > 0:
             with torch.no_grad():
                 self.tokens_per_expert += stats["tokens_per_expert"].to(self.tokens_per_expert.device)
-        return RouterOutput(routed_ids_TK, topk_weights_TK.to(x_BSD.dtype), aux_loss, losses, stats)
+        probs_TE = None
+        if return_probs:
+            probs_TE = scores_TE.detach()
+            if cfg.score_func != "softmax":
+                probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
+        return RouterOutput(routed_ids_TK, topk_weights_TK.to(x_BSD.dtype), aux_loss, losses, stats, probs_TE)
 
 
 def aux_free_routers(model: nn.Module) -> list[Router]:
