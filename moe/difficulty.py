@@ -408,6 +408,8 @@ class DifficultyRouter:
         if not isinstance(l2, (int, float)) or not l2 > 0 or not math.isfinite(l2):
             raise ValueError(f"l2 must be a positive number, got {l2!r}")
         names = tuple(signal_names)
+        if not names or any(n not in SIGNAL_NAMES for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"signal_names must be distinct names from {list(SIGNAL_NAMES)}, got {list(names)}")
         x_NF = _columns(signals, names)
         y_N = torch.as_tensor(labels).to(torch.float64).reshape(-1).cpu()
         if y_N.numel() != x_NF.shape[0]:
