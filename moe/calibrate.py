@@ -1,0 +1,431 @@
+"""`python -m moe.calibrate small=CKPT large=CKPT`: fit and evaluate the cascade's difficulty router.
+
+    python -m moe.calibrate small=runs/mixtral_tiny/checkpoints/step_00000300 \\
+                            large=runs/mixtral_base/checkpoints/step_00000500 [out=DIR] [data=DIR] \\
+                            [num_queries=256] [prompt_tokens=32] [continuation_tokens=16] [margin=0.1] \\
+                            [target_large_fraction=0.3] [holdout=0.3] [posthoc_queries=64] [l2=0.01] \\
+                            [batch_size=8] [seed=0] [device=cpu|cuda]
+
+Writes out/router.json (`moe.difficulty.DifficultyRouter`, with per-fraction
+thresholds for `cascade@0.2` style requests and the post-hoc confidence
+threshold) and out/calibration_report.json, and prints a table.
+
+NOTE: the calibration set and its labels.
+1. Queries: validation documents of the prepared data the small model was
+   trained on (`data=DIR`, or `data.output` of the run's config.yaml when the
+   checkpoint is RUN/checkpoints/step_N). A query is the first K tokens of a
+   document, K drawn per document from [prompt_tokens // 2, prompt_tokens],
+   followed by its true continuation of `continuation_tokens` (M) tokens.
+2. Quality of a tier on a query: the mean NLL of the true continuation under
+   that model, teacher-forced (lower is better). It measures how well the
+   model would answer without sampling noise.
+3. Label: 1 when nll_small - nll_large > margin (the large model's answer is
+   better by more than `margin` nats per token).
+4. The router (logistic regression on the small model's prompt signals) is fit
+   on (1 - holdout) of the queries; the report evaluates it on the rest.
+   Report thresholds for a target fraction are quantiles of the held-out
+   scores themselves, so each row routes exactly that fraction and compares
+   rankings (routed vs random vs oracle at the same large-call fraction).
+   router.json's thresholds are quantiles over all calibration queries.
+5. Post-hoc mode: the small model answers greedily (max_tokens = M) on up to
+   `posthoc_queries` held-out queries; confidence = `Completion.mean_confidence`;
+   the least confident fraction is escalated to the large model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from moe.checkpoint import load_checkpoint
+from moe.difficulty import (SIGNAL_NAMES, DifficultyRouter, confidence_threshold_for_escalation, prompt_signals,
+                            right_pad, threshold_for_large_fraction)
+from moe.model import MoETransformer
+
+USAGE = ("usage: python -m moe.calibrate small=CKPT large=CKPT [out=DIR] [data=DIR] [num_queries=N] "
+         "[prompt_tokens=K] [continuation_tokens=M] [margin=X] [target_large_fraction=F] [holdout=F] "
+         "[posthoc_queries=N] [l2=X] [batch_size=N] [seed=N] [device=D]")
+TOKENIZER_FILE = "tokenizer.json"
+REPORT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+TABLE_FRACTIONS = tuple(i / 100 for i in range(101))  # router.json's fraction -> threshold grid
+MIN_QUERIES = 10
+
+PathLike = Union[str, os.PathLike]
+
+# key: (type, default); None as default means optional without a value.
+OPTIONS: dict[str, tuple[type, Any]] = {
+    "small": (str, None), "large": (str, None), "out": (str, None), "data": (str, None),
+    "num_queries": (int, 256), "prompt_tokens": (int, 32), "continuation_tokens": (int, 16),
+    "margin": (float, 0.1), "target_large_fraction": (float, 0.3), "holdout": (float, 0.3),
+    "posthoc_queries": (int, 64), "l2": (float, 1e-2), "batch_size": (int, 8), "seed": (int, 0),
+    "device": (str, None),
+}
+
+
+def parse_args(argv: list[str]) -> dict[str, Any]:
+    """`key=value` arguments to typed values; raises ValueError naming the key."""
+    args: dict[str, Any] = {}
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep or key not in OPTIONS:
+            raise ValueError(f"unknown argument {item!r}; {USAGE}")
+        kind = OPTIONS[key][0]
+        try:
+            args[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    for key in ("small", "large"):
+        if key not in args:
+            raise ValueError(f"{key}=CKPT is required; {USAGE}")
+    return args
+
+
+# ---- inputs ------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_tokenizers(small: Path, large: Path) -> str:
+    """Both checkpoints carry the same tokenizer.json; returns its sha256.
+
+    Raises:
+        FileNotFoundError: a checkpoint without tokenizer.json.
+        ValueError: the files differ (the message names both).
+    """
+    hashes = []
+    for key, checkpoint in (("small", small), ("large", large)):
+        path = checkpoint / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}: {path} is missing (checkpoints of moe.train carry their data's "
+                                    f"tokenizer)")
+        hashes.append(_sha256(path))
+    if hashes[0] != hashes[1]:
+        raise ValueError(f"small/large: the tokenizers differ: {small / TOKENIZER_FILE} (sha256 {hashes[0][:12]}...) "
+                         f"and {large / TOKENIZER_FILE} (sha256 {hashes[1][:12]}...); a cascade needs two models "
+                         f"trained with the same tokenizer")
+    return hashes[0]
+
+
+def data_dir_of(checkpoint: Path, data: Optional[str]) -> Path:
+    """The prepared directory: `data`, else `data.output` of the training run's config.yaml."""
+    if data is not None:
+        return Path(data)
+    from moe.evaluate import run_config_of
+
+    run_cfg = run_config_of(checkpoint) or {}
+    output = (run_cfg.get("data") or {}).get("output")
+    if not output:
+        raise ValueError(f"data: {checkpoint} is not inside a training run directory with a config.yaml "
+                         f"(RUN/checkpoints/step_N); pass data=DIR, the prepared data it was trained on")
+    return Path(output)
+
+
+def read_validation_documents(data_dir: Path, limit: int, min_tokens: int) -> list[list[int]]:
+    """Up to `limit` validation documents of at least `min_tokens` tokens, in manifest order."""
+    from data_pipeline.loader import open_split_shards
+    from data_pipeline.manifest import read_manifest
+
+    manifest = read_manifest(data_dir)
+    shards, _ = open_split_shards(data_dir, manifest, "validation", on_corrupt="error")
+    documents: list[list[int]] = []
+    for shard in shards:
+        for index in range(len(shard.entry["record_batches"])):
+            for tokens in shard.read_batch(index).column("tokens").to_pylist():
+                if len(tokens) >= min_tokens:
+                    documents.append(tokens)
+                    if len(documents) == limit:
+                        return documents
+    return documents
+
+
+def make_queries(documents: list[list[int]], prompt_tokens: int, continuation_tokens: int,
+                 seed: int) -> list[tuple[list[int], list[int]]]:
+    """(query, continuation) pairs: a document's first K tokens and its next M tokens."""
+    rng = random.Random(seed)
+    pairs = []
+    for tokens in documents:
+        k = rng.randint(max(1, prompt_tokens // 2), prompt_tokens)
+        k = min(k, len(tokens) - continuation_tokens)
+        if k >= 1:
+            pairs.append((tokens[:k], tokens[k:k + continuation_tokens]))
+    return pairs
+
+
+@torch.no_grad()
+def continuation_nll(model: MoETransformer, pairs: list[tuple[list[int], list[int]]],
+                     batch_size: int) -> torch.Tensor:
+    """Mean NLL (nats/token) of each continuation given its query, teacher-forced; (N,) float64."""
+    device = model.embed_tokens.weight.device
+    out = torch.empty(len(pairs), dtype=torch.float64)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        inputs = [query + continuation[:-1] for query, continuation in chunk]
+        logits = model(right_pad(inputs, device), ignore_capacity=True).logits
+        for row, (query, continuation) in enumerate(chunk):
+            positions = slice(len(query) - 1, len(query) - 1 + len(continuation))
+            logp = torch.log_softmax(logits[row, positions].to(torch.float64), dim=-1)
+            targets = torch.tensor(continuation, device=device).unsqueeze(1)
+            out[start + row] = -logp.gather(1, targets).mean()
+    return out
+
+
+# ---- evaluation --------------------------------------------------------------------------
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
+    """Area under the ROC curve (Mann-Whitney, ties count half); None without both classes."""
+    scores, labels = scores.to(torch.float64), labels.to(torch.bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    greater = (scores[labels].unsqueeze(1) > scores[~labels].unsqueeze(0)).sum()
+    ties = (scores[labels].unsqueeze(1) == scores[~labels].unsqueeze(0)).sum()
+    return float((greater + 0.5 * ties) / (positives * negatives))
+
+
+def _gap_recovered(all_small: float, all_large: float, routed: float) -> Optional[float]:
+    gap = all_small - all_large
+    return None if abs(gap) < 1e-12 else (all_small - routed) / gap
+
+
+def routing_rows(to_large: list[torch.Tensor], nll_small: torch.Tensor, nll_large: torch.Tensor,
+                 fractions: tuple[float, ...]) -> list[dict[str, Any]]:
+    """Per target fraction: realised large fraction, routed/random/oracle quality and gap recovered."""
+    n = len(nll_small)
+    all_small, all_large = float(nll_small.mean()), float(nll_large.mean())
+    benefit = nll_small - nll_large
+    rows = []
+    for fraction, large_mask in zip(fractions, to_large):
+        k = int(large_mask.sum())
+        routed = float(torch.where(large_mask, nll_large, nll_small).mean())
+        oracle_mask = torch.zeros(n, dtype=torch.bool)
+        oracle_mask[benefit.argsort(descending=True)[:k]] = True
+        oracle = float(torch.where(oracle_mask, nll_large, nll_small).mean())
+        random_quality = all_small + k / n * (all_large - all_small)  # expectation over random k-subsets
+        rows.append({"target_fraction": fraction, "large_fraction": k / n, "routed_quality": routed,
+                     "random_quality": random_quality, "oracle_quality": oracle,
+                     "gap_recovered": _gap_recovered(all_small, all_large, routed),
+                     "random_gap_recovered": _gap_recovered(all_small, all_large, random_quality),
+                     "oracle_gap_recovered": _gap_recovered(all_small, all_large, oracle)})
+    return rows
+
+
+def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, *, data: Optional[PathLike] = None,
+              num_queries: int = 256, prompt_tokens: int = 32, continuation_tokens: int = 16, margin: float = 0.1,
+              target_large_fraction: float = 0.3, holdout: float = 0.3, posthoc_queries: int = 64,
+              l2: float = 1e-2, batch_size: int = 8, seed: int = 0, device: Optional[str] = None,
+              verbose: bool = True) -> dict[str, Any]:
+    """Builds the calibration set, fits the router, writes router.json and calibration_report.json.
+
+    Args:
+        small, large: checkpoint directories (with tokenizer.json).
+        out: output directory; default calibration/<small>__<large> in the
+            working directory.
+        data: the prepared data directory; default the small run's data.output.
+        num_queries: validation documents used at most.
+        prompt_tokens, continuation_tokens, margin, holdout, posthoc_queries:
+            see the module NOTE.
+        target_large_fraction: sets router.threshold (and posthoc_threshold).
+        l2: the router's penalty.
+        batch_size: sequences per forward pass.
+        seed: query lengths and the held-out split.
+        device: default cuda when available.
+        verbose: print the table.
+    Returns:
+        The report (as written to calibration_report.json).
+    Raises:
+        ValueError: a bad option (named), different tokenizers (both paths
+            named), data prepared with another tokenizer, too few queries, or
+            labels of one class only (change `margin`).
+    """
+    _check_options(num_queries=num_queries, prompt_tokens=prompt_tokens, continuation_tokens=continuation_tokens,
+                   margin=margin, target_large_fraction=target_large_fraction, holdout=holdout,
+                   posthoc_queries=posthoc_queries, l2=l2, batch_size=batch_size)
+    small, large = Path(small), Path(large)
+    tokenizer_sha256 = check_tokenizers(small, large)
+    data_dir = data_dir_of(small, None if data is None else str(data))
+    data_tokenizer = data_dir / TOKENIZER_FILE
+    if not data_tokenizer.is_file() or _sha256(data_tokenizer) != tokenizer_sha256:
+        raise ValueError(f"data: {data_tokenizer} is missing or differs from {small / TOKENIZER_FILE}: the "
+                         f"calibration data must be tokenized like the models' training data")
+    out = Path(out) if out is not None else Path("calibration") / f"{_name(small)}__{_name(large)}"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    small_model = load_checkpoint(small, device=device).eval()
+    large_model = load_checkpoint(large, device=device).eval()
+    max_len = min(small_model.config.max_seq_len, large_model.config.max_seq_len)
+    if prompt_tokens + continuation_tokens > max_len:
+        raise ValueError(f"prompt_tokens: prompt_tokens ({prompt_tokens}) + continuation_tokens "
+                         f"({continuation_tokens}) exceed the models' max_seq_len ({max_len})")
+    documents = read_validation_documents(data_dir, num_queries, continuation_tokens + 1)
+    pairs = make_queries(documents, prompt_tokens, continuation_tokens, seed)
+    if len(pairs) < MIN_QUERIES:
+        raise ValueError(f"num_queries: only {len(pairs)} validation documents of {data_dir} have more than "
+                         f"continuation_tokens={continuation_tokens} tokens; at least {MIN_QUERIES} are needed")
+    queries = [query for query, _ in pairs]
+
+    signals = prompt_signals(small_model, queries, batch_size=batch_size)
+    nll_small = continuation_nll(small_model, pairs, batch_size)
+    nll_large = continuation_nll(large_model, pairs, batch_size)
+    labels = (nll_small - nll_large > margin).to(torch.float64)
+
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))
+    num_heldout = max(2, round(holdout * len(pairs)))
+    heldout, fit = order[:num_heldout], order[num_heldout:]
+    try:
+        router = DifficultyRouter.fit(signals[fit], labels[fit], l2=l2)
+    except ValueError as err:
+        raise ValueError(f"margin: {err} (label rate {float(labels.mean()):.2f} with margin={margin}; the "
+                         f"large model is better by more than the margin on {int(labels.sum())} of "
+                         f"{len(labels)} queries); choose another margin") from None
+    scores = router.score(signals)
+
+    # Pre-generation routing on the held-out queries, thresholds at held-out quantiles (NOTE 4).
+    h_scores, h_small, h_large, h_labels = scores[heldout], nll_small[heldout], nll_large[heldout], labels[heldout]
+    h_thresholds = [threshold_for_large_fraction(h_scores, f) for f in REPORT_FRACTIONS]
+    rows = routing_rows([h_scores >= t for t in h_thresholds], h_small, h_large, REPORT_FRACTIONS)
+    for row, threshold in zip(rows, h_thresholds):
+        row["threshold"] = threshold
+
+    # Post-hoc routing: the small model answers first (NOTE 5).
+    posthoc = _posthoc(small_model, small, heldout[:posthoc_queries], queries, nll_small, nll_large, labels,
+                       continuation_tokens, batch_size, device)
+
+    router.fraction_thresholds = [[f, threshold_for_large_fraction(scores, f)] for f in TABLE_FRACTIONS]
+    router.threshold = router.threshold_for_fraction(target_large_fraction)
+    router.posthoc_fraction_thresholds = posthoc.pop("table")
+    router.posthoc_threshold = router.posthoc_threshold_for_fraction(target_large_fraction)
+    router.metadata = {"small": str(small.resolve()), "large": str(large.resolve()), "data": str(data_dir.resolve()),
+                       "tokenizer_sha256": tokenizer_sha256, "num_queries": len(pairs), "margin": margin,
+                       "target_large_fraction": target_large_fraction}
+
+    report = {
+        "small": str(small.resolve()), "large": str(large.resolve()), "data": str(data_dir.resolve()),
+        "tokenizer_sha256": tokenizer_sha256,
+        "settings": {"num_queries": num_queries, "prompt_tokens": prompt_tokens,
+                     "continuation_tokens": continuation_tokens, "margin": margin, "holdout": holdout,
+                     "target_large_fraction": target_large_fraction, "posthoc_queries": posthoc_queries, "l2": l2,
+                     "seed": seed},
+        "num_queries": len(pairs), "num_fit": len(fit), "num_heldout": len(heldout),
+        "label_rate": float(labels.mean()), "heldout_label_rate": float(h_labels.mean()),
+        "auc_heldout": roc_auc(h_scores, h_labels), "auc_fit": roc_auc(scores[fit], labels[fit]),
+        "quality": {"metric": "mean continuation NLL (nats/token, lower is better), held-out",
+                    "all_small": float(h_small.mean()), "all_large": float(h_large.mean()),
+                    "oracle_best": float(torch.minimum(h_small, h_large).mean())},
+        "router": {"weights": dict(zip(SIGNAL_NAMES, router.weights)), "bias": router.bias,
+                   "threshold": router.threshold, "posthoc_threshold": router.posthoc_threshold},
+        "fractions": rows,
+        "posthoc": posthoc,
+        "heldout_queries": [{"prompt_tokens": len(queries[i]), "nll_small": float(nll_small[i]),
+                             "nll_large": float(nll_large[i]), "score": float(scores[i]), "label": int(labels[i])}
+                            for i in heldout.tolist()],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    router.save(out / "router.json")
+    _write_json(out / "calibration_report.json", report)
+    if verbose:
+        print(format_report(report, out))
+    return report
+
+
+def _posthoc(small_model: MoETransformer, small: Path, rows: torch.Tensor, queries: list[list[int]],
+             nll_small: torch.Tensor, nll_large: torch.Tensor, labels: torch.Tensor, max_tokens: int,
+             batch_size: int, device: str) -> dict[str, Any]:
+    from moe.generate import Generator, SamplingParams, load_tokenizer
+
+    generator = Generator(small_model, load_tokenizer(small), max_batch_size=batch_size, device=device)
+    index = rows.tolist()
+    completions = generator.generate_ids([queries[i] for i in index],
+                                         [SamplingParams(max_tokens=max_tokens)] * len(index))
+    confidence = torch.tensor([c.mean_confidence for c in completions], dtype=torch.float64)
+    thresholds = [confidence_threshold_for_escalation(confidence, f) for f in REPORT_FRACTIONS]
+    fraction_rows = routing_rows([confidence < t for t in thresholds], nll_small[index], nll_large[index],
+                                 REPORT_FRACTIONS)
+    for row, threshold in zip(fraction_rows, thresholds):
+        row["threshold"] = threshold
+    return {"num_queries": len(index), "mean_confidence": float(confidence.mean()),
+            "auc_heldout": roc_auc(-confidence, labels[index]),
+            "all_small": float(nll_small[index].mean()), "all_large": float(nll_large[index].mean()),
+            "fractions": fraction_rows,
+            "table": [[f, confidence_threshold_for_escalation(confidence, f)] for f in TABLE_FRACTIONS]}
+
+
+def format_report(report: dict[str, Any], out: Path) -> str:
+    """The printed summary: one line per target large-call fraction."""
+    quality, posthoc = report["quality"], report["posthoc"]
+    auc = report["auc_heldout"]
+    lines = [
+        f"calibration: {report['num_queries']} queries ({report['num_fit']} fit, {report['num_heldout']} held out); "
+        f"label rate {report['label_rate']:.2f} (large better by > {report['settings']['margin']} nats/token); "
+        f"held-out AUC {'n/a' if auc is None else f'{auc:.3f}'}",
+        f"held-out mean continuation NLL: all-small {quality['all_small']:.4f}, all-large {quality['all_large']:.4f}, "
+        f"per-query best {quality['oracle_best']:.4f}",
+        f"post-hoc (small answers, low confidence escalates) on {posthoc['num_queries']} held-out queries: "
+        f"all-small {posthoc['all_small']:.4f}, all-large {posthoc['all_large']:.4f}",
+        f"{'large%':>6} {'routed':>8} {'random':>8} {'oracle':>8} {'recovered':>9} | {'post-hoc':>8} {'recovered':>9}",
+    ]
+    for row, post in zip(report["fractions"], posthoc["fractions"]):
+        lines.append(f"{row['large_fraction']:>6.0%} {row['routed_quality']:>8.4f} {row['random_quality']:>8.4f} "
+                     f"{row['oracle_quality']:>8.4f} {_percent(row['gap_recovered']):>9} | "
+                     f"{post['routed_quality']:>8.4f} {_percent(post['gap_recovered']):>9}")
+    router = report["router"]
+    lines.append(f"router: threshold {router['threshold']:.4f} at target_large_fraction "
+                 f"{report['settings']['target_large_fraction']}, post-hoc confidence threshold "
+                 f"{router['posthoc_threshold']:.4f}")
+    lines.append(f"wrote {out / 'router.json'} and {out / 'calibration_report.json'}")
+    return "\n".join(lines)
+
+
+def _percent(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _name(checkpoint: Path) -> str:
+    checkpoint = checkpoint.resolve()
+    if checkpoint.parent.name == "checkpoints":
+        return f"{checkpoint.parent.parent.name}_{checkpoint.name}"
+    return checkpoint.name
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_options(**options: Any) -> None:
+    for key in ("num_queries", "prompt_tokens", "continuation_tokens", "posthoc_queries", "batch_size"):
+        value = options[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    for key in ("margin", "l2"):
+        if not isinstance(options[key], (int, float)) or not math.isfinite(options[key]):
+            raise ValueError(f"{key} must be a finite number, got {options[key]!r}")
+    if not options["l2"] > 0:
+        raise ValueError(f"l2 must be positive, got {options['l2']!r}")
+    if not 0 <= options["target_large_fraction"] <= 1:
+        raise ValueError(f"target_large_fraction must be in [0, 1], got {options['target_large_fraction']!r}")
+    if not 0 < options["holdout"] < 1:
+        raise ValueError(f"holdout must be in (0, 1), got {options['holdout']!r}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        options = {key: args.get(key, default) for key, (_, default) in OPTIONS.items()}
+        calibrate(**options)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""`python -m moe.calibrate` on two tiny trained checkpoints and a tiny prepared corpus."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe import ModelConfig, MoETransformer, save_checkpoint
+from moe.calibrate import (REPORT_FRACTIONS, continuation_nll, main, make_queries, read_validation_documents,
+                           roc_auc)
+from moe.difficulty import DifficultyRouter
+
+ROOT = Path(__file__).resolve().parents[1]
+K, M = 12, 6  # prompt_tokens, continuation_tokens
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train(data: Path, steps: int, hidden_size: int, seed: int) -> MoETransformer:
+    """A few AdamW steps on the prepared training split (the large model gets more, and is wider)."""
+    from data_pipeline.loader import CurriculumLoader
+
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=320, hidden_size=hidden_size, num_layers=2, num_heads=4, num_kv_heads=2,
+                         max_seq_len=64, experts=dict(num_experts=4, hidden_size=32))
+    model = MoETransformer(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loader = CurriculumLoader(data, seq_len=32, global_batch_size=8, prefetch=0)
+    for _, batch in zip(range(steps), loader):
+        out = model(batch["input_ids"], doc_ids=batch["doc_ids"], targets=batch["targets"])
+        optimizer.zero_grad()
+        (out.loss + out.aux_loss).backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Prepared data; runs/small (with config.yaml naming the data) and runs/large checkpoints."""
+    from data_pipeline.prepare import prepare
+    from data_pipeline.testing import make_corpus, tiny_data_config
+
+    root = tmp_path_factory.mktemp("calibrate")
+    make_corpus(root / "corpus", num_text=60)
+    data = prepare(tiny_data_config(root / "corpus", root / "prepared", validation_fraction=0.5))
+    checkpoints = {}
+    for name, steps, hidden_size, seed in (("small", 4, 32, 0), ("large", 150, 64, 1)):
+        directory = save_checkpoint(train(data, steps, hidden_size, seed),
+                                    root / "runs" / name / "checkpoints" / "step_00000010")
+        shutil.copyfile(data / "tokenizer.json", directory / "tokenizer.json")
+        checkpoints[name] = directory
+    (root / "runs" / "small" / "config.yaml").write_text(f"data:\n  output: {data}\n  seq_len: 32\n")
+    return {"root": root, "data": data, **checkpoints}
+
+
+def median_margin(setup) -> float:
+    """The median per-query NLL gap: a margin that gives both labels."""
+    from moe import load_checkpoint
+
+    pairs = make_queries(read_validation_documents(setup["data"], 256, M + 1), K, M, seed=0)
+    gaps = (continuation_nll(load_checkpoint(setup["small"]), pairs, 8)
+            - continuation_nll(load_checkpoint(setup["large"]), pairs, 8))
+    return float(gaps.median())
+
+
+def test_cli_writes_a_consistent_report(setup, capsys) -> None:
+    out = setup["root"] / "out"
+    margin = median_margin(setup)
+    main([f"small={setup['small']}", f"large={setup['large']}", f"out={out}", f"prompt_tokens={K}",
+          f"continuation_tokens={M}", f"margin={margin}", "target_large_fraction=0.4", "device=cpu"])
+    printed = capsys.readouterr().out
+    assert "held-out AUC" in printed and "router.json" in printed
+    report = json.loads((out / "calibration_report.json").read_text())
+    router = DifficultyRouter.load(out / "router.json")
+
+    n = report["num_heldout"]
+    queries = report["heldout_queries"]
+    assert report["num_fit"] + n == report["num_queries"] >= 30 and len(queries) == n
+    small = torch.tensor([q["nll_small"] for q in queries], dtype=torch.float64)
+    large = torch.tensor([q["nll_large"] for q in queries], dtype=torch.float64)
+    scores = torch.tensor([q["score"] for q in queries], dtype=torch.float64)
+    labels = torch.tensor([q["label"] for q in queries])
+    assert 0 < report["label_rate"] < 1
+    assert labels.tolist() == (small - large > margin).long().tolist()
+    assert report["heldout_label_rate"] == pytest.approx(labels.double().mean().item())
+    assert report["auc_heldout"] == roc_auc(scores, labels)
+    quality = report["quality"]
+    assert quality["all_small"] == pytest.approx(small.mean().item())
+    assert quality["all_large"] == pytest.approx(large.mean().item())
+    # The fixture's large model is better on every held-out query, so any routing lies between the two.
+    assert bool((large <= small).all())
+
+    assert [row["target_fraction"] for row in report["fractions"]] == list(REPORT_FRACTIONS)
+    for row in report["fractions"]:
+        to_large = scores >= row["threshold"]
+        assert row["large_fraction"] == round(row["target_fraction"] * n) / n == to_large.double().mean().item()
+        routed = torch.where(to_large, large, small).mean().item()
+        assert row["routed_quality"] == pytest.approx(routed)
+        assert quality["all_large"] - 1e-12 <= row["oracle_quality"] <= routed + 1e-12
+        assert routed <= quality["all_small"] + 1e-12
+        assert row["random_quality"] == pytest.approx(
+            quality["all_small"] + row["large_fraction"] * (quality["all_large"] - quality["all_small"]))
+        gap = quality["all_small"] - quality["all_large"]
+        assert row["gap_recovered"] == pytest.approx((quality["all_small"] - routed) / gap)
+        assert row["random_gap_recovered"] == pytest.approx(row["large_fraction"])
+
+    posthoc = report["posthoc"]
+    p = posthoc["num_queries"]
+    assert p == min(64, n) and 0 < posthoc["mean_confidence"] <= 1
+    for row in posthoc["fractions"]:
+        assert row["large_fraction"] == round(row["target_fraction"] * p) / p
+        assert quality["all_large"] - 1e-12 <= row["routed_quality"] <= quality["all_small"] + 1e-12
+
+    assert len(router.fraction_thresholds) == 101
+    assert router.threshold == pytest.approx(router.threshold_for_fraction(0.4))
+    assert report["router"]["threshold"] == router.threshold
+    assert router.posthoc_threshold == pytest.approx(router.posthoc_threshold_for_fraction(0.4))
+    assert router.metadata["tokenizer_sha256"] == report["tokenizer_sha256"]
+    assert router.metadata["data"] == str(setup["data"].resolve()), "data.output of the small run's config.yaml"
+
+
+def test_mismatched_tokenizers_are_refused(setup) -> None:
+    other = setup["root"] / "other_large"
+    shutil.copytree(setup["large"], other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["added_tokens"][0]["content"] = "<|eos|>"
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    result = subprocess.run([sys.executable, "-m", "moe.calibrate", f"small={setup['small']}", f"large={other}",
+                             f"out={setup['root'] / 'refused'}"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert str(setup["small"] / "tokenizer.json") in result.stderr and str(other / "tokenizer.json") in result.stderr
+    assert not (setup["root"] / "refused").exists()
+
+
+def test_argument_and_input_errors(setup, capsys) -> None:
+    cases = [
+        ([f"small={setup['small']}"], "large=CKPT is required"),
+        ([f"small={setup['small']}", f"large={setup['large']}", "num_queries=many"], "num_queries: expected an integer"),
+        ([f"small={setup['small']}", f"large={setup['large']}", "margn=0.1"], "unknown argument 'margn=0.1'"),
+        ([f"small={setup['small']}", f"large={setup['large']}", "holdout=1.0"], "holdout"),
+        ([f"small={setup['small']}", f"large={setup['large']}", "prompt_tokens=60", "continuation_tokens=8"],
+         "prompt_tokens"),
+        # A checkpoint outside a run directory needs data=DIR.
+        ([f"small={setup['large']}", f"large={setup['large']}"], "data: .*pass data=DIR"),
+        ([f"small={setup['large']}", f"large={setup['large']}", f"data={setup['root'] / 'corpus'}"],
+         "data: .*tokenizer.json"),
+        ([f"small={setup['small']}", f"large={setup['large']}", "margin=50"], "margin: labels are all 0"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv + ["device=cpu", f"out={setup['root'] / 'errors'}"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and __import__("re").search(message, err), (message, err)
