@@ -14,8 +14,12 @@ NOTE: the calibration set and its labels.
 1. Queries: validation documents of the prepared data the small model was
    trained on (`data=DIR`, or `data.output` of the run's config.yaml when the
    checkpoint is RUN/checkpoints/step_N). A query is the first K tokens of a
-   document, K drawn per document from [prompt_tokens // 2, prompt_tokens],
+   document, K drawn per query from [prompt_tokens // 2, prompt_tokens],
    followed by its true continuation of `continuation_tokens` (M) tokens.
+   A validation split of few long documents would give few queries, so a
+   document is cut into consecutive windows of K + M tokens, each a query;
+   documents take turns (every document's beginning first, then every
+   second window, ...) until `num_queries`.
 2. Quality of a tier on a query: the mean NLL of the true continuation under
    that model, teacher-forced (lower is better). It measures how well the
    model would answer without sampling noise.
@@ -147,17 +151,25 @@ def read_validation_documents(data_dir: Path, limit: int, min_tokens: int) -> li
     return documents
 
 
-def make_queries(documents: list[list[int]], prompt_tokens: int, continuation_tokens: int,
-                 seed: int) -> list[tuple[list[int], list[int]]]:
-    """(query, continuation) pairs: a document's first K tokens and its next M tokens."""
+def make_queries(documents: list[list[int]], prompt_tokens: int, continuation_tokens: int, seed: int,
+                 num_queries: int) -> list[tuple[list[int], list[int]]]:
+    """(query, continuation) pairs: windows of K + M tokens of the documents, taken in turns (NOTE 1)."""
     rng = random.Random(seed)
-    pairs = []
+    windows: list[list[tuple[list[int], list[int]]]] = []
     for tokens in documents:
-        k = rng.randint(max(1, prompt_tokens // 2), prompt_tokens)
-        k = min(k, len(tokens) - continuation_tokens)
-        if k >= 1:
-            pairs.append((tokens[:k], tokens[k:k + continuation_tokens]))
-    return pairs
+        pairs, start = [], 0
+        while True:
+            k = rng.randint(max(1, prompt_tokens // 2), prompt_tokens)
+            k = min(k, len(tokens) - start - continuation_tokens)
+            if k < 1 or (pairs and k < max(1, prompt_tokens // 2)):  # a short tail window only if it is the first
+                break
+            pairs.append((tokens[start:start + k], tokens[start + k:start + k + continuation_tokens]))
+            start += k + continuation_tokens
+        windows.append(pairs)
+    queries = []
+    for turn in range(max((len(w) for w in windows), default=0)):
+        queries += [pairs[turn] for pairs in windows if turn < len(pairs)]
+    return queries[:num_queries]
 
 
 @torch.no_grad()
@@ -230,7 +242,7 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
         out: output directory; default calibration/<small>__<large> in the
             working directory.
         data: the prepared data directory; default the small run's data.output.
-        num_queries: validation documents used at most.
+        num_queries: calibration queries at most.
         prompt_tokens, continuation_tokens, margin, holdout, posthoc_queries:
             see the module NOTE.
         target_large_fraction: sets router.threshold (and posthoc_threshold).
@@ -266,10 +278,11 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
         raise ValueError(f"prompt_tokens: prompt_tokens ({prompt_tokens}) + continuation_tokens "
                          f"({continuation_tokens}) exceed the models' max_seq_len ({max_len})")
     documents = read_validation_documents(data_dir, num_queries, continuation_tokens + 1)
-    pairs = make_queries(documents, prompt_tokens, continuation_tokens, seed)
+    pairs = make_queries(documents, prompt_tokens, continuation_tokens, seed, num_queries)
     if len(pairs) < MIN_QUERIES:
-        raise ValueError(f"num_queries: only {len(pairs)} validation documents of {data_dir} have more than "
-                         f"continuation_tokens={continuation_tokens} tokens; at least {MIN_QUERIES} are needed")
+        raise ValueError(f"num_queries: the validation split of {data_dir} gives only {len(pairs)} queries of "
+                         f"prompt_tokens={prompt_tokens} + continuation_tokens={continuation_tokens}; at least "
+                         f"{MIN_QUERIES} are needed")
     queries = [query for query, _ in pairs]
 
     signals = prompt_signals(small_model, queries, batch_size=batch_size)

@@ -17,7 +17,7 @@ from moe.calibrate import (REPORT_FRACTIONS, continuation_nll, main, make_querie
 from moe.difficulty import DifficultyRouter
 
 ROOT = Path(__file__).resolve().parents[1]
-K, M = 12, 6  # prompt_tokens, continuation_tokens
+K, M = 12, 8  # prompt_tokens, continuation_tokens
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,7 +56,7 @@ def setup(tmp_path_factory):
     make_corpus(root / "corpus", num_text=60)
     data = prepare(tiny_data_config(root / "corpus", root / "prepared", validation_fraction=0.5))
     checkpoints = {}
-    for name, steps, hidden_size, seed in (("small", 4, 32, 0), ("large", 150, 64, 1)):
+    for name, steps, hidden_size, seed in (("small", 0, 32, 0), ("large", 150, 64, 1)):
         directory = save_checkpoint(train(data, steps, hidden_size, seed),
                                     root / "runs" / name / "checkpoints" / "step_00000010")
         shutil.copyfile(data / "tokenizer.json", directory / "tokenizer.json")
@@ -69,7 +69,7 @@ def median_margin(setup) -> float:
     """The median per-query NLL gap: a margin that gives both labels."""
     from moe import load_checkpoint
 
-    pairs = make_queries(read_validation_documents(setup["data"], 256, M + 1), K, M, seed=0)
+    pairs = make_queries(read_validation_documents(setup["data"], 256, M + 1), K, M, seed=0, num_queries=256)
     gaps = (continuation_nll(load_checkpoint(setup["small"]), pairs, 8)
             - continuation_nll(load_checkpoint(setup["large"]), pairs, 8))
     return float(gaps.median())
@@ -164,3 +164,18 @@ def test_argument_and_input_errors(setup, capsys) -> None:
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and __import__("re").search(message, err), (message, err)
+
+
+def test_queries_are_document_windows_taken_in_turns() -> None:
+    documents = [list(range(100, 130)), list(range(200, 205)), list(range(300, 400))]
+    pairs = make_queries(documents, prompt_tokens=8, continuation_tokens=4, seed=0, num_queries=12)
+    assert len(pairs) == 12
+    assert [query[0] for query, _ in pairs[:3]] == [100, 200, 300], "every document's beginning first"
+    assert pairs[1] == ([200], [201, 202, 203, 204]), "a short document: a short prompt, the continuation kept"
+    for query, continuation in pairs:
+        assert len(continuation) == 4 and (len(query) >= 4 or query == [200])
+        assert query + continuation == list(range(query[0], query[0] + len(query) + 4)), "contiguous"
+    starts = sorted(query[0] for query, _ in pairs if 300 <= query[0] < 400)
+    ends = sorted(query[0] + len(query) + 4 for query, _ in pairs if 300 <= query[0] < 400)
+    assert starts[1:] == ends[:-1], "consecutive, non-overlapping windows"
+    assert make_queries(documents, 8, 4, seed=0, num_queries=12) == pairs
