@@ -151,7 +151,11 @@ def sampling_distribution(logits_V: torch.Tensor, temperature: float, top_p: flo
     tokens, in order, up to and including the first at which the cumulative
     probability reaches top_p; renormalised. Needs temperature > 0.
     """
-    probs_V = torch.softmax(logits_V.to(torch.float64) / temperature, dim=-1)
+    # Shift by the max first: with a tiny temperature (5e-324 is a valid float) logits / temperature
+    # overflows to +-inf and softmax gives NaN, while the shifted form tends to the greedy one-hot
+    # (uniform over tied maxima), the true limit of temperature -> 0.
+    logits_V = logits_V.to(torch.float64)
+    probs_V = torch.softmax((logits_V - logits_V.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_V, order_V = probs_V.sort(descending=True)
         mass_before_V = sorted_V.cumsum(0) - sorted_V

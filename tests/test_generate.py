@@ -171,6 +171,17 @@ def test_sampling_distribution_and_draws(temperature: float, top_p: float) -> No
     assert ((counts / draws - probs).abs() <= 5 * sigma + 1e-9).all(), (counts / draws, probs)
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-8])
+def test_tiny_temperature_is_greedy(temperature: float) -> None:
+    """The limit temperature -> 0 is the greedy one-hot (found by fuzzing the server: NaN before)."""
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.999])
+    probs = sampling_distribution(logits, temperature, 1.0)
+    torch.testing.assert_close(probs, torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    assert int(sample_from(probs, torch.Generator().manual_seed(0))) == 1
+    tied = sampling_distribution(torch.tensor([1.0, 1.0, 0.0]), temperature, 1.0)
+    torch.testing.assert_close(tied, torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
+
+
 # ---- text: a scripted model ------------------------------------------------------------------
 
 def scripted_model(script: list[int], last: int, vocab: int = VOCAB) -> MoETransformer:

@@ -1,0 +1,32 @@
+"""`python -m moe.serve small=CKPT large=CKPT [port=8000]`: the cascade on Ray Serve.
+
+A thin Hydra entry point: compose conf/serve.yaml and hand it to the Serve
+application in `serving.app`. Ray, Serve and FastAPI are imported here, not by
+`import moe`, which stays torch-only.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from serving.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    from serving.app import serve_forever
+
+    try:
+        serve_forever(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Builds and runs the cascade application on Ray Serve: two tier deployments behind one ingress.
+
+    python -m moe.serve small=runs/mixtral_tiny/checkpoints/step_00000300 \\
+                        large=runs/mixtral_base/checkpoints/step_00000500 port=8000
+
+Everything that can be checked is checked before Ray starts: the config
+values, both checkpoints (readable, with a tokenizer), that the two tiers
+share one tokenizer (the message names both files), and the router file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from serving.config import validate_serve_config
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_tiers(small: str, large: str) -> dict[str, Any]:
+    """Both tiers are moe checkpoints with the same tokenizer; returns their facts.
+
+    Raises:
+        ValueError: naming the key (`small`/`large`) and the file at fault.
+    """
+    from moe.checkpoint import read_model_config
+
+    facts: dict[str, Any] = {}
+    for key, path in (("small", small), ("large", large)):
+        directory = Path(path)
+        if not directory.is_dir():
+            raise ValueError(f"invalid configuration: {key}: {path} is not a directory (a checkpoint written by "
+                             f"moe.train, e.g. runs/NAME/checkpoints/step_N)")
+        try:
+            config = read_model_config(directory)
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"invalid configuration: {key}: {err}") from None
+        tokenizer = directory / TOKENIZER_FILE
+        if not tokenizer.is_file():
+            raise ValueError(f"invalid configuration: {key}: {tokenizer} is missing (checkpoints of moe.train carry "
+                             f"their data's tokenizer)")
+        facts[key] = {"checkpoint": str(directory.resolve()), "tokenizer": str(tokenizer.resolve()),
+                      "tokenizer_sha256": _sha256(tokenizer), "max_seq_len": config.max_seq_len,
+                      "vocab_size": config.vocab_size}
+    if facts["small"]["tokenizer_sha256"] != facts["large"]["tokenizer_sha256"]:
+        raise ValueError(f"invalid configuration: small/large: the tiers' tokenizers differ: "
+                         f"{facts['small']['tokenizer']} and {facts['large']['tokenizer']}; a cascade needs both "
+                         f"tiers trained on the same prepared data")
+    return facts
+
+
+def router_file_for(cfg: DictConfig, facts: dict[str, Any]) -> Path:
+    """The router.json to serve with: the configured one, or a cached calibration of this pair (made if missing)."""
+    from moe.difficulty import DifficultyRouter
+
+    if cfg.routing.router is not None:
+        path = Path(cfg.routing.router)
+        try:
+            DifficultyRouter.load(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"invalid configuration: routing.router: {err}") from None
+        return path.resolve()
+    pair = hashlib.sha256(f"{facts['small']['checkpoint']}|{facts['large']['checkpoint']}".encode()).hexdigest()[:12]
+    out = Path(cfg.routing.calibration_root) / pair
+    path = out / "router.json"
+    if path.is_file():
+        print(f"[moe.serve] router: {path} (cached calibration of this pair)", flush=True)
+        return path.resolve()
+    print(f"[moe.serve] no routing.router given: calibrating the pair into {out} (once; cached)", flush=True)
+    from moe.calibrate import calibrate
+
+    calibrate(small=facts["small"]["checkpoint"], large=facts["large"]["checkpoint"], out=str(out))
+    return path.resolve()
+
+
+def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
+    """The Ray Serve application: `small` and `large` Tier deployments, composed into the ingress."""
+    from ray import serve
+
+    from serving.ingress import IngressDeployment
+    from serving.tier import Tier
+
+    tiers = {}
+    for name in ("small", "large"):
+        t = cfg.tiers[name]
+        options: dict[str, Any] = {"name": name, "ray_actor_options": {"num_cpus": t.num_cpus,
+                                                                       "num_gpus": t.num_gpus},
+                                   "max_ongoing_requests": 4 * t.max_batch_size}
+        if t.autoscaling.enabled:
+            options["autoscaling_config"] = {"min_replicas": t.autoscaling.min_replicas,
+                                             "max_replicas": t.autoscaling.max_replicas,
+                                             "target_ongoing_requests": t.autoscaling.target_ongoing_requests}
+        else:
+            options["num_replicas"] = t.num_replicas
+        deployment = serve.deployment(Tier).options(**options)
+        tiers[name] = deployment.bind(name, facts[name]["checkpoint"], dtype=t.dtype,
+                                      num_threads=max(1, int(t.num_cpus)), max_batch_size=t.max_batch_size,
+                                      batch_wait_timeout_s=t.batch_wait_timeout_s, fault=t.fault)
+    ingress = serve.deployment(IngressDeployment).options(name="ingress", ray_actor_options={"num_cpus": 0.1})
+    routing = OmegaConf.to_container(cfg.routing, resolve=True)
+    return ingress.bind(tiers["small"], tiers["large"], str(router_file), facts["small"]["tokenizer"],
+                        min(facts["small"]["max_seq_len"], facts["large"]["max_seq_len"]), routing)
+
+
+def start(cfg: DictConfig, *, init_ray: bool = True) -> str:
+    """Checks, starts Ray (unless running) and Serve, deploys the app; returns its URL."""
+    import ray
+    from ray import serve
+
+    validate_serve_config(cfg)
+    facts = check_tiers(cfg.small, cfg.large)
+    router_file = router_file_for(cfg, facts)
+    if init_ray and not ray.is_initialized():
+        if cfg.address is None:
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=cfg.dashboard_port)
+            from cluster.launch import start_reaper
+
+            start_reaper()
+        else:
+            ray.init(address=cfg.address)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg, facts, router_file), name=cfg.app_name, route_prefix="/")
+    return f"http://{cfg.host}:{cfg.port}"
+
+
+def serve_forever(cfg: DictConfig) -> None:
+    """`python -m moe.serve`: deploy, print the addresses, run until Ctrl-C, then shut Serve down."""
+    import ray
+    from ray import serve
+
+    from cluster.launch import dashboard_url
+
+    url = start(cfg)
+    print(f"[moe.serve] OpenAI-compatible API: {url}/v1/completions  (models: {url}/v1/models, health: "
+          f"{url}/healthz, OpenAPI: {url}/openapi.json)", flush=True)
+    print(f"[moe.serve] Ray dashboard: {dashboard_url()}  (Serve tab: deployments small, large, ingress)", flush=True)
+    print("[moe.serve] running; Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\n[moe.serve] stopping", file=sys.stderr, flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,360 @@
+"""The cascade's HTTP ingress: OpenAI-compatible completions, routed between the small and the large tier.
+
+The ingress holds handles to the tier deployments (Ray Serve model
+composition) and never touches a model: it validates and tokenizes the
+request (so a bad one never reaches a tier), asks the small tier for the
+prompt's difficulty signals, scores them with the calibrated router
+(`moe.difficulty`), and sends the request to the chosen tier.
+
+NOTE: how a request is answered.
+ 1. Validate: body size (413), JSON and fields (400, naming the field), the
+    model name (404), `max_tokens` against the deployment's limit and the
+    prompt's token count against the tiers' context (400).
+ 2. Route: `small`/`large` go straight to that tier; `cascade` scores the
+    small tier's prefill signals and picks large when the score reaches the
+    threshold; `cascade-posthoc` lets the small tier answer and escalates to
+    the large one when the answer's mean token probability is below the
+    confidence threshold.
+ 3. Degrade: when the large tier fails or exceeds `large_timeout_s`, the
+    small tier answers with `degraded: true` (or, in post-hoc mode, its
+    answer already made is returned). Only a request that no tier can answer
+    gets a 5xx (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.modes import CASCADE, POSTHOC, Mode, UnknownModelError, available_models, parse_model
+from serving.schema import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse, ModelCard,
+                            ModelList, Usage)
+
+log = logging.getLogger("ray.serve")
+
+api = FastAPI(title="moe-ray cascade", version="1", description="OpenAI-compatible completions from a cascade of "
+              "a small and a large MoE model, routed by the estimated difficulty of each prompt.")
+# The ingress sets this from its config in __init__ (one ingress instance per replica process).
+_LIMITS = {"max_body_bytes": 1 << 20}
+
+
+class RequestError(Exception):
+    """A request refused before any model sees it."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 error_type: str = "invalid_request_error") -> None:
+        super().__init__(status, message, param, error_type)
+        self.status, self.message, self.param, self.error_type = status, message, param, error_type
+
+
+def _error(status: int, message: str, param: Optional[str] = None,
+           error_type: str = "invalid_request_error") -> JSONResponse:
+    body = ErrorResponse(error={"message": message, "type": error_type, "param": param, "code": None})
+    return JSONResponse(status_code=status, content=body.model_dump())
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, err: RequestError) -> JSONResponse:
+    return _error(err.status, err.message, err.param, err.error_type)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return _error(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        message = "unknown field"
+    elif first.get("type") == "missing":
+        message = "field required"
+    return _error(400, f"{param}: {message}" if param else message, param)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    return _error(err.status_code, str(err.detail))
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next):
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_big = int(declared) > _LIMITS["max_body_bytes"]
+        except ValueError:
+            return _error(400, "invalid Content-Length header")
+        if too_big:
+            return _error(413, f"request body of {declared} bytes exceeds the limit of "
+                               f"{_LIMITS['max_body_bytes']} bytes")
+    return await call_next(request)
+
+
+class TierFailed(Exception):
+    """A tier raised, or did not answer in time."""
+
+
+class CascadeIngress:
+    """The ingress deployment class (wrapped with `serve.deployment` and `serve.ingress` in `serving.app`).
+
+    Args:
+        small, large: handles to the two `Tier` deployments.
+        router_file: router.json of `moe.calibrate`.
+        tokenizer_file: the tiers' common tokenizer.json.
+        max_seq_len: the shortest context of the two tiers.
+        routing: the `routing` config as a dict.
+    """
+
+    def __init__(self, small: Any, large: Any, router_file: str, tokenizer_file: str, max_seq_len: int,
+                 routing: dict[str, Any]) -> None:
+        from ray.serve.metrics import Counter, Histogram
+        from tokenizers import Tokenizer
+
+        from moe.difficulty import DifficultyRouter
+
+        self.tiers = {"small": small, "large": large}
+        self.router = DifficultyRouter.load(router_file)
+        # Checked by serving.app before deployment: a post-hoc threshold from the router or the config.
+        self.posthoc_threshold = self.router.posthoc_threshold
+        self.tokenizer = Tokenizer.from_file(tokenizer_file)
+        self.tokenizer.encode_special_tokens = True  # as the tiers (moe.generate) and training tokenize
+        self.max_seq_len = max_seq_len
+        self.routing = routing
+        _LIMITS["max_body_bytes"] = routing["max_body_bytes"]
+        self.created = int(time.time())
+        self.requests = Counter("moe_serve_requests", description="Completions answered, by tier and mode.",
+                                tag_keys=("tier", "mode"))
+        self.escalations = Counter("moe_serve_escalations", description="Post-hoc escalations to the large tier.")
+        self.degraded = Counter("moe_serve_degraded", description="Answers from a smaller tier after a failure.",
+                                tag_keys=("failed_tier",))
+        self.tokens = Counter("moe_serve_tokens_generated", description="Completion tokens generated, by tier.",
+                              tag_keys=("tier",))
+        self.latency = Histogram("moe_serve_latency_seconds", description="Request latency by answering tier.",
+                                 boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64], tag_keys=("tier",))
+
+    # ---- the API -------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=name, created=self.created) for name in available_models()])
+
+    @api.post("/v1/completions", response_model=CompletionResponse,
+              responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                         413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def completions(self, body: CompletionRequest):
+        started = time.perf_counter()
+        mode, prompt_ids = self._check(body)
+        request = {"prompt_ids": prompt_ids, "max_tokens": body.max_tokens, "temperature": body.temperature,
+                   "top_p": body.top_p, "seed": body.seed, "stop": list(body.stop_strings())}
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        if body.stream:
+            return StreamingResponse(self._stream(mode, request, meta, started), media_type="text/event-stream")
+        answer = await self._answer(mode, request)
+        self._record(mode, answer, started)
+        return CompletionResponse(
+            **meta, choices=[CompletionChoice(text=answer["text"], finish_reason=answer["finish_reason"])],
+            usage=Usage(prompt_tokens=answer["prompt_tokens"], completion_tokens=answer["completion_tokens"],
+                        total_tokens=answer["prompt_tokens"] + answer["completion_tokens"]),
+            routed_to=answer["tier"], difficulty=answer.get("difficulty"), escalated=answer.get("escalated", False),
+            degraded=answer.get("degraded", False), confidence=answer.get("confidence"))
+
+    # ---- validation ----------------------------------------------------------
+
+    def _check(self, body: CompletionRequest) -> tuple[Mode, list[int]]:
+        try:
+            mode = parse_model(body.model)
+        except UnknownModelError as err:
+            raise RequestError(404, str(err), "model", "model_not_found") from None
+        if body.max_tokens > self.routing["max_tokens_limit"]:
+            raise RequestError(400, f"max_tokens: {body.max_tokens} exceeds this server's limit of "
+                                    f"{self.routing['max_tokens_limit']}", "max_tokens")
+        if len(body.prompt) > self.routing["max_prompt_chars"]:
+            raise RequestError(400, f"prompt: {len(body.prompt)} characters exceed the limit of "
+                                    f"{self.routing['max_prompt_chars']}", "prompt")
+        prompt_ids = self.tokenizer.encode(body.prompt).ids
+        if not prompt_ids:
+            raise RequestError(400, "prompt: must not be empty", "prompt")
+        if len(prompt_ids) + body.max_tokens > self.max_seq_len:
+            raise RequestError(400, f"prompt: {len(prompt_ids)} prompt tokens + max_tokens {body.max_tokens} exceed "
+                                    f"the models' context of {self.max_seq_len} tokens", "prompt")
+        return mode, prompt_ids
+
+    # ---- routing ---------------------------------------------------------------
+
+    def _threshold(self, mode: Mode) -> float:
+        if mode.option == "threshold":
+            return mode.value
+        if mode.option == "fraction":
+            return self.router.threshold_for_fraction(mode.value)
+        if self.routing.get("threshold") is not None:
+            return self.routing["threshold"]
+        if self.routing.get("target_large_fraction") is not None:
+            return self.router.threshold_for_fraction(self.routing["target_large_fraction"])
+        return self.router.threshold
+
+    def _confidence_threshold(self, mode: Mode) -> float:
+        if mode.option == "confidence":
+            return mode.value
+        if self.routing.get("posthoc_confidence") is not None:
+            return self.routing["posthoc_confidence"]
+        return self.posthoc_threshold
+
+    async def _call(self, tier: str, method: str, *args: Any) -> Any:
+        timeout = self.routing["large_timeout_s"] if tier == "large" else None
+        response = getattr(self.tiers[tier], method).remote(*args)
+        try:
+            return await asyncio.wait_for(response, timeout)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise TierFailed(f"{tier} tier timed out after {timeout} s") from None
+        except Exception as err:  # a replica's exception, a dead actor, ...
+            raise TierFailed(f"{tier} tier failed: {type(err).__name__}: {str(err)[:200]}") from err
+
+    async def _difficulty(self, prompt_ids: list[int]) -> float:
+        import torch
+
+        signals = await self._call("small", "signals", prompt_ids)
+        return float(self.router.score(torch.tensor([signals], dtype=torch.float64))[0])
+
+    async def _choose(self, mode: Mode, prompt_ids: list[int]) -> tuple[str, Optional[float]]:
+        """(tier, difficulty) before generation; a failed difficulty estimate goes to the large tier."""
+        if mode.kind == "tier":
+            return mode.tier, None
+        try:
+            difficulty = await self._difficulty(prompt_ids)
+        except TierFailed as err:
+            log.warning("difficulty unavailable (%s): routing to the large tier", err)
+            return "large", None
+        return ("large" if difficulty >= self._threshold(mode) else "small"), difficulty
+
+    async def _answer(self, mode: Mode, request: dict[str, Any]) -> dict[str, Any]:
+        if mode.kind == POSTHOC:
+            return await self._answer_posthoc(mode, request)
+        tier, difficulty = await self._choose(mode, request["prompt_ids"])
+        try:
+            answer = await self._call(tier, "generate", request)
+            return {**answer, "tier": tier, "difficulty": difficulty}
+        except TierFailed as err:
+            fallback = "small" if tier == "large" else "large"
+            log.warning("%s; answering with the %s tier", err, fallback)
+            self.degraded.inc(tags={"failed_tier": tier})
+            try:
+                answer = await self._call(fallback, "generate", request)
+            except TierFailed as second:
+                raise RequestError(503, f"no tier could answer: {err}; {second}", None, "server_error") from None
+            return {**answer, "tier": fallback, "difficulty": difficulty, "degraded": True}
+
+    async def _answer_posthoc(self, mode: Mode, request: dict[str, Any]) -> dict[str, Any]:
+        from moe.difficulty import escalate_posthoc
+
+        try:
+            first = await self._call("small", "generate", request)
+        except TierFailed as err:
+            self.degraded.inc(tags={"failed_tier": "small"})
+            try:
+                answer = await self._call("large", "generate", request)
+            except TierFailed as second:
+                raise RequestError(503, f"no tier could answer: {err}; {second}", None, "server_error") from None
+            return {**answer, "tier": "large", "degraded": True}
+        if not escalate_posthoc(first["confidence"], self._confidence_threshold(mode)):
+            return {**first, "tier": "small"}
+        self.escalations.inc()
+        try:
+            answer = await self._call("large", "generate", request)
+        except TierFailed as err:
+            log.warning("%s; returning the small tier's answer", err)
+            self.degraded.inc(tags={"failed_tier": "large"})
+            return {**first, "tier": "small", "escalated": True, "degraded": True}
+        return {**answer, "tier": "large", "escalated": True, "confidence": first["confidence"]}
+
+    def _record(self, mode: Mode, answer: dict[str, Any], started: float) -> None:
+        tier = answer["tier"]
+        self.requests.inc(tags={"tier": tier, "mode": mode.kind})
+        self.tokens.inc(answer["completion_tokens"], tags={"tier": tier})
+        self.latency.observe(time.perf_counter() - started, tags={"tier": tier})
+
+    # ---- streaming -------------------------------------------------------------
+
+    async def _stream(self, mode: Mode, request: dict[str, Any], meta: dict[str, Any],
+                      started: float) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's format; the routing fields ride on every chunk."""
+        routing: dict[str, Any] = {}
+        try:
+            if mode.kind == POSTHOC:  # the decision needs the whole small answer: send it as one chunk
+                answer = await self._answer_posthoc(mode, request)
+                routing = {"routed_to": answer["tier"], "escalated": answer.get("escalated", False),
+                           "degraded": answer.get("degraded", False)}
+                yield self._chunk(meta, routing, answer["text"], None)
+                yield self._chunk(meta, routing, "", answer["finish_reason"])
+                self._record(mode, answer, started)
+            else:
+                tier, difficulty = await self._choose(mode, request["prompt_ids"])
+                routing = {"routed_to": tier, "difficulty": difficulty, "escalated": False, "degraded": False}
+                async for kind, payload, routing in self._stream_tier(tier, request, routing):
+                    if kind == "text":
+                        yield self._chunk(meta, routing, payload, None)
+                    else:
+                        yield self._chunk(meta, routing, "", payload["finish_reason"])
+                        self._record(mode, {**payload, "tier": routing["routed_to"]}, started)
+        except RequestError as err:
+            yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.error_type}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def _stream_tier(self, tier: str, request: dict[str, Any], routing: dict[str, Any]):
+        """Yields ("text", delta, routing) and finally ("done", completion, routing); degrades before the first token."""
+        generator = self.tiers[tier].options(stream=True).stream.remote(request)
+        timeout = self.routing["large_timeout_s"] if tier == "large" else None
+        try:
+            first = await asyncio.wait_for(generator.__anext__(), timeout)
+        except StopAsyncIteration:
+            return
+        except Exception as err:  # failure or time-out before any token: the other tier answers
+            generator.cancel()
+            fallback = "small" if tier == "large" else "large"
+            if routing.get("degraded"):
+                raise RequestError(503, f"no tier could answer: {type(err).__name__}", None, "server_error") from None
+            log.warning("%s tier failed before streaming (%s); streaming from the %s tier", tier,
+                        type(err).__name__, fallback)
+            self.degraded.inc(tags={"failed_tier": tier})
+            async for item in self._stream_tier(fallback, request,
+                                                {**routing, "routed_to": fallback, "degraded": True}):
+                yield item
+            return
+        item = first
+        while True:
+            if item.get("done"):
+                yield "done", item, routing
+                return
+            yield "text", item["text"], routing
+            try:
+                item = await generator.__anext__()
+            except StopAsyncIteration:
+                return
+
+    @staticmethod
+    def _chunk(meta: dict[str, Any], routing: dict[str, Any], text: str, finish_reason: Optional[str]) -> str:
+        chunk = {**meta, "object": "text_completion",
+                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
+                 **routing}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+
+# The FastAPI routes of the class become bound to the replica here, once per process:
+# `serve.ingress` rewrites the app's routes, so it must not run again for each application built.
+IngressDeployment = serve.ingress(api)(CascadeIngress)

@@ -1,0 +1,126 @@
+"""One tier of the cascade: a moe checkpoint behind a Ray Serve deployment.
+
+Every tier is this same class built from a checkpoint directory (a training
+checkpoint of `moe.train`, which carries its tokenizer.json). Generation and
+prefill are batched across concurrent requests with `@serve.batch`; the torch
+work runs in a thread so the replica's event loop keeps answering Serve's
+health checks.
+
+The ingress sends token ids (it tokenizes once, to check prompt length); all
+tiers share one tokenizer, which `serving.app.check_tiers` enforces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+from ray import serve
+
+
+def _params(request: dict[str, Any]):
+    from moe.generate import SamplingParams
+
+    return SamplingParams(max_tokens=request["max_tokens"], temperature=request["temperature"],
+                          top_p=request["top_p"], seed=request.get("seed"), stop=tuple(request.get("stop", ())))
+
+
+def _completion_dict(completion: Any) -> dict[str, Any]:
+    return {"text": completion.text, "finish_reason": completion.finish_reason,
+            "prompt_tokens": len(completion.prompt_token_ids), "completion_tokens": len(completion.token_ids),
+            "confidence": completion.mean_confidence}
+
+
+class Tier:
+    """A Ray Serve deployment class (wrapped with `serve.deployment` in `serving.app`).
+
+    Args:
+        name: the tier's name (`small`, `large`).
+        checkpoint: a moe checkpoint directory with tokenizer.json.
+        dtype: "float32" or "bfloat16".
+        num_threads: torch threads (the replica's CPUs).
+        fault: drills only: "error" fails every call, "hang" never answers.
+    """
+
+    def __init__(self, name: str, checkpoint: str, dtype: str = "float32", num_threads: int = 1,
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, fault: Optional[str] = None) -> None:
+        import torch
+
+        import moe
+        from moe.generate import Generator, load_tokenizer
+
+        torch.set_num_threads(max(1, num_threads))
+        self.name = name
+        self.checkpoint = str(Path(checkpoint).resolve())
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = moe.load_checkpoint(checkpoint, device=device,
+                                    dtype=torch.bfloat16 if dtype == "bfloat16" else None).eval()
+        self.generator = Generator(model, load_tokenizer(checkpoint), max_batch_size=max_batch_size, device=device)
+        self.fault = fault
+        self.num_calls = 0
+        # @serve.batch sizes are fixed at decoration; set them per deployment from the config.
+        self.generate_batch.set_max_batch_size(max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.signals_batch.set_max_batch_size(max_batch_size)
+        self.signals_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def calls(self) -> int:
+        """How many generate/signals/stream calls this replica received (tests check bad requests reach none)."""
+        return self.num_calls
+
+    async def _drill(self) -> None:
+        self.num_calls += 1
+        if self.fault == "error":
+            raise RuntimeError(f"tier {self.name!r}: injected fault (tiers.{self.name}.fault=error)")
+        if self.fault == "hang":
+            await asyncio.sleep(3600)
+
+    def info(self) -> dict[str, Any]:
+        config = self.generator.model.config
+        return {"name": self.name, "checkpoint": self.checkpoint, "max_seq_len": config.max_seq_len,
+                "vocab_size": config.vocab_size}
+
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One completion: {"prompt_ids", "max_tokens", "temperature", "top_p", "seed", "stop"} -> dict."""
+        await self._drill()
+        started = time.perf_counter()
+        result = await self.generate_batch(request)
+        result["latency_s"] = time.perf_counter() - started
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        prompt_ids = [r["prompt_ids"] for r in requests]
+        params = [_params(r) for r in requests]
+        completions = await asyncio.to_thread(self.generator.generate_ids, prompt_ids, params)
+        return [_completion_dict(c) for c in completions]
+
+    async def signals(self, prompt_ids: list[int]) -> list[float]:
+        """The pre-generation difficulty signals of one prompt (moe.difficulty.SIGNAL_NAMES order)."""
+        await self._drill()
+        return await self.signals_batch(prompt_ids)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def signals_batch(self, prompts: list[list[int]]) -> list[list[float]]:
+        from moe.difficulty import prompt_signals
+
+        signals = await asyncio.to_thread(prompt_signals, self.generator.model, prompts)
+        return [row.tolist() for row in signals]
+
+    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Yields {"text": delta} as tokens arrive, then {"done": True, ...the completion}."""
+        await self._drill()
+        iterator = self.generator.stream_ids(request["prompt_ids"], _params(request))
+        sentinel = object()
+        while True:
+            item = await asyncio.to_thread(next, iterator, sentinel)
+            if item is sentinel:
+                return
+            delta, completion = item
+            if completion is not None:
+                yield {"done": True, **_completion_dict(completion)}
+                return
+            if delta:
+                yield {"text": delta}

@@ -1,0 +1,321 @@
+"""The cascade on a real Ray Serve: real HTTP requests (requests, the `openai` client, schemathesis).
+
+Three applications run on one local Ray and Serve: the cascade of two tiny
+random-weight tiers, and two copies whose large tier is configured to fail
+(`fault=error`) or never answer (`fault=hang`), to drill the degraded path.
+The tiers are real `Tier` deployments over real checkpoints; the router is a
+`moe.difficulty.DifficultyRouter` whose only weight is on the prompt length,
+so the expected tier of every prompt is known.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+requests = pytest.importorskip("requests")
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+import moe  # noqa: E402
+from moe.difficulty import SIGNAL_NAMES, DifficultyRouter, prompt_signals  # noqa: E402
+from moe.generate import Generator, SamplingParams, load_tokenizer  # noqa: E402
+from serving.app import build_app, check_tiers  # noqa: E402
+from serving.config import register_configs  # noqa: E402
+from train_helpers import ROOT, prometheus_lines  # noqa: E402
+
+pytestmark = pytest.mark.slow
+register_configs()
+
+SHORT = "the router sends"
+LONG = " ".join(["the expert router sends each token to two of eight experts"] * 4)
+LENGTH_SPLIT = 12  # prompts with more tokens than this go to the large tier
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_tier(directory: Path, tokenizer_json: str, hidden: int, seed: int) -> Path:
+    torch.manual_seed(seed)
+    tokenizer_size = json.loads(tokenizer_json)["model"]["vocab"]
+    config = moe.ModelConfig(vocab_size=len(tokenizer_size), hidden_size=hidden, num_layers=2, num_heads=2,
+                             num_kv_heads=1, max_seq_len=96, router=moe.RouterConfig(top_k=2),
+                             experts=moe.ExpertsConfig(num_experts=4, hidden_size=hidden))
+    moe.save_checkpoint(moe.MoETransformer(config), directory)
+    (directory / "tokenizer.json").write_text(tokenizer_json)
+    return directory
+
+
+def length_router(path: Path) -> Path:
+    """A router that scores by prompt length only: P(large) >= 0.5 exactly when tokens > LENGTH_SPLIT."""
+    index = SIGNAL_NAMES.index("prompt_tokens")
+    weights = [0.0] * len(SIGNAL_NAMES)
+    weights[index] = 1.0
+    router = DifficultyRouter(signal_names=tuple(SIGNAL_NAMES), mean=[0.0] * len(SIGNAL_NAMES),
+                              std=[1.0] * len(SIGNAL_NAMES), weights=weights, bias=-(LENGTH_SPLIT + 0.5),
+                              threshold=0.5, fraction_thresholds=[[0.0, 1.0], [1.0, 0.0]], posthoc_threshold=0.5)
+    router.save(path)
+    return path
+
+
+def serve_cfg(small: Path, large: Path, router: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="serve", overrides=[
+            f"small={small}", f"large={large}", f"routing.router={router}", "routing.max_tokens_limit=8",
+            "routing.max_prompt_chars=2000", "routing.max_body_bytes=20000", "tiers.small.num_cpus=0.5",
+            "tiers.large.num_cpus=0.5", "tiers.small.max_batch_size=4", "tiers.large.max_batch_size=4",
+            *overrides])
+
+
+@pytest.fixture(scope="module")
+def tiers(tmp_path_factory) -> dict[str, Path]:
+    from data_pipeline.tokenize import train_tokenizer
+
+    root = tmp_path_factory.mktemp("serving")
+    texts = [LONG, SHORT, "a mixture of experts model routes tokens", "grouped matrix multiply of the experts"] * 20
+    tokenizer = train_tokenizer(texts, vocab_size=300, eos_token="<|endoftext|>")
+    tokenizer_json = tokenizer.to_str()
+    small = make_tier(root / "small", tokenizer_json, hidden=16, seed=1)
+    large = make_tier(root / "large", tokenizer_json, hidden=32, seed=2)
+    other = train_tokenizer(texts[:3], vocab_size=280, eos_token="<|endoftext|>")
+    foreign = make_tier(root / "foreign", other.to_str(), hidden=16, seed=3)
+    return {"small": small, "large": large, "foreign": foreign, "router": length_router(root / "router.json"),
+            "root": root}
+
+
+@pytest.fixture(scope="module")
+def server(tiers):
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=free_port())
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    apps = {"cascade": ("/", []), "broken": ("/broken", ["tiers.large.fault=error"]),
+            "hanging": ("/hanging", ["tiers.large.fault=hang", "routing.large_timeout_s=1"])}
+    for name, (prefix, overrides) in apps.items():
+        cfg = serve_cfg(tiers["small"], tiers["large"], tiers["router"], *overrides)
+        facts = check_tiers(cfg.small, cfg.large)
+        serve.run(build_app(cfg, facts, tiers["router"]), name=name, route_prefix=prefix)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local(tiers) -> dict[str, Generator]:
+    """The same checkpoints run in this process, as the reference for the served answers."""
+    return {name: Generator(moe.load_checkpoint(tiers[name]).eval(), load_tokenizer(tiers[name]))
+            for name in ("small", "large")}
+
+
+def complete(url: str, **body) -> requests.Response:
+    return requests.post(f"{url}/v1/completions", json=body, timeout=60)
+
+
+def tier_calls(app: str = "cascade") -> dict[str, int]:
+    return {name: serve.get_deployment_handle(name, app_name=app).calls.remote().result()
+            for name in ("small", "large")}
+
+
+def test_health_and_models(server) -> None:
+    assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
+    ids = [m["id"] for m in requests.get(f"{server}/v1/models", timeout=10).json()["data"]]
+    assert {"cascade", "cascade-posthoc", "small", "large"} <= set(ids)
+
+
+def test_tiers_answer_as_the_checkpoints_do(server, local) -> None:
+    for tier in ("small", "large"):
+        body = complete(server, model=tier, prompt=SHORT, max_tokens=6, temperature=0).json()
+        expected = local[tier].generate([SHORT], [SamplingParams(max_tokens=6)])[0]
+        assert body["choices"][0]["text"] == expected.text
+        assert body["routed_to"] == tier and not body["degraded"] and not body["escalated"]
+        assert body["usage"]["completion_tokens"] == len(expected.token_ids)
+        assert body["usage"]["prompt_tokens"] == len(expected.prompt_token_ids)
+
+
+def test_cascade_routes_by_difficulty(server, local, tiers) -> None:
+    router = DifficultyRouter.load(tiers["router"])
+    for prompt, tier in ((SHORT, "small"), (LONG, "large")):
+        ids = local["small"].encode(prompt)
+        assert (len(ids) > LENGTH_SPLIT) == (tier == "large")
+        body = complete(server, prompt=prompt, max_tokens=4, temperature=0).json()  # model defaults to cascade
+        assert body["routed_to"] == tier
+        expected = float(router.score(prompt_signals(local["small"].model, [ids]))[0])
+        assert body["difficulty"] == pytest.approx(expected, abs=1e-6)
+        assert body["choices"][0]["text"] == local[tier].generate([prompt], [SamplingParams(max_tokens=4)])[0].text
+    # Explicit thresholds and target fractions in the model name.
+    assert complete(server, model="cascade@threshold=0", prompt=SHORT, max_tokens=2).json()["routed_to"] == "large"
+    assert complete(server, model="cascade@threshold=1", prompt=LONG, max_tokens=2).json()["routed_to"] == "small"
+    assert complete(server, model="cascade@fraction=1", prompt=SHORT, max_tokens=2).json()["routed_to"] == "large"
+    assert complete(server, model="cascade@fraction=0", prompt=LONG, max_tokens=2).json()["routed_to"] == "small"
+
+
+def test_posthoc_escalates_on_low_confidence(server, local) -> None:
+    confidence = local["small"].generate([SHORT], [SamplingParams(max_tokens=4)])[0].mean_confidence
+    body = complete(server, model="cascade-posthoc@confidence=1", prompt=SHORT, max_tokens=4, temperature=0).json()
+    assert body["routed_to"] == "large" and body["escalated"] and body["confidence"] == pytest.approx(confidence)
+    body = complete(server, model="cascade-posthoc@confidence=0", prompt=SHORT, max_tokens=4, temperature=0).json()
+    assert body["routed_to"] == "small" and not body["escalated"]
+
+
+def test_openai_client_plain_and_streamed(server) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    plain = client.completions.create(model="cascade", prompt=LONG, max_tokens=6, temperature=0)
+    assert plain.model_extra["routed_to"] == "large"
+    chunks = list(client.completions.create(model="cascade", prompt=LONG, max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert all(c.model_extra["routed_to"] == "large" for c in chunks)
+    # Sampling with a seed is reproducible through the whole stack.
+    a, b = (client.completions.create(model="small", prompt=SHORT, max_tokens=8, temperature=1.0, seed=7)
+            for _ in range(2))
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_failing_or_hanging_large_tier_degrades_to_small(server, local) -> None:
+    expected = local["small"].generate([LONG], [SamplingParams(max_tokens=4)])[0].text
+    for prefix in ("/broken", "/hanging"):
+        started = time.monotonic()
+        for model in ("large", "cascade"):
+            response = complete(server + prefix, model=model, prompt=LONG, max_tokens=4, temperature=0)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["routed_to"] == "small" and body["degraded"], body
+            assert body["choices"][0]["text"] == expected
+        body = complete(server + prefix, model="cascade-posthoc@confidence=1", prompt=LONG, max_tokens=4,
+                        temperature=0).json()
+        assert body["routed_to"] == "small" and body["escalated"] and body["degraded"]
+        streamed = requests.post(f"{server}{prefix}/v1/completions", json={"prompt": LONG, "max_tokens": 4,
+                                 "temperature": 0, "stream": True}, timeout=60).text
+        events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+        assert "".join(e["choices"][0]["text"] for e in events) == expected
+        assert events[-1]["degraded"] and events[-1]["routed_to"] == "small"
+        if prefix == "/hanging":
+            assert time.monotonic() - started < 30, "the time-out (1 s) bounds each degraded answer"
+
+
+@pytest.mark.parametrize("payload,status,param", [
+    (b"{not json", 400, None),
+    ({"max_tokens": 2}, 400, "prompt"),
+    ({"prompt": 17}, 400, "prompt"),
+    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 9}, 400, "max_tokens"),      # above routing.max_tokens_limit=8
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "x", "model": "cascade@fraction=2"}, 404, "model"),
+    ({"prompt": "x", "temperature": 3}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "x", "logit_bias": {}}, 400, "logit_bias"),
+    ({"prompt": LONG * 3, "max_tokens": 8}, 400, "prompt"),      # more tokens than the context of 96
+    ({"prompt": "y" * 2500, "max_tokens": 2}, 400, "prompt"),                 # above routing.max_prompt_chars
+    ({"prompt": "z" * 30000}, 413, None),                       # above routing.max_body_bytes
+])
+def test_bad_requests_get_4xx_naming_the_field_and_reach_no_model(server, payload, status, param) -> None:
+    before = tier_calls()
+    if isinstance(payload, bytes):
+        response = requests.post(f"{server}/v1/completions", data=payload,
+                                 headers={"Content-Type": "application/json"}, timeout=30)
+    else:
+        response = requests.post(f"{server}/v1/completions", json=payload, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"]
+    if param:
+        assert error["param"] == param and param in error["message"], error
+    assert tier_calls() == before, "a refused request never reaches a tier"
+
+
+def test_prometheus_metrics(server) -> None:
+    complete(server, model="cascade-posthoc@confidence=1", prompt=SHORT, max_tokens=2)
+    complete(server + "/broken", model="large", prompt=SHORT, max_tokens=2)
+    found = prometheus_lines(["ray_moe_serve_requests_total", "ray_moe_serve_escalations_total",
+                              "ray_moe_serve_degraded_total", "ray_moe_serve_tokens_generated_total",
+                              "ray_moe_serve_latency_seconds_bucket"], timeout_s=60)
+    assert any('tier="large"' in line for line in found["ray_moe_serve_requests_total"])
+    assert any('tier="small"' in line for line in found["ray_moe_serve_latency_seconds_bucket"])
+
+
+def test_schemathesis_finds_no_server_error(server) -> None:
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
+    statuses: dict[str, list[int]] = {}
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=op.as_strategy())
+        def check(case) -> None:
+            response = case.call(base_url=server, timeout=60)
+            statuses.setdefault(case.path, []).append(response.status_code)
+            assert response.status_code < 500, (case.path, case.body, response.status_code, response.text[:300])
+            if isinstance(case.body, dict) and case.path == "/v1/completions":
+                # The same fuzzed prompt, sampling fields and stop strings, with a model and a length this
+                # deployment accepts, so that generation itself is fuzzed too, not only validation.
+                body = {**case.body, "model": "cascade", "max_tokens": 2}
+                again = requests.post(f"{server}/v1/completions", json=body, timeout=60)
+                statuses["generated"] = statuses.get("generated", []) + [again.status_code]
+                assert again.status_code < 500, (body, again.status_code, again.text[:3000])
+
+        check()
+    assert {"/healthz", "/v1/models", "/v1/completions"} <= set(statuses)
+    assert len(statuses["/v1/completions"]) >= 20 and 200 in statuses["generated"], statuses
+
+
+def test_mismatched_tokenizers_are_refused(tiers) -> None:
+    with pytest.raises(ValueError, match="tokenizers differ") as err:
+        check_tiers(str(tiers["small"]), str(tiers["foreign"]))
+    assert str(tiers["small"] / "tokenizer.json") in str(err.value)
+    assert str(tiers["foreign"] / "tokenizer.json") in str(err.value)
+
+
+def test_cli_serves_until_interrupted(tiers, server) -> None:
+    """`python -m moe.serve small=A large=B port=P`: prints the URL, answers, stops on Ctrl-C."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moe.serve", f"small={tiers['small']}", f"large={tiers['large']}",
+                             f"routing.router={tiers['router']}", f"port={port}", f"dashboard_port={free_port()}",
+                             "tiers.small.num_cpus=0.5", "tiers.large.num_cpus=0.5"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        lines = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "".join(lines[-30:])
+            lines.append(line)
+            if "running; Ctrl-C to stop" in line:
+                break
+        text = "".join(lines)
+        assert f"http://127.0.0.1:{port}/v1/completions" in text and "Ray dashboard: http://127.0.0.1:" in text
+        body = requests.post(f"http://127.0.0.1:{port}/v1/completions",
+                             json={"prompt": SHORT, "max_tokens": 2}, timeout=60).json()
+        assert body["routed_to"] == "small"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+
+
+def test_cli_refuses_mismatched_tokenizers_before_ray(tiers) -> None:
+    out = subprocess.run([sys.executable, "-m", "moe.serve", f"small={tiers['small']}", f"large={tiers['foreign']}",
+                          f"routing.router={tiers['router']}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert str(tiers["foreign"] / "tokenizer.json") in errors[0]
