@@ -20,12 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K, M = 12, 8  # prompt_tokens, continuation_tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(data: Path, steps: int, hidden_size: int, seed: int) -> MoETransformer:

@@ -18,12 +18,7 @@ TINY = dict(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_hea
 PROMPTS = [[5, 9, 3, 7, 1, 8, 2, 2, 6], [11], [4, 4, 8, 15]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(**overrides) -> MoETransformer:

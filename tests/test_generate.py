@@ -13,13 +13,7 @@ from moe.generate import (Completion, Generator, SamplingParams, load_tokenizer,
 from moe.model import KVCache
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread only adds spinning when other tests share the two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EOS = "<|endoftext|>"
 TEXTS = ["hello world, the cat sat on the mat. " * 3, "def f(x): return x + 1\n" * 2,
