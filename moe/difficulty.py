@@ -232,6 +232,22 @@ def threshold_for_budget(scores: torch.Tensor, cost_small: float, cost_large: fl
     return threshold_for_count(scores, k)
 
 
+def large_fraction_for_budget(cost_small: float, cost_large: float, budget: float) -> float:
+    """The largest fraction of large-model calls whose mean cost per query fits `budget`.
+
+    The cost model of `threshold_for_budget`: (1 - f) * cost_small + f * cost_large <= budget.
+    A budget below cost_small raises ValueError; one at or above cost_large gives 1.
+    """
+    for name, value in (("cost_small", cost_small), ("cost_large", cost_large), ("budget", budget)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+    if budget < cost_small:
+        raise ValueError(f"budget {budget} is below cost_small {cost_small}: not even all-small routing fits")
+    if cost_large <= cost_small:
+        return 1.0
+    return min(1.0, (budget - cost_small) / (cost_large - cost_small))
+
+
 def confidence_threshold_for_escalation(confidences: torch.Tensor, fraction: float) -> float:
     """The post-hoc confidence threshold that escalates `fraction` of a calibration set.
 

@@ -11,12 +11,10 @@ share one tokenizer (the message names both files), and the router file.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,6 +34,7 @@ def check_tiers(small: str, large: str) -> dict[str, Any]:
         ValueError: naming the key (`small`/`large`) and the file at fault.
     """
     from moe.checkpoint import read_model_config
+    from moe.model import count_parameters
 
     facts: dict[str, Any] = {}
     for key, path in (("small", small), ("large", large)):
@@ -53,7 +52,7 @@ def check_tiers(small: str, large: str) -> dict[str, Any]:
                              f"their data's tokenizer)")
         facts[key] = {"checkpoint": str(directory.resolve()), "tokenizer": str(tokenizer.resolve()),
                       "tokenizer_sha256": _sha256(tokenizer), "max_seq_len": config.max_seq_len,
-                      "vocab_size": config.vocab_size}
+                      "vocab_size": config.vocab_size, "active_params": count_parameters(config)["active"]}
     if facts["small"]["tokenizer_sha256"] != facts["large"]["tokenizer_sha256"]:
         raise ValueError(f"invalid configuration: small/large: the tiers' tokenizers differ: "
                          f"{facts['small']['tokenizer']} and {facts['large']['tokenizer']}; a cascade needs both "
@@ -111,7 +110,8 @@ def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
     ingress = serve.deployment(IngressDeployment).options(name="ingress", ray_actor_options={"num_cpus": 0.1})
     routing = OmegaConf.to_container(cfg.routing, resolve=True)
     return ingress.bind(tiers["small"], tiers["large"], str(router_file), facts["small"]["tokenizer"],
-                        min(facts["small"]["max_seq_len"], facts["large"]["max_seq_len"]), routing)
+                        min(facts["small"]["max_seq_len"], facts["large"]["max_seq_len"]), routing,
+                        facts["small"]["active_params"] / facts["large"]["active_params"])
 
 
 def start(cfg: DictConfig, *, init_ray: bool = True) -> str:

@@ -60,6 +60,9 @@ class RoutingConfig:
         target_large_fraction: when set, overrides the router's threshold with the
             one calibrated for this share of large-tier calls.
         threshold: when set, an explicit threshold on the router's score.
+        cost_budget: when set, the mean cost per query allowed, as a share of
+            answering everything with the large tier (costs: active parameters);
+            the most large-tier calls that fit, by the calibrated fractions.
         posthoc_confidence: the small answer's mean token probability below which
             `cascade-posthoc` escalates; null: the calibrated one.
         large_timeout_s: a large-tier call slower than this is answered by the small tier (degraded).
@@ -72,6 +75,7 @@ class RoutingConfig:
     calibration_root: str = "runs/cascade"
     target_large_fraction: Optional[float] = None
     threshold: Optional[float] = None
+    cost_budget: Optional[float] = None
     posthoc_confidence: Optional[float] = None
     large_timeout_s: float = 60.0
     max_tokens_limit: int = 256
@@ -132,6 +136,8 @@ def validate_serve_config(cfg: DictConfig) -> None:
         _fail("routing.target_large_fraction", f"must lie in [0, 1], got {r.target_large_fraction}")
     if r.threshold is not None and not 0.0 <= r.threshold <= 1.0:
         _fail("routing.threshold", f"must lie in [0, 1] (a probability), got {r.threshold}")
+    if r.cost_budget is not None and not 0.0 <= r.cost_budget <= 1.0:
+        _fail("routing.cost_budget", f"must lie in [0, 1] (a share of the all-large cost), got {r.cost_budget}")
     if r.posthoc_confidence is not None and not 0.0 <= r.posthoc_confidence <= 1.0:
         _fail("routing.posthoc_confidence", f"must lie in [0, 1], got {r.posthoc_confidence}")
     for key in ("large_timeout_s", "max_tokens_limit", "max_prompt_chars", "max_body_bytes"):

@@ -115,10 +115,11 @@ class CascadeIngress:
         tokenizer_file: the tiers' common tokenizer.json.
         max_seq_len: the shortest context of the two tiers.
         routing: the `routing` config as a dict.
+        cost_ratio: the small tier's cost per token over the large tier's (active parameters).
     """
 
     def __init__(self, small: Any, large: Any, router_file: str, tokenizer_file: str, max_seq_len: int,
-                 routing: dict[str, Any]) -> None:
+                 routing: dict[str, Any], cost_ratio: float = 1.0) -> None:
         from ray.serve.metrics import Counter, Histogram
         from tokenizers import Tokenizer
 
@@ -132,6 +133,7 @@ class CascadeIngress:
         self.tokenizer.encode_special_tokens = True  # as the tiers (moe.generate) and training tokenize
         self.max_seq_len = max_seq_len
         self.routing = routing
+        self.cost_ratio = cost_ratio
         _LIMITS["max_body_bytes"] = routing["max_body_bytes"]
         self.created = int(time.time())
         self.requests = Counter("moe_serve_requests", description="Completions answered, by tier and mode.",
@@ -187,6 +189,8 @@ class CascadeIngress:
         if len(body.prompt) > self.routing["max_prompt_chars"]:
             raise RequestError(400, f"prompt: {len(body.prompt)} characters exceed the limit of "
                                     f"{self.routing['max_prompt_chars']}", "prompt")
+        if mode.kind == CASCADE:
+            self._threshold(mode)  # a budget below the small tier's cost is refused here, before any tier
         prompt_ids = self.tokenizer.encode(body.prompt).ids
         if not prompt_ids:
             raise RequestError(400, "prompt: must not be empty", "prompt")
@@ -202,11 +206,24 @@ class CascadeIngress:
             return mode.value
         if mode.option == "fraction":
             return self.router.threshold_for_fraction(mode.value)
+        if mode.option == "budget":
+            return self._threshold_for_budget(mode.value)
         if self.routing.get("threshold") is not None:
             return self.routing["threshold"]
         if self.routing.get("target_large_fraction") is not None:
             return self.router.threshold_for_fraction(self.routing["target_large_fraction"])
+        if self.routing.get("cost_budget") is not None:
+            return self._threshold_for_budget(self.routing["cost_budget"])
         return self.router.threshold
+
+    def _threshold_for_budget(self, budget: float) -> float:
+        """Budget: mean cost per query as a share of all-large; costs are the tiers' active parameters."""
+        from moe.difficulty import large_fraction_for_budget
+
+        if budget < self.cost_ratio:
+            raise RequestError(400, f"model: budget={budget} is below the small tier's cost "
+                                    f"({self.cost_ratio:.3f} of the large tier's): not even all-small fits", "model")
+        return self.router.threshold_for_fraction(large_fraction_for_budget(self.cost_ratio, 1.0, budget))
 
     def _confidence_threshold(self, mode: Mode) -> float:
         if mode.option == "confidence":

@@ -3,6 +3,8 @@
     cascade                       pre-generation routing, the deployment's threshold
     cascade@fraction=0.2          the threshold calibrated for 20% large-tier calls
     cascade@threshold=0.6         an explicit threshold on the router's score
+    cascade@budget=0.5            the most large-tier calls whose mean cost per query stays within 50% of
+                                  answering everything with the large tier (costs: active parameters)
     cascade-posthoc               the small tier answers first; escalate when its confidence is low
     cascade-posthoc@confidence=C  ... below an explicit mean token probability
     small, large                  that tier only
@@ -15,7 +17,7 @@ from typing import Optional
 
 TIERS = ("small", "large")
 CASCADE, POSTHOC = "cascade", "cascade-posthoc"
-_OPTIONS = {CASCADE: ("fraction", "threshold"), POSTHOC: ("confidence",)}
+_OPTIONS = {CASCADE: ("fraction", "threshold", "budget"), POSTHOC: ("confidence",)}
 
 
 class UnknownModelError(ValueError):
@@ -26,7 +28,7 @@ class UnknownModelError(ValueError):
 class Mode:
     kind: str                       # "tier", CASCADE or POSTHOC
     tier: Optional[str] = None      # for kind == "tier"
-    option: Optional[str] = None    # "fraction", "threshold" or "confidence"
+    option: Optional[str] = None    # "fraction", "threshold", "budget" or "confidence"
     value: Optional[float] = None
 
 
@@ -37,7 +39,8 @@ def parse_model(name: str) -> Mode:
     base, _, option = name.partition("@")
     if base not in _OPTIONS:
         raise UnknownModelError(f"model: unknown model {name!r}; use one of {', '.join(available_models())}, "
-                                f"or cascade@fraction=F, cascade@threshold=T, cascade-posthoc@confidence=C")
+                                f"or cascade@fraction=F, cascade@threshold=T, cascade@budget=B, "
+                                f"cascade-posthoc@confidence=C")
     if not option:
         return Mode(base)
     key, _, raw = option.partition("=")

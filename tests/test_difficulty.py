@@ -274,3 +274,20 @@ def test_router_probs_are_the_gate_distribution(score_func: str) -> None:
         torch.testing.assert_close(probs.reshape(-1, 4), expected, atol=1e-12, rtol=1e-12)
         assert not probs.requires_grad
     assert model(torch.tensor([PROMPTS[0]])).router_probs == [], "only on request"
+
+
+def test_large_fraction_for_budget_matches_threshold_for_budget() -> None:
+    import math
+
+    from moe.difficulty import large_fraction_for_budget, threshold_for_budget, threshold_for_count
+
+    scores = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for budget in (1.0, 1.5, 2.25, 3.0, 4.0):
+        fraction = large_fraction_for_budget(1.0, 4.0, budget)
+        assert fraction == pytest.approx((budget - 1.0) / 3.0)
+        # The same cost model: the budget threshold sends the largest whole number of queries within it.
+        count = math.floor(fraction * scores.numel() + 1e-9)
+        assert threshold_for_count(scores, count) == threshold_for_budget(scores, 1.0, 4.0, budget)
+    assert large_fraction_for_budget(1.0, 4.0, 9.0) == 1.0
+    with pytest.raises(ValueError, match="below cost_small"):
+        large_fraction_for_budget(1.0, 4.0, 0.5)

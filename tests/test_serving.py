@@ -160,6 +160,12 @@ def test_cascade_routes_by_difficulty(server, local, tiers) -> None:
     assert complete(server, model="cascade@threshold=1", prompt=LONG, max_tokens=2).json()["routed_to"] == "small"
     assert complete(server, model="cascade@fraction=1", prompt=SHORT, max_tokens=2).json()["routed_to"] == "large"
     assert complete(server, model="cascade@fraction=0", prompt=LONG, max_tokens=2).json()["routed_to"] == "small"
+    # A cost budget, as a share of the all-large cost (costs: the tiers' active parameters).
+    assert complete(server, model="cascade@budget=1", prompt=SHORT, max_tokens=2).json()["routed_to"] == "large"
+    facts = check_tiers(str(tiers["small"]), str(tiers["large"]))
+    ratio = facts["small"]["active_params"] / facts["large"]["active_params"]
+    assert complete(server, model=f"cascade@budget={ratio!r}", prompt=LONG,
+                    max_tokens=2).json()["routed_to"] == "small"
 
 
 def test_posthoc_escalates_on_low_confidence(server, local) -> None:
@@ -216,6 +222,7 @@ def test_failing_or_hanging_large_tier_degrades_to_small(server, local) -> None:
     ({"prompt": "x", "max_tokens": 9}, 400, "max_tokens"),      # above routing.max_tokens_limit=8
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ({"prompt": "x", "model": "cascade@fraction=2"}, 404, "model"),
+    ({"prompt": "x", "model": "cascade@budget=0.01", "max_tokens": 2}, 400, "model"),  # below the small tier's cost
     ({"prompt": "x", "temperature": 3}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
@@ -242,11 +249,17 @@ def test_bad_requests_get_4xx_naming_the_field_and_reach_no_model(server, payloa
 def test_prometheus_metrics(server) -> None:
     complete(server, model="cascade-posthoc@confidence=1", prompt=SHORT, max_tokens=2)
     complete(server + "/broken", model="large", prompt=SHORT, max_tokens=2)
-    found = prometheus_lines(["ray_moe_serve_requests_total", "ray_moe_serve_escalations_total",
-                              "ray_moe_serve_degraded_total", "ray_moe_serve_tokens_generated_total",
-                              "ray_moe_serve_latency_seconds_bucket"], timeout_s=60)
-    assert any('tier="large"' in line for line in found["ray_moe_serve_requests_total"])
-    assert any('tier="small"' in line for line in found["ray_moe_serve_latency_seconds_bucket"])
+    names = ["ray_moe_serve_requests_total", "ray_moe_serve_escalations_total", "ray_moe_serve_degraded_total",
+             "ray_moe_serve_tokens_generated_total", "ray_moe_serve_latency_seconds_bucket"]
+    deadline = time.monotonic() + 60
+    while True:  # replicas export every few seconds: wait until both requests above are counted
+        found = prometheus_lines(names, timeout_s=60)
+        if (any('tier="large"' in line for line in found["ray_moe_serve_requests_total"])
+                and any('failed_tier="large"' in line for line in found["ray_moe_serve_degraded_total"])
+                and any('tier="small"' in line for line in found["ray_moe_serve_latency_seconds_bucket"])):
+            break
+        assert time.monotonic() < deadline, found
+        time.sleep(2)
 
 
 def test_schemathesis_finds_no_server_error(server) -> None:
