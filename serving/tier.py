@@ -2,9 +2,11 @@
 
 Every tier is this same class built from a checkpoint directory (a training
 checkpoint of `moe.train`, which carries its tokenizer.json). Generation and
-prefill are batched across concurrent requests with `@serve.batch`; the torch
-work runs in a thread so the replica's event loop keeps answering Serve's
-health checks.
+prefill are batched across concurrent requests with `@serve.batch`. All torch
+work runs on one worker thread of the replica: the event loop keeps answering
+Serve's health checks, calls never oversubscribe the replica's CPUs, and the
+difficulty prefill of a prompt is kept for its generation when the cascade
+routes it to this tier (`Generator.prefill_signals`).
 
 The ingress sends token ids (it tokenizes once, to check prompt length); all
 tiers share one tokenizer, which `serving.app.check_tiers` enforces.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
@@ -60,6 +63,7 @@ class Tier:
         self.generator = Generator(model, load_tokenizer(checkpoint), max_batch_size=max_batch_size, device=device)
         self.fault = fault
         self.num_calls = 0
+        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tier-{name}")
         # @serve.batch sizes are fixed at decoration; set them per deployment from the config.
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -69,6 +73,9 @@ class Tier:
     def calls(self) -> int:
         """How many generate/signals/stream calls this replica received (tests check bad requests reach none)."""
         return self.num_calls
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._torch_thread, fn, *args)
 
     async def _drill(self) -> None:
         self.num_calls += 1
@@ -94,7 +101,7 @@ class Tier:
     async def generate_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         prompt_ids = [r["prompt_ids"] for r in requests]
         params = [_params(r) for r in requests]
-        completions = await asyncio.to_thread(self.generator.generate_ids, prompt_ids, params)
+        completions = await self._run(self.generator.generate_ids, prompt_ids, params)
         return [_completion_dict(c) for c in completions]
 
     async def signals(self, prompt_ids: list[int]) -> list[float]:
@@ -104,9 +111,7 @@ class Tier:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def signals_batch(self, prompts: list[list[int]]) -> list[list[float]]:
-        from moe.difficulty import prompt_signals
-
-        signals = await asyncio.to_thread(prompt_signals, self.generator.model, prompts)
+        signals = await self._run(self.generator.prefill_signals, prompts)
         return [row.tolist() for row in signals]
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -115,7 +120,7 @@ class Tier:
         iterator = self.generator.stream_ids(request["prompt_ids"], _params(request))
         sentinel = object()
         while True:
-            item = await asyncio.to_thread(next, iterator, sentinel)
+            item = await self._run(next, iterator, sentinel)
             if item is sentinel:
                 return
             delta, completion = item
