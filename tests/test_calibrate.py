@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe import ModelConfig, MoETransformer, save_checkpoint
 from moe.calibrate import (REPORT_FRACTIONS, continuation_nll, main, make_queries, read_validation_documents,
                            roc_auc)
 from moe.difficulty import DifficultyRouter
@@ -23,41 +22,9 @@ K, M = 12, 8  # prompt_tokens, continuation_tokens
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def train(data: Path, steps: int, hidden_size: int, seed: int) -> MoETransformer:
-    """A few AdamW steps on the prepared training split (the large model gets more, and is wider)."""
-    from data_pipeline.loader import CurriculumLoader
-
-    torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=320, hidden_size=hidden_size, num_layers=2, num_heads=4, num_kv_heads=2,
-                         max_seq_len=64, experts=dict(num_experts=4, hidden_size=32))
-    model = MoETransformer(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    loader = CurriculumLoader(data, seq_len=32, global_batch_size=8, prefetch=0)
-    for _, batch in zip(range(steps), loader):
-        out = model(batch["input_ids"], doc_ids=batch["doc_ids"], targets=batch["targets"])
-        optimizer.zero_grad()
-        (out.loss + out.aux_loss).backward()
-        optimizer.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Prepared data; runs/small (with config.yaml naming the data) and runs/large checkpoints."""
-    from data_pipeline.prepare import prepare
-    from data_pipeline.testing import make_corpus, tiny_data_config
-
-    root = tmp_path_factory.mktemp("calibrate")
-    make_corpus(root / "corpus", num_text=60)
-    data = prepare(tiny_data_config(root / "corpus", root / "prepared", validation_fraction=0.5))
-    checkpoints = {}
-    for name, steps, hidden_size, seed in (("small", 0, 32, 0), ("large", 150, 64, 1)):
-        directory = save_checkpoint(train(data, steps, hidden_size, seed),
-                                    root / "runs" / name / "checkpoints" / "step_00000010")
-        shutil.copyfile(data / "tokenizer.json", directory / "tokenizer.json")
-        checkpoints[name] = directory
-    (root / "runs" / "small" / "config.yaml").write_text(f"data:\n  output: {data}\n  seq_len: 32\n")
-    return {"root": root, "data": data, **checkpoints}
+def setup(cascade_pair):
+    return cascade_pair
 
 
 def median_margin(setup) -> float:

@@ -1,0 +1,584 @@
+"""`python -m moe.cascade_eval small=CKPT large=CKPT output=DIR`: how much of the large tier's quality each
+router buys, against the share of large-model calls and against real cost.
+
+    python -m moe.cascade_eval small=runs/mixtral_tiny/checkpoints/step_00000300 \\
+                               large=runs/mixtral_base/checkpoints/step_00000500 output=runs/cascade/eval \\
+                               [data=DIR] [num_queries=1024] [prompt_tokens=32] [continuation_tokens=16] \\
+                               [line_tokens=32] [margin=X] [l2=0.01] [bootstrap=200] [batch_size=8] [seed=0] \\
+                               [device=cpu|cuda]
+
+Writes DIR/cascade_eval.json and DIR/cascade_eval.png, and prints a table.
+
+NOTE: what is measured.
+1. Queries are windows of validation documents (`moe.calibrate.make_queries`):
+   a prompt of K tokens and the document's next W = max(continuation_tokens,
+   line_tokens) tokens as its reference. The calibration set comes from the
+   even-numbered validation documents and the test set from the odd ones,
+   so no text is shared between them.
+2. Quality of a tier on a query, two metrics: `loglik`, the mean log-likelihood
+   (nats/token) of the first `continuation_tokens` reference tokens,
+   teacher-forced; `exact_match`, 1 when the tier's greedy next line (stop at
+   a newline, at most `line_tokens` tokens) equals the reference's next line.
+3. A router is a score per query (higher: send to large). Routing the k
+   highest-scoring of N test queries to the large tier gives quality q(k);
+   PGR(k) = (q(k) - q(0)) / (q(N) - q(0)), the performance gap recovered.
+   APGR is the area under PGR over the large-call fraction k/N (RouteLLM's
+   definition; random routing gives 0.5), CPT(p) the smallest large-call
+   fraction with PGR >= p (interpolated between neighbouring k). Queries of
+   equal score are taken as a block at the average of its members, so a
+   constant score is exactly random routing in expectation.
+4. Routers: `random`; each signal of `moe.difficulty.SIGNAL_NAMES` alone
+   (its sign chosen on the calibration set); `learned` (the logistic router
+   `moe.calibrate` fits, label: the large tier's loglik better by more than
+   `margin`, default the calibration set's median gain) and
+   `learned_regression` (ridge regression of the gain); `posthoc` (the small
+   tier answers first; its answer's mean token confidence, low escalates, as
+   FrugalGPT/AutoMix); `oracle` (the test set's own gains: an upper bound).
+5. Cost is forward FLOPs per query: 2 * active parameters (output head
+   included) per token plus attention (4 * layers * heads * head_dim * the
+   attended context, sliding window respected), summed over the prefill and
+   the decoded answer of each tier, with the real answer lengths. A
+   pre-generation router adds the small tier's prefill of the prompt to the
+   queries it sends to large (a query it keeps reuses that prefill, as the
+   service does); post-hoc pays the small tier's whole answer on every query.
+   Random and oracle routing are charged no router. Cost fractions are
+   relative to sending every query to the large tier.
+6. Spread: APGR and CPT are recomputed on `bootstrap` resamples of the test
+   queries (with replacement, the calibration fit fixed); the JSON carries
+   their standard deviation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from moe.calibrate import (TOKENIZER_FILE, _sha256, check_tokenizers, continuation_nll, data_dir_of, make_queries,
+                           read_validation_documents, roc_auc)
+from moe.checkpoint import load_checkpoint
+from moe.config import ModelConfig
+from moe.difficulty import SIGNAL_NAMES, DifficultyRouter, prompt_signals
+from moe.model import MoETransformer, count_parameters
+
+USAGE = ("usage: python -m moe.cascade_eval small=CKPT large=CKPT output=DIR [data=DIR] [num_queries=N] "
+         "[prompt_tokens=K] [continuation_tokens=M] [line_tokens=L] [margin=X] [l2=X] [bootstrap=N] "
+         "[batch_size=N] [seed=N] [device=D]")
+METRICS = ("loglik", "exact_match")
+CURVE_POINTS = 101  # large-call fractions 0, 0.01, ..., 1 in the JSON curves
+MIN_QUERIES = 10
+
+PathLike = Union[str, os.PathLike]
+
+# key: (type, default); None as default means optional without a value.
+OPTIONS: dict[str, tuple[type, Any]] = {
+    "small": (str, None), "large": (str, None), "output": (str, None), "data": (str, None),
+    "num_queries": (int, 1024), "prompt_tokens": (int, 32), "continuation_tokens": (int, 16),
+    "line_tokens": (int, 32), "margin": (float, None), "l2": (float, 1e-2), "bootstrap": (int, 200),
+    "batch_size": (int, 8), "seed": (int, 0), "device": (str, None),
+}
+
+
+def parse_args(argv: list[str]) -> dict[str, Any]:
+    """`key=value` arguments to typed values; raises ValueError naming the key."""
+    args: dict[str, Any] = {}
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep or key not in OPTIONS:
+            raise ValueError(f"unknown argument {item!r}; {USAGE}")
+        kind = OPTIONS[key][0]
+        try:
+            args[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    for key in ("small", "large", "output"):
+        if key not in args:
+            raise ValueError(f"{key}= is required; {USAGE}")
+    return args
+
+
+# ---- cost --------------------------------------------------------------------------------
+
+def forward_flops(config: ModelConfig, num_positions: int) -> float:
+    """Forward FLOPs of positions 0 .. num_positions - 1 of one sequence (NOTE 5).
+
+    Each position costs 2 * active parameters (output head included, the
+    embedding lookup not) plus 4 * layers * heads * head_dim * the number of
+    positions it attends to (QK^T and the weighted sum of V).
+    """
+    if num_positions <= 0:
+        return 0.0
+    per_token = 2.0 * count_parameters(config)["active_non_embedding"]
+    attn_width = 4.0 * config.num_layers * config.num_heads * config.head_dim
+    window = config.sliding_window or num_positions
+    n, w = num_positions, min(window, num_positions)
+    attended = w * (w + 1) / 2 + (n - w) * w  # sum over t of min(t + 1, window)
+    return n * per_token + attn_width * attended
+
+
+def answer_flops(config: ModelConfig, prompt_tokens: int, generated_tokens: int) -> float:
+    """Prefill of the prompt plus decoding `generated_tokens` (the last one is never fed back)."""
+    return forward_flops(config, prompt_tokens + max(generated_tokens, 1) - 1)
+
+
+# ---- curves ------------------------------------------------------------------------------
+
+def gain_curve(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Sum of `values` over the k highest-scoring queries, k = 0..N; (N + 1,) float64.
+
+    Queries of equal score form a block taken in order of nothing: inside a
+    block the curve is the straight line between the block's ends, the
+    expectation over every order of its members (NOTE 3).
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    values = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if scores.shape != values.shape:
+        raise ValueError(f"scores: {scores.numel()} scores for {values.numel()} values")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores must be finite")
+    n = scores.numel()
+    order = torch.argsort(scores, descending=True, stable=True)
+    sorted_scores, sorted_values = scores[order], values[order]
+    cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), sorted_values.cumsum(0)])
+    if n == 0:
+        return cumulative
+    _, counts = torch.unique_consecutive(sorted_scores, return_counts=True)
+    ends = counts.cumsum(0)
+    starts = ends - counts
+    block_of = torch.repeat_interleave(torch.arange(counts.numel()), counts)  # block of the i-th query taken
+    start, end, count = starts[block_of], ends[block_of], counts[block_of].to(torch.float64)
+    k = torch.arange(n, dtype=torch.float64)
+    inside = cumulative[start] + (k - start) * (cumulative[end] - cumulative[start]) / count
+    return torch.cat([inside, cumulative[-1:]])
+
+
+def pgr_curve(scores: torch.Tensor, quality_small: torch.Tensor, quality_large: torch.Tensor) -> torch.Tensor:
+    """PGR(k) for k = 0..N (NOTE 3); (N + 1,) float64.
+
+    Raises:
+        ValueError: the large tier is not better in total on these queries
+            (PGR is then undefined).
+    """
+    gain = torch.as_tensor(quality_large, dtype=torch.float64) - torch.as_tensor(quality_small, dtype=torch.float64)
+    curve = gain_curve(scores, gain)
+    if not float(curve[-1]) > 1e-12 * max(1.0, float(gain.abs().sum())):
+        raise ValueError(f"the large tier is not better than the small one on these queries (total gain "
+                         f"{float(curve[-1]):.4g}): the performance gap recovered is undefined")
+    return curve / curve[-1]
+
+
+def area(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Trapezoid area under y(x)."""
+    return float(((y[1:] + y[:-1]) * (x[1:] - x[:-1])).sum() / 2)
+
+
+def first_crossing(x: torch.Tensor, y: torch.Tensor, level: float) -> Optional[float]:
+    """The smallest x where y reaches `level`, linear between neighbouring points; None if it never does."""
+    reached = torch.nonzero(y >= level - 1e-12).reshape(-1)
+    if reached.numel() == 0:
+        return None
+    i = int(reached[0])
+    if i == 0 or float(y[i]) == float(y[i - 1]):
+        return float(x[i])
+    t = (level - float(y[i - 1])) / (float(y[i]) - float(y[i - 1]))
+    return float(x[i - 1] + t * (x[i] - x[i - 1]))
+
+
+def router_summary(scores: torch.Tensor, quality_small: torch.Tensor, quality_large: torch.Tensor,
+                   cost_if_small: torch.Tensor, cost_if_large: torch.Tensor, cost_all_large: float
+                   ) -> dict[str, Any]:
+    """APGR, CPT(50%/80%) over the large-call fraction and over the cost fraction, and the full curves."""
+    n = scores.numel()
+    fraction = torch.arange(n + 1, dtype=torch.float64) / n
+    pgr = pgr_curve(scores, quality_small, quality_large)
+    cost = (float(cost_if_small.sum()) + gain_curve(scores, cost_if_large - cost_if_small)) / cost_all_large
+    summary: dict[str, Any] = {"apgr": area(fraction, pgr)}
+    for level in (50, 80):
+        summary[f"cpt{level}"] = first_crossing(fraction, pgr, level / 100)
+        # the cost where PGR first reaches the level, on the same interpolation
+        at = summary[f"cpt{level}"]
+        summary[f"cost_cpt{level}"] = None if at is None else float(_interpolate_at(fraction, cost, at))
+    summary["cost_range"] = [float(cost.min()), float(cost.max())]
+    summary["_curves"] = (fraction, pgr, cost)
+    return summary
+
+
+def _interpolate_at(x: torch.Tensor, y: torch.Tensor, at: float) -> float:
+    i = int(torch.searchsorted(x, torch.tensor([at], dtype=torch.float64), right=False)[0])
+    if i == 0:
+        return float(y[0])
+    if i >= x.numel():
+        return float(y[-1])
+    t = (at - float(x[i - 1])) / (float(x[i]) - float(x[i - 1]))
+    return float(y[i - 1] + t * (y[i] - y[i - 1]))
+
+
+def _resample_points(x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    grid = torch.linspace(0, 1, CURVE_POINTS, dtype=torch.float64)
+    return [round(_interpolate_at(x, y, float(g)), 6) for g in grid]
+
+
+# ---- routers -----------------------------------------------------------------------------
+
+def signal_directions(signals: torch.Tensor, gain: torch.Tensor) -> dict[str, int]:
+    """+1 where a signal's Spearman correlation with the gain is >= 0 on the calibration set, else -1."""
+    directions = {}
+    ranked_gain = _ranks(gain)
+    for column, name in enumerate(SIGNAL_NAMES):
+        directions[name] = 1 if _pearson(_ranks(signals[:, column]), ranked_gain) >= 0 else -1
+    return directions
+
+
+def fit_ridge(signals: torch.Tensor, target: torch.Tensor, l2: float) -> dict[str, list[float]]:
+    """Ridge regression of `target` on standardised signals (closed form, float64)."""
+    x_NF = signals.to(torch.float64)
+    mean_F, std_F = x_NF.mean(0), x_NF.std(0, unbiased=False)
+    std_F = torch.where(std_F > 1e-12, std_F, torch.ones_like(std_F))
+    z_NF = (x_NF - mean_F) / std_F
+    y_N = target.to(torch.float64) - target.to(torch.float64).mean()
+    n, f = z_NF.shape
+    weights_F = torch.linalg.solve(z_NF.T @ z_NF + l2 * n * torch.eye(f, dtype=torch.float64), z_NF.T @ y_N)
+    return {"mean": mean_F.tolist(), "std": std_F.tolist(), "weights": weights_F.tolist()}
+
+
+def ridge_scores(model: dict[str, list[float]], signals: torch.Tensor) -> torch.Tensor:
+    mean_F, std_F, weights_F = (torch.tensor(model[k], dtype=torch.float64) for k in ("mean", "std", "weights"))
+    return ((signals.to(torch.float64) - mean_F) / std_F) @ weights_F
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    """Average ranks (ties share their mean rank)."""
+    values = values.to(torch.float64)
+    order = torch.argsort(values, stable=True)
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(values.numel(), dtype=torch.float64)
+    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    sums = torch.zeros(counts.numel(), dtype=torch.float64).index_add_(0, inverse, ranks)
+    return (sums / counts)[inverse]
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float(a.norm() * b.norm())
+    return 0.0 if denominator == 0 else float((a * b).sum()) / denominator
+
+
+# ---- measurement -------------------------------------------------------------------------
+
+def next_line(text: str) -> str:
+    """The text before the first newline (the whole text when there is none)."""
+    return text.split("\n", 1)[0]
+
+
+def tier_answers(model: MoETransformer, checkpoint: Path, prompts: list[list[int]], line_tokens: int,
+                 batch_size: int, device: str):
+    """Greedy next-line answers of one tier: (completions, generator)."""
+    from moe.generate import Generator, SamplingParams, load_tokenizer
+
+    generator = Generator(model, load_tokenizer(checkpoint), max_batch_size=batch_size, device=device)
+    params = [SamplingParams(max_tokens=line_tokens, stop=("\n",))] * len(prompts)
+    return generator.generate_ids(prompts, params), generator
+
+
+def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data: Optional[PathLike] = None,
+                     num_queries: int = 1024, prompt_tokens: int = 32, continuation_tokens: int = 16,
+                     line_tokens: int = 32, margin: Optional[float] = None, l2: float = 1e-2, bootstrap: int = 200,
+                     batch_size: int = 8, seed: int = 0, device: Optional[str] = None,
+                     verbose: bool = True) -> dict[str, Any]:
+    """Measures every router of NOTE 4 on the test queries; writes cascade_eval.json and cascade_eval.png.
+
+    Args:
+        small, large: checkpoint directories of `moe.train` (same tokenizer).
+        output: directory for the report (created).
+        data: the prepared data; default the small run's data.output.
+        num_queries: calibration + test queries at most (half each).
+        prompt_tokens: K, the longest prompt (prompts have K/2..K tokens).
+        continuation_tokens: reference tokens scored by `loglik`.
+        line_tokens: the longest next line `exact_match` compares.
+        margin: the learned router's label margin (nats/token); default the
+            calibration set's median gain.
+        l2: penalty of both learned routers.
+        bootstrap: resamples of the test set for the spread (0: none).
+        batch_size: sequences per forward pass and per decoding batch.
+        seed: query lengths, bootstrap resamples.
+        device: default cuda when available.
+        verbose: print the table.
+    Returns:
+        The report, as written to cascade_eval.json.
+    Raises:
+        ValueError: a bad option (named), different tokenizers (both files
+            named), data of another tokenizer, too few documents or queries,
+            or a large tier that is not better than the small one.
+    """
+    _check_options(num_queries=num_queries, prompt_tokens=prompt_tokens, continuation_tokens=continuation_tokens,
+                   line_tokens=line_tokens, margin=margin, l2=l2, bootstrap=bootstrap, batch_size=batch_size)
+    small, large, output = Path(small), Path(large), Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output: {output} exists and is not a directory")
+    tokenizer_sha256 = check_tokenizers(small, large)
+    data_dir = data_dir_of(small, None if data is None else str(data))
+    data_tokenizer = data_dir / TOKENIZER_FILE
+    if not data_tokenizer.is_file() or _sha256(data_tokenizer) != tokenizer_sha256:
+        raise ValueError(f"data: {data_tokenizer} is missing or differs from {small / TOKENIZER_FILE}: the "
+                         f"evaluation data must be tokenized like the models' training data")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    small_model = load_checkpoint(small, device=device).eval()
+    large_model = load_checkpoint(large, device=device).eval()
+    reference_tokens = max(continuation_tokens, line_tokens)
+    max_len = min(small_model.config.max_seq_len, large_model.config.max_seq_len)
+    if prompt_tokens + reference_tokens > max_len:
+        raise ValueError(f"prompt_tokens: prompt_tokens ({prompt_tokens}) + max(continuation_tokens, line_tokens) "
+                         f"({reference_tokens}) exceed the models' max_seq_len ({max_len})")
+
+    # Calibration and test queries from disjoint documents (NOTE 1).
+    documents = read_validation_documents(data_dir, 1 << 30, reference_tokens + 1)
+    if len(documents) < 2:
+        raise ValueError(f"data: the validation split of {data_dir} has {len(documents)} document(s) of more than "
+                         f"{reference_tokens} tokens; calibration and test queries come from different documents, "
+                         f"so at least 2 are needed")
+    sets = {"calibration": make_queries(documents[0::2], prompt_tokens, reference_tokens, seed, num_queries // 2),
+            "test": make_queries(documents[1::2], prompt_tokens, reference_tokens, seed + 1,
+                                 num_queries - num_queries // 2)}
+    for name, pairs in sets.items():
+        if len(pairs) < MIN_QUERIES:
+            raise ValueError(f"num_queries: the {name} documents of {data_dir} give only {len(pairs)} queries of "
+                             f"prompt_tokens={prompt_tokens} + {reference_tokens} reference tokens; at least "
+                             f"{MIN_QUERIES} are needed")
+    measured = {}
+    for name, pairs in sets.items():
+        scored = [(query, reference[:continuation_tokens]) for query, reference in pairs]
+        measured[name] = {
+            "signals": prompt_signals(small_model, [query for query, _ in pairs], batch_size=batch_size),
+            "loglik_small": -continuation_nll(small_model, scored, batch_size),
+            "loglik_large": -continuation_nll(large_model, scored, batch_size),
+        }
+    cal, test = measured["calibration"], measured["test"]
+    gap = float(test["loglik_large"].mean() - test["loglik_small"].mean())
+    if not gap > 0:
+        raise ValueError(f"large: {large} is not better than small ({small}) on the {len(sets['test'])} test "
+                         f"queries (mean loglik gap {gap:.4f} nats/token): there is no gap for a router to recover")
+    test_pairs = sets["test"]
+    prompts = [query for query, _ in test_pairs]
+
+    # Greedy next lines of both tiers on the test queries (exact match, post-hoc confidence, answer lengths).
+    answers_small, generator = tier_answers(small_model, small, prompts, line_tokens, batch_size, device)
+    answers_large, _ = tier_answers(large_model, large, prompts, line_tokens, batch_size, device)
+    reference_lines = [next_line(generator.decode(reference)) for _, reference in test_pairs]
+    for tier, answers in (("small", answers_small), ("large", answers_large)):
+        test[f"exact_match_{tier}"] = torch.tensor([float(a.text == line) for a, line in
+                                                    zip(answers, reference_lines)], dtype=torch.float64)
+    confidence = torch.tensor([a.mean_confidence for a in answers_small], dtype=torch.float64)
+
+    # Costs per test query (NOTE 5).
+    small_cfg, large_cfg = small_model.config, large_model.config
+    router_prefill = torch.tensor([forward_flops(small_cfg, len(p)) for p in prompts], dtype=torch.float64)
+    answer_small = torch.tensor([answer_flops(small_cfg, len(p), len(a.token_ids))
+                                 for p, a in zip(prompts, answers_small)], dtype=torch.float64)
+    answer_large = torch.tensor([answer_flops(large_cfg, len(p), len(a.token_ids))
+                                 for p, a in zip(prompts, answers_large)], dtype=torch.float64)
+    cost_all_large = float(answer_large.sum())
+    charges = {  # (cost when kept on small, cost when sent to large)
+        "none": (answer_small, answer_large),
+        "prefill": (answer_small, router_prefill + answer_large),
+        "posthoc": (answer_small, answer_small + answer_large),
+    }
+
+    # Routers (NOTE 4): scores on the test queries, fitted on the calibration queries only.
+    cal_gain = cal["loglik_large"] - cal["loglik_small"]
+    margin = float(cal_gain.median()) if margin is None else float(margin)
+    labels = (cal_gain > margin).to(torch.float64)
+    try:
+        learned = DifficultyRouter.fit(cal["signals"], labels, l2=l2)
+    except ValueError as err:
+        raise ValueError(f"margin: {err} (the large tier beats the small one by more than margin={margin} on "
+                         f"{int(labels.sum())} of {len(labels)} calibration queries)") from None
+    ridge = fit_ridge(cal["signals"], cal_gain, l2)
+    directions = signal_directions(cal["signals"], cal_gain)
+    test_gain = test["loglik_large"] - test["loglik_small"]
+    n_test = len(test_pairs)
+    routers: dict[str, tuple[torch.Tensor, str]] = {"random": (torch.zeros(n_test, dtype=torch.float64), "none")}
+    for column, name in enumerate(SIGNAL_NAMES):
+        routers[f"signal:{name}"] = (directions[name] * test["signals"][:, column], "prefill")
+    routers["learned"] = (learned.score(test["signals"]), "prefill")
+    routers["learned_regression"] = (ridge_scores(ridge, test["signals"]), "prefill")
+    routers["posthoc"] = (-confidence, "posthoc")
+    oracle_scores = {"loglik": test_gain,
+                     "exact_match": test["exact_match_large"] - test["exact_match_small"] + 1e-3 * test_gain}
+
+    results: dict[str, Any] = {}
+    curves: dict[str, tuple[torch.Tensor, ...]] = {}
+    generator_rng = torch.Generator().manual_seed(seed)
+    resamples = [torch.randint(n_test, (n_test,), generator=generator_rng) for _ in range(bootstrap)]
+    for name in [*routers, "oracle"]:
+        entry: dict[str, Any] = {}
+        for metric in METRICS:
+            scores, charge = routers.get(name, (oracle_scores[metric], "none"))
+            q_small, q_large = test[f"{metric}_small"], test[f"{metric}_large"]
+            if not float(q_large.sum() - q_small.sum()) > 0:
+                entry[metric] = None  # no gap to recover on this metric (e.g. no exact match by either tier)
+                continue
+            summary = router_summary(scores, q_small, q_large, *charges[charge], cost_all_large)
+            fraction, pgr, cost = summary.pop("_curves")
+            spread = _bootstrap(resamples, scores, q_small, q_large, charges[charge])
+            summary.update(spread)
+            summary["curve"] = {"large_fraction": [round(float(x), 4) for x in torch.linspace(0, 1, CURVE_POINTS)],
+                                "pgr": _resample_points(fraction, pgr), "cost_fraction": _resample_points(fraction, cost)}
+            if metric == "loglik":
+                curves[name] = (fraction, pgr, cost)
+            entry[metric] = summary
+        entry["charge"] = charges_doc(routers.get(name, (None, "none"))[1])
+        loglik = entry["loglik"] or {}
+        for key in ("apgr", "cpt50", "cpt80", "cost_cpt50", "cost_cpt80"):  # loglik figures at the top level
+            entry[key] = loglik.get(key)
+        entry["auc"] = roc_auc(routers[name][0], test_gain > margin) if name in routers else None
+        results[name] = entry
+
+    report = {
+        "small": str(small.resolve()), "large": str(large.resolve()), "data": str(data_dir.resolve()),
+        "tokenizer_sha256": tokenizer_sha256,
+        "settings": {"num_queries": num_queries, "prompt_tokens": prompt_tokens,
+                     "continuation_tokens": continuation_tokens, "line_tokens": line_tokens, "margin": margin,
+                     "l2": l2, "bootstrap": bootstrap, "seed": seed},
+        "num_calibration": len(sets["calibration"]), "num_test": n_test,
+        "documents": {"calibration": len(documents[0::2]), "test": len(documents[1::2])},
+        "tiers": {
+            tier: {"checkpoint": str(path.resolve()), "active_params": count_parameters(cfg)["active"],
+                   "loglik": float(test[f"loglik_{tier}"].mean()),
+                   "exact_match": float(test[f"exact_match_{tier}"].mean()),
+                   "flops_per_query": float(cost.mean()),
+                   "mean_answer_tokens": sum(len(a.token_ids) for a in answers) / n_test}
+            for tier, path, cfg, cost, answers in (("small", small, small_cfg, answer_small, answers_small),
+                                                   ("large", large, large_cfg, answer_large, answers_large))},
+        "router_prefill_flops_per_query": float(router_prefill.mean()),
+        "learned": {"weights": dict(zip(SIGNAL_NAMES, learned.weights)), "bias": learned.bias,
+                    "regression_weights": dict(zip(SIGNAL_NAMES, ridge["weights"])),
+                    "signal_directions": directions, "calibration_label_rate": float(labels.mean())},
+        "gain_correlation": {name: _pearson(_ranks(test["signals"][:, i]), _ranks(test_gain))
+                             for i, name in enumerate(SIGNAL_NAMES)},
+        "routers": results,
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    _write_json(output / "cascade_eval.json", report)
+    plot_curves(curves, report, output / "cascade_eval.png")
+    if verbose:
+        print(format_report(report, output))
+    return report
+
+
+def charges_doc(charge: str) -> str:
+    return {"none": "no router cost", "prefill": "small prefill added to queries sent to large",
+            "posthoc": "small answer on every query"}[charge]
+
+
+def _bootstrap(resamples: list[torch.Tensor], scores: torch.Tensor, q_small: torch.Tensor, q_large: torch.Tensor,
+               charge: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Optional[float]]:
+    """Standard deviation of APGR and CPT over resamples of the test queries (NOTE 6)."""
+    values: dict[str, list[float]] = {"apgr": [], "cpt50": [], "cpt80": []}
+    for index in resamples:
+        if not float(q_large[index].sum() - q_small[index].sum()) > 0:
+            continue
+        summary = router_summary(scores[index], q_small[index], q_large[index], charge[0][index], charge[1][index],
+                                 float(charge[1][index].sum()))
+        for key in values:
+            if summary[key] is not None:
+                values[key].append(summary[key])
+    return {f"{key}_std": (float(torch.tensor(v, dtype=torch.float64).std()) if len(v) > 1 else None)
+            for key, v in values.items()}
+
+
+def plot_curves(curves: dict[str, tuple[torch.Tensor, ...]], report: dict[str, Any], path: Path) -> None:
+    """PGR (loglik) against the large-call fraction and against the cost fraction, one line per router."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_calls, by_cost) = plt.subplots(1, 2, figsize=(12, 5))
+    for name, (fraction, pgr, cost) in curves.items():
+        style = {"random": dict(color="grey", linestyle="--"), "oracle": dict(color="black", linestyle=":")}.get(
+            name, {})
+        label = f"{name} (APGR {report['routers'][name]['apgr']:.3f})"
+        by_calls.plot(fraction.numpy(), pgr.numpy(), label=label, linewidth=1.2, **style)
+        by_cost.plot(cost.numpy(), pgr.numpy(), label=name, linewidth=1.2, **style)
+    by_calls.set(xlabel="large-model calls (fraction of queries)", ylabel="performance gap recovered (loglik)",
+                 title=f"{report['num_test']} test queries")
+    by_cost.set(xlabel="FLOPs per query (fraction of all-large)", ylabel="performance gap recovered (loglik)",
+                title="cost includes the router's own prefill")
+    for axes in (by_calls, by_cost):
+        axes.axhline(0.5, color="lightgrey", linewidth=0.8)
+        axes.axhline(0.8, color="lightgrey", linewidth=0.8)
+        axes.grid(alpha=0.3)
+    by_calls.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def format_report(report: dict[str, Any], output: Path) -> str:
+    """The printed table: one row per router."""
+    tiers = report["tiers"]
+    lines = [
+        f"cascade evaluation: {report['num_test']} test queries ({report['documents']['test']} documents), router "
+        f"fitted on {report['num_calibration']} calibration queries ({report['documents']['calibration']} other "
+        f"documents)",
+        f"small: loglik {tiers['small']['loglik']:.4f}, exact match {tiers['small']['exact_match']:.3f}, "
+        f"{tiers['small']['flops_per_query'] / 1e9:.3f} GFLOP/query | large: loglik {tiers['large']['loglik']:.4f}, "
+        f"exact match {tiers['large']['exact_match']:.3f}, {tiers['large']['flops_per_query'] / 1e9:.3f} GFLOP/query "
+        f"| router prefill {report['router_prefill_flops_per_query'] / 1e9:.3f} GFLOP/query",
+        f"{'router':<24} {'APGR':>13} {'CPT(50%)':>9} {'CPT(80%)':>9} {'cost@50%':>9} {'cost@80%':>9} "
+        f"{'EM APGR':>8}",
+    ]
+    for name, entry in report["routers"].items():
+        std = (entry["loglik"] or {}).get("apgr_std")
+        apgr = _fmt(entry["apgr"], ".3f") + ("" if std is None else f" ±{std:.3f}")
+        em = entry["exact_match"]
+        lines.append(f"{name:<24} {apgr:>13} {_fmt(entry['cpt50'], '.1%'):>9} {_fmt(entry['cpt80'], '.1%'):>9} "
+                     f"{_fmt(entry['cost_cpt50'], '.1%'):>9} {_fmt(entry['cost_cpt80'], '.1%'):>9} "
+                     f"{_fmt(em['apgr'] if em else None, '.3f'):>8}")
+    lines.append(f"wrote {output / 'cascade_eval.json'} and {output / 'cascade_eval.png'}")
+    return "\n".join(lines)
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_options(**options: Any) -> None:
+    for key in ("num_queries", "prompt_tokens", "continuation_tokens", "line_tokens", "batch_size"):
+        value = options[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    bootstrap = options["bootstrap"]
+    if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or bootstrap < 0:
+        raise ValueError(f"bootstrap must be an integer >= 0, got {bootstrap!r}")
+    margin = options["margin"]
+    if margin is not None and (not isinstance(margin, (int, float)) or not math.isfinite(margin)):
+        raise ValueError(f"margin must be a finite number, got {margin!r}")
+    l2 = options["l2"]
+    if not isinstance(l2, (int, float)) or not math.isfinite(l2) or not l2 > 0:
+        raise ValueError(f"l2 must be a positive number, got {l2!r}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        options = {key: args.get(key, default) for key, (_, default) in OPTIONS.items()}
+        evaluate_cascade(**options)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
