@@ -8,6 +8,11 @@ Rows:
   moe[<backend>] our MoELayer (router + dispatch + experts + combine) with that backend
   hf_mixtral_loop  the per-expert mask/index_add loop of Hugging Face's Mixtral block (a common baseline)
 
+The rows run round-robin: every round times each row for `--iters` iterations (after
+`--warmup` on the first round), and a row's figure is the median over all its timed
+iterations, so a slow phase of a noisy machine hits every row alike. The JSON also has
+the per-round medians of the ratio to dense (its spread shows the noise).
+
 Prints a table (median ms, TFLOP/s of the expert matmuls, ratio to dense) and a JSON line.
 """
 
@@ -86,7 +91,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=4, help="timed iterations per row and round")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     tokens = args.tokens or (16384 if cuda else 4096)
@@ -111,11 +117,20 @@ def main() -> None:
         modules[f"moe[{backend}]"] = layer
     modules["hf_mixtral_loop"] = HFMixtralLoop(modules["moe[loop]"])
 
-    results = {}
-    for name, module in modules.items():
+    for module in modules.values():
         module.to(device=device, dtype=dtype)
-        times = time_fwd_bwd(module, x, args.warmup, args.iters)
-        results[name] = statistics.median(times)
+        time_fwd_bwd(module, x, args.warmup, 0)
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    round_ratios: dict[str, list[float]] = {name: [] for name in modules}
+    for round_index in range(args.rounds):
+        names = list(modules)
+        if round_index % 2:
+            names.reverse()  # no row always follows the same one
+        round_times = {name: time_fwd_bwd(modules[name], x, 0, args.iters) for name in names}
+        for name in modules:
+            times[name] += round_times[name]
+            round_ratios[name].append(statistics.median(round_times[name]) / statistics.median(round_times["dense"]))
+    results = {name: statistics.median(values) for name, values in times.items()}
 
     dense = results["dense"]
     print(f"# device={device} ({torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu'}) "
@@ -124,10 +139,12 @@ def main() -> None:
     print(f"{'row':<18}{'ms':>10}{'TFLOP/s':>10}{'x dense':>10}")
     rows = []
     for name, seconds in results.items():
-        rows.append({"name": name, "ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "ratio_to_dense": seconds / dense})
+        rows.append({"name": name, "ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "ratio_to_dense": seconds / dense,
+                     "ratio_to_dense_per_round": [round(r, 4) for r in round_ratios[name]]})
         print(f"{name:<18}{seconds * 1e3:>10.2f}{flops / seconds / 1e12:>10.3f}{seconds / dense:>10.2f}")
     summary = {"benchmark": "moe_layer", "device": str(device), "dtype": str(dtype), "tokens": tokens, "hidden": hidden,
-               "ffn": ffn, "experts": args.experts, "top_k": args.top_k, "rows": rows}
+               "ffn": ffn, "experts": args.experts, "top_k": args.top_k, "rounds": args.rounds,
+               "iters_per_round": args.iters, "rows": rows}
     if "moe[grouped_mm]" in results:
         summary["grouped_mm_speedup_over_loop"] = results["moe[loop]"] / results["moe[grouped_mm]"]
         summary["grouped_mm_speedup_over_hf_loop"] = results["hf_mixtral_loop"] / results["moe[grouped_mm]"]
