@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from moe.config import ModelConfig
+from moe.model import ACTIVATION_CHECKPOINTING
 
 ENGINES = ("native", "deepspeed")
 DTYPES = ("float32", "bfloat16")
@@ -46,6 +47,9 @@ class TrainerConfig:
         eval_every / eval_batches: validation period and size (0 = at the end only).
         max_bad_steps: consecutive NaN/inf steps before the run stops.
         zero_stage: ZeRO stage for engine=deepspeed (1 or 2).
+        activation_checkpointing: "none", "full" (every block recomputes its
+            activations in the backward pass) or "selective" (every other block);
+            see `moe.MoETransformer.set_activation_checkpointing`.
         run_root: parent of the run directories.
     """
 
@@ -69,6 +73,7 @@ class TrainerConfig:
     eval_batches: int = 8
     max_bad_steps: int = 5
     zero_stage: int = 1
+    activation_checkpointing: str = "none"
     run_root: str = "runs"
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -182,6 +187,9 @@ def validate_train_config(cfg: DictConfig) -> None:
         _fail("trainer.warmup_steps" if t.warmup_steps < 0 else "trainer.eval_every", "must be non-negative")
     if t.zero_stage not in (1, 2):
         _fail("trainer.zero_stage", f"must be 1 or 2, got {t.zero_stage}")
+    if t.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        _fail("trainer.activation_checkpointing",
+              f"must be one of {list(ACTIVATION_CHECKPOINTING)}, got {t.activation_checkpointing!r}")
     if c.num_workers <= 0:
         _fail("cluster.num_workers", f"must be positive, got {c.num_workers}")
     if c.cpus_per_worker <= 0:

@@ -84,6 +84,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model_config = ModelConfig.from_dict(config["model"])
     torch.manual_seed(tcfg["seed"])  # the same initial weights on every rank
     model = MoETransformer(model_config)
+    model.set_activation_checkpointing(tcfg["activation_checkpointing"])
     apply_expert_parallel(model, dims)
     model.to(device)
     engine = build_engine(model, dims, tcfg)

@@ -7,16 +7,24 @@ G key/value heads, Hd head dim, V vocabulary, E experts, C cache capacity
 Parallelism is applied from outside (see `cluster/`); nothing here knows about
 process groups or Ray. `KVCache` holds the keys and values of incremental
 decoding (`moe.generate`); without a cache the forward pass is the training one.
+
+Activation checkpointing (`MoETransformer.set_activation_checkpointing`) keeps
+only each chosen block's input during the forward pass and recomputes the block
+in the backward pass (torch's non-reentrant checkpoint, RNG state restored, so
+router jitter draws the same noise); the routers do not count the recomputed
+tokens a second time.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from moe.config import ModelConfig
 from moe.experts import GroupedExperts, init_out_std
@@ -246,6 +254,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer_id)
         self.ffn = MoELayer(config) if self.is_moe else FeedForward(config.hidden_size, config.dense_hidden_size)
+        self.checkpoint_activations = False  # set by MoETransformer.set_activation_checkpointing
 
     def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: Optional[torch.Tensor], cache_step: Optional[CacheStep] = None, *,
@@ -281,6 +290,22 @@ class MoEOutput:
     router_probs: list[torch.Tensor] = field(default_factory=list)
 
 
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
+@contextlib.contextmanager
+def _recomputing(block: TransformerBlock):
+    """Marks the block's router as recomputing (activation checkpointing's second forward pass)."""
+    routers = [m for m in block.modules() if isinstance(m, Router)]
+    for router in routers:
+        router.recomputing = True
+    try:
+        yield
+    finally:
+        for router in routers:
+            router.recomputing = False
+
+
 class MoETransformer(nn.Module):
     """Decoder-only Mixtral-style transformer with MoE feed-forward blocks."""
 
@@ -311,6 +336,20 @@ class MoETransformer(nn.Module):
             elif isinstance(module, Router):
                 module.expert_bias.zero_()
                 module.tokens_per_expert.zero_()
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """Which blocks recompute their activations in the backward pass.
+
+        Args:
+            mode: "none"; "full" (every block keeps only its input); or
+                "selective" (every other block, starting with the first: about
+                half the activation memory saved for half the recomputation).
+        """
+        if mode not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing must be one of {list(ACTIVATION_CHECKPOINTING)}, "
+                             f"got {mode!r}")
+        for index, layer in enumerate(self.layers):
+            layer.checkpoint_activations = mode == "full" or (mode == "selective" and index % 2 == 0)
 
     def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
                 targets: Optional[torch.Tensor] = None, *, cache: Optional[KVCache] = None,
@@ -344,8 +383,14 @@ class MoETransformer(nn.Module):
         aux_losses, router_stats, router_probs = [], [], []
         losses: dict[str, list[torch.Tensor]] = {}
         for layer in self.layers:
-            x_BSD, routing = layer(x_BSD, rope, mask, ignore_capacity=ignore_capacity,
-                                   return_router_probs=return_router_probs)
+            if layer.checkpoint_activations and torch.is_grad_enabled():
+                x_BSD, routing = torch.utils.checkpoint.checkpoint(
+                    layer, x_BSD, rope, mask, ignore_capacity=ignore_capacity,
+                    return_router_probs=return_router_probs, use_reentrant=False,
+                    context_fn=lambda layer=layer: (contextlib.nullcontext(), _recomputing(layer)))
+            else:
+                x_BSD, routing = layer(x_BSD, rope, mask, ignore_capacity=ignore_capacity,
+                                       return_router_probs=return_router_probs)
             if routing is not None:
                 if return_router_probs:
                     router_probs.append(routing.probs_TE.view(batch, seq_len, -1))

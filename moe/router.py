@@ -138,6 +138,9 @@ class Router(nn.Module):
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+        # True while activation checkpointing recomputes this router's block: the
+        # tokens were already counted by the original forward pass.
+        self.recomputing = False
 
     def _apply(self, fn, recurse=True):
         # Casting the model (e.g. to bfloat16) must not round the counts or the
@@ -210,7 +213,7 @@ class Router(nn.Module):
             losses["z_loss"] = loss.detach()
 
         stats = load_stats(routed_ids_TK, scores_TE, dropped_fraction, self.num_experts)
-        if self.training and cfg.bias_update_rate > 0:
+        if self.training and cfg.bias_update_rate > 0 and not self.recomputing:
             with torch.no_grad():
                 self.tokens_per_expert += stats["tokens_per_expert"].to(self.tokens_per_expert.device)
         probs_TE = None

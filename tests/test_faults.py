@@ -140,6 +140,7 @@ def guarded(world: dict[str, Path], *extra: Path) -> dict[str, str]:
     ("trainer.grad_clip=-1", "trainer.grad_clip"),
     ("trainer.weight_decay=-1", "trainer.weight_decay"),
     ("trainer.beta1=1.5", "trainer.beta1"),
+    ("trainer.activation_checkpointing=everything", "trainer.activation_checkpointing"),
     ("cluster.num_cpus=0", "cluster.num_cpus"),
     ("cluster.dashboard_port=99999", "cluster.dashboard_port"),
     ("data.validation_fraction=0", "data.validation_fraction"),

@@ -208,3 +208,61 @@ def test_import_needs_only_torch() -> None:
             "('ray', 'hydra', 'wandb', 'deepspeed', 'transformers', 'omegaconf')); print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def _saved_bytes(model: MoETransformer, *args, **kwargs) -> tuple[int, MoETransformer]:
+    """Bytes autograd keeps for the backward pass outside checkpointed regions (and the output)."""
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(*args, **kwargs)
+    return sum(saved), out
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_gradients(mode: str) -> None:
+    import copy
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=32,
+                         first_k_dense=1, sliding_window=8,
+                         router=dict(top_k=2, jitter_eps=0.1, aux_loss_coef=0.01, z_loss_coef=1e-3,
+                                     bias_update_rate=1e-3, capacity_factor=1.0),
+                         experts=dict(num_experts=4, hidden_size=16))
+    reference = MoETransformer(config).train()
+    checkpointed = copy.deepcopy(reference)
+    checkpointed.set_activation_checkpointing(mode)
+    assert [layer.checkpoint_activations for layer in checkpointed.layers] == (
+        [True] * 4 if mode == "full" else [True, False, True, False])
+    ids = torch.randint(0, 64, (2, 24))
+    docs = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    results = []
+    for model in (reference, checkpointed):
+        torch.manual_seed(1)  # the same router jitter in both runs (and in the recomputation)
+        saved, out = _saved_bytes(model, ids, doc_ids=docs, targets=ids)
+        (out.loss + out.aux_loss).backward()
+        results.append((saved, out))
+    (saved_ref, out_ref), (saved_ckpt, out_ckpt) = results
+    assert torch.equal(out_ckpt.loss, out_ref.loss) and torch.equal(out_ckpt.aux_loss, out_ref.aux_loss)
+    for (name, p_ref), (_, p_ckpt) in zip(reference.named_parameters(), checkpointed.named_parameters()):
+        assert torch.allclose(p_ckpt.grad, p_ref.grad, rtol=1e-5, atol=1e-7), name
+    # The recomputation does not count the routed tokens twice (aux-loss-free balancing reads the counts).
+    for (name, b_ref), (_, b_ckpt) in zip(reference.named_buffers(), checkpointed.named_buffers()):
+        assert torch.equal(b_ckpt, b_ref), name
+    assert saved_ckpt < (0.4 if mode == "full" else 0.8) * saved_ref, (saved_ckpt, saved_ref)
+
+
+def test_activation_checkpointing_mode_is_checked_and_inference_unaffected() -> None:
+    model = MoETransformer(ModelConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, max_seq_len=16,
+                                       experts=dict(num_experts=2, hidden_size=8)))
+    with pytest.raises(ValueError, match="activation_checkpointing must be one of"):
+        model.set_activation_checkpointing("every_other")
+    ids = torch.randint(0, 32, (1, 8))
+    with torch.no_grad():
+        before = model(ids).logits
+        model.set_activation_checkpointing("full")
+        assert torch.equal(model(ids).logits, before)
