@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moe import ModelConfig, MoETransformer
-from moe.model import count_parameters
+from moe.model import count_parameters, training_flops_per_token
 
 from cluster.checkpointing import (list_checkpoints, load_training_checkpoint, read_train_state_or_none,
                                   save_training_checkpoint)
@@ -111,8 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                resume_step=step)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg["dtype"] == "bfloat16" else nullcontext())
     counts = count_parameters(model_config)
-    flops_per_token = 6 * counts["active_non_embedding"] + 12 * model_config.num_layers * \
-        model_config.num_heads * model_config.head_dim * data_cfg["seq_len"]
+    flops_per_token = training_flops_per_token(model_config, data_cfg["seq_len"])
     debug = tcfg["debug"]
     consecutive_bad = 0
     status = {"status": "running"}

@@ -484,3 +484,20 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
         "active": body_active + embeddings,
         "active_non_embedding": body_active + v * d,  # the output head does compute
     }
+
+
+def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), the numerator of MFU.
+
+    6 * active parameters that do compute (every weight a token passes
+    through: matmuls, router gates, norms, the output head; the embedding
+    lookup not) plus the
+    attention score and value products, 6 * 2 * num_layers * num_heads *
+    head_dim * seq_len, counted over the whole sequence as in PaLM (Chowdhery et
+    al. 2022, appendix B) and torchtitan: causal masking and sliding windows
+    are not discounted, so MFU figures stay comparable with theirs.
+    """
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
+    return 6.0 * count_parameters(config)["active_non_embedding"] + attention

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from cluster.config import model_config_from, register_configs, validate_train_config
 from moe import count_parameters
+from moe.model import training_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -63,10 +64,7 @@ def test_preset_sizes() -> None:
     assert base_cfg.data.seq_len == compose_cfg(["+experiment=mixtral_tiny"]).data.seq_len
     base_counts = count_parameters(base)
 
-    def train_flops(config, counts):  # as cluster/worker.py counts them: 6N + attention
-        return 6 * counts["active_non_embedding"] + 12 * config.num_layers * config.num_heads * config.head_dim * 256
-
-    assert 3.0 < train_flops(base, base_counts) / train_flops(tiny, tiny_counts) < 6.0
+    assert 3.0 < training_flops_per_token(base, 256) / training_flops_per_token(tiny, 256) < 6.0
 
 
 @pytest.mark.parametrize("overrides,key", [

@@ -266,3 +266,23 @@ def test_activation_checkpointing_mode_is_checked_and_inference_unaffected() -> 
         before = model(ids).logits
         model.set_activation_checkpointing("full")
         assert torch.equal(model(ids).logits, before)
+
+
+def test_training_flops_per_token_by_hand() -> None:
+    from moe.model import training_flops_per_token
+
+    # d=8, V=10, 2 layers (1 dense of width 16, 1 MoE: 4 experts of width 8, top-2), 2 heads of 4, 1 kv head.
+    config = ModelConfig(vocab_size=10, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, max_seq_len=16,
+                         first_k_dense=1, dense_hidden_size=16, router=dict(top_k=2),
+                         experts=dict(num_experts=4, hidden_size=8))
+    attention_weights = 8 * 4 * 2 + 8 * 4 * 1 * 2 + 4 * 2 * 8  # q, k and v, o
+    dense_ffn = 3 * 8 * 16
+    moe_active = 3 * 8 * 8 * 2 + 8 * 4  # two experts' w1, w2, w3 and the router gate
+    norms = 2 * 2 * 8 + 8  # two per block and the final one (as count_parameters counts them)
+    head = 10 * 8
+    active = 2 * attention_weights + dense_ffn + moe_active + norms + head
+    # Forward, per token: for each of 2 layers x 2 heads, QK^T and AV each take 2 * head_dim * S FLOPs.
+    attention_forward = 2 * 2 * (2 * 4 * 16 + 2 * 4 * 16)
+    assert training_flops_per_token(config, 16) == 6 * active + 3 * attention_forward  # backward = 2x forward
+    with pytest.raises(ValueError, match="seq_len"):
+        training_flops_per_token(config, 0)
