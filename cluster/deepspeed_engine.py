@@ -73,8 +73,8 @@ from moe import update_expert_bias
 from moe.layer import MoELayer
 from moe.router import discard_expert_counts
 
-from cluster.engine import build_adamw, is_expert_param
-from cluster.expert_parallel import expert_bias_all_reduce
+from cluster.expert_parallel import expert_bias_all_reduce, is_expert_param
+from cluster.optim import build_adamw
 from cluster.parallel_dims import ParallelDims
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from moe import update_expert_bias
 from moe.router import discard_expert_counts
 
+from cluster.expert_parallel import expert_bias_all_reduce, is_expert_param, reduce_gradients
+from cluster.optim import build_adamw, load_optimizer_tensors, optimizer_tensors
 from cluster.parallel_dims import ParallelDims
 
 
@@ -41,19 +43,6 @@ class TrainEngine(Protocol):
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restores what `optimizer_state` returned."""
-
-
-def build_adamw(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms, biases, embeddings)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (decay if param.dim() >= 2 and "embed_tokens" not in name else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=1e-8)
-
-
-def is_expert_param(param: torch.nn.Parameter) -> bool:
-    return getattr(param, "is_expert", False)
 
 
 def global_grad_norm(model: torch.nn.Module, dims: ParallelDims) -> torch.Tensor:
@@ -79,35 +68,10 @@ def global_grad_norm(model: torch.nn.Module, dims: ParallelDims) -> torch.Tensor
     return (expert_sq + other_sq).sqrt()
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
-    """Flattens a torch optimizer's per-parameter state into named tensors."""
-    out = {}
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            tensor = value if torch.is_tensor(value) else torch.tensor(value)
-            out[f"{names[param]}::{key}"] = tensor.detach().contiguous().cpu()
-    return out
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
-                           tensors: dict[str, torch.Tensor]) -> None:
-    by_name = {name: param for param, name in names.items()}
-    stored = {key.split("::", 1)[0] for key in tensors}
-    if stored - set(by_name):
-        raise ValueError(f"optimizer state has unknown parameters: {sorted(stored - set(by_name))[:5]}")
-    optimizer.state.clear()
-    for key, tensor in tensors.items():
-        name, field = key.split("::", 1)
-        param = by_name[name]
-        optimizer.state[param][field] = tensor.clone() if field == "step" else tensor.to(param.device)
-
-
 class NativeEngine:
     """Our expert-parallel gradient reduction (cluster.expert_parallel) and torch AdamW."""
 
     def __init__(self, model: torch.nn.Module, dims: ParallelDims, cfg: dict[str, Any]) -> None:
-        from cluster.expert_parallel import expert_bias_all_reduce, reduce_gradients
-
         self.model = model
         self.dims = dims
         self.grad_clip = cfg["grad_clip"]

@@ -1,0 +1,44 @@
+"""The optimizer both training engines build, and its state as named tensors.
+
+Engine-neutral: `cluster/engine.py` (native) and `cluster/deepspeed_engine.py`
+(ZeRO) both use `build_adamw`, so the two engines decay the same parameters
+with the same hyperparameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def build_adamw(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms, biases, embeddings)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if param.dim() >= 2 and "embed_tokens" not in name else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=1e-8)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
+    """Flattens a torch optimizer's per-parameter state into named tensors."""
+    out = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            tensor = value if torch.is_tensor(value) else torch.tensor(value)
+            out[f"{names[param]}::{key}"] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
+                           tensors: dict[str, torch.Tensor]) -> None:
+    by_name = {name: param for param, name in names.items()}
+    stored = {key.split("::", 1)[0] for key in tensors}
+    if stored - set(by_name):
+        raise ValueError(f"optimizer state has unknown parameters: {sorted(stored - set(by_name))[:5]}")
+    optimizer.state.clear()
+    for key, tensor in tensors.items():
+        name, field = key.split("::", 1)
+        param = by_name[name]
+        optimizer.state[param][field] = tensor.clone() if field == "step" else tensor.to(param.device)
