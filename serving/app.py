@@ -6,6 +6,8 @@
 Everything that can be checked is checked before Ray starts: the config
 values, both checkpoints (readable, with a tokenizer), that the two tiers
 share one tokenizer (the message names both files), and the router file.
+`checked_app` does those checks and builds the application; `moe.serve`
+deploys it here, and Ray Serve config files through `serving.deploy`.
 """
 
 from __future__ import annotations
@@ -114,14 +116,23 @@ def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
                         facts["small"]["active_params"] / facts["large"]["active_params"])
 
 
+def checked_app(cfg: DictConfig):
+    """The application of a composed config, after every check that needs no Ray.
+
+    Raises:
+        ValueError: naming the key at fault (config values, checkpoints, router file).
+    """
+    validate_serve_config(cfg)
+    facts = check_tiers(cfg.small, cfg.large)
+    return build_app(cfg, facts, router_file_for(cfg, facts))
+
+
 def start(cfg: DictConfig, *, init_ray: bool = True) -> str:
     """Checks, starts Ray (unless running) and Serve, deploys the app; returns its URL."""
     import ray
     from ray import serve
 
-    validate_serve_config(cfg)
-    facts = check_tiers(cfg.small, cfg.large)
-    router_file = router_file_for(cfg, facts)
+    app = checked_app(cfg)
     if init_ray and not ray.is_initialized():
         if cfg.address is None:
             ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=cfg.dashboard_port)
@@ -131,7 +142,7 @@ def start(cfg: DictConfig, *, init_ray: bool = True) -> str:
         else:
             ray.init(address=cfg.address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg, facts, router_file), name=cfg.app_name, route_prefix="/")
+    serve.run(app, name=cfg.app_name, route_prefix="/")
     return f"http://{cfg.host}:{cfg.port}"
 
 

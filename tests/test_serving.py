@@ -2,7 +2,8 @@
 
 Three applications run on one local Ray and Serve: the cascade of two tiny
 random-weight tiers, and two copies whose large tier is configured to fail
-(`fault=error`) or never answer (`fault=hang`), to drill the degraded path.
+(`fault=error`) or never answer (`fault=hang`), to drill the degraded path;
+a fourth comes and goes, deployed from infra/serve_config.yaml.
 The tiers are real `Tier` deployments over real checkpoints; the router is a
 `moe.difficulty.DifficultyRouter` whose only weight is on the prompt length,
 so the expected tier of every prompt is known.
@@ -25,51 +26,24 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 requests = pytest.importorskip("requests")
 
-import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 import moe  # noqa: E402
-from moe.difficulty import SIGNAL_NAMES, DifficultyRouter, prompt_signals  # noqa: E402
+from moe.difficulty import DifficultyRouter, prompt_signals  # noqa: E402
 from moe.generate import Generator, SamplingParams, load_tokenizer  # noqa: E402
 from serving.app import build_app, check_tiers  # noqa: E402
 from serving.config import register_configs  # noqa: E402
+from serving_helpers import LENGTH_SPLIT, LONG, SHORT, make_tiers, serve_config_app  # noqa: E402
 from train_helpers import ROOT, prometheus_lines  # noqa: E402
 
 pytestmark = pytest.mark.slow
 register_configs()
-
-SHORT = "the router sends"
-LONG = " ".join(["the expert router sends each token to two of eight experts"] * 4)
-LENGTH_SPLIT = 12  # prompts with more tokens than this go to the large tier
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def make_tier(directory: Path, tokenizer_json: str, hidden: int, seed: int) -> Path:
-    torch.manual_seed(seed)
-    tokenizer_size = json.loads(tokenizer_json)["model"]["vocab"]
-    config = moe.ModelConfig(vocab_size=len(tokenizer_size), hidden_size=hidden, num_layers=2, num_heads=2,
-                             num_kv_heads=1, max_seq_len=96, router=moe.RouterConfig(top_k=2),
-                             experts=moe.ExpertsConfig(num_experts=4, hidden_size=hidden))
-    moe.save_checkpoint(moe.MoETransformer(config), directory)
-    (directory / "tokenizer.json").write_text(tokenizer_json)
-    return directory
-
-
-def length_router(path: Path) -> Path:
-    """A router that scores by prompt length only: P(large) >= 0.5 exactly when tokens > LENGTH_SPLIT."""
-    index = SIGNAL_NAMES.index("prompt_tokens")
-    weights = [0.0] * len(SIGNAL_NAMES)
-    weights[index] = 1.0
-    router = DifficultyRouter(signal_names=tuple(SIGNAL_NAMES), mean=[0.0] * len(SIGNAL_NAMES),
-                              std=[1.0] * len(SIGNAL_NAMES), weights=weights, bias=-(LENGTH_SPLIT + 0.5),
-                              threshold=0.5, fraction_thresholds=[[0.0, 1.0], [1.0, 0.0]], posthoc_threshold=0.5)
-    router.save(path)
-    return path
 
 
 def serve_cfg(small: Path, large: Path, router: Path, *overrides: str):
@@ -83,18 +57,7 @@ def serve_cfg(small: Path, large: Path, router: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def tiers(tmp_path_factory) -> dict[str, Path]:
-    from data_pipeline.tokenize import train_tokenizer
-
-    root = tmp_path_factory.mktemp("serving")
-    texts = [LONG, SHORT, "a mixture of experts model routes tokens", "grouped matrix multiply of the experts"] * 20
-    tokenizer = train_tokenizer(texts, vocab_size=300, eos_token="<|endoftext|>")
-    tokenizer_json = tokenizer.to_str()
-    small = make_tier(root / "small", tokenizer_json, hidden=16, seed=1)
-    large = make_tier(root / "large", tokenizer_json, hidden=32, seed=2)
-    other = train_tokenizer(texts[:3], vocab_size=280, eos_token="<|endoftext|>")
-    foreign = make_tier(root / "foreign", other.to_str(), hidden=16, seed=3)
-    return {"small": small, "large": large, "foreign": foreign, "router": length_router(root / "router.json"),
-            "root": root}
+    return make_tiers(tmp_path_factory.mktemp("serving"))
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +258,44 @@ def test_mismatched_tokenizers_are_refused(tiers) -> None:
         check_tiers(str(tiers["small"]), str(tiers["foreign"]))
     assert str(tiers["small"] / "tokenizer.json") in str(err.value)
     assert str(tiers["foreign"] / "tokenizer.json") in str(err.value)
+
+
+def test_serve_config_file_deploys_the_cascade(server, tiers, local) -> None:
+    """infra/serve_config.yaml as `serve run` deploys it: validated by Serve's schema, built by a Serve task
+    that imports its import_path and calls it with its args, its deployment overrides applied."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = serve_config_app(tiers)
+    # This module's Serve already runs (its http_options stand) and its cascade holds "/"; fit beside the
+    # three applications on 4 CPUs.
+    app.update(name="from-config", route_prefix="/from-config")
+    app["args"].update({"tiers.small.num_cpus": 0.1, "tiers.large.num_cpus": 0.1})
+    client = _get_global_client()
+    # What `serve run CONFIG` calls once Serve is up (ray/serve/scripts.py); `serve deploy` and KubeRay reach
+    # the same controller method through the dashboard's REST API.
+    client.deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+    try:
+        deadline = time.monotonic() + 120
+        while (status := serve.status().applications.get("from-config")) is None or status.status != "RUNNING":
+            assert status is None or status.status not in ("DEPLOY_FAILED", "UNHEALTHY"), status.message
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert set(status.deployments) == {"small", "large", "ingress"}
+        deployed = client.get_serve_details()["applications"]["from-config"]["deployments"]
+        for override in app["deployments"]:
+            config = deployed[override["name"]]["deployment_config"]
+            for key, value in override.items():
+                if key == "autoscaling_config":
+                    assert {k: config[key][k] for k in value} == value, config[key]
+                elif key != "name":
+                    assert config[key] == value, (override["name"], key, config[key])
+        for prompt, tier in ((SHORT, "small"), (LONG, "large")):
+            body = complete(server + "/from-config", prompt=prompt, max_tokens=4, temperature=0).json()
+            assert body["routed_to"] == tier, body
+            assert body["choices"][0]["text"] == local[tier].generate([prompt], [SamplingParams(max_tokens=4)])[0].text
+    finally:
+        serve.delete("from-config")
 
 
 def test_cli_serves_until_interrupted(tiers, server) -> None:

@@ -1,0 +1,71 @@
+"""What the serving tests share: two tiny random-weight tiers over real checkpoints and a length router.
+
+The tiers share one tokenizer; a third checkpoint (`foreign`) has another.
+The router's only weight is on the prompt length, so the expected tier of
+every prompt is known: more than LENGTH_SPLIT tokens goes to the large tier.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+import moe
+from moe.difficulty import SIGNAL_NAMES, DifficultyRouter
+
+SERVE_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "serve_config.yaml"
+SERVE_CONFIG_PATHS = ("small", "large", "routing.router")  # the args a user edits to point at their files
+
+SHORT = "the router sends"
+LONG = " ".join(["the expert router sends each token to two of eight experts"] * 4)
+LENGTH_SPLIT = 12  # prompts with more tokens than this go to the large tier
+
+
+def make_tier(directory: Path, tokenizer_json: str, hidden: int, seed: int) -> Path:
+    torch.manual_seed(seed)
+    tokenizer_size = json.loads(tokenizer_json)["model"]["vocab"]
+    config = moe.ModelConfig(vocab_size=len(tokenizer_size), hidden_size=hidden, num_layers=2, num_heads=2,
+                             num_kv_heads=1, max_seq_len=96, router=moe.RouterConfig(top_k=2),
+                             experts=moe.ExpertsConfig(num_experts=4, hidden_size=hidden))
+    moe.save_checkpoint(moe.MoETransformer(config), directory)
+    (directory / "tokenizer.json").write_text(tokenizer_json)
+    return directory
+
+
+def length_router(path: Path) -> Path:
+    """A router that scores by prompt length only: P(large) >= 0.5 exactly when tokens > LENGTH_SPLIT."""
+    index = SIGNAL_NAMES.index("prompt_tokens")
+    weights = [0.0] * len(SIGNAL_NAMES)
+    weights[index] = 1.0
+    router = DifficultyRouter(signal_names=tuple(SIGNAL_NAMES), mean=[0.0] * len(SIGNAL_NAMES),
+                              std=[1.0] * len(SIGNAL_NAMES), weights=weights, bias=-(LENGTH_SPLIT + 0.5),
+                              threshold=0.5, fraction_thresholds=[[0.0, 1.0], [1.0, 0.0]], posthoc_threshold=0.5)
+    router.save(path)
+    return path
+
+
+def make_tiers(root: Path) -> dict[str, Path]:
+    """`small`, `large` (one tokenizer), `foreign` (another tokenizer) and `router` under root."""
+    from data_pipeline.tokenize import train_tokenizer
+
+    texts = [LONG, SHORT, "a mixture of experts model routes tokens", "grouped matrix multiply of the experts"] * 20
+    tokenizer = train_tokenizer(texts, vocab_size=300, eos_token="<|endoftext|>")
+    tokenizer_json = tokenizer.to_str()
+    small = make_tier(root / "small", tokenizer_json, hidden=16, seed=1)
+    large = make_tier(root / "large", tokenizer_json, hidden=32, seed=2)
+    other = train_tokenizer(texts[:3], vocab_size=280, eos_token="<|endoftext|>")
+    foreign = make_tier(root / "foreign", other.to_str(), hidden=16, seed=3)
+    return {"small": small, "large": large, "foreign": foreign, "router": length_router(root / "router.json"),
+            "root": root}
+
+
+def serve_config_app(tiers: dict[str, Path]) -> dict:
+    """The application of infra/serve_config.yaml, its paths replaced by the tiny tiers and router."""
+    (app,) = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]
+    assert set(SERVE_CONFIG_PATHS) <= app["args"].keys(), app["args"]
+    app["args"].update({"small": str(tiers["small"]), "large": str(tiers["large"]),
+                        "routing.router": str(tiers["router"])})
+    return app

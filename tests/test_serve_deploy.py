@@ -1,0 +1,106 @@
+"""`serving.deploy.app_builder`, Ray Serve's entry point in infra/serve_config.yaml, without Ray.
+
+The builder must compose what `python -m moe.serve` composes for the same keys,
+run its checks, and return the application whose deployments the config file's
+overrides name; bad args fail naming the key. Deploying the file on a real
+Serve is tests/test_serving.py's `test_serve_config_file_deploys_the_cascade`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from ray._common.utils import import_attr  # noqa: E402  (what Serve resolves import_path with)
+from ray.serve import Application  # noqa: E402
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # noqa: E402
+from ray.serve._private.build_app import build_app  # noqa: E402
+
+from serving.config import register_configs  # noqa: E402
+from serving.deploy import app_builder, compose_serve_config  # noqa: E402
+from serving_helpers import make_tiers, serve_config_app  # noqa: E402
+from train_helpers import ROOT  # noqa: E402
+
+register_configs()
+
+
+@pytest.fixture(scope="module")
+def tiers(tmp_path_factory) -> dict[str, Path]:
+    return make_tiers(tmp_path_factory.mktemp("serve_deploy"))
+
+
+@pytest.fixture(scope="module")
+def app(tiers) -> dict:
+    return serve_config_app(tiers)
+
+
+def test_import_path_resolves_to_the_builder(app) -> None:
+    assert import_attr(app["import_path"]) is app_builder
+
+
+def test_builder_composes_what_moe_serve_composes(app) -> None:
+    """The file's args as `python -m moe.serve KEY=VALUE ...` would give them on the command line."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        expected = compose(config_name="serve", overrides=[f"{key}={value}" for key, value in app["args"].items()])
+    assert OmegaConf.to_container(compose_serve_config(app["args"])) == OmegaConf.to_container(expected)
+    nested = compose_serve_config({"small": "a", "large": "b", "tiers": {"large": {"num_replicas": 3}},
+                                   "routing": {"threshold": 0.25}})
+    assert nested.tiers.large.num_replicas == 3 and nested.routing.threshold == 0.25
+    from_cli = compose_serve_config({"small": "a", "large": "b", "tiers.small.num_replicas": "2"})  # serve run k=v
+    assert from_cli.tiers.small.num_replicas == 2
+
+
+def test_builder_returns_the_cascade_with_the_overridden_deployments(app) -> None:
+    # As Serve's build task calls it: the args dict of the config file, checked against the signature.
+    application = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), app["args"])
+    assert isinstance(application, Application)
+    built = build_app(application, name=app["name"])
+    assert {d.name for d in built.deployments} == {"small", "large", "ingress"}
+    assert built.ingress_deployment_name == "ingress"
+    assert {d["name"] for d in app["deployments"]} <= {d.name for d in built.deployments}
+
+
+def test_config_overrides_only_scaling(app) -> None:
+    # ray_actor_options in `deployments` would replace the code's: a tier's torch threads follow
+    # tiers.X.num_cpus and its device tiers.X.num_gpus, both args.
+    for override in app["deployments"]:
+        assert set(override) <= {"name", "num_replicas", "autoscaling_config", "max_ongoing_requests"}, override
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"routing.routr": "x"}, "routing.routr"),                       # misspelt: the message suggests routing.router
+    ({"tiers": {"small": {"num_replicas": 0}}}, "tiers.small.num_replicas"),
+    ({"tiers.large.num_replicas": "two"}, "tiers.large.num_replicas"),
+    ({"tiers.small.dtype": "float16"}, "tiers.small.dtype"),
+    ({"port": 9000}, "port"),                                         # http_options.port of the Serve config
+    ({"app_name": "x"}, "app_name"),
+    ({"large": None}, "large"),
+    ({"large": "/nonexistent/checkpoint"}, "large"),
+    ({"routing.router": "/nonexistent/router.json"}, "routing.router"),
+    ({"routing": {"router": "x"}}, "routing.router"),                 # also given dotted
+])
+def test_bad_args_name_the_key(app, change, key) -> None:
+    with pytest.raises(ValueError, match=rf"^invalid configuration: {key}: ") as err:
+        app_builder({**app["args"], **change})
+    if key == "routing.routr":
+        assert "did you mean routing.router" in str(err.value)
+    if key == "port":
+        assert "http_options.port" in str(err.value)
+
+
+def test_foreign_tokenizer_is_refused_naming_both_files(app, tiers) -> None:
+    with pytest.raises(ValueError, match="tokenizers differ") as err:
+        app_builder({**app["args"], "large": str(tiers["foreign"])})
+    assert str(tiers["foreign"] / "tokenizer.json") in str(err.value)
+
+
+def test_args_must_be_a_mapping_with_both_checkpoints() -> None:
+    with pytest.raises(ValueError, match="^invalid configuration: args: "):
+        app_builder(["small=a"])
+    with pytest.raises(ValueError, match="^invalid configuration: small/large: required"):
+        app_builder({})
