@@ -109,7 +109,9 @@ def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
         tiers[name] = deployment.bind(name, facts[name]["checkpoint"], dtype=t.dtype,
                                       num_threads=max(1, int(t.num_cpus)), max_batch_size=t.max_batch_size,
                                       batch_wait_timeout_s=t.batch_wait_timeout_s, fault=t.fault)
-    ingress = serve.deployment(IngressDeployment).options(name="ingress", ray_actor_options={"num_cpus": 0.1})
+    ingress = serve.deployment(IngressDeployment).options(
+        name="ingress", ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=cfg.ingress.max_ongoing_requests)
     routing = OmegaConf.to_container(cfg.routing, resolve=True)
     return ingress.bind(tiers["small"], tiers["large"], str(router_file), facts["small"]["tokenizer"],
                         min(facts["small"]["max_seq_len"], facts["large"]["max_seq_len"]), routing,

@@ -84,6 +84,20 @@ class RoutingConfig:
 
 
 @dataclass
+class IngressConfig:
+    """The router deployment (FastAPI ingress).
+
+    Attributes:
+        max_ongoing_requests: requests one ingress replica holds at once. The
+            ingress mostly awaits the tiers, so this is far above Ray Serve's
+            default of 5, which would cap the tiers' batches at 5 requests and
+            keep the rest waiting in the proxy.
+    """
+
+    max_ongoing_requests: int = 256
+
+
+@dataclass
 class ServeConfig:
     """`python -m moe.serve small=CKPT large=CKPT [host=...] [port=...]`."""
 
@@ -96,6 +110,7 @@ class ServeConfig:
     app_name: str = "cascade"
     tiers: TiersConfig = field(default_factory=TiersConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    ingress: IngressConfig = field(default_factory=IngressConfig)
 
 
 def register_configs() -> None:
@@ -131,6 +146,8 @@ def validate_serve_config(cfg: DictConfig) -> None:
         if scaling.enabled and not 1 <= scaling.min_replicas <= scaling.max_replicas:
             _fail(f"{key}.autoscaling", f"needs 1 <= min_replicas <= max_replicas, got {scaling.min_replicas}, "
                                         f"{scaling.max_replicas}")
+    if cfg.ingress.max_ongoing_requests < 1:
+        _fail("ingress.max_ongoing_requests", f"must be >= 1, got {cfg.ingress.max_ongoing_requests}")
     r = cfg.routing
     if r.target_large_fraction is not None and not 0.0 <= r.target_large_fraction <= 1.0:
         _fail("routing.target_large_fraction", f"must lie in [0, 1], got {r.target_large_fraction}")

@@ -63,6 +63,11 @@ def test_builder_returns_the_cascade_with_the_overridden_deployments(app) -> Non
     assert {d.name for d in built.deployments} == {"small", "large", "ingress"}
     assert built.ingress_deployment_name == "ingress"
     assert {d["name"] for d in app["deployments"]} <= {d.name for d in built.deployments}
+    # The ingress mostly awaits the tiers: Serve's default of 5 ongoing requests would cap the tiers' batches.
+    ingress = next(d for d in built.deployments if d.name == "ingress")
+    assert ingress.max_ongoing_requests == 256
+    changed = build_app(app_builder({**app["args"], "ingress.max_ongoing_requests": 64}), name=app["name"])
+    assert next(d for d in changed.deployments if d.name == "ingress").max_ongoing_requests == 64
 
 
 def test_config_overrides_only_scaling(app) -> None:
@@ -82,6 +87,7 @@ def test_config_overrides_only_scaling(app) -> None:
     ({"large": None}, "large"),
     ({"large": "/nonexistent/checkpoint"}, "large"),
     ({"routing.router": "/nonexistent/router.json"}, "routing.router"),
+    ({"ingress.max_ongoing_requests": 0}, "ingress.max_ongoing_requests"),
     ({"routing": {"router": "x"}}, "routing.router"),                 # also given dotted
 ])
 def test_bad_args_name_the_key(app, change, key) -> None:
