@@ -238,7 +238,7 @@ class TrainingStopped(RuntimeError):
 
 def summarise(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
     """Final figures, summary.json and the two plots."""
-    from cluster.plots import plot_expert_load, plot_loss
+    from cluster.plots import plot_expert_load, plot_loss, plot_routing_over_time
 
     records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
@@ -259,6 +259,7 @@ def summarise(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
     summary["loss_curve"] = str(plot_loss(run_dir, train, evals))
     if train and train[-1]["tokens_per_expert"]:
         summary["expert_load_heatmap"] = str(plot_expert_load(run_dir, train))
+        summary["routing_plot"] = str(plot_routing_over_time(run_dir, train))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print("[moe.train] summary: " + json.dumps(summary), flush=True)
     return summary

@@ -61,6 +61,8 @@ class MetricsLogger:
                 flat[f"moe/layer{layer}/max_over_mean_load"] = value
             for layer, value in enumerate(record.get("dropped_fraction", [])):
                 flat[f"moe/layer{layer}/dropped_fraction"] = value
+            for layer, value in enumerate(record.get("router_entropy", [])):
+                flat[f"moe/layer{layer}/router_entropy"] = value
             self._wandb.log(flat, step=record["step"])
         if self._ray_metrics and record.get("kind") == "train":
             self._gauge("moe_train_loss", "training loss (language model)").set(_finite(record["loss"]))
@@ -70,12 +72,16 @@ class MetricsLogger:
             mean = self._gauge("moe_expert_mean_load", "mean tokens per expert", ("layer",))
             maxg = self._gauge("moe_expert_max_load", "max tokens per expert", ("layer",))
             dropped = self._gauge("moe_dropped_token_fraction", "dropped assignments / all", ("layer",))
+            entropy = self._gauge("moe_router_entropy", "mean entropy of the router's distribution (nats)",
+                                  ("layer",))
             for layer, value in enumerate(record.get("max_over_mean_load", [])):
                 tags = {"layer": str(layer)}
                 load.set(value, tags=tags)
                 mean.set(record["mean_load"][layer], tags=tags)
                 maxg.set(record["max_load"][layer], tags=tags)
                 dropped.set(record["dropped_fraction"][layer], tags=tags)
+                if "router_entropy" in record:
+                    entropy.set(record["router_entropy"][layer], tags=tags)
 
     def close(self, summary: Optional[dict[str, Any]] = None) -> None:
         self._file.close()

@@ -53,3 +53,28 @@ def plot_expert_load(run_dir: Path, train: list[dict[str, Any]], last_steps: int
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_routing_over_time(run_dir: Path, train: list[dict[str, Any]]) -> Path:
+    """Per MoE layer over the steps: the router's mean entropy and the max/mean expert load."""
+    steps = [r["step"] for r in train]
+    load_SL = np.asarray([r["max_over_mean_load"] for r in train], dtype=np.float64)
+    entropy_SL = np.asarray([r.get("router_entropy") or [np.nan] * load_SL.shape[1] for r in train],
+                            dtype=np.float64)
+    num_experts = len(train[-1]["tokens_per_expert"][0])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for layer in range(load_SL.shape[1]):
+        top.plot(steps, entropy_SL[:, layer], label=f"layer {layer}", linewidth=1)
+        bottom.plot(steps, load_SL[:, layer], label=f"layer {layer}", linewidth=1)
+    top.axhline(np.log(num_experts), color="grey", linestyle="--", linewidth=0.8)
+    top.set_ylabel("router entropy (nats)")
+    top.set_title(f"routing over training (dashed: uniform over {num_experts} experts)")
+    bottom.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    bottom.set_ylabel("max / mean tokens per expert")
+    bottom.set_xlabel("step")
+    top.legend(fontsize=7, ncol=2)
+    path = run_dir / "routing.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

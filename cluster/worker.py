@@ -1,9 +1,11 @@
 """The training loop that runs inside each Ray Train worker.
 
 Ray Train has already created the process group (gloo on CPU, NCCL on GPU)
-when `train_loop_per_worker` starts. Here: build the model (the same seed on
-every rank), apply expert parallelism, stream this rank's share of the
-curriculum batches, train, checkpoint, report.
+when `train_loop_per_worker` starts. It reads like nanoGPT's loop: `setup`
+(model with the same seed on every rank, expert parallelism, engine, this
+rank's share of the curriculum batches), `resume_point`, then `train_step`
+calls that each return a `StepStats`, with logging (`train_record`),
+checkpointing (`save_checkpoint`) and evaluation (`evaluate`) as separate calls.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -64,164 +67,245 @@ def _all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker; `config` comes from the driver (plain dicts)."""
+@dataclass
+class WorkerRun:
+    """Everything one worker trains with, and where it stands (step, bad steps, tokens seen)."""
+
+    config: dict[str, Any]  # from the driver: cfg, model, run_dir, data_dir, launch_id, resume_from
+    rank: int
+    world_size: int
+    device: torch.device
+    dims: ParallelDims
+    model: MoETransformer
+    engine: Any  # cluster.engine.TrainEngine
+    loader: Any  # data_pipeline.loader.CurriculumLoader
+    autocast: Any
+    step: int = 0
+    bad_steps: int = 0
+    tokens: int = 0
+
+    @property
+    def trainer(self) -> dict[str, Any]:
+        return self.config["cfg"]["trainer"]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config["run_dir"])
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+@dataclass
+class StepStats:
+    """One optimizer step, reduced over micro-batches and ranks (per-layer tensors: one entry per MoE layer)."""
+
+    lm_loss: float
+    aux_loss: float
+    grad_norm: float
+    stepped: bool
+    difficulty: float  # the curriculum pace of the step's batch
+    tokens_per_expert_LE: torch.Tensor  # summed over micro-batches and ranks
+    dropped_fraction_L: torch.Tensor  # mean over micro-batches and ranks
+    router_entropy_L: torch.Tensor  # mean over micro-batches and ranks
+
+
+def setup(config: dict[str, Any]) -> WorkerRun:
+    """Process group layout, model (the same seed on every rank), expert parallelism, engine, data."""
     import ray.train
     import ray.train.torch
 
     from data_pipeline.loader import CurriculumLoader
 
     cfg = config["cfg"]
-    tcfg, data_cfg = cfg["trainer"], cfg["data"]
-    run_dir = Path(config["run_dir"])
-    ckpt_root = run_dir / "checkpoints"
+    tcfg = cfg["trainer"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     dims = ParallelDims(world_size=world_size, ep=cfg["parallel"]["ep"])
     dims.build(rank)
 
-    model_config = ModelConfig.from_dict(config["model"])
     torch.manual_seed(tcfg["seed"])  # the same initial weights on every rank
-    model = MoETransformer(model_config)
+    model = MoETransformer(ModelConfig.from_dict(config["model"]))
     model.set_activation_checkpointing(tcfg["activation_checkpointing"])
     apply_expert_parallel(model, dims)
     model.to(device)
     engine = build_engine(model, dims, tcfg)
-
-    local_batch = tcfg["global_batch_size"] // world_size
-    micro_batch = local_batch // tcfg["grad_accum_steps"]
-    loader = CurriculumLoader.from_config(data_cfg, global_batch_size=tcfg["global_batch_size"], rank=rank,
+    loader = CurriculumLoader.from_config(cfg["data"], global_batch_size=tcfg["global_batch_size"], rank=rank,
                                           world_size=world_size, data_dir=config["data_dir"])
-
-    resume_from = start_checkpoint(ckpt_root, config)
-    step, bad_steps_total, tokens_seen = 0, 0, 0
-    if resume_from is not None:
-        full_state, optimizer_state, train_state = load_training_checkpoint(resume_from, rank)
-        load_full_state_dict(model, full_state, dims)
-        engine.load_optimizer_state(optimizer_state)
-        loader.load_state_dict(train_state["loader"])
-        step, bad_steps_total, tokens_seen = train_state["step"], train_state["bad_steps"], train_state["tokens"]
-        if rank == 0:
-            print(f"[moe.train] resumed from {resume_from} at step {step}", flush=True)
-
-    logger = None
-    if rank == 0:
-        logger = MetricsLogger(run_dir, cfg["logger"]["wandb"], cfg["name"], cfg, cfg["logger"]["ray_metrics"],
-                               resume_step=step)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg["dtype"] == "bfloat16" else nullcontext())
-    counts = count_parameters(model_config)
-    flops_per_token = training_flops_per_token(model_config, data_cfg["seq_len"])
-    debug = tcfg["debug"]
-    consecutive_bad = 0
+    return WorkerRun(config, rank, world_size, device, dims, model, engine, loader, autocast)
+
+
+def resume_point(run: WorkerRun) -> Optional[Path]:
+    """Loads the starting checkpoint (see `start_checkpoint`) into the run, if there is one."""
+    path = start_checkpoint(run.checkpoint_root, run.config)
+    if path is None:
+        return None
+    full_state, optimizer_state, train_state = load_training_checkpoint(path, run.rank)
+    load_full_state_dict(run.model, full_state, run.dims)
+    run.engine.load_optimizer_state(optimizer_state)
+    run.loader.load_state_dict(train_state["loader"])
+    run.step, run.bad_steps, run.tokens = train_state["step"], train_state["bad_steps"], train_state["tokens"]
+    return path
+
+
+def inject_faults(run: WorkerRun) -> None:
+    """trainer.debug.kill_rank_at_step: that rank dies once (a marker file keeps the restart alive)."""
+    debug = run.trainer["debug"]
+    if debug["kill_rank_at_step"] == run.step and run.rank == debug["kill_rank"]:
+        marker = run.run_dir / f".killed_at_{run.step}"
+        if not marker.exists():
+            marker.touch()
+            print(f"[moe.train] debug: killing rank {run.rank} at step {run.step}", flush=True)
+            os._exit(1)
+
+
+def train_step(run: WorkerRun) -> StepStats:
+    """One optimizer step: the micro-batches of this rank's batch, one all-reduce of the logged values,
+    then the engine's reduce/clip/update (skipped on a NaN/inf loss or gradient). Advances run.step."""
+    tcfg = run.trainer
+    accum = tcfg["grad_accum_steps"]
+    micro_batch = tcfg["global_batch_size"] // run.world_size // accum
+    difficulty = run.loader.pace  # the curriculum pace of the batch about to be drawn
+    batch = run.loader.next_batch()
+    losses = torch.zeros(2, device=run.device)  # lm, aux: summed over micro-batches
+    layer_stats = []
+    for micro in range(accum):
+        rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
+        with run.autocast:
+            out = run.model(batch["input_ids"][rows].to(run.device), doc_ids=batch["doc_ids"][rows].to(run.device),
+                            targets=batch["targets"][rows].to(run.device))
+        loss = out.loss + out.aux_loss
+        if run.step in tcfg["debug"]["nan_loss_at_steps"]:
+            loss = loss * float("nan")
+        run.engine.backward(loss / accum)
+        losses += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()])
+        layer_stats.append(out.router_stats)
+    stats = _reduce_stats(losses / accum, layer_stats, run)
+    grad_norm, stepped = run.engine.step(lr_at(run.step, tcfg),
+                                         math.isfinite(stats.lm_loss) and math.isfinite(stats.aux_loss))
+    stats.grad_norm, stats.stepped, stats.difficulty = grad_norm, stepped, difficulty
+    run.step += 1
+    run.tokens += tcfg["global_batch_size"] * run.config["cfg"]["data"]["seq_len"]
+    run.bad_steps += 0 if stepped else 1
+    return stats
+
+
+def _reduce_stats(losses: torch.Tensor, layer_stats: list[list[dict[str, torch.Tensor]]], run: WorkerRun
+                  ) -> StepStats:
+    """Everything logged in one collective: losses, and the load, drops and router entropy of every MoE layer."""
+    num_layers = len(layer_stats[0])
+
+    def per_layer(key: str, reduce) -> torch.Tensor:
+        if not num_layers:
+            return torch.zeros(0)
+        return torch.stack([reduce(torch.stack([s[i][key] for s in layer_stats])) for i in range(num_layers)])
+
+    tokens_LE = per_layer("tokens_per_expert", lambda t: t.sum(0))
+    dropped_L = per_layer("dropped_fraction", lambda t: t.mean())
+    entropy_L = per_layer("router_entropy", lambda t: t.mean())
+    flat = torch.cat([losses.cpu(), tokens_LE.flatten().float().cpu(), dropped_L.float().cpu(),
+                      entropy_L.float().cpu()]).to(run.device)
+    if run.world_size > 1:  # token counts are summed over ranks, the rest averaged
+        dist.all_reduce(flat)
+        flat[:2] /= run.world_size
+        flat[2 + tokens_LE.numel():] /= run.world_size
+    flat = flat.cpu()
+    sizes = [2, tokens_LE.numel(), num_layers, num_layers]
+    losses, tokens, dropped, entropy = torch.split(flat, sizes)
+    return StepStats(float(losses[0]), float(losses[1]), float("nan"), False, 0.0,
+                     tokens.view(num_layers, -1) if num_layers else tokens, dropped, entropy)
+
+
+def train_record(run: WorkerRun, stats: StepStats, elapsed_s: float, flops_per_token: float) -> dict[str, Any]:
+    """The metrics.jsonl record of a step."""
+    tokens_LE = stats.tokens_per_expert_LE
+    step_tokens = run.trainer["global_batch_size"] * run.config["cfg"]["data"]["seq_len"]
+    has_moe = tokens_LE.numel() > 0
+    mean_load = tokens_LE.mean(-1) if has_moe else tokens_LE
+    max_load = tokens_LE.max(-1).values if has_moe else tokens_LE
+    return {"kind": "train", "step": run.step, "loss": stats.lm_loss, "aux_loss": stats.aux_loss,
+            "grad_norm": stats.grad_norm, "lr": lr_at(run.step - 1, run.trainer), "tokens": run.tokens,
+            "tokens_per_s": step_tokens / elapsed_s, "step_time_s": elapsed_s, "skipped": not stats.stepped,
+            "bad_steps": run.bad_steps, "difficulty": stats.difficulty,
+            "tokens_per_expert": tokens_LE.tolist(), "max_load": max_load.tolist(), "mean_load": mean_load.tolist(),
+            "max_over_mean_load": (max_load / mean_load.clamp_min(1e-9)).tolist() if has_moe else [],
+            "dropped_fraction": stats.dropped_fraction_L.tolist(),
+            "router_entropy": stats.router_entropy_L.tolist(),
+            "flops_per_token": flops_per_token}
+
+
+def save_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
+    """A training checkpoint of the current step (all ranks take part); Ray Train gets the metrics only."""
+    import ray.train
+
+    tcfg = run.trainer
+    full_state = gather_full_state_dict(run.model, run.dims)
+    train_state = {"step": run.step, "bad_steps": run.bad_steps, "tokens": run.tokens,
+                   "loader": run.loader.state_dict(), "world_size": run.world_size,
+                   "launch_id": run.config["launch_id"]}
+    save_training_checkpoint(run.checkpoint_root, run.step, run.rank,
+                             full_model_state=full_state if run.rank == 0 else None,
+                             model_config=run.model.config.to_dict(), optimizer_state=run.engine.optimizer_state(),
+                             train_state=train_state, barrier=dist.barrier, gather=_all_gather_object,
+                             keep_last=tcfg["keep_last"],
+                             tokenizer_file=Path(run.config["data_dir"]) / "tokenizer.json")
+    # The checkpoint directory on disk is the one record of checkpoints (see cluster/checkpointing.py).
+    ray.train.report(metrics)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker; `config` comes from the driver (plain dicts)."""
+    run = setup(config)
+    resumed_from = resume_point(run)
+    if resumed_from is not None and run.rank == 0:
+        print(f"[moe.train] resumed from {resumed_from} at step {run.step}", flush=True)
+    cfg, tcfg = config["cfg"], run.trainer
+    logger = None
+    if run.rank == 0:
+        logger = MetricsLogger(run.run_dir, cfg["logger"]["wandb"], cfg["name"], cfg, cfg["logger"]["ray_metrics"],
+                               resume_step=run.step)
+    flops_per_token = training_flops_per_token(run.model.config, cfg["data"]["seq_len"])
     status = {"status": "running"}
-    model.train()
+    consecutive_bad = 0
+    run.model.train()
     last_time = time.perf_counter()
-
-    def checkpoint(step_now: int, metrics: dict[str, Any]) -> None:
-        full_state = gather_full_state_dict(model, dims)
-        train_state = {"step": step_now, "bad_steps": bad_steps_total, "tokens": tokens_seen,
-                       "loader": loader.state_dict(), "world_size": world_size, "launch_id": config["launch_id"]}
-        save_training_checkpoint(ckpt_root, step_now, rank, full_model_state=full_state if rank == 0 else None,
-                                 model_config=model_config.to_dict(), optimizer_state=engine.optimizer_state(),
-                                 train_state=train_state, barrier=dist.barrier, gather=_all_gather_object,
-                                 keep_last=tcfg["keep_last"],
-                                 tokenizer_file=Path(config["data_dir"]) / "tokenizer.json")
-        # Ray Train gets the metrics only: the checkpoint directory on disk is the
-        # one record of checkpoints (see cluster/checkpointing.py).
-        ray.train.report(metrics)
-
-    while step < tcfg["max_steps"]:
-        if debug["kill_rank_at_step"] == step and rank == debug["kill_rank"]:
-            marker = run_dir / f".killed_at_{step}"
-            if not marker.exists():
-                marker.touch()
-                print(f"[moe.train] debug: killing rank {rank} at step {step}", flush=True)
-                os._exit(1)
-        difficulty = loader.pace  # the curriculum pace of the batch about to be drawn
-        batch = loader.next_batch()
-        lm_loss_sum = torch.zeros((), device=device)
-        aux_loss_sum = torch.zeros((), device=device)
-        stats = []
-        for micro in range(tcfg["grad_accum_steps"]):
-            rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
-            with autocast:
-                out = model(batch["input_ids"][rows].to(device), doc_ids=batch["doc_ids"][rows].to(device),
-                            targets=batch["targets"][rows].to(device))
-            loss = out.loss + out.aux_loss
-            if step in debug["nan_loss_at_steps"]:
-                loss = loss * float("nan")
-            engine.backward(loss / tcfg["grad_accum_steps"])
-            lm_loss_sum += out.loss.detach().float()
-            aux_loss_sum += out.aux_loss.detach().float()
-            stats.append(out.router_stats)
-
-        # One collective for everything logged: losses, load and drops of every MoE layer.
-        num_layers = len(stats[0])
-        tokens_LE = torch.stack([torch.stack([s[i]["tokens_per_expert"] for s in stats]).sum(0)
-                                 for i in range(num_layers)]) if num_layers else torch.zeros(0)
-        dropped_L = torch.stack([torch.stack([s[i]["dropped_fraction"] for s in stats]).mean()
-                                 for i in range(num_layers)]) if num_layers else torch.zeros(0)
-        flat = torch.cat([torch.stack([lm_loss_sum, aux_loss_sum]).cpu() / tcfg["grad_accum_steps"],
-                          tokens_LE.flatten().float().cpu(), dropped_L.float().cpu()]).to(device)
-        if world_size > 1:
-            dist.all_reduce(flat)
-            flat[:2] /= world_size
-            flat[2 + tokens_LE.numel():] /= world_size
-        lm_loss, aux_loss = flat[0].item(), flat[1].item()
-        grad_norm, stepped = engine.step(lr_at(step, tcfg), math.isfinite(lm_loss) and math.isfinite(aux_loss))
-        if stepped:
-            consecutive_bad = 0
-        else:
-            bad_steps_total += 1
-            consecutive_bad += 1
-        step += 1
-        step_tokens = tcfg["global_batch_size"] * data_cfg["seq_len"]
-        tokens_seen += step_tokens
+    while run.step < tcfg["max_steps"]:
+        inject_faults(run)
+        stats = train_step(run)
+        consecutive_bad = 0 if stats.stepped else consecutive_bad + 1
         now = time.perf_counter()
         elapsed, last_time = now - last_time, now
-
-        if rank == 0:
-            tokens_LE_global = flat[2:2 + tokens_LE.numel()].view(num_layers, -1) if num_layers else tokens_LE
-            mean_load = tokens_LE_global.mean(-1) if num_layers else tokens_LE_global
-            record = {"kind": "train", "step": step, "loss": lm_loss, "aux_loss": aux_loss,
-                      "grad_norm": grad_norm, "lr": lr_at(step - 1, tcfg), "tokens": tokens_seen,
-                      "tokens_per_s": step_tokens / elapsed, "step_time_s": elapsed, "skipped": not stepped,
-                      "bad_steps": bad_steps_total, "difficulty": difficulty,
-                      "tokens_per_expert": tokens_LE_global.tolist(),
-                      "max_load": tokens_LE_global.max(-1).values.tolist() if num_layers else [],
-                      "mean_load": mean_load.tolist(),
-                      "max_over_mean_load": (tokens_LE_global.max(-1).values / mean_load.clamp_min(1e-9)).tolist()
-                      if num_layers else [],
-                      "dropped_fraction": flat[2 + tokens_LE.numel():].tolist(),
-                      "flops_per_token": flops_per_token}
-            logger.log(record)
-
+        if logger is not None:
+            logger.log(train_record(run, stats, elapsed, flops_per_token))
         if consecutive_bad >= tcfg["max_bad_steps"]:
-            status = {"status": "diverged", "step": step,
+            status = {"status": "diverged", "step": run.step,
                       "message": f"{consecutive_bad} consecutive steps had a NaN/inf loss or gradient "
-                                 f"(trainer.max_bad_steps={tcfg['max_bad_steps']}); stopped at step {step}. The "
-                                 f"last good checkpoint is kept in {ckpt_root}."}
+                                 f"(trainer.max_bad_steps={tcfg['max_bad_steps']}); stopped at step {run.step}. "
+                                 f"The last good checkpoint is kept in {run.checkpoint_root}."}
             break
-        if stepped and (step % tcfg["checkpoint_every"] == 0 or step == tcfg["max_steps"]):
-            checkpoint(step, {"step": step, "loss": lm_loss})
-        if tcfg["eval_every"] and step % tcfg["eval_every"] == 0 and step < tcfg["max_steps"]:
-            val = evaluate(model, config, rank, world_size, device, autocast)
-            if rank == 0:
-                logger.log({"kind": "eval", "step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-            model.train()
+        if stats.stepped and (run.step % tcfg["checkpoint_every"] == 0 or run.step == tcfg["max_steps"]):
+            save_checkpoint(run, {"step": run.step, "loss": stats.lm_loss})
+        if tcfg["eval_every"] and run.step % tcfg["eval_every"] == 0 and run.step < tcfg["max_steps"]:
+            val = evaluate(run.model, config, run.rank, run.world_size, run.device, run.autocast)
+            if logger is not None:
+                logger.log({"kind": "eval", "step": run.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+            run.model.train()
 
     summary = dict(status)
     if status["status"] == "running":
         summary["status"] = "finished"
-        summary["val_loss"] = evaluate(model, config, rank, world_size, device, autocast)
+        summary["val_loss"] = evaluate(run.model, config, run.rank, run.world_size, run.device, run.autocast)
         summary["val_ppl"] = math.exp(min(summary["val_loss"], 50))
-        if rank == 0:
-            logger.log({"kind": "eval", "step": step, "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"]})
-    summary.update({"final_step": step, "bad_steps": bad_steps_total, "world_size": world_size,
-                    "flops_per_token": flops_per_token, "params": counts})
-    if rank == 0:
-        (run_dir / STATUS_FILE).write_text(json.dumps(summary, indent=2))
+        if logger is not None:
+            logger.log({"kind": "eval", "step": run.step, "val_loss": summary["val_loss"],
+                        "val_ppl": summary["val_ppl"]})
+    summary.update({"final_step": run.step, "bad_steps": run.bad_steps, "world_size": run.world_size,
+                    "flops_per_token": flops_per_token, "params": count_parameters(run.model.config)})
+    if logger is not None:
+        (run.run_dir / STATUS_FILE).write_text(json.dumps(summary, indent=2))
         logger.close(summary)
 
 

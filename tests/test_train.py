@@ -6,6 +6,8 @@ fed by the real data pipeline from a small corpus the test writes.
 
 from __future__ import annotations
 
+import math
+
 import json
 import subprocess
 import sys
@@ -40,8 +42,9 @@ def test_single_worker_run_learns_and_writes_artifacts(ray_session, corpus, tmp_
     summary = train(cfg)
     run_dir = tmp_path / "single"
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb logged offline into the run directory"
-    prometheus = prometheus_lines(["ray_moe_train_loss", "ray_moe_expert_max_over_mean_load"])
+    prometheus = prometheus_lines(["ray_moe_train_loss", "ray_moe_expert_max_over_mean_load", "ray_moe_router_entropy"])
     assert any('layer="1"' in line for line in prometheus["ray_moe_expert_max_over_mean_load"])
+    assert any('layer="1"' in line for line in prometheus["ray_moe_router_entropy"])
     assert float(prometheus["ray_moe_train_loss"][0].rsplit(" ", 1)[1]) == pytest.approx(
         train_losses(run_dir)[30], rel=1e-5)
     losses = train_losses(run_dir)
@@ -49,13 +52,14 @@ def test_single_worker_run_learns_and_writes_artifacts(ray_session, corpus, tmp_
     assert sum(list(losses.values())[-5:]) / 5 < 0.7 * losses[1], losses
     assert summary["status"] == "finished" and summary["final_step"] == 30
     assert summary["val_loss"] < losses[1] and summary["tokens_per_s"] > 0
-    for name in ("loss_curve.png", "expert_load.png", "summary.json", "config.yaml", "metrics.jsonl"):
+    for name in ("loss_curve.png", "expert_load.png", "routing.png", "summary.json", "config.yaml", "metrics.jsonl"):
         assert (run_dir / name).is_file(), name
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["step_00000020", "step_00000030"], "keep_last=2, no temporary directories left"
     record = read_metrics(run_dir)[-2]
     assert len(record["max_over_mean_load"]) == 2 and len(record["tokens_per_expert"][0]) == 4
     assert sum(record["tokens_per_expert"][0]) == 8 * 32 * 2, "every token routed to top-2 experts"
+    assert len(record["router_entropy"]) == 2 and all(0 < h <= math.log(4) + 1e-6 for h in record["router_entropy"])
 
     # The final checkpoint is a plain moe checkpoint; moe.evaluate reads the run's data from its config.
     out = subprocess.run([sys.executable, "-m", "moe.evaluate", f"checkpoint={run_dir / 'checkpoints' / 'step_00000030'}",
