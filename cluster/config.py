@@ -50,6 +50,7 @@ class TrainerConfig:
         activation_checkpointing: "none", "full" (every block recomputes its
             activations in the backward pass) or "selective" (every other block);
             see `moe.MoETransformer.set_activation_checkpointing`.
+        compile: compile each transformer block (`moe.MoETransformer.compile_blocks`).
         run_root: parent of the run directories.
     """
 
@@ -74,6 +75,7 @@ class TrainerConfig:
     max_bad_steps: int = 5
     zero_stage: int = 1
     activation_checkpointing: str = "none"
+    compile: bool = False
     run_root: str = "runs"
     debug: DebugConfig = field(default_factory=DebugConfig)
 

@@ -131,6 +131,8 @@ def setup(config: dict[str, Any]) -> WorkerRun:
     model.set_activation_checkpointing(tcfg["activation_checkpointing"])
     apply_expert_parallel(model, dims)
     model.to(device)
+    if tcfg["compile"]:
+        model.compile_blocks()
     engine = build_engine(model, dims, tcfg)
     loader = CurriculumLoader.from_config(cfg["data"], global_batch_size=tcfg["global_batch_size"], rank=rank,
                                           world_size=world_size, data_dir=config["data_dir"])

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moe.router import count_per_expert
+
 
 @dataclass
 class DispatchState:
@@ -55,7 +57,7 @@ class LocalDispatcher:
         flat_ids_A = topk_ids_TK.reshape(-1)
         if self.dropless:
             assignment_index_N = torch.argsort(flat_ids_A, stable=True)
-            tokens_per_expert = torch.bincount(flat_ids_A, minlength=self.num_experts)
+            tokens_per_expert = count_per_expert(flat_ids_A, self.num_experts)
         else:
             # Dropped assignments get id E: they sort last and are cut off.
             flat_ids_A = torch.where(flat_ids_A < 0, self.num_experts, flat_ids_A)

@@ -50,7 +50,52 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+# NOTE: grouped_mm under torch.compile.
+# torch 2.13's fake-tensor kernel of grouped_mm accepts only bfloat16 on the CPU,
+# so compiling a block that calls it in float32 fails while tracing. Under
+# torch.compile the experts call these two custom ops instead: their fake
+# implementations give the output shapes, their eager bodies are the same
+# F.grouped_mm calls, and the backward is written with them (dX = dY @ W^T per
+# expert; dW[e] = X[rows of e]^T @ dY[rows of e], a grouped_mm over the rows).
+# Eager execution keeps calling F.grouped_mm directly.
+@torch.library.custom_op("moe::grouped_mm", mutates_args=())
+def _grouped_mm_op(x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x_ND, w_EDF, offs=offsets)
+
+
+@_grouped_mm_op.register_fake
+def _(x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
+
+
+@torch.library.custom_op("moe::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad(x_ND: torch.Tensor, grad_NF: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x_ND.t(), grad_NF, offs=offsets)
+
+
+@_grouped_mm_weight_grad.register_fake
+def _(x_ND: torch.Tensor, grad_NF: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x_ND.new_empty(offsets.shape[0], x_ND.shape[1], grad_NF.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    x_ND, w_EDF, offsets = inputs
+    ctx.save_for_backward(x_ND, w_EDF, offsets)
+
+
+def _grouped_mm_backward(ctx, grad_NF: torch.Tensor):
+    x_ND, w_EDF, offsets = ctx.saved_tensors
+    grad_NF = grad_NF.contiguous()
+    grad_x = _grouped_mm_op(grad_NF, w_EDF.transpose(-1, -2).contiguous(), offsets)
+    return grad_x, _grouped_mm_weight_grad(x_ND, grad_NF, offsets), None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
 def _grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _grouped_mm_op(x_ND, w_EDF, offsets)
     return _ContiguousGrad.apply(F.grouped_mm(x_ND, w_EDF, offs=offsets))
 
 

@@ -351,6 +351,21 @@ class MoETransformer(nn.Module):
         for index, layer in enumerate(self.layers):
             layer.checkpoint_activations = mode == "full" or (mode == "selective" and index % 2 == 0)
 
+    def compile_blocks(self, **options) -> None:
+        """Compiles each transformer block separately (regional compilation, as torchtitan does).
+
+        All blocks share one compiled graph (same code, same shapes). With
+        dropless routing the MoE layer has no data-dependent shapes (counts are
+        scatter-adds, grouped_mm goes through `moe::grouped_mm` under compile),
+        so a block compiles without graph breaks and training steps of one
+        shape never recompile; a new batch shape (evaluation) recompiles once
+        and then runs with dynamic sizes. A capacity limit adds one graph
+        break (the host needs the number of kept rows). Options go to
+        `torch.compile`.
+        """
+        for layer in self.layers:
+            layer.compile(**options)
+
     def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
                 targets: Optional[torch.Tensor] = None, *, cache: Optional[KVCache] = None,
                 input_lengths: Optional[list[int]] = None, ignore_capacity: bool = False,

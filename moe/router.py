@@ -99,12 +99,22 @@ def capacity_keep_mask(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
     return keep.view_as(topk_ids_TK)
 
 
+def count_per_expert(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int64 count of each expert id in `ids`; negative ids (dropped) are not counted.
+
+    A scatter-add, not `bincount`: its output shape does not depend on the
+    values, so torch.compile traces it without a graph break.
+    """
+    flat = ids.reshape(-1)
+    kept = (flat >= 0).to(torch.int64)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat.clamp_min(0), kept)
+
+
 def load_stats(topk_ids_TK: torch.Tensor, probs_TE: torch.Tensor, dropped_fraction: torch.Tensor,
                num_experts: int) -> dict[str, torch.Tensor]:
     """Detached per-layer statistics: tokens per expert (after dropping), the
     dropped fraction, the mean router entropy and max/mean expert load."""
-    kept = topk_ids_TK[topk_ids_TK >= 0]
-    tokens_per_expert = torch.bincount(kept, minlength=num_experts).float()
+    tokens_per_expert = count_per_expert(topk_ids_TK, num_experts).float()
     mean_load = tokens_per_expert.mean().clamp_min(1e-9)
     probs = probs_TE.detach().float()
     probs = probs / probs.sum(dim=-1, keepdim=True)

@@ -73,21 +73,22 @@ def test_single_worker_run_learns_and_writes_artifacts(ray_session, corpus, tmp_
         train(cfg)
 
 
-@pytest.mark.parametrize("workers,ep,recompute", [(2, 2, "full"), (2, 1, "none")])
+@pytest.mark.parametrize("workers,ep,recompute,compiled", [(2, 2, "full", False), (2, 1, "none", True)])
 def test_parallel_layouts_match_single_worker(ray_session, corpus, tmp_path, workers: int, ep: int,
-                                              recompute: str) -> None:
+                                              recompute: str, compiled: bool) -> None:
     """2 workers (expert-parallel or not) reproduce 1 worker on the same global batch.
 
     Balancing losses are computed per local batch (as in Megatron), so they are
     switched off here to compare against the whole-batch run. The expert-parallel
     run also recomputes its activations (`trainer.activation_checkpointing`): the
-    all-to-all runs again in the backward pass and must change nothing.
+    all-to-all runs again in the backward pass and must change nothing; the other
+    one compiles its blocks (`trainer.compile`).
     """
     common = ["trainer.max_steps=4", "trainer.checkpoint_every=4", "model.router.aux_loss_coef=0",
               "model.router.z_loss_coef=0"]
     train(make_cfg(corpus, tmp_path, "one", *common))
     train(make_cfg(corpus, tmp_path, "many", *common, f"cluster.num_workers={workers}", f"parallel.ep={ep}",
-                   f"trainer.activation_checkpointing={recompute}"))
+                   f"trainer.activation_checkpointing={recompute}", f"trainer.compile={compiled}"))
     one, many = train_losses(tmp_path / "one"), train_losses(tmp_path / "many")
     assert one.keys() == many.keys() == {1, 2, 3, 4}
     for step in one:
