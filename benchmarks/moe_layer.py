@@ -81,7 +81,7 @@ def time_fwd_bwd(module: torch.nn.Module, x: torch.Tensor, warmup: int, iters: i
     return times
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tokens", type=int)
@@ -93,7 +93,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=4, help="timed iterations per row and round")
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Runs the benchmark, prints the table and returns the summary (the JSON line's content)."""
     cuda = args.device.startswith("cuda")
     tokens = args.tokens or (16384 if cuda else 4096)
     hidden = args.hidden or (1024 if cuda else 256)
@@ -148,7 +152,11 @@ def main() -> None:
     if "moe[grouped_mm]" in results:
         summary["grouped_mm_speedup_over_loop"] = results["moe[loop]"] / results["moe[grouped_mm]"]
         summary["grouped_mm_speedup_over_hf_loop"] = results["hf_mixtral_loop"] / results["moe[grouped_mm]"]
-    print(json.dumps(summary))
+    return summary
+
+
+def main() -> None:
+    print(json.dumps(run(parser().parse_args())))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,14 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from moe.model import peak_bf16_tflops
+
 from cluster.checkpointing import latest_checkpoint, resolve_resume, set_aside_newer, step_dirs
 from cluster.config import model_config_from, to_plain, validate_train_config
 from cluster.metrics import read_metrics
 from cluster.worker import STATUS_FILE
 
 RAY_TRAIN_DIR = "ray_train"
-# Peak dense bf16 TFLOP/s for model FLOPs utilisation, by device name.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -275,7 +275,7 @@ def _mfu(tokens_per_s: Optional[float], status: dict[str, Any]) -> Optional[floa
         name = torch.cuda.get_device_name()
     except Exception:
         return None
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = peak_bf16_tflops(name)
     if peak is None:
         return None
     return tokens_per_s * status["flops_per_token"] / (peak * 1e12 * status["world_size"])

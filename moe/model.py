@@ -516,3 +516,12 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
     attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
     return 6.0 * count_parameters(config)["active_non_embedding"] + attention
+
+
+# Peak dense bf16 TFLOP/s (no sparsity) for model FLOPs utilisation, by device name.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+def peak_bf16_tflops(device_name: str) -> Optional[float]:
+    """The peak of `PEAK_BF16_TFLOPS` whose key the device name contains; None when unknown."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)

@@ -1,0 +1,34 @@
+"""benchmarks/gpu_suite.py runs end to end on the CPU at a tiny size (the GPU figures need a GPU session;
+this keeps the script from rotting between them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("extra", [["--no-compile"], ["--recompute", "selective"]])
+def test_smoke_run_reports_the_training_step(extra: list[str]) -> None:
+    result = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--device", "cpu", "--model", "mixtral_tiny",
+                             "--vocab-size", "512", "--batch", "2", "--seq-len", "64", "--warmup", "1", "--steps", "2",
+                             "--skip-layer", *extra], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    train = summary["train"]
+    assert train["model"] == "mixtral_tiny" and train["tokens_per_s"] > 0 and train["tflops"] > 0
+    assert train["compile"] == ("--no-compile" not in extra)
+    assert train["activation_checkpointing"] == ("selective" if "selective" in extra else "none")
+    assert train["mfu"] is None, "no MFU without a known GPU peak"
+    assert 0 < train["loss"] < 10
+
+
+def test_cuda_without_a_gpu_is_refused() -> None:
+    result = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--skip-layer"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert result.returncode != 0 and "no CUDA device" in result.stderr
