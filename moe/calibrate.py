@@ -39,17 +39,16 @@ NOTE: the calibration set and its labels.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import random
-import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
 from moe.checkpoint import load_checkpoint
+from moe.cli import check_positive_ints, parse_key_values, run, write_json
 from moe.difficulty import (SIGNAL_NAMES, DifficultyRouter, confidence_threshold_for_escalation, prompt_signals,
                             right_pad, threshold_for_large_fraction)
 from moe.model import MoETransformer
@@ -74,22 +73,12 @@ OPTIONS: dict[str, tuple[type, Any]] = {
 }
 
 
+REQUIRED = {"small": "CKPT", "large": "CKPT"}
+
+
 def parse_args(argv: list[str]) -> dict[str, Any]:
-    """`key=value` arguments to typed values; raises ValueError naming the key."""
-    args: dict[str, Any] = {}
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in OPTIONS:
-            raise ValueError(f"unknown argument {item!r}; {USAGE}")
-        kind = OPTIONS[key][0]
-        try:
-            args[key] = kind(value)
-        except ValueError:
-            raise ValueError(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
-    for key in ("small", "large"):
-        if key not in args:
-            raise ValueError(f"{key}=CKPT is required; {USAGE}")
-    return args
+    """`key=value` arguments to typed values, defaults filled in; raises ValueError naming the key."""
+    return parse_key_values(argv, OPTIONS, REQUIRED, USAGE)
 
 
 # ---- inputs ------------------------------------------------------------------------------
@@ -343,7 +332,7 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
     }
     out.mkdir(parents=True, exist_ok=True)
     router.save(out / "router.json")
-    _write_json(out / "calibration_report.json", report)
+    write_json(out / "calibration_report.json", report)
     if verbose:
         print(format_report(report, out))
     return report
@@ -408,17 +397,8 @@ def _name(checkpoint: Path) -> str:
     return checkpoint.name
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _check_options(**options: Any) -> None:
-    for key in ("num_queries", "prompt_tokens", "continuation_tokens", "posthoc_queries", "batch_size"):
-        value = options[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    check_positive_ints(options, "num_queries", "prompt_tokens", "continuation_tokens", "posthoc_queries", "batch_size")
     for key in ("margin", "l2"):
         if not isinstance(options[key], (int, float)) or not math.isfinite(options[key]):
             raise ValueError(f"{key} must be a finite number, got {options[key]!r}")
@@ -431,13 +411,7 @@ def _check_options(**options: Any) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        options = {key: args.get(key, default) for key, (_, default) in OPTIONS.items()}
-        calibrate(**options)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(calibrate, argv, OPTIONS, REQUIRED, USAGE)
 
 
 if __name__ == "__main__":

@@ -50,10 +50,8 @@ NOTE: what is measured.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -62,6 +60,7 @@ import torch
 from moe.calibrate import (TOKENIZER_FILE, _sha256, check_tokenizers, continuation_nll, data_dir_of, make_queries,
                            read_validation_documents, roc_auc)
 from moe.checkpoint import load_checkpoint
+from moe.cli import check_positive_ints, parse_key_values, run, write_json
 from moe.config import ModelConfig
 from moe.difficulty import SIGNAL_NAMES, DifficultyRouter, prompt_signals
 from moe.model import MoETransformer, count_parameters
@@ -84,22 +83,12 @@ OPTIONS: dict[str, tuple[type, Any]] = {
 }
 
 
+REQUIRED = {"small": "CKPT", "large": "CKPT", "output": "DIR"}
+
+
 def parse_args(argv: list[str]) -> dict[str, Any]:
-    """`key=value` arguments to typed values; raises ValueError naming the key."""
-    args: dict[str, Any] = {}
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in OPTIONS:
-            raise ValueError(f"unknown argument {item!r}; {USAGE}")
-        kind = OPTIONS[key][0]
-        try:
-            args[key] = kind(value)
-        except ValueError:
-            raise ValueError(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
-    for key in ("small", "large", "output"):
-        if key not in args:
-            raise ValueError(f"{key}= is required; {USAGE}")
-    return args
+    """`key=value` arguments to typed values, defaults filled in; raises ValueError naming the key."""
+    return parse_key_values(argv, OPTIONS, REQUIRED, USAGE)
 
 
 # ---- cost --------------------------------------------------------------------------------
@@ -463,7 +452,7 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         "routers": results,
     }
     output.mkdir(parents=True, exist_ok=True)
-    _write_json(output / "cascade_eval.json", report)
+    write_json(output / "cascade_eval.json", report)
     plot_curves(curves, report, output / "cascade_eval.png")
     if verbose:
         print(format_report(report, output))
@@ -548,17 +537,8 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _check_options(**options: Any) -> None:
-    for key in ("num_queries", "prompt_tokens", "continuation_tokens", "line_tokens", "batch_size"):
-        value = options[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    check_positive_ints(options, "num_queries", "prompt_tokens", "continuation_tokens", "line_tokens", "batch_size")
     bootstrap = options["bootstrap"]
     if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or bootstrap < 0:
         raise ValueError(f"bootstrap must be an integer >= 0, got {bootstrap!r}")
@@ -571,13 +551,7 @@ def _check_options(**options: Any) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        options = {key: args.get(key, default) for key, (_, default) in OPTIONS.items()}
-        evaluate_cascade(**options)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(evaluate_cascade, argv, OPTIONS, REQUIRED, USAGE)
 
 
 if __name__ == "__main__":

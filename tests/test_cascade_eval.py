@@ -129,7 +129,7 @@ def test_errors_name_the_argument(cascade_pair, capsys, tmp_path) -> None:
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     cases = [
-        ([f"small={small}", f"large={large}"], "output= is required"),
+        ([f"small={small}", f"large={large}"], "output=DIR is required"),
         ([f"small={small}", f"large={large}", f"output={tmp_path / 'o'}", "bootstrap=-1"], "bootstrap"),
         ([f"small={small}", f"large={large}", f"output={tmp_path / 'o'}", "line_tokens=60"], "prompt_tokens"),
         ([f"small={small}", f"large={large}", f"output={a_file}"], "output: .* not a directory"),
@@ -150,4 +150,4 @@ def test_errors_name_the_argument(cascade_pair, capsys, tmp_path) -> None:
 def test_cli_process_exit_code(cascade_pair, tmp_path) -> None:
     result = subprocess.run([sys.executable, "-m", "moe.cascade_eval", f"small={cascade_pair['small']}"],
                             capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2 and "large= is required" in result.stderr
+    assert result.returncode == 2 and "large=CKPT is required" in result.stderr
