@@ -108,6 +108,23 @@ def check_tokenizers(small: Path, large: Path) -> str:
     return hashes[0]
 
 
+def check_pair_and_data(small: Path, large: Path, data: Optional[PathLike]) -> tuple[str, Path]:
+    """The pair shares one tokenizer and `data` (default the small run's data) was tokenized with it.
+
+    Returns:
+        (the tokenizer's sha256, the prepared data directory).
+    Raises:
+        ValueError / FileNotFoundError: naming the key (`small/large`, `data`) and the files.
+    """
+    tokenizer_sha256 = check_tokenizers(small, large)
+    data_dir = data_dir_of(small, None if data is None else str(data))
+    data_tokenizer = data_dir / TOKENIZER_FILE
+    if not data_tokenizer.is_file() or _sha256(data_tokenizer) != tokenizer_sha256:
+        raise ValueError(f"data: {data_tokenizer} is missing or differs from {small / TOKENIZER_FILE}: the "
+                         f"queries must be tokenized like the models' training data")
+    return tokenizer_sha256, data_dir
+
+
 def data_dir_of(checkpoint: Path, data: Optional[str]) -> Path:
     """The prepared directory: `data`, else `data.output` of the training run's config.yaml."""
     if data is not None:
@@ -251,12 +268,7 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
                    margin=margin, target_large_fraction=target_large_fraction, holdout=holdout,
                    posthoc_queries=posthoc_queries, l2=l2, batch_size=batch_size)
     small, large = Path(small), Path(large)
-    tokenizer_sha256 = check_tokenizers(small, large)
-    data_dir = data_dir_of(small, None if data is None else str(data))
-    data_tokenizer = data_dir / TOKENIZER_FILE
-    if not data_tokenizer.is_file() or _sha256(data_tokenizer) != tokenizer_sha256:
-        raise ValueError(f"data: {data_tokenizer} is missing or differs from {small / TOKENIZER_FILE}: the "
-                         f"calibration data must be tokenized like the models' training data")
+    tokenizer_sha256, data_dir = check_pair_and_data(small, large, data)
     out = Path(out) if out is not None else Path("calibration") / f"{_name(small)}__{_name(large)}"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -57,8 +57,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from moe.calibrate import (TOKENIZER_FILE, _sha256, check_tokenizers, continuation_nll, data_dir_of, make_queries,
-                           read_validation_documents, roc_auc)
+from moe.calibrate import (check_pair_and_data, continuation_nll, make_queries, read_validation_documents,
+                           roc_auc)
 from moe.checkpoint import load_checkpoint
 from moe.cli import check_positive_ints, parse_key_values, run, write_json
 from moe.config import ModelConfig
@@ -309,12 +309,7 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
     small, large, output = Path(small), Path(large), Path(output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"output: {output} exists and is not a directory")
-    tokenizer_sha256 = check_tokenizers(small, large)
-    data_dir = data_dir_of(small, None if data is None else str(data))
-    data_tokenizer = data_dir / TOKENIZER_FILE
-    if not data_tokenizer.is_file() or _sha256(data_tokenizer) != tokenizer_sha256:
-        raise ValueError(f"data: {data_tokenizer} is missing or differs from {small / TOKENIZER_FILE}: the "
-                         f"evaluation data must be tokenized like the models' training data")
+    tokenizer_sha256, data_dir = check_pair_and_data(small, large, data)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     small_model = load_checkpoint(small, device=device).eval()
     large_model = load_checkpoint(large, device=device).eval()
