@@ -445,6 +445,12 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         "gain_correlation": {name: _pearson(_ranks(test["signals"][:, i]), _ranks(test_gain))
                              for i, name in enumerate(SIGNAL_NAMES)},
         "routers": results,
+        "test_queries": [
+            {"prompt_tokens": len(prompts[i]), "loglik_small": float(test["loglik_small"][i]),
+             "loglik_large": float(test["loglik_large"][i]), "exact_match_small": int(test["exact_match_small"][i]),
+             "exact_match_large": int(test["exact_match_large"][i]), "confidence_small": float(confidence[i]),
+             "signals": dict(zip(SIGNAL_NAMES, test["signals"][i].tolist()))}
+            for i in range(n_test)],
     }
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / "cascade_eval.json", report)

@@ -115,8 +115,12 @@ def test_cli_reports_every_router_consistently(cascade_pair, capsys) -> None:
     assert routers["posthoc"]["loglik"]["cost_range"] == pytest.approx([small_share, 1 + small_share])
     assert tiers["large"]["active_params"] > tiers["small"]["active_params"]
     assert tiers["large"]["loglik"] > tiers["small"]["loglik"], "the fixture's large tier is trained"
+    queries = report["test_queries"]
+    assert len(queries) == report["num_test"]
     for tier in ("small", "large"):
         assert 0 <= tiers[tier]["exact_match"] <= 1
+        assert tiers[tier]["loglik"] == pytest.approx(sum(q[f"loglik_{tier}"] for q in queries) / len(queries))
+        assert tiers[tier]["exact_match"] == pytest.approx(sum(q[f"exact_match_{tier}"] for q in queries) / len(queries))
 
 
 def test_errors_name_the_argument(cascade_pair, capsys, tmp_path) -> None:
