@@ -11,7 +11,8 @@ Two parts, one table each and one JSON line at the end:
    equal active FLOPs, rounds interleaved.
 2. Training steps of a preset (default `mixtral_small`, read from
    conf/model/NAME.yaml without Hydra) on one device through the trainer's own
-   code: `moe.MoETransformer` with `set_activation_checkpointing` and
+   code: `moe.MoETransformer` (the preset's attention backend unless
+   --attention says otherwise) with `set_activation_checkpointing` and
    `compile_blocks` (trainer.activation_checkpointing, trainer.compile),
    bf16 autocast as trainer.dtype=bfloat16 does, AdamW from `cluster.optim`,
    packed documents (doc_ids) as the data pipeline produces them, loss + aux
@@ -72,6 +73,8 @@ def packed_batch(batch: int, seq_len: int, vocab_size: int, device: torch.device
 def train_steps(args: argparse.Namespace, device: torch.device) -> dict:
     config = preset_config(args.model, args.vocab_size)
     config.max_seq_len = max(config.max_seq_len, args.seq_len)
+    if args.attention is not None:
+        config.attention_backend = args.attention
     torch.manual_seed(0)
     model = MoETransformer(config).to(device)
     model.set_activation_checkpointing(args.recompute)
@@ -107,7 +110,8 @@ def train_steps(args: argparse.Namespace, device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = peak_bf16_tflops(name) if cuda else None
     return {"model": args.model, "device": name, "batch": args.batch, "seq_len": args.seq_len,
-            "dtype": args.dtype, "activation_checkpointing": args.recompute, "compile": args.compile,
+            "dtype": args.dtype, "attention": config.attention_backend,
+            "activation_checkpointing": args.recompute, "compile": args.compile,
             "step_s": step_s, "tokens_per_s": tokens_per_s, "tflops": tflops,
             "mfu": None if peak is None else tflops / peak, "peak_tflops": peak,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None,
@@ -118,7 +122,8 @@ def print_train_table(result: dict) -> None:
     mfu = "n/a" if result["mfu"] is None else f"{result['mfu']:.1%}"
     memory = "n/a" if result["peak_memory_gib"] is None else f"{result['peak_memory_gib']:.1f}"
     print(f"# {result['model']} training step on {result['device']}: batch {result['batch']} x {result['seq_len']}, "
-          f"{result['dtype']}, activation_checkpointing={result['activation_checkpointing']}, "
+          f"{result['dtype']}, attention={result['attention']}, "
+          f"activation_checkpointing={result['activation_checkpointing']}, "
           f"compile={result['compile']}")
     print(f"{'step s':>8}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}")
     print(f"{result['step_s']:>8.3f}{result['tokens_per_s']:>12.0f}{result['tflops']:>10.1f}{mfu:>8}{memory:>10}")
@@ -133,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--attention", choices=["sdpa", "flex"], default=None,
+                        help="model.attention_backend (default: the preset's; mixtral_small uses flex)")
     parser.add_argument("--recompute", choices=["none", "full", "selective"], default="none")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--warmup", type=int, default=3)

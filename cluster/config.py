@@ -169,6 +169,9 @@ def validate_train_config(cfg: DictConfig) -> None:
             _fail(f"trainer.{key}", f"must be a positive integer, got {t[key]!r}")
     if t.engine not in ENGINES:
         _fail("trainer.engine", f"must be one of {list(ENGINES)}, got {t.engine!r}")
+    if cfg.model.get("attention_backend", "sdpa") == "flex" and not c.use_gpu:
+        _fail("model.attention_backend", "flex needs cluster.use_gpu=true to train: torch's FlexAttention has no "
+                                          "CPU backward; use model.attention_backend=sdpa on the CPU")
     if t.dtype not in DTYPES:
         _fail("trainer.dtype", f"must be one of {list(DTYPES)}, got {t.dtype!r}")
     if not (math.isfinite(t.lr) and t.lr > 0):

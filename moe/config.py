@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+ATTENTION_BACKENDS = ("sdpa", "flex")
 DROP_POLICIES = ("probs", "position")
 EXPERT_BACKENDS = ("grouped_mm", "megablocks", "loop")
 
@@ -141,6 +142,11 @@ class ModelConfig:
         rms_norm_eps: RMSNorm epsilon.
         sliding_window: attend only to the last `sliding_window` positions
             (Mistral); None for full causal attention.
+        attention_backend: how document and sliding-window masks are applied
+            in training: "sdpa" (an explicit boolean (B, 1, S, S) mask) or "flex"
+            (FlexAttention block masks built once per batch, compiled; no S x S
+            mask; torch has no CPU backward for it, so training needs a GPU).
+            Plain causal attention always takes SDPA's is_causal path.
         tie_embeddings: share the token embedding and the output head.
         first_k_dense: number of leading dense layers.
         dense_hidden_size: width of the dense SwiGLU layers (defaults to
@@ -159,6 +165,7 @@ class ModelConfig:
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-5
     sliding_window: Optional[int] = None
+    attention_backend: str = "sdpa"
     tie_embeddings: bool = False
     first_k_dense: int = 0
     dense_hidden_size: Optional[int] = None
@@ -186,6 +193,7 @@ class ModelConfig:
         _check_positive(self, "head_dim")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        _check_choice(self, "attention_backend", ATTENTION_BACKENDS)
         if self.sliding_window is not None:
             _check_positive(self, "sliding_window")
         if not self.rope_theta > 0:

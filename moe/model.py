@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from moe.config import ModelConfig
 from moe.experts import GroupedExperts, init_out_std
@@ -94,6 +95,38 @@ def attention_mask(seq_len: int, device: torch.device, sliding_window: Optional[
         same_doc_BSS = doc_ids_BS.unsqueeze(2) == doc_ids_BS.unsqueeze(1)
         mask = mask & same_doc_BSS.unsqueeze(1)
     return mask
+
+
+_COMPILED_FLEX: dict[str, Any] = {}  # compiled on first use: flex_attention is only fast compiled
+
+
+def _compiled(name: str):
+    if name not in _COMPILED_FLEX:
+        fn = {"flex_attention": flex_attention, "create_block_mask": create_block_mask}[name]
+        _COMPILED_FLEX[name] = torch.compile(fn, dynamic=False)
+    return _COMPILED_FLEX[name]
+
+
+def flex_block_mask(seq_len: int, device: torch.device, sliding_window: Optional[int],
+                    doc_ids_BS: Optional[torch.Tensor]) -> Optional[BlockMask]:
+    """The mask of `attention_mask` as a FlexAttention block mask (None for plain causal).
+
+    Built once per batch and shared by every layer; only per-block tables are
+    stored, never an S x S tensor.
+    """
+    if sliding_window is None and doc_ids_BS is None:
+        return None
+
+    def mask_mod(b, h, q, k):
+        keep = k <= q
+        if sliding_window is not None:
+            keep = keep & (q - k < sliding_window)
+        if doc_ids_BS is not None:
+            keep = keep & (doc_ids_BS[b, q] == doc_ids_BS[b, k])
+        return keep
+
+    batch = None if doc_ids_BS is None else doc_ids_BS.shape[0]
+    return _compiled("create_block_mask")(mask_mod, batch, None, seq_len, seq_len, device=device)
 
 
 def cached_attention_mask(positions_BS: torch.Tensor, key_start: int, key_end: int,
@@ -228,7 +261,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: Optional[torch.Tensor], cache_step: Optional[CacheStep] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor | BlockMask], cache_step: Optional[CacheStep] = None) -> torch.Tensor:
         batch, seq_len, _ = x_BSD.shape
         q = self.q_proj(x_BSD).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BSD).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -241,6 +274,8 @@ class Attention(nn.Module):
                                            cache_step.key_end)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif isinstance(mask, BlockMask):
+            out = _compiled("flex_attention")(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))
@@ -257,7 +292,7 @@ class TransformerBlock(nn.Module):
         self.checkpoint_activations = False  # set by MoETransformer.set_activation_checkpointing
 
     def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: Optional[torch.Tensor], cache_step: Optional[CacheStep] = None, *,
+                mask: Optional[torch.Tensor | BlockMask], cache_step: Optional[CacheStep] = None, *,
                 ignore_capacity: bool = False, return_router_probs: bool = False):
         h = x_BSD + self.attn(self.attn_norm(x_BSD), rope, mask, cache_step)
         if self.is_moe:
@@ -319,6 +354,7 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._build_mask = flex_block_mask if config.attention_backend == "flex" else attention_mask
         self.reset_parameters()
 
     @torch.no_grad()
@@ -394,7 +430,7 @@ class MoETransformer(nn.Module):
         batch, seq_len = input_ids.shape
         x_BSD = self.embed_tokens(input_ids)
         rope = self.rope(seq_len, x_BSD.device, x_BSD.dtype)
-        mask = attention_mask(seq_len, x_BSD.device, self.config.sliding_window, doc_ids)
+        mask = self._build_mask(seq_len, x_BSD.device, self.config.sliding_window, doc_ids)
         aux_losses, router_stats, router_probs = [], [], []
         losses: dict[str, list[torch.Tensor]] = {}
         for layer in self.layers:

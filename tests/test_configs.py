@@ -111,6 +111,7 @@ def test_infra_yaml_parses_and_entrypoint_composes() -> None:
     cfg = compose_cfg(argv[3:])
     validate_train_config(cfg)
     assert cfg.name == "mixtral_small" and cfg.cluster.address == "auto" and cfg.cluster.use_gpu
+    assert cfg.model.attention_backend == "flex", "GPU training masks documents with FlexAttention"
     proc = subprocess.run([sys.executable, "-m", "moe.train", *argv[3:], "--cfg", "job"], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr

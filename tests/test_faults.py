@@ -141,6 +141,7 @@ def guarded(world: dict[str, Path], *extra: Path) -> dict[str, str]:
     ("trainer.weight_decay=-1", "trainer.weight_decay"),
     ("trainer.beta1=1.5", "trainer.beta1"),
     ("trainer.activation_checkpointing=everything", "trainer.activation_checkpointing"),
+    ("model.attention_backend=flex", "model.attention_backend"),  # no CPU backward in torch's FlexAttention
     ("cluster.num_cpus=0", "cluster.num_cpus"),
     ("cluster.dashboard_port=99999", "cluster.dashboard_port"),
     ("data.validation_fraction=0", "data.validation_fraction"),

@@ -325,3 +325,50 @@ def test_compiled_blocks_train_like_eager_without_recompiling() -> None:
             assert torch.allclose(compiled(ids).logits, eager(ids).logits, atol=1e-5)
     assert counters["stats"]["unique_graphs"] <= graphs[0] + 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+FLEX_CONFIG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
+                   experts=dict(num_experts=4, hidden_size=16))
+
+
+@pytest.mark.parametrize("window,use_docs", [(None, True), (6, False), (10, True)])
+def test_flex_attention_matches_the_explicit_mask(window, use_docs, monkeypatch) -> None:
+    """FlexAttention block masks (compiled) give the explicit-mask model's logits, without an S x S mask."""
+    import moe.model as model_module
+
+    torch.manual_seed(0)
+    reference = MoETransformer(ModelConfig(**FLEX_CONFIG, sliding_window=window)).eval()
+    flex = MoETransformer(ModelConfig(**FLEX_CONFIG, sliding_window=window, attention_backend="flex")).eval()
+    flex.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 64, (3, 40))
+    docs = torch.tensor([[0] * 7 + [1] * 20 + [2] * 13, [0] * 40, [0] * 33 + [1] * 7]) if use_docs else None
+    with torch.no_grad():
+        expected = reference(ids, doc_ids=docs).logits
+
+        def no_dense_mask(*args, **kwargs):
+            raise AssertionError("the FlexAttention path built an explicit S x S mask")
+
+        monkeypatch.setattr(model_module, "attention_mask", no_dense_mask)
+        got = flex(ids, doc_ids=docs).logits
+    assert torch.allclose(got, expected, atol=2e-5), (got - expected).abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="torch 2.13's FlexAttention has no CPU backward (NotImplementedError); runs on a GPU")
+def test_flex_attention_gradients_match_the_explicit_mask() -> None:
+    torch.manual_seed(0)
+    reference = MoETransformer(ModelConfig(**FLEX_CONFIG, sliding_window=10)).cuda()
+    flex = MoETransformer(ModelConfig(**FLEX_CONFIG, sliding_window=10, attention_backend="flex")).cuda()
+    flex.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 64, (3, 40), device="cuda")
+    docs = torch.tensor([[0] * 7 + [1] * 20 + [2] * 13, [0] * 40, [0] * 33 + [1] * 7], device="cuda")
+    for model in (reference, flex):
+        out = model(ids, doc_ids=docs, targets=ids)
+        (out.loss + out.aux_loss).backward()
+    for (name, a), (_, b) in zip(reference.named_parameters(), flex.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_flex_backend_is_checked() -> None:
+    with pytest.raises(ValueError, match="attention_backend"):
+        ModelConfig(**FLEX_CONFIG, attention_backend="flash")
