@@ -7,6 +7,7 @@ application in `serving.app`. Ray, Serve and FastAPI are imported here, not by
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import hydra
@@ -21,6 +22,9 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from serving.app import serve_forever
 
+    # Ctrl-C stops the service even when the launching shell ignored SIGINT for us (a script's background job
+    # inherits SIG_IGN, and Python then leaves it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         serve_forever(cfg)
     except ValueError as err:

@@ -31,6 +31,9 @@ def main(cfg: DictConfig) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C must arrive as KeyboardInterrupt even when the launching shell ignored SIGINT for us (a script's
+    # background job inherits SIG_IGN, and Python then leaves it ignored): a run is always interruptible.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         train(cfg)
     except (ValueError, TrainingStopped) as err:

@@ -49,9 +49,11 @@ def tree_hashes(*roots: Path) -> dict[str, str]:
 class Run:
     """One `python -m moe.train` process; records its descendants while it runs."""
 
-    def __init__(self, args: list[str], cwd: Path) -> None:
+    def __init__(self, args: list[str], cwd: Path, *, ignore_sigint: bool = False) -> None:
+        # ignore_sigint: start as a script's background job does (SIGINT inherited as ignored)
+        preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
         self.proc = subprocess.Popen([sys.executable, "-m", "moe.train", *args], cwd=cwd, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=preexec,
                                      env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"})
         self.descendants: dict[int, float] = {}
 
@@ -243,8 +245,9 @@ def test_driver_sigkill_leaves_nothing_and_resumes(world) -> None:
 
 # 6. Ctrl-C: a clean stop that says where the run is and how to resume it.
 def test_ctrl_c_names_step_checkpoint_and_command(world) -> None:
+    # Started with SIGINT ignored, as a background job of a script (CI) inherits it: Ctrl-C must still work.
     run = Run(base_args(world, "interrupted", "trainer.max_steps=2000", "trainer.checkpoint_every=5"),
-              world["root"])
+              world["root"], ignore_sigint=True)
     ckpts = world["runs"] / "interrupted" / "checkpoints"
     run.wait_for(lambda: (ckpts / "step_00000005").is_dir(), timeout_s=180)
     os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group

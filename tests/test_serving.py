@@ -299,11 +299,15 @@ def test_serve_config_file_deploys_the_cascade(server, tiers, local) -> None:
 
 
 def test_cli_serves_until_interrupted(tiers, server) -> None:
-    """`python -m moe.serve small=A large=B port=P`: prints the URL, answers, stops on Ctrl-C."""
+    """`python -m moe.serve small=A large=B port=P`: prints the URL, answers, stops on Ctrl-C.
+
+    Started with SIGINT ignored (`trap "" INT; exec ...`), as a background job of a script (CI) inherits it:
+    Ctrl-C must still stop the service."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moe.serve", f"small={tiers['small']}", f"large={tiers['large']}",
-                             f"routing.router={tiers['router']}", f"port={port}", f"dashboard_port={free_port()}",
-                             "tiers.small.num_cpus=0.5", "tiers.large.num_cpus=0.5"],
+    command = [sys.executable, "-m", "moe.serve", f"small={tiers['small']}", f"large={tiers['large']}",
+               f"routing.router={tiers['router']}", f"port={port}", f"dashboard_port={free_port()}",
+               "tiers.small.num_cpus=0.5", "tiers.large.num_cpus=0.5"]
+    proc = subprocess.Popen(["bash", "-c", 'trap "" INT; exec "$@"', "moe.serve", *command],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
