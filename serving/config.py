@@ -119,44 +119,45 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_serve", node=ServeConfig)
 
 
-def _fail(key: str, message: str) -> None:
+def fail(key: str, message: str) -> None:
+    """Raises the ValueError of an invalid serve config value, naming its key."""
     raise ValueError(f"invalid configuration: {key}: {message}")
 
 
 def validate_serve_config(cfg: DictConfig) -> None:
     """Checks values the schema's types cannot; ValueError naming the key."""
     if not 1 <= cfg.port <= 65535:
-        _fail("port", f"must be a TCP port in 1..65535, got {cfg.port}")
+        fail("port", f"must be a TCP port in 1..65535, got {cfg.port}")
     if not 1 <= cfg.dashboard_port <= 65535:
-        _fail("dashboard_port", f"must be a TCP port in 1..65535, got {cfg.dashboard_port}")
+        fail("dashboard_port", f"must be a TCP port in 1..65535, got {cfg.dashboard_port}")
     for name in ("small", "large"):
         tier = cfg.tiers[name]
         key = f"tiers.{name}"
         if tier.num_replicas < 1:
-            _fail(f"{key}.num_replicas", f"must be >= 1, got {tier.num_replicas}")
+            fail(f"{key}.num_replicas", f"must be >= 1, got {tier.num_replicas}")
         if tier.num_cpus <= 0 or tier.num_gpus < 0:
-            _fail(f"{key}.num_cpus", f"must be > 0 (and num_gpus >= 0), got {tier.num_cpus}, {tier.num_gpus}")
+            fail(f"{key}.num_cpus", f"must be > 0 (and num_gpus >= 0), got {tier.num_cpus}, {tier.num_gpus}")
         if tier.max_batch_size < 1 or tier.batch_wait_timeout_s < 0:
-            _fail(f"{key}.max_batch_size", "must be >= 1 (and batch_wait_timeout_s >= 0)")
+            fail(f"{key}.max_batch_size", "must be >= 1 (and batch_wait_timeout_s >= 0)")
         if tier.dtype not in ("float32", "bfloat16"):
-            _fail(f"{key}.dtype", f"must be float32 or bfloat16, got {tier.dtype!r}")
+            fail(f"{key}.dtype", f"must be float32 or bfloat16, got {tier.dtype!r}")
         if tier.fault not in (None, "error", "hang"):
-            _fail(f"{key}.fault", f"must be null, error or hang, got {tier.fault!r}")
+            fail(f"{key}.fault", f"must be null, error or hang, got {tier.fault!r}")
         scaling = tier.autoscaling
         if scaling.enabled and not 1 <= scaling.min_replicas <= scaling.max_replicas:
-            _fail(f"{key}.autoscaling", f"needs 1 <= min_replicas <= max_replicas, got {scaling.min_replicas}, "
+            fail(f"{key}.autoscaling", f"needs 1 <= min_replicas <= max_replicas, got {scaling.min_replicas}, "
                                         f"{scaling.max_replicas}")
     if cfg.ingress.max_ongoing_requests < 1:
-        _fail("ingress.max_ongoing_requests", f"must be >= 1, got {cfg.ingress.max_ongoing_requests}")
+        fail("ingress.max_ongoing_requests", f"must be >= 1, got {cfg.ingress.max_ongoing_requests}")
     r = cfg.routing
     if r.target_large_fraction is not None and not 0.0 <= r.target_large_fraction <= 1.0:
-        _fail("routing.target_large_fraction", f"must lie in [0, 1], got {r.target_large_fraction}")
+        fail("routing.target_large_fraction", f"must lie in [0, 1], got {r.target_large_fraction}")
     if r.threshold is not None and not 0.0 <= r.threshold <= 1.0:
-        _fail("routing.threshold", f"must lie in [0, 1] (a probability), got {r.threshold}")
+        fail("routing.threshold", f"must lie in [0, 1] (a probability), got {r.threshold}")
     if r.cost_budget is not None and not 0.0 <= r.cost_budget <= 1.0:
-        _fail("routing.cost_budget", f"must lie in [0, 1] (a share of the all-large cost), got {r.cost_budget}")
+        fail("routing.cost_budget", f"must lie in [0, 1] (a share of the all-large cost), got {r.cost_budget}")
     if r.posthoc_confidence is not None and not 0.0 <= r.posthoc_confidence <= 1.0:
-        _fail("routing.posthoc_confidence", f"must lie in [0, 1], got {r.posthoc_confidence}")
+        fail("routing.posthoc_confidence", f"must lie in [0, 1], got {r.posthoc_confidence}")
     for key in ("large_timeout_s", "max_tokens_limit", "max_prompt_chars", "max_body_bytes"):
         if r[key] <= 0:
-            _fail(f"routing.{key}", f"must be positive, got {r[key]}")
+            fail(f"routing.{key}", f"must be positive, got {r[key]}")

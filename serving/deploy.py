@@ -26,7 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from serving.config import register_configs
+from serving.config import fail, register_configs
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -38,10 +38,6 @@ SET_BY_SERVE_CONFIG = {
     "dashboard_port": "the cluster (`ray start --dashboard-port`)",
     "app_name": "the application's `name` in the Serve config",
 }
-
-
-def _fail(key: str, message: str) -> None:
-    raise ValueError(f"invalid configuration: {key}: {message}")
 
 
 def _leaves(args: Mapping[Any, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -80,7 +76,7 @@ def compose_serve_config(args: Mapping[str, Any]) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
     if not isinstance(args, Mapping):
-        _fail("args", f"must be a mapping of moe.serve keys to values (e.g. small: CKPT), got {type(args).__name__}")
+        fail("args", f"must be a mapping of moe.serve keys to values (e.g. small: CKPT), got {type(args).__name__}")
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="serve")
@@ -89,9 +85,9 @@ def compose_serve_config(args: Mapping[str, Any]) -> DictConfig:
     for key, value in _leaves(args):
         top = key.split(".")[0]
         if top in SET_BY_SERVE_CONFIG:
-            _fail(key, f"not an application argument under Ray Serve; set by {SET_BY_SERVE_CONFIG[top]}")
+            fail(key, f"not an application argument under Ray Serve; set by {SET_BY_SERVE_CONFIG[top]}")
         if key in seen:
-            _fail(key, "given twice (once dotted, once nested)")
+            fail(key, "given twice (once dotted, once nested)")
         seen.add(key)
         try:
             OmegaConf.update(cfg, key, value, merge=True)
@@ -103,10 +99,10 @@ def compose_serve_config(args: Mapping[str, Any]) -> DictConfig:
                 reason = f"{parent} is a single value, it has no keys"
             elif key not in known and close:
                 reason += f"; did you mean {close[0]}?"
-            _fail(key, reason)
+            fail(key, reason)
     missing = [key for key in known if key in OmegaConf.missing_keys(cfg)]
     if missing:
-        _fail("/".join(missing), "required: a checkpoint directory written by moe.train (runs/NAME/checkpoints/step_N)")
+        fail("/".join(missing), "required: a checkpoint directory written by moe.train (runs/NAME/checkpoints/step_N)")
     return cfg
 
 
