@@ -1,96 +1,338 @@
 """Training comparisons on the CPU, each against its baseline in the same run.
 
-    python benchmarks/train_compare.py throughput     # mixtral_tiny tokens/s: 1 worker vs 2 workers (ep=1, ep=2)
-    python benchmarks/train_compare.py moe_vs_dense   # mixtral_tiny vs dense_tiny (equal active FLOPs): val loss
-    python benchmarks/train_compare.py curriculum     # mixtral_tiny fixed_root vs none: val loss
-    python benchmarks/train_compare.py quality        # moe_vs_dense + curriculum, sharing the MoE baseline run
-    python benchmarks/train_compare.py all
+    python benchmarks/train_compare.py throughput                 # mixtral_tiny tokens/s: 1 vs 2 workers (ep=1, 2)
+    python benchmarks/train_compare.py quality --seeds 3 --steps 300 600
+                                              # mixtral_tiny vs dense_tiny (equal active FLOPs) and
+                                              # fixed_root length curriculum vs none: validation loss
+    python benchmarks/train_compare.py sweep --lrs 1.5e-3 3e-3 6e-3 --steps 300
+                                              # the learning rate of both models
 
-Every run is a real `python -m moe.train` job (through `cluster.launch.train`)
-on the embedded default corpus, on one local Ray. Prints a table and a JSON
-line. Options: --steps N (quality suites, default 300), --throughput-steps N
-(default 30), --run-root DIR (default runs/bench).
+Every quality or sweep run is a real `python -m moe.train` process on the
+embedded default corpus, prepared once into RUN_ROOT/data with
+--validation-fraction of the documents held out (default 0.05: 88 documents,
+about 330k tokens; the evaluation reads --eval-batches global batches of it).
+Seed s sets both the initial weights and the data order (trainer.seed,
+data.seed), so the MoE and the dense run of a seed see the same batches.
+Runs already finished under RUN_ROOT are reused and unfinished ones resume
+from their last checkpoint, so a long suite can be stopped and started again.
+
+Prints a table (mean ± sample standard deviation over seeds), the
+comparisons, one JSON line, and writes RUN_ROOT/<suite>_curves.png (validation
+loss against step, mean and ±1 std band). `--dry-run` prints the runs only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
+import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import ray
-from hydra import compose, initialize_config_dir
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cluster.config import register_configs  # noqa: E402
-from cluster.launch import train  # noqa: E402
-
 QUIET = ["logger.wandb.mode=disabled", "logger.progress_bar=false", "logger.ray_metrics=false"]
-
-
-def run(name: str, run_root: Path, overrides: list[str], experiment: str = "mixtral_tiny") -> dict:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"+experiment={experiment}", f"name={name}",
-                                                       f"trainer.run_root={run_root}", *QUIET, *overrides])
-    summary = train(cfg)
-    return {"name": name, "experiment": experiment, "overrides": overrides, **{
-        k: summary.get(k) for k in ("final_step", "final_train_loss", "val_loss", "val_ppl", "tokens_per_s")}}
-
-
-def throughput(run_root: Path, steps: int) -> list[dict]:
-    base = [f"trainer.max_steps={steps}", f"trainer.checkpoint_every={steps}", "trainer.eval_batches=1"]
-    return [
-        run("tput_1worker", run_root, base),
-        run("tput_2workers_ep1", run_root, base + ["cluster.num_workers=2", "cluster.cpus_per_worker=1"]),
-        run("tput_2workers_ep2", run_root, base + ["cluster.num_workers=2", "cluster.cpus_per_worker=1",
-                                                  "parallel.ep=2"]),
-    ]
-
-
-def moe_vs_dense(run_root: Path, steps: int) -> list[dict]:
-    base = [f"trainer.max_steps={steps}", "trainer.eval_batches=16"]
-    return [run("moe", run_root, base), run("dense", run_root, base, experiment="dense_tiny")]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["throughput", "moe_vs_dense", "curriculum", "quality", "all"])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--throughput-steps", type=int, default=30)
-    parser.add_argument("--run-root", default=str(ROOT / "runs" / "bench"))
-    args = parser.parse_args()
-    run_root = Path(args.run_root).resolve()
-    if run_root.exists() and any(run_root.iterdir()):
-        sys.exit(f"{run_root} is not empty: remove it or pass --run-root")
-    register_configs()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    rows: list[dict] = []
-    cache: dict[str, dict] = {}
-    if args.suite in ("throughput", "all"):
-        rows += throughput(run_root, args.throughput_steps)
-    if args.suite in ("moe_vs_dense", "quality", "all"):
-        rows += moe_vs_dense(run_root, args.steps)
-        cache["moe"] = rows[-2]
-    if args.suite in ("curriculum", "quality", "all"):
-        if "moe" not in cache:  # otherwise the moe_vs_dense run is the baseline of both comparisons
-            rows.append(run("moe", run_root, [f"trainer.max_steps={args.steps}", "trainer.eval_batches=16"]))
-        rows.append(run("moe_fixed_root", run_root, curriculum_overrides(args.steps)))
-    ray.shutdown()
-
-    print(f"{'run':<22}{'steps':>6}{'train loss':>12}{'val loss':>10}{'val ppl':>10}{'tokens/s':>11}")
-    for r in rows:
-        print(f"{r['name']:<22}{r['final_step']:>6}{r['final_train_loss']:>12.4f}{r['val_loss']:>10.4f}"
-              f"{r['val_ppl']:>10.2f}{r['tokens_per_s']:>11.0f}")
-    print(json.dumps({"benchmark": "train_compare", "suite": args.suite, "rows": rows}))
+VARIANTS = {  # name: (experiment, overrides)
+    "moe": ("mixtral_tiny", []),
+    "dense": ("dense_tiny", []),
+}
+CURRICULUM = ("moe_fixed_root", "mixtral_tiny")
 
 
 def curriculum_overrides(steps: int) -> list[str]:
-    return [f"trainer.max_steps={steps}", "trainer.eval_batches=16", "data.curriculum.schedule=fixed_root",
-            "data.curriculum.metric=length", f"data.curriculum.total_curriculum_step={int(steps * 0.6)}",
-            "data.curriculum.min_difficulty=10", "data.curriculum.root_degree=2"]
+    """The curriculum of the old single-seed claim: length percentiles paced by a square root over 60% of
+    the steps, from the shortest 10%."""
+    return ["data.curriculum.schedule=fixed_root", "data.curriculum.metric=length",
+            f"data.curriculum.total_curriculum_step={int(steps * 0.6)}", "data.curriculum.min_difficulty=10",
+            "data.curriculum.root_degree=2"]
+
+
+@dataclass
+class RunSpec:
+    """One `python -m moe.train` process of a suite."""
+
+    variant: str
+    experiment: str
+    steps: int
+    seed: int
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}_s{self.steps}_seed{self.seed}"
+
+
+def quality_specs(steps_list: list[int], seeds: int, curriculum: bool) -> list[RunSpec]:
+    specs = []
+    for steps in steps_list:
+        for seed in range(seeds):  # seed-major: a partial suite still holds complete pairs
+            specs += [RunSpec(v, exp, steps, seed, list(ov)) for v, (exp, ov) in VARIANTS.items()]
+            if curriculum:
+                specs.append(RunSpec(CURRICULUM[0], CURRICULUM[1], steps, seed, curriculum_overrides(steps)))
+    return specs
+
+
+def sweep_specs(steps_list: list[int], seeds: int, lrs: list[float]) -> list[RunSpec]:
+    return [RunSpec(f"{v}_lr{lr:g}", exp, steps, seed, [*ov, f"trainer.lr={lr}"])
+            for steps in steps_list for seed in range(seeds) for lr in lrs for v, (exp, ov) in VARIANTS.items()]
+
+
+def command(spec: RunSpec, args: argparse.Namespace) -> list[str]:
+    run_root = Path(args.run_root).resolve()
+    return [sys.executable, "-m", "moe.train", f"+experiment={spec.experiment}", f"name={spec.name}",
+            f"trainer.run_root={run_root}", f"trainer.max_steps={spec.steps}", f"trainer.seed={spec.seed}",
+            f"data.seed={spec.seed}", f"trainer.eval_every={max(1, spec.steps // args.eval_points)}",
+            f"trainer.eval_batches={args.eval_batches}", f"trainer.checkpoint_every={max(1, spec.steps // 4)}",
+            f"data.output={run_root / 'data'}", f"data.validation_fraction={args.validation_fraction}",
+            "trainer.resume=auto", *QUIET, *spec.overrides, *args.override]
+
+
+def execute(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
+    """Runs (or reuses) one training process and returns its result row."""
+    run_root = Path(args.run_root).resolve()
+    run_dir, command_file = run_root / spec.name, run_root / f"{spec.name}.command.json"
+    argv = command(spec, args)
+    if command_file.exists() and json.loads(command_file.read_text()) != argv[1:]:
+        raise SystemExit(f"[train_compare] {run_dir} was trained with other settings (see {command_file}): "
+                         f"pass another --run-root")
+    command_file.write_text(json.dumps(argv[1:]))
+    if not (run_dir / "summary.json").exists():
+        log = run_root / f"{spec.name}.log"
+        print(f"[train_compare] {spec.name}: training (log: {log})", flush=True)
+        with open(log, "w") as out:
+            code = subprocess.run(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            raise SystemExit(f"[train_compare] {spec.name} failed (exit {code}); see {log}")
+    else:
+        print(f"[train_compare] {spec.name}: reusing the finished run", flush=True)
+    return result_row(spec, run_dir)
+
+
+def result_row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    curve = {}
+    for record in evals:  # a resumed run may have logged a step twice: the last one wins
+        curve[record["step"]] = record["val_loss"]
+    batch_losses = evals[-1].get("val_batch_losses") if evals else None
+    return {"name": spec.name, "variant": spec.variant, "experiment": spec.experiment, "steps": spec.steps,
+            "seed": spec.seed, "overrides": spec.overrides, "val_loss": summary["val_loss"],
+            "val_loss_stderr": summary.get("val_loss_stderr"), "final_train_loss": summary.get("final_train_loss"),
+            "tokens_per_s": summary.get("tokens_per_s"), "curve": sorted(curve.items()),
+            "val_batch_losses": batch_losses}
+
+
+def paired_stderr(a: Optional[list[float]], b: Optional[list[float]]) -> float:
+    """Standard error of a - b from the validation sample alone: both runs scored the same batches, so the
+    spread of the per-batch differences over sqrt(batches) (nan without per-batch losses)."""
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return float("nan")
+    return statistics.stdev(x - y for x, y in zip(a, b)) / math.sqrt(len(a))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, float]]:
+    """(step, mean, std) at the evaluation steps all curves share."""
+    shared = sorted(set.intersection(*(set(s for s, _ in c) for c in curves))) if curves else []
+    by_step = [dict(c) for c in curves]
+    return [(s, *mean_std([c[s] for c in by_step])) for s in shared]
+
+
+def first_step_reaching(curve: list[tuple[int, float]], target: float) -> Optional[float]:
+    """The first step at which the curve is at or below target, linearly interpolated between evaluations
+    (from step 0 at +inf loss: a curve already below target at its first point reaches it there)."""
+    previous: Optional[tuple[int, float]] = None
+    for step, loss in curve:
+        if loss <= target:
+            if previous is None or previous[1] == loss:
+                return float(step)
+            (s0, l0) = previous
+            return s0 + (step - s0) * (l0 - target) / (l0 - loss)
+        previous = (step, loss)
+    return None
+
+
+def compare(rows: list[dict[str, Any]], variant: str, baseline: str) -> list[dict[str, Any]]:
+    """variant vs baseline at each length: means, seed standard deviations, the paired per-seed gap, the
+    margin in standard deviations, and when the variant's mean curve reaches the baseline's final loss."""
+    out = []
+    for steps in sorted({r["steps"] for r in rows}):
+        a = {r["seed"]: r for r in rows if r["variant"] == variant and r["steps"] == steps}
+        b = {r["seed"]: r for r in rows if r["variant"] == baseline and r["steps"] == steps}
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue
+        mean_a, std_a = mean_std([a[s]["val_loss"] for s in seeds])
+        mean_b, std_b = mean_std([b[s]["val_loss"] for s in seeds])
+        gap, gap_std = mean_std([a[s]["val_loss"] - b[s]["val_loss"] for s in seeds])
+        val_noise = statistics.fmean(paired_stderr(a[s]["val_batch_losses"], b[s]["val_batch_losses"])
+                                     for s in seeds)
+        seed_std = max(std_a, std_b)
+        reach = first_step_reaching([(s, m) for s, m, _ in mean_curve([a[s]["curve"] for s in seeds])], mean_b)
+        out.append({"variant": variant, "baseline": baseline, "steps": steps, "seeds": len(seeds),
+                    "mean": mean_a, "std": std_a, "baseline_mean": mean_b, "baseline_std": std_b,
+                    "gap": gap, "paired_gap_std": gap_std, "gap_validation_stderr": val_noise,
+                    "gap_in_seed_stds": (-gap / seed_std) if seed_std > 0 else float("nan"),
+                    "wins_by_2_std": bool(seed_std > 0 and -gap > 2 * seed_std),
+                    "reaches_baseline_final_at_step": reach,
+                    "reaches_baseline_final_fraction": None if reach is None else reach / steps})
+    return out
+
+
+def print_tables(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> None:
+    print(f"\n{'variant':<18}{'steps':>6}{'seeds':>6}{'val loss (mean ± std)':>24}{'val stderr':>11}"
+          f"{'tokens/s':>10}  per seed")
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        for steps in sorted({r["steps"] for r in rows if r["variant"] == variant}):
+            group = [r for r in rows if r["variant"] == variant and r["steps"] == steps]
+            mean, std = mean_std([r["val_loss"] for r in group])
+            stderr = statistics.fmean(r["val_loss_stderr"] or float("nan") for r in group)
+            tps = statistics.median(r["tokens_per_s"] or float("nan") for r in group)
+            per_seed = " ".join(f"{r['val_loss']:.4f}" for r in sorted(group, key=lambda r: r["seed"]))
+            print(f"{variant:<18}{steps:>6}{len(group):>6}{mean:>15.4f} ± {std:<6.4f}{stderr:>11.4f}"
+                  f"{tps:>10.0f}  {per_seed}")
+    if comparisons:
+        print(f"\n{'comparison':<26}{'steps':>6}{'gap (paired)':>22}{'val SE':>8}{'margin':>9}{'> 2 std':>9}"
+              f"{'reaches baseline final at':>28}")
+        for c in comparisons:
+            reach = ("not reached" if c["reaches_baseline_final_at_step"] is None else
+                     f"step {c['reaches_baseline_final_at_step']:.0f} ({c['reaches_baseline_final_fraction']:.0%})")
+            print(f"{c['variant'] + ' vs ' + c['baseline']:<26}{c['steps']:>6}"
+                  f"{c['gap']:>+13.4f} ± {c['paired_gap_std']:<6.4f}{c['gap_validation_stderr']:>8.4f}"
+                  f"{c['gap_in_seed_stds']:>9.2f}"
+                  f"{'yes' if c['wins_by_2_std'] else 'no':>9}{reach:>28}")
+        print("gap: variant minus baseline validation loss, mean ± std over seeds of the per-seed difference; "
+              "val SE: standard error of a seed's gap from the validation sample alone (per-batch differences); "
+              "margin: -(gap of the means) / max(seed std of either); reach: the variant's mean curve at the "
+              "baseline's final mean loss")
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["steps"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.2), squeeze=False)
+    for ax, steps in zip(axes[0], lengths):
+        for variant in dict.fromkeys(r["variant"] for r in rows if r["steps"] == steps):
+            group = [r for r in rows if r["variant"] == variant and r["steps"] == steps]
+            points = mean_curve([r["curve"] for r in group])
+            xs = [p[0] for p in points]
+            means = [p[1] for p in points]
+            stds = [0.0 if math.isnan(p[2]) else p[2] for p in points]
+            line, = ax.plot(xs, means, "o-", markersize=3, label=f"{variant} ({len(group)} seeds)")
+            ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            color=line.get_color(), alpha=0.2)
+        finals = [r["val_loss"] for r in rows if r["steps"] == steps]
+        ax.set_ylim(min(finals) - 0.15, min(finals) + 1.2)
+        ax.set_title(f"{steps} steps (cosine schedule to step {steps})")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def throughput(args: argparse.Namespace) -> None:
+    """mixtral_tiny tokens/s with 1 worker and 2 workers (ep=1, ep=2), in one local Ray."""
+    import ray
+    from hydra import compose, initialize_config_dir
+
+    sys.path.insert(0, str(ROOT))
+    from cluster.config import register_configs
+    from cluster.launch import train
+
+    register_configs()
+    run_root = Path(args.run_root).resolve()
+    base = [f"trainer.max_steps={args.throughput_steps}", f"trainer.checkpoint_every={args.throughput_steps}",
+            "trainer.eval_batches=1", "trainer.diagnostics_every=0", *QUIET]
+    two = ["cluster.num_workers=2", "cluster.cpus_per_worker=1"]
+    rows = []
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for name, overrides in (("tput_1worker", []), ("tput_2workers_ep1", two),
+                            ("tput_2workers_ep2", [*two, "parallel.ep=2"])):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["+experiment=mixtral_tiny", f"name={name}",
+                                                           f"trainer.run_root={run_root}", *base, *overrides])
+        summary = train(cfg)
+        rows.append({"name": name, "tokens_per_s": summary["tokens_per_s"], "final_step": summary["final_step"]})
+    ray.shutdown()
+    print(f"{'run':<22}{'steps':>6}{'tokens/s':>11}")
+    for r in rows:
+        print(f"{r['name']:<22}{r['final_step']:>6}{r['tokens_per_s']:>11.0f}")
+    print(json.dumps({"benchmark": "train_compare", "suite": "throughput", "rows": rows}))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("suite", choices=["throughput", "quality", "sweep"])
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every run (quality, sweep)")
+    p.add_argument("--steps", type=int, nargs="+", default=[300, 600], help="training lengths (quality, sweep)")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1.5e-3, 3e-3, 6e-3], help="sweep learning rates")
+    p.add_argument("--no-curriculum", action="store_true", help="quality: skip the curriculum runs")
+    p.add_argument("--validation-fraction", type=float, default=0.05)
+    p.add_argument("--eval-batches", type=int, default=40, help="global batches of 16 x 256 tokens per evaluation")
+    p.add_argument("--eval-points", type=int, default=10, help="evaluations along each run (the curves)")
+    p.add_argument("--throughput-steps", type=int, default=30)
+    p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
+    p.add_argument("--run-root", default=str(ROOT / "runs" / "bench"))
+    p.add_argument("--dry-run", action="store_true", help="print the runs and their commands, train nothing")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
+    if any(s < 1 for s in args.steps):
+        raise SystemExit(f"--steps must be positive, got {args.steps}")
+    if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
+        raise SystemExit(f"--lrs must be positive, got {args.lrs}")
+    if not 0 < args.validation_fraction < 1:
+        raise SystemExit(f"--validation-fraction must lie in (0, 1), got {args.validation_fraction}")
+    if args.eval_batches < 1 or args.eval_points < 1:
+        raise SystemExit("--eval-batches and --eval-points must be positive")
+
+
+def main() -> None:
+    args = parser().parse_args()
+    check_args(args)
+    if args.suite == "throughput":
+        run_root = Path(args.run_root).resolve()
+        if run_root.exists() and any(run_root.iterdir()):
+            raise SystemExit(f"{run_root} is not empty: remove it or pass --run-root")
+        return throughput(args)
+    specs = (quality_specs(args.steps, args.seeds, not args.no_curriculum) if args.suite == "quality"
+             else sweep_specs(args.steps, args.seeds, args.lrs))
+    if args.dry_run:
+        for spec in specs:
+            print(" ".join(command(spec, args)))
+        return
+    Path(args.run_root).mkdir(parents=True, exist_ok=True)
+    rows = [execute(spec, args) for spec in specs]
+    if args.suite == "quality":
+        comparisons = compare(rows, "moe", "dense")
+        if not args.no_curriculum:
+            comparisons += compare(rows, CURRICULUM[0], "moe")
+    else:
+        comparisons = [c for lr in args.lrs for c in compare(rows, f"moe_lr{lr:g}", f"dense_lr{lr:g}")]
+    print_tables(rows, comparisons)
+    png = plot_curves(rows, Path(args.run_root).resolve() / f"{args.suite}_curves.png")
+    print(f"validation curves: {png}")
+    print(json.dumps({"benchmark": "train_compare", "suite": args.suite, "seeds": args.seeds, "steps": args.steps,
+                      "validation_fraction": args.validation_fraction, "eval_batches": args.eval_batches,
+                      "comparisons": comparisons, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ class TrainerConfig:
         dtype: "float32", or "bfloat16" autocast (CUDA).
         checkpoint_every / keep_last: checkpoint period and how many to keep.
         eval_every / eval_batches: validation period and size (0 = at the end only).
+        diagnostics_every: period of the MoE diagnostics records (expert
+            weight norms, routing fluctuation; see cluster/diagnostics.py); 0 = off.
         max_bad_steps: consecutive NaN/inf steps before the run stops.
         zero_stage: ZeRO stage for engine=deepspeed (1 or 2).
         activation_checkpointing: "none", "full" (every block recomputes its
@@ -72,6 +74,7 @@ class TrainerConfig:
     keep_last: int = 3
     eval_every: int = 0
     eval_batches: int = 8
+    diagnostics_every: int = 50
     max_bad_steps: int = 5
     zero_stage: int = 1
     activation_checkpointing: str = "none"
@@ -188,8 +191,9 @@ def validate_train_config(cfg: DictConfig) -> None:
             _fail(f"trainer.{key}", f"must lie in [0, 1), got {t[key]}")
     if t.debug.kill_rank_at_step is not None and not 0 <= t.debug.kill_rank < c.num_workers:
         _fail("trainer.debug.kill_rank", f"must name one of the {c.num_workers} workers, got {t.debug.kill_rank}")
-    if t.warmup_steps < 0 or t.eval_every < 0:
-        _fail("trainer.warmup_steps" if t.warmup_steps < 0 else "trainer.eval_every", "must be non-negative")
+    for key in ("warmup_steps", "eval_every", "diagnostics_every"):
+        if not isinstance(t[key], int) or t[key] < 0:
+            _fail(f"trainer.{key}", f"must be a non-negative integer, got {t[key]!r}")
     if t.zero_stage not in (1, 2):
         _fail("trainer.zero_stage", f"must be 1 or 2, got {t.zero_stage}")
     if t.activation_checkpointing not in ACTIVATION_CHECKPOINTING:

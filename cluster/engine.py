@@ -20,7 +20,8 @@ import torch.distributed as dist
 from moe import update_expert_bias
 from moe.router import discard_expert_counts
 
-from cluster.expert_parallel import expert_bias_all_reduce, is_expert_param, reduce_gradients
+from cluster.diagnostics import GROUPS, grad_square_sums
+from cluster.expert_parallel import expert_bias_all_reduce, reduce_gradients
 from cluster.optim import build_adamw, load_optimizer_tensors, optimizer_tensors
 from cluster.parallel_dims import ParallelDims
 
@@ -36,6 +37,8 @@ class TrainEngine(Protocol):
 
         The update (and the aux-loss-free bias update) is skipped when the loss
         or the global gradient norm is not finite. Returns (grad_norm, stepped).
+        Engines that can also set `last_grad_norms`, the norm of each
+        parameter group (`cluster.diagnostics.GROUPS`) before clipping.
         """
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
@@ -45,27 +48,12 @@ class TrainEngine(Protocol):
         """Restores what `optimizer_state` returned."""
 
 
-def global_grad_norm(model: torch.nn.Module, dims: ParallelDims) -> torch.Tensor:
-    """The gradient norm of the full model, expert shards included.
-
-    After the gradient reduction, non-expert gradients are identical on all
-    ranks and each expert shard is identical across its replicas, so the full
-    norm is the local non-expert part plus the expert parts summed over the
-    expert-parallel group.
-    """
-    params = [p for p in model.parameters() if p.grad is not None]
-    device = params[0].grad.device
-    expert_sq = torch.zeros((), device=device, dtype=torch.float32)
-    other_sq = torch.zeros((), device=device, dtype=torch.float32)
-    for p in params:
-        sq = p.grad.detach().float().square().sum()
-        if is_expert_param(p):
-            expert_sq += sq
-        else:
-            other_sq += sq
-    if dims.ep > 1:
-        dist.all_reduce(expert_sq, group=dims.ep_group)
-    return (expert_sq + other_sq).sqrt()
+def global_grad_norm(model: torch.nn.Module, dims: ParallelDims) -> tuple[torch.Tensor, dict[str, float]]:
+    """The gradient norm of the full model (expert shards included), and the norm of each parameter group
+    (`cluster.diagnostics.GROUPS`), from one pass over the gradients."""
+    square_sums_G = grad_square_sums(model, dims)
+    group_norms = square_sums_G.sqrt().tolist()  # with float(total) below: the step's two host syncs
+    return square_sums_G.sum().sqrt(), dict(zip(GROUPS, group_norms))
 
 
 class NativeEngine:
@@ -79,13 +67,14 @@ class NativeEngine:
         self._reduce_gradients = reduce_gradients
         self._names = {p: n for n, p in model.named_parameters()}
         self._bias_all_reduce = expert_bias_all_reduce(dims)
+        self.last_grad_norms: dict[str, float] = {}  # per parameter group, of the last step (before clipping)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def step(self, lr: float, loss_is_finite: bool) -> tuple[float, bool]:
         self._reduce_gradients(self.model, self.dims)
-        norm = global_grad_norm(self.model, self.dims)
+        norm, self.last_grad_norms = global_grad_norm(self.model, self.dims)
         stepped = loss_is_finite and bool(torch.isfinite(norm))
         if stepped:
             if self.grad_clip > 0:

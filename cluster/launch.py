@@ -237,12 +237,13 @@ class TrainingStopped(RuntimeError):
 
 
 def summarise(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
-    """Final figures, summary.json and the two plots."""
-    from cluster.plots import plot_expert_load, plot_loss, plot_routing_over_time
+    """Final figures, summary.json and the plots."""
+    from cluster.plots import plot_diagnostics, plot_expert_load, plot_loss, plot_routing_over_time
 
     records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
+    diagnostics = [r for r in records if r["kind"] == "diagnostics"]
     summary: dict[str, Any] = {"status": status["status"], "final_step": status["final_step"],
                                "bad_steps": status["bad_steps"]}
     if train:
@@ -254,12 +255,15 @@ def summarise(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
         summary["tokens_per_s"] = step_tokens / sum(r["step_time_s"] for r in steady)
     if evals:
         summary["val_loss"] = evals[-1]["val_loss"]
+        summary["val_loss_stderr"] = evals[-1].get("val_loss_stderr")
         summary["val_ppl"] = evals[-1]["val_ppl"]
     summary["mfu"] = _mfu(summary.get("tokens_per_s"), status)
     summary["loss_curve"] = str(plot_loss(run_dir, train, evals))
     if train and train[-1]["tokens_per_expert"]:
         summary["expert_load_heatmap"] = str(plot_expert_load(run_dir, train))
         summary["routing_plot"] = str(plot_routing_over_time(run_dir, train))
+    if train and train[-1].get("grad_norm_by_group"):
+        summary["diagnostics_plot"] = str(plot_diagnostics(run_dir, train, diagnostics))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print("[moe.train] summary: " + json.dumps(summary), flush=True)
     return summary

@@ -63,6 +63,12 @@ class MetricsLogger:
                 flat[f"moe/layer{layer}/dropped_fraction"] = value
             for layer, value in enumerate(record.get("router_entropy", [])):
                 flat[f"moe/layer{layer}/router_entropy"] = value
+            for layer, value in enumerate(record.get("min_over_mean_load", [])):
+                flat[f"moe/layer{layer}/min_over_mean_load"] = value
+            for layer, value in enumerate(record.get("topk_change_fraction") or []):
+                flat[f"moe/layer{layer}/topk_change_fraction"] = value
+            for group, value in record.get("grad_norm_by_group", {}).items():
+                flat[f"grad_norm/{group}"] = value
             self._wandb.log(flat, step=record["step"])
         if self._ray_metrics and record.get("kind") == "train":
             self._gauge("moe_train_loss", "training loss (language model)").set(_finite(record["loss"]))

@@ -1,4 +1,5 @@
-"""End-of-run figures: the loss curve and the expert-load heatmap (layers x experts)."""
+"""End-of-run figures: the loss curve, the expert-load heatmap (layers x experts), routing over time and
+the MoE diagnostics (cluster/diagnostics.py)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,55 @@ def plot_routing_over_time(run_dir: Path, train: list[dict[str, Any]]) -> Path:
     bottom.set_xlabel("step")
     top.legend(fontsize=7, ncol=2)
     path = run_dir / "routing.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_diagnostics(run_dir: Path, train: list[dict[str, Any]], diagnostics: list[dict[str, Any]]) -> Path:
+    """Gradient norm per parameter group; for MoE runs also the least-loaded expert per layer, the spread of
+    expert weight norms per layer and the routing fluctuation of the probe tokens."""
+    steps = [r["step"] for r in train]
+    groups = [g for g in train[-1]["grad_norm_by_group"] if any(r["grad_norm_by_group"].get(g) for r in train)]
+    has_moe = bool(train[-1].get("tokens_per_expert"))
+    fig, axes = plt.subplots(4 if has_moe else 1, 1, figsize=(8, 11 if has_moe else 3.5), sharex=True, squeeze=False)
+    ax = axes[0, 0]
+    for group in groups:
+        ax.plot(steps, [r["grad_norm_by_group"].get(group, np.nan) for r in train], label=group, linewidth=1)
+    ax.set_yscale("log")
+    ax.set_ylabel("gradient norm (before clipping)")
+    ax.set_title(f"{run_dir.name}: diagnostics")
+    ax.legend(fontsize=7, ncol=3)
+    if has_moe:
+        starved_SL = np.asarray([r["min_over_mean_load"] for r in train], dtype=np.float64)
+        ax = axes[1, 0]
+        for layer in range(starved_SL.shape[1]):
+            ax.plot(steps, starved_SL[:, layer], label=f"layer {layer}", linewidth=1)
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_ylabel("min / mean tokens per expert")
+        ax.legend(fontsize=7, ncol=2)
+        diag_steps = [r["step"] for r in diagnostics]
+        ax = axes[2, 0]
+        if diagnostics:
+            norms_SLE = np.asarray([r["expert_weight_norm"] for r in diagnostics], dtype=np.float64)
+            for layer in range(norms_SLE.shape[1]):
+                line, = ax.plot(diag_steps, norms_SLE[:, layer].mean(-1), label=f"layer {layer}", linewidth=1)
+                ax.fill_between(diag_steps, norms_SLE[:, layer].min(-1), norms_SLE[:, layer].max(-1),
+                                color=line.get_color(), alpha=0.2)
+            ax.legend(fontsize=7, ncol=2)
+        ax.set_ylabel("expert weight norm\n(mean, min-max band)")
+        ax = axes[3, 0]
+        changes = [(r["step"], r["topk_change_fraction"]) for r in diagnostics if r["topk_change_fraction"]]
+        if changes:
+            change_SL = np.asarray([c for _, c in changes], dtype=np.float64)
+            for layer in range(change_SL.shape[1]):
+                ax.plot([s for s, _ in changes], change_SL[:, layer], "o-", label=f"layer {layer}", linewidth=1,
+                        markersize=3)
+            ax.legend(fontsize=7, ncol=2)
+        ax.set_ylabel("probe tokens whose top-k\nchanged since last point")
+    axes[-1, 0].set_xlabel("step")
+    path = run_dir / "diagnostics.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

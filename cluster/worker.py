@@ -27,6 +27,7 @@ from moe.model import count_parameters, training_flops_per_token
 
 from cluster.checkpointing import (list_checkpoints, load_training_checkpoint, read_train_state_or_none,
                                   save_training_checkpoint)
+from cluster.diagnostics import RoutingProbe, expert_weight_norms
 from cluster.engine import build_engine
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict, load_full_state_dict
 from cluster.metrics import MetricsLogger
@@ -80,6 +81,7 @@ class WorkerRun:
     engine: Any  # cluster.engine.TrainEngine
     loader: Any  # data_pipeline.loader.CurriculumLoader
     autocast: Any
+    probe: Optional[RoutingProbe] = None  # trainer.diagnostics_every > 0 and the model has MoE layers
     step: int = 0
     bad_steps: int = 0
     tokens: int = 0
@@ -137,7 +139,33 @@ def setup(config: dict[str, Any]) -> WorkerRun:
     loader = CurriculumLoader.from_config(cfg["data"], global_batch_size=tcfg["global_batch_size"], rank=rank,
                                           world_size=world_size, data_dir=config["data_dir"])
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg["dtype"] == "bfloat16" else nullcontext())
-    return WorkerRun(config, rank, world_size, device, dims, model, engine, loader, autocast)
+    probe = None
+    if tcfg["diagnostics_every"] and model.config.first_k_dense < model.config.num_layers:
+        probe = routing_probe(config, rank, world_size)
+    return WorkerRun(config, rank, world_size, device, dims, model, engine, loader, autocast, probe)
+
+
+PROBE_SEQUENCES = 8
+
+
+def routing_probe(config: dict[str, Any], rank: int, world_size: int) -> RoutingProbe:
+    """The fixed tokens whose routing `diagnose` follows: this rank's first validation sequences."""
+    from data_pipeline.loader import CurriculumLoader
+
+    cfg = config["cfg"]
+    loader = CurriculumLoader.from_config(cfg["data"], global_batch_size=cfg["trainer"]["global_batch_size"],
+                                          rank=rank, world_size=world_size, split="validation",
+                                          data_dir=config["data_dir"])
+    batch = next(iter(loader))
+    return RoutingProbe(batch["input_ids"][:PROBE_SEQUENCES], batch["doc_ids"][:PROBE_SEQUENCES])
+
+
+def diagnose(run: WorkerRun) -> dict[str, Any]:
+    """The diagnostics record of the current step (all ranks take part; see cluster/diagnostics.py)."""
+    changed = run.probe.measure(run.model, run.autocast)
+    return {"kind": "diagnostics", "step": run.step,
+            "expert_weight_norm": expert_weight_norms(run.model, run.dims).tolist(),
+            "topk_change_fraction": changed}
 
 
 def resume_point(run: WorkerRun) -> Optional[Path]:
@@ -234,8 +262,10 @@ def train_record(run: WorkerRun, stats: StepStats, elapsed_s: float, flops_per_t
             "bad_steps": run.bad_steps, "difficulty": stats.difficulty,
             "tokens_per_expert": tokens_LE.tolist(), "max_load": max_load.tolist(), "mean_load": mean_load.tolist(),
             "max_over_mean_load": (max_load / mean_load.clamp_min(1e-9)).tolist() if has_moe else [],
+            "min_over_mean_load": (tokens_LE.min(-1).values / mean_load.clamp_min(1e-9)).tolist() if has_moe else [],
             "dropped_fraction": stats.dropped_fraction_L.tolist(),
             "router_entropy": stats.router_entropy_L.tolist(),
+            "grad_norm_by_group": dict(getattr(run.engine, "last_grad_norms", {})),
             "flops_per_token": flops_per_token}
 
 
@@ -291,19 +321,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if stats.stepped and (run.step % tcfg["checkpoint_every"] == 0 or run.step == tcfg["max_steps"]):
             save_checkpoint(run, {"step": run.step, "loss": stats.lm_loss})
         if tcfg["eval_every"] and run.step % tcfg["eval_every"] == 0 and run.step < tcfg["max_steps"]:
-            val = evaluate(run.model, config, run.rank, run.world_size, run.device, run.autocast)
+            val, stderr, batch_losses = evaluate(run.model, config, run.rank, run.world_size, run.device,
+                                                 run.autocast)
             if logger is not None:
-                logger.log({"kind": "eval", "step": run.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+                logger.log({"kind": "eval", "step": run.step, "val_loss": val, "val_loss_stderr": stderr,
+                            "val_ppl": math.exp(min(val, 50)), "val_batch_losses": batch_losses})
             run.model.train()
+        if run.probe is not None and run.step % tcfg["diagnostics_every"] == 0:
+            record = diagnose(run)
+            if logger is not None:
+                logger.log(record)
 
     summary = dict(status)
     if status["status"] == "running":
         summary["status"] = "finished"
-        summary["val_loss"] = evaluate(run.model, config, run.rank, run.world_size, run.device, run.autocast)
+        summary["val_loss"], summary["val_loss_stderr"], batch_losses = evaluate(
+            run.model, config, run.rank, run.world_size, run.device, run.autocast)
         summary["val_ppl"] = math.exp(min(summary["val_loss"], 50))
         if logger is not None:
             logger.log({"kind": "eval", "step": run.step, "val_loss": summary["val_loss"],
-                        "val_ppl": summary["val_ppl"]})
+                        "val_loss_stderr": summary["val_loss_stderr"], "val_ppl": summary["val_ppl"],
+                        "val_batch_losses": batch_losses})
     summary.update({"final_step": run.step, "bad_steps": run.bad_steps, "world_size": run.world_size,
                     "flops_per_token": flops_per_token, "params": count_parameters(run.model.config)})
     if logger is not None:
@@ -313,8 +351,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, config: dict[str, Any], rank: int, world_size: int, device: torch.device,
-             autocast) -> float:
-    """Mean validation loss over trainer.eval_batches global batches (all ranks take part)."""
+             autocast) -> tuple[float, float, list[float]]:
+    """Mean validation loss over trainer.eval_batches global batches (all ranks take part), its standard
+    error (the standard deviation of the global batches' mean losses over sqrt(batches)), and those means:
+    two runs evaluated on the same batches compare batch by batch (benchmarks/train_compare.py)."""
     from data_pipeline.loader import CurriculumLoader
 
     tcfg = config["cfg"]["trainer"]
@@ -322,13 +362,18 @@ def evaluate(model: torch.nn.Module, config: dict[str, Any], rank: int, world_si
                                           rank=rank, world_size=world_size, split="validation",
                                           data_dir=config["data_dir"])
     model.eval()
-    total = torch.zeros(2, device=device)
+    sums_N2 = []  # per batch: summed token loss, tokens (this rank)
     for _, batch in zip(range(tcfg["eval_batches"]), loader):
         with autocast:
             out = model(batch["input_ids"].to(device), doc_ids=batch["doc_ids"].to(device),
                         targets=batch["targets"].to(device))
-        total += torch.stack([out.loss.float() * batch["input_ids"].numel(),
-                              torch.tensor(float(batch["input_ids"].numel()), device=device)])
+        tokens = float(batch["input_ids"].numel())
+        sums_N2.append(torch.stack([out.loss.float() * tokens, torch.tensor(tokens, device=device)]))
+    totals_N2 = torch.stack(sums_N2) if sums_N2 else torch.zeros(0, 2, device=device)
     if world_size > 1:
-        dist.all_reduce(total)
-    return (total[0] / total[1].clamp_min(1)).item()
+        dist.all_reduce(totals_N2)
+    totals_N2 = totals_N2.double().cpu()
+    loss = float(totals_N2[:, 0].sum() / totals_N2[:, 1].sum().clamp_min(1))
+    batch_means = totals_N2[:, 0] / totals_N2[:, 1].clamp_min(1)
+    stderr = float(batch_means.std() / math.sqrt(len(batch_means))) if len(batch_means) > 1 else float("nan")
+    return loss, stderr, batch_means.tolist()

@@ -23,6 +23,7 @@ from moe.checkpoint import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, model_stat
 from moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from moe.layer import MoELayer
 
+from cluster.diagnostics import GROUPS, expert_weight_norms, grad_square_sums
 from cluster.expert_parallel import (apply_expert_parallel, expert_bias_all_reduce, gather_full_state_dict,
                                      is_expert_param, load_full_state_dict, reduce_gradients)
 from cluster.parallel_dims import ParallelDims
@@ -220,6 +221,7 @@ def _train_and_compare(rank: int, world_size: int, ep: int, checkpoint_dir: str)
             dropped = max([dropped] + [float(stats["dropped_fraction"]) for stats in out.router_stats])
             num_calls = _count_all_reduces(lambda: reduce_gradients(model, dims))
             assert num_calls == (2 if 1 < ep < world_size else 1), f"{num_calls} all-reduces, expected one per group"
+            grad_sq_G = grad_square_sums(model, dims)
             global_loss = loss.detach().clone()
             dist.all_reduce(global_loss)
             global_loss /= world_size
@@ -238,6 +240,8 @@ def _train_and_compare(rank: int, world_size: int, ep: int, checkpoint_dir: str)
                     micro_loss = (out_ref.loss + out_ref.aux_loss) / world_size
                     micro_loss.backward()
                     ref_loss += micro_loss.detach()
+            assert_close(grad_sq_G, grad_square_sums(ref, ParallelDims(1, 1)), rtol=1e-4, atol=1e-9,
+                         msg=lambda m: f"{variant} step {step}: gradient norms by group {GROUPS}: {m}")
             opt_ref.step()
             update_expert_bias(ref)
             opt_ref.zero_grad(set_to_none=True)
@@ -252,6 +256,8 @@ def _train_and_compare(rank: int, world_size: int, ep: int, checkpoint_dir: str)
         assert moved > 100 * 1e-5, f"parameters moved only {moved}: the comparison would be vacuous"
         for name, value in expected.items():
             assert_close(full[name], value, rtol=0, atol=1e-5, msg=lambda m: f"{variant} {name}: {m}")
+        assert_close(expert_weight_norms(model, dims), expert_weight_norms(ref, ParallelDims(1, 1)),
+                     rtol=1e-5, atol=1e-6, msg=lambda m: f"{variant}: expert weight norms: {m}")
         if spec["router"].get("bias_update_rate"):
             assert any(full[n].abs().sum() > 0 for n in full if n.endswith("expert_bias")), "bias never moved"
 

@@ -17,6 +17,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from cluster.diagnostics import GROUPS  # noqa: E402
 from cluster.launch import TrainingStopped, train  # noqa: E402
 from cluster.metrics import read_metrics  # noqa: E402
 from train_helpers import ROOT, make_cfg, prometheus_lines, train_losses, write_corpus  # noqa: E402
@@ -37,8 +38,8 @@ def corpus(tmp_path_factory) -> Path:
 
 def test_single_worker_run_learns_and_writes_artifacts(ray_session, corpus, tmp_path) -> None:
     cfg = make_cfg(corpus, tmp_path, "single", "trainer.max_steps=30", "trainer.checkpoint_every=10",
-                   "trainer.eval_every=15", "trainer.keep_last=2", "logger.wandb.mode=offline",
-                   "logger.ray_metrics=true")
+                   "trainer.eval_every=15", "trainer.keep_last=2", "trainer.diagnostics_every=10",
+                   "logger.wandb.mode=offline", "logger.ray_metrics=true")
     summary = train(cfg)
     run_dir = tmp_path / "single"
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb logged offline into the run directory"
@@ -52,12 +53,25 @@ def test_single_worker_run_learns_and_writes_artifacts(ray_session, corpus, tmp_
     assert sum(list(losses.values())[-5:]) / 5 < 0.7 * losses[1], losses
     assert summary["status"] == "finished" and summary["final_step"] == 30
     assert summary["val_loss"] < losses[1] and summary["tokens_per_s"] > 0
-    for name in ("loss_curve.png", "expert_load.png", "routing.png", "summary.json", "config.yaml", "metrics.jsonl"):
+    for name in ("loss_curve.png", "expert_load.png", "routing.png", "diagnostics.png", "summary.json",
+                 "config.yaml", "metrics.jsonl"):
         assert (run_dir / name).is_file(), name
+    assert 0 < summary["val_loss_stderr"] < 1
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["step_00000020", "step_00000030"], "keep_last=2, no temporary directories left"
-    record = read_metrics(run_dir)[-2]
+    records = read_metrics(run_dir)
+    record = [r for r in records if r["kind"] == "train"][-1]
     assert len(record["max_over_mean_load"]) == 2 and len(record["tokens_per_expert"][0]) == 4
+    assert all(0 <= m <= 1 for m in record["min_over_mean_load"]) and len(record["min_over_mean_load"]) == 2
+    norms = record["grad_norm_by_group"]
+    assert set(norms) == set(GROUPS) and norms["experts"] > 0 and norms["router"] > 0 and norms["ffn"] == 0
+    assert math.sqrt(sum(v * v for v in norms.values())) == pytest.approx(record["grad_norm"], rel=1e-4)
+    diagnostics = [r for r in records if r["kind"] == "diagnostics"]
+    assert [r["step"] for r in diagnostics] == [10, 20, 30]
+    assert diagnostics[0]["topk_change_fraction"] is None, "nothing to compare with at the first probe"
+    assert all(len(r["topk_change_fraction"]) == 2 and all(0 <= f <= 1 for f in r["topk_change_fraction"])
+               for r in diagnostics[1:])
+    assert all(len(r["expert_weight_norm"]) == 2 and len(r["expert_weight_norm"][0]) == 4 for r in diagnostics)
     assert sum(record["tokens_per_expert"][0]) == 8 * 32 * 2, "every token routed to top-2 experts"
     assert len(record["router_entropy"]) == 2 and all(0 < h <= math.log(4) + 1e-6 for h in record["router_entropy"])
 
@@ -85,7 +99,7 @@ def test_parallel_layouts_match_single_worker(ray_session, corpus, tmp_path, wor
     one compiles its blocks (`trainer.compile`).
     """
     common = ["trainer.max_steps=4", "trainer.checkpoint_every=4", "model.router.aux_loss_coef=0",
-              "model.router.z_loss_coef=0"]
+              "model.router.z_loss_coef=0", "trainer.diagnostics_every=2"]
     train(make_cfg(corpus, tmp_path, "one", *common))
     train(make_cfg(corpus, tmp_path, "many", *common, f"cluster.num_workers={workers}", f"parallel.ep={ep}",
                    f"trainer.activation_checkpointing={recompute}", f"trainer.compile={compiled}"))
@@ -100,6 +114,18 @@ def test_parallel_layouts_match_single_worker(ray_session, corpus, tmp_path, wor
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-5, worst
+    # The diagnostics of the sharded run describe the full model: gradient norms by group, expert norms.
+    records = {name: read_metrics(tmp_path / name) for name in ("one", "many")}
+    grads = {name: [r["grad_norm_by_group"] for r in recs if r["kind"] == "train"] for name, recs in records.items()}
+    for step, (g_one, g_many) in enumerate(zip(grads["one"], grads["many"]), 1):
+        assert g_one.keys() == g_many.keys() == set(GROUPS)
+        for group in GROUPS:
+            assert g_many[group] == pytest.approx(g_one[group], rel=1e-4, abs=1e-7), (step, group)
+    norms = {name: [r["expert_weight_norm"] for r in recs if r["kind"] == "diagnostics"]
+             for name, recs in records.items()}
+    assert len(norms["one"]) == len(norms["many"]) == 2
+    for a_LE, b_LE in zip(norms["one"], norms["many"]):
+        assert sum(a_LE, []) == pytest.approx(sum(b_LE, []), rel=1e-5)
 
 
 def test_resume_and_worker_failure_match_uninterrupted(ray_session, corpus, tmp_path) -> None:
