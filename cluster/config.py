@@ -103,6 +103,9 @@ class ClusterConfig:
         max_failures: worker-group restarts Ray Train may make (FailureConfig).
         dashboard_port: port of the local dashboard.
         num_cpus: CPUs of a local Ray (None: all of the machine).
+        gpu_memory_gib: memory of each worker's GPU for the memory plan
+            (`python -m moe.plan`); None: the driver's first GPU when it has
+            one, else the plan is not checked.
     """
 
     address: Optional[str] = None
@@ -112,6 +115,7 @@ class ClusterConfig:
     max_failures: int = 0
     dashboard_port: int = 8265
     num_cpus: Optional[int] = None
+    gpu_memory_gib: Optional[float] = None
 
 
 @dataclass
@@ -158,6 +162,43 @@ def model_config_from(cfg: DictConfig, vocab_size: Optional[int] = None) -> Mode
         return ModelConfig.from_dict(model)
     except ValueError as err:
         raise ValueError(f"invalid configuration: model: {err}") from err
+
+
+def memory_plan(cfg: DictConfig, model_config: ModelConfig):
+    """The `moe.plan.MemoryPlan` of one rank of this training layout."""
+    from moe.plan import plan_memory
+
+    t, c = cfg.trainer, cfg.cluster
+    return plan_memory(model_config, micro_batch=t.global_batch_size // c.num_workers // t.grad_accum_steps,
+                       seq_len=cfg.data.seq_len, world_size=c.num_workers, ep=cfg.parallel.ep,
+                       activation_checkpointing=t.activation_checkpointing, bf16=t.dtype == "bfloat16",
+                       engine=t.engine, zero_stage=t.zero_stage)
+
+
+def gpu_memory_bytes(cfg: DictConfig) -> Optional[float]:
+    """cluster.gpu_memory_gib, else the driver's first GPU (None without either)."""
+    if cfg.cluster.gpu_memory_gib is not None:
+        return cfg.cluster.gpu_memory_gib * 1024 ** 3
+    import torch
+
+    return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+
+
+def check_memory_plan(cfg: DictConfig, model_config: ModelConfig) -> None:
+    """Refuses a GPU layout whose planned peak per rank exceeds the GPU's memory (before any worker starts)."""
+    if not cfg.cluster.use_gpu:
+        return
+    memory = gpu_memory_bytes(cfg)
+    plan = memory_plan(cfg, model_config)
+    if memory is not None and plan.peak > memory:
+        gib = 1024 ** 3
+        raise ValueError(
+            f"invalid configuration: cluster.gpu_memory_gib: the planned peak per GPU is {plan.peak / gib:.1f} GiB "
+            f"(parameters {plan.parameters / gib:.1f}, gradients {plan.gradients / gib:.1f}, optimizer "
+            f"{plan.optimizer / gib:.1f}, activations {plan.activations / gib:.1f}) and the GPU has "
+            f"{memory / gib:.1f} GiB; raise parallel.ep, trainer.grad_accum_steps or "
+            f"trainer.activation_checkpointing, or lower trainer.global_batch_size "
+            f"(python -m moe.plan prints the plan)")
 
 
 def validate_train_config(cfg: DictConfig) -> None:
@@ -207,6 +248,8 @@ def validate_train_config(cfg: DictConfig) -> None:
         _fail("cluster.max_failures", f"must be non-negative, got {c.max_failures}")
     if c.num_cpus is not None and c.num_cpus <= 0:
         _fail("cluster.num_cpus", f"must be positive or null (all CPUs of the machine), got {c.num_cpus}")
+    if c.gpu_memory_gib is not None and not (math.isfinite(c.gpu_memory_gib) and c.gpu_memory_gib > 0):
+        _fail("cluster.gpu_memory_gib", f"must be a positive number of GiB or null, got {c.gpu_memory_gib}")
     if not 1 <= c.dashboard_port <= 65535:
         _fail("cluster.dashboard_port", f"must be a TCP port in 1..65535, got {c.dashboard_port}")
     if p.ep <= 0:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.model import peak_bf16_tflops
 
 from cluster.checkpointing import latest_checkpoint, resolve_resume, set_aside_newer, step_dirs
-from cluster.config import model_config_from, to_plain, validate_train_config
+from cluster.config import check_memory_plan, model_config_from, to_plain, validate_train_config
 from cluster.metrics import read_metrics
 from cluster.worker import STATUS_FILE
 
@@ -73,6 +73,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"invalid configuration: model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                          f"tokenizer's vocabulary ({vocab_size}) of {data_dir}; leave it null to use the tokenizer's")
     model_config = model_config_from(cfg, vocab_size)
+    check_memory_plan(cfg, model_config)
     check_data(cfg, data_dir)
     ckpt_root = run_dir / "checkpoints"
     resume_from = resolve_resume(ckpt_root, cfg.trainer.resume, cfg.cluster.num_workers)

@@ -1,0 +1,203 @@
+"""Memory plan of a training layout: what one rank holds at its peak, from the config alone.
+
+    python -m moe.plan +experiment=mixtral_small cluster.num_workers=8 parallel.ep=8 cluster.gpu_memory_gib=80
+
+prints parameters, gradients, optimizer state, activations (with and without
+activation checkpointing) and the estimated peak of one rank, and exits with
+status 1 when the peak does not fit `cluster.gpu_memory_gib`. `moe.train`
+makes the same check before Ray starts when it trains on GPUs.
+
+The model (torch only, importable anywhere):
+- Parameters are float32 (autocast computes in bfloat16). With the native
+  engine every rank holds the non-expert parameters and 1/ep of the experts,
+  their gradients (float32) and AdamW's two moments (float32). DeepSpeed ZeRO
+  shards the optimizer state (stage 1) and the gradients (stage 2) over the
+  data-parallel ranks of each parameter.
+- Activations: the tensors autograd saves per token and block, counted op by
+  op from this implementation (`_block_units`); float32 on the CPU, and with
+  bfloat16 autocast the matmul products in 2 bytes and the residual stream
+  and norms in 4. Dropless routing sends top_k copies of every token to the
+  experts, whatever the balance. `full` checkpointing keeps each block's
+  input plus one block's activations (its recomputation); `selective` keeps
+  every other block whole.
+- Peak, in a step after the first (the optimizer state exists): the larger of
+  the start of the backward pass (parameters, optimizer state, every saved
+  activation, the logits' gradients; no parameter gradient yet) and, with
+  checkpointing, the recomputation of the largest checkpointed block (all
+  gradients counted as allocated, the other blocks' inputs).
+Checked against torch's MemTracker on the CPU (tests/test_plan.py, within
+the tolerance stated there); the bfloat16 figures are the same count with
+other element sizes and have not been measured on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from moe.config import ModelConfig
+from moe.model import count_parameters
+
+GIB = 1024 ** 3
+CHECKPOINTING = ("none", "full", "selective")
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per rank. `activations` is for the configured checkpointing, `activations_by_mode` for each."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits_grad: int
+    activations_by_mode: dict[str, int]
+    tokens_per_micro_batch: int
+    peak: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _split_parameters(config: ModelConfig) -> tuple[int, int]:
+    """(non-expert, routed-expert) parameter counts of the whole model."""
+    total = count_parameters(config)["total"]
+    experts = config.num_moe_layers * 3 * config.hidden_size * config.experts.hidden_size * config.experts.num_experts
+    return total - experts, experts
+
+
+def _block_units(config: ModelConfig, seq_len: int, masked: bool, moe: bool) -> tuple[int, int]:
+    """Saved elements per token of one block: (float32 elements, matmul elements).
+
+    Float32 elements stay 4 bytes under autocast (residual stream, norms,
+    softmax statistics, masks, integer indices counted in 4-byte units);
+    matmul elements are the projections' inputs and outputs (2 bytes in bfloat16).
+    """
+    d, hd, h, g = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
+    resid = 2 * (3 * d + 1)  # per norm: its input, 1/rms, its output and the weighted output
+    attn_mm = (2 * h + 2 * g) * hd + d  # q, k (before and after rotary), v, attention output, o_proj input
+    attn_f32 = h + (seq_len if masked else 0)  # log-sum-exp; SDPA's explicit mask as float per layer
+    if not moe:
+        return resid + attn_f32, attn_mm + 4 * config.dense_hidden_size  # w1, w3, silu, product
+    k, e, f = config.router.top_k, config.experts.num_experts, config.experts.hidden_size
+    router = e + 3 * k + 1  # probabilities, top-k ids (int64) and weights, normaliser
+    dispatch = 3 * k + 2 * k  # permutation indices (int64), gates, counts
+    experts_mm = k * d + 4 * k * f + 2 * k * d  # dispatched rows, w1, w3, silu, product, w2 out, weighted
+    shared = 0
+    if config.experts.num_shared_experts:
+        shared = 4 * config.experts.num_shared_experts * (config.experts.shared_hidden_size or f)
+    return resid + attn_f32 + router + dispatch, attn_mm + experts_mm + shared
+
+
+def plan_memory(config: ModelConfig, *, micro_batch: int, seq_len: int, world_size: int = 1, ep: int = 1,
+                activation_checkpointing: str = "none", bf16: bool = False, documents: bool = True,
+                engine: str = "native", zero_stage: int = 1) -> MemoryPlan:
+    """The memory plan of one rank (see the module docstring).
+
+    Args:
+        config: the model.
+        micro_batch: sequences per forward pass on one rank.
+        seq_len: tokens per sequence.
+        world_size, ep: ranks and expert-parallel degree.
+        activation_checkpointing: "none", "full" or "selective".
+        bf16: bfloat16 autocast (matmul activations in 2 bytes).
+        documents: batches carry document ids (packed data), so SDPA gets an
+            explicit mask; FlexAttention and plain causal attention build none.
+        engine, zero_stage: "native", or "deepspeed" with ZeRO stage 1 or 2.
+    """
+    if activation_checkpointing not in CHECKPOINTING:
+        raise ValueError(f"activation_checkpointing must be one of {list(CHECKPOINTING)}, "
+                         f"got {activation_checkpointing!r}")
+    if world_size % ep:
+        raise ValueError(f"ep ({ep}) must divide world_size ({world_size})")
+    non_expert, experts = _split_parameters(config)
+    local_params = non_expert + experts // ep
+    parameters = 4 * local_params
+    gradients = 4 * local_params
+    optimizer = 8 * local_params
+    if engine == "deepspeed":  # ZeRO shards over each parameter's data-parallel ranks
+        sharded = 8 * (non_expert / world_size + experts / ep / (world_size // ep))
+        optimizer = int(sharded)
+        if zero_stage >= 2:
+            gradients = int(sharded / 2)
+
+    tokens = micro_batch * seq_len
+    mm_bytes = 2 if bf16 else 4
+    masked = config.attention_backend == "sdpa" and (documents or config.sliding_window is not None)
+    blocks = []
+    for layer in range(config.num_layers):
+        f32, mm = _block_units(config, seq_len, masked, config.is_moe_layer(layer))
+        blocks.append(tokens * (4 * f32 + mm_bytes * mm))
+    block_input = 4 * tokens * config.hidden_size
+    # final norm; log-softmax output (float32); the logits the caller holds (float32, or bfloat16 logits)
+    head = tokens * (4 * (3 * config.hidden_size + 1) + 4 * config.vocab_size + mm_bytes * config.vocab_size)
+    kept = {"none": blocks,
+            "full": [block_input] * len(blocks),
+            "selective": [b if i % 2 == 0 else block_input for i, b in enumerate(blocks)]}
+    by_mode = {mode: sum(saved) + head for mode, saved in kept.items()}
+    logits_grad = 2 * 4 * tokens * config.vocab_size  # the gradients of the log-softmax and of the logits
+    activations = by_mode[activation_checkpointing]
+    # Two candidate peaks: the start of the backward pass (every activation saved, no gradient yet), and for
+    # checkpointing the backward pass of the largest recomputed block (all gradients, the blocks' inputs).
+    peak = parameters + optimizer + activations + logits_grad
+    if activation_checkpointing != "none":
+        recomputed = max(b for b, k in zip(blocks, kept[activation_checkpointing]) if b != k) \
+            if any(b != k for b, k in zip(blocks, kept[activation_checkpointing])) else 0
+        peak = max(peak, parameters + optimizer + gradients + sum(kept[activation_checkpointing]) + recomputed)
+    return MemoryPlan(parameters, gradients, optimizer, activations, logits_grad, by_mode, tokens, peak)
+
+
+def format_plan(plan: MemoryPlan, gpu_memory_bytes: Optional[float] = None) -> str:
+    rows = [("parameters", plan.parameters), ("gradients", plan.gradients), ("optimizer state", plan.optimizer),
+            (f"activations ({plan.tokens_per_micro_batch} tokens)", plan.activations),
+            ("logits gradient", plan.logits_grad), ("peak", plan.peak)]
+    lines = [f"{name:<36}{value / GIB:>10.3f} GiB" for name, value in rows]
+    lines.append("activations by checkpointing: " + ", ".join(
+        f"{mode} {value / GIB:.3f} GiB" for mode, value in plan.activations_by_mode.items()))
+    if gpu_memory_bytes:
+        verdict = "fits" if plan.peak <= gpu_memory_bytes else "DOES NOT FIT"
+        lines.append(f"GPU memory {gpu_memory_bytes / GIB:.1f} GiB: {verdict} "
+                     f"({100 * plan.peak / gpu_memory_bytes:.0f}% of it)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """`python -m moe.plan +experiment=NAME [overrides]`: the plan of a training config (Hydra, like moe.train)."""
+    import sys
+
+    import hydra
+    from omegaconf import DictConfig
+
+    from cluster.config import gpu_memory_bytes, memory_plan, model_config_from, register_configs
+
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    def plan(cfg: DictConfig) -> None:
+        vocab_note = ""
+        vocab_size = cfg.model.vocab_size
+        if vocab_size is None:  # training takes it from the prepared tokenizer; its configured size here
+            vocab_size = cfg.data.vocab_size
+            vocab_note = f" (model.vocab_size null: data.vocab_size {vocab_size} assumed)"
+        try:
+            model_config = model_config_from(cfg, vocab_size)
+            result = memory_plan(cfg, model_config)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        memory = gpu_memory_bytes(cfg)
+        counts = count_parameters(model_config)
+        t, c = cfg.trainer, cfg.cluster
+        print(f"{cfg.name}: {counts['total'] / 1e6:.1f}M parameters ({counts['active'] / 1e6:.1f}M active){vocab_note}")
+        print(f"layout: {c.num_workers} ranks, ep={cfg.parallel.ep}, engine={t.engine}, dtype={t.dtype}, "
+              f"micro-batch {result.tokens_per_micro_batch} tokens, "
+              f"activation_checkpointing={t.activation_checkpointing}")
+        print(format_plan(result, memory))
+        if memory is not None and result.peak > memory:
+            sys.exit(1)
+
+    plan()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The memory plan (moe/plan.py) against torch's MemTracker on real CPU training steps, and its use as a
+check before any worker starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from moe import ModelConfig, MoETransformer
+from moe.plan import plan_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Named small sizes for tests; MIXTRAL_TINY is conf/model/mixtral_tiny.yaml with the default corpus' vocabulary.
+SMALL_MOE = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128,
+                 experts=dict(num_experts=4, hidden_size=96))
+BIG_VOCAB_MOE = dict(vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=256,
+                     experts=dict(num_experts=8, hidden_size=128))
+SMALL_DENSE = dict(vocab_size=512, hidden_size=64, num_layers=3, num_heads=4, max_seq_len=128, first_k_dense=3,
+                   dense_hidden_size=192)
+MIXTRAL_TINY = dict(vocab_size=8192, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=256,
+                    rope_theta=10000.0, experts=dict(num_experts=16, hidden_size=128),
+                    router=dict(top_k=4, z_loss_coef=0.001))
+# The plan's stated tolerance on the CPU: peak within -15% / +25% of the measured one (it errs high with
+# selective checkpointing of small models, where it counts all gradients as allocated).
+LOW, HIGH = 0.85, 1.25
+
+
+def measured_peak(config: ModelConfig, batch: int, seq_len: int, checkpointing: str) -> int:
+    """MemTracker's peak bytes over the second of two AdamW steps on packed two-document rows."""
+    torch.manual_seed(0)
+    model = MoETransformer(config)
+    model.set_activation_checkpointing(checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters())
+    tokens = torch.randint(0, config.vocab_size, (batch, seq_len + 1))
+    doc_ids = torch.zeros(batch, seq_len, dtype=torch.long)
+    doc_ids[:, seq_len // 3:] = 1
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        for step in range(2):
+            out = model(tokens[:, :-1], doc_ids=doc_ids, targets=tokens[:, 1:])
+            (out.loss + out.aux_loss).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step == 0:  # the second step has the optimizer state: the steady-state peak
+                tracker.reset_mod_stats()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+@pytest.mark.parametrize("sizes,batch,seq_len,checkpointing", [
+    (SMALL_MOE, 4, 128, "none"), (SMALL_MOE, 4, 128, "full"), (SMALL_MOE, 4, 128, "selective"),
+    (BIG_VOCAB_MOE, 4, 256, "none"), (BIG_VOCAB_MOE, 4, 256, "selective"),
+    (SMALL_DENSE, 4, 128, "none"), (SMALL_DENSE, 4, 128, "full"),
+    (MIXTRAL_TINY, 16, 256, "none"), (MIXTRAL_TINY, 16, 256, "full"),
+])
+def test_plan_matches_the_measured_peak(sizes: dict, batch: int, seq_len: int, checkpointing: str) -> None:
+    config = ModelConfig(**sizes)
+    plan = plan_memory(config, micro_batch=batch, seq_len=seq_len, activation_checkpointing=checkpointing)
+    measured = measured_peak(config, batch, seq_len, checkpointing)
+    assert LOW <= plan.peak / measured <= HIGH, (plan.peak, measured, plan.peak / measured)
+
+
+def test_checkpointing_and_expert_parallelism_shrink_what_they_should() -> None:
+    config = ModelConfig(**MIXTRAL_TINY)
+    model = MoETransformer(config)
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    other = sum(p.numel() for n, p in model.named_parameters() if ".experts." not in n)
+    one = plan_memory(config, micro_batch=16, seq_len=256)
+    assert one.parameters == 4 * (expert + other) and one.optimizer == 8 * (expert + other)
+    four = plan_memory(config, micro_batch=16, seq_len=256, world_size=4, ep=4)
+    assert four.parameters == 4 * (other + expert // 4), "each rank holds a quarter of the experts"
+    assert four.activations == one.activations, "dropless: the same routed rows per rank"
+    modes = one.activations_by_mode
+    assert modes["full"] < modes["selective"] < modes["none"]
+    zero2 = plan_memory(config, micro_batch=16, seq_len=256, world_size=4, engine="deepspeed", zero_stage=2)
+    assert zero2.optimizer == pytest.approx(one.optimizer / 4, rel=1e-6)
+    assert zero2.gradients == pytest.approx(one.gradients / 4, rel=1e-6)
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        plan_memory(config, micro_batch=1, seq_len=8, activation_checkpointing="some")
+
+
+def test_cli_prints_the_plan_and_refuses_what_does_not_fit() -> None:
+    fits = subprocess.run([sys.executable, "-m", "moe.plan", "+experiment=mixtral_small"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert fits.returncode == 0, fits.stderr
+    for line in ("parameters", "gradients", "optimizer state", "activations", "peak", "GPU memory 80.0 GiB: fits"):
+        assert line in fits.stdout, line
+    too_big = subprocess.run([sys.executable, "-m", "moe.plan", "+experiment=mixtral_small",
+                              "trainer.grad_accum_steps=1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert too_big.returncode == 1 and "DOES NOT FIT" in too_big.stdout
+
+
+def test_training_refuses_a_gpu_layout_that_does_not_fit() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from cluster.config import check_memory_plan, model_config_from, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+experiment=mixtral_small", "cluster.gpu_memory_gib=40",
+                                                       "trainer.grad_accum_steps=1"])
+    with pytest.raises(ValueError, match=r"cluster.gpu_memory_gib: the planned peak per GPU is 13\d\.\d GiB"):
+        check_memory_plan(cfg, model_config_from(cfg, 32768))
+    cfg.trainer.grad_accum_steps = 4
+    check_memory_plan(cfg, model_config_from(cfg, 32768))  # 35 GiB fits in 40
