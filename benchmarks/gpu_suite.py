@@ -19,7 +19,7 @@ Two parts, one table each and one JSON line at the end:
    loss, gradient clipping at 1.0. Reports tokens/s, model TFLOP/s
    (`moe.model.training_flops_per_token`: 6 x active parameters + attention),
    MFU against the device's dense bf16 peak (`moe.model.PEAK_BF16_TFLOPS`) and
-   the peak memory allocated.
+   the peak memory allocated, next to the peak `moe.plan` predicts.
 
 Gradient all-reduce and expert parallelism are not exercised (one device).
 """
@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from cluster.optim import build_adamw  # noqa: E402  (torch only)
 from moe import ModelConfig, MoETransformer  # noqa: E402
 from moe.model import peak_bf16_tflops, training_flops_per_token  # noqa: E402
+from moe.plan import plan_memory  # noqa: E402
 
 
 def preset_config(name: str, vocab_size: int) -> ModelConfig:
@@ -109,12 +110,15 @@ def train_steps(args: argparse.Namespace, device: torch.device) -> dict:
     tflops = tokens_per_s * flops_per_token / 1e12
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = peak_bf16_tflops(name) if cuda else None
+    plan = plan_memory(config, micro_batch=args.batch, seq_len=args.seq_len, activation_checkpointing=args.recompute,
+                       bf16=args.dtype == "bfloat16")
     return {"model": args.model, "device": name, "batch": args.batch, "seq_len": args.seq_len,
             "dtype": args.dtype, "attention": config.attention_backend,
             "activation_checkpointing": args.recompute, "compile": args.compile,
             "step_s": step_s, "tokens_per_s": tokens_per_s, "tflops": tflops,
             "mfu": None if peak is None else tflops / peak, "peak_tflops": peak,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None,
+            "planned_peak_gib": plan.peak / 2 ** 30,  # moe.plan's estimate, to check it on the GPU
             "flops_per_token": flops_per_token, "loss": losses[-1]}
 
 
@@ -125,8 +129,9 @@ def print_train_table(result: dict) -> None:
           f"{result['dtype']}, attention={result['attention']}, "
           f"activation_checkpointing={result['activation_checkpointing']}, "
           f"compile={result['compile']}")
-    print(f"{'step s':>8}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}")
-    print(f"{result['step_s']:>8.3f}{result['tokens_per_s']:>12.0f}{result['tflops']:>10.1f}{mfu:>8}{memory:>10}")
+    print(f"{'step s':>8}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'planned GiB':>13}")
+    print(f"{result['step_s']:>8.3f}{result['tokens_per_s']:>12.0f}{result['tflops']:>10.1f}{mfu:>8}{memory:>10}"
+          f"{result['planned_peak_gib']:>13.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,7 @@ def test_smoke_run_reports_the_training_step(extra: list[str]) -> None:
     assert train["activation_checkpointing"] == ("selective" if "selective" in extra else "none")
     assert train["mfu"] is None, "no MFU without a known GPU peak"
     assert 0 < train["loss"] < 10
+    assert train["planned_peak_gib"] > 0
 
 
 def test_cuda_without_a_gpu_is_refused() -> None:
