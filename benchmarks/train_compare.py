@@ -4,6 +4,8 @@
     python benchmarks/train_compare.py quality --seeds 3 --steps 300 600
                                               # mixtral_tiny vs dense_tiny (equal active FLOPs) and
                                               # fixed_root length curriculum vs none: validation loss
+                                              # (--variants: which runs; moe_previous_default is
+                                              # mixtral_tiny before the issue-10 changes)
     python benchmarks/train_compare.py sweep --lrs 1.5e-3 3e-3 6e-3 --steps 300
                                               # the learning rate of both models
 
@@ -18,7 +20,8 @@ from their last checkpoint, so a long suite can be stopped and started again.
 
 Prints a table (mean ± sample standard deviation over seeds), the
 comparisons, one JSON line, and writes RUN_ROOT/<suite>_curves.png (validation
-loss against step, mean and ±1 std band). `--dry-run` prints the runs only.
+loss against step, mean and ±1 std band) as RUN_ROOT/<suite>_curves_<steps>.png. `--dry-run` prints the
+runs only.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,11 +39,6 @@ from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["logger.wandb.mode=disabled", "logger.progress_bar=false", "logger.ray_metrics=false"]
-VARIANTS = {  # name: (experiment, overrides)
-    "moe": ("mixtral_tiny", []),
-    "dense": ("dense_tiny", []),
-}
-CURRICULUM = ("moe_fixed_root", "mixtral_tiny")
 
 
 def curriculum_overrides(steps: int) -> list[str]:
@@ -48,6 +47,20 @@ def curriculum_overrides(steps: int) -> list[str]:
     return ["data.curriculum.schedule=fixed_root", "data.curriculum.metric=length",
             f"data.curriculum.total_curriculum_step={int(steps * 0.6)}", "data.curriculum.min_difficulty=10",
             "data.curriculum.root_degree=2"]
+
+
+# name: (experiment, overrides given the run's steps, the baseline it is compared with)
+VARIANTS = {
+    "moe": ("mixtral_tiny", lambda steps: [], "dense"),
+    "dense": ("dense_tiny", lambda steps: [], None),
+    "moe_fixed_root": ("mixtral_tiny", curriculum_overrides, "moe"),
+    # mixtral_tiny before the issue-10 measurements: Mixtral's 8 experts of 256, top-2, aux coefficient 0.01.
+    "moe_previous_default": ("mixtral_tiny", lambda steps: [
+        "model.experts.num_experts=8", "model.experts.hidden_size=256", "model.router.top_k=2",
+        "model.router.aux_loss_coef=0.01", "model.router.z_loss_coef=0.001", "model.router.bias_update_rate=0"],
+        "dense"),
+}
+DEFAULT_VARIANTS = ["moe", "dense", "moe_fixed_root"]
 
 
 @dataclass
@@ -65,19 +78,15 @@ class RunSpec:
         return f"{self.variant}_s{self.steps}_seed{self.seed}"
 
 
-def quality_specs(steps_list: list[int], seeds: int, curriculum: bool) -> list[RunSpec]:
-    specs = []
-    for steps in steps_list:
-        for seed in range(seeds):  # seed-major: a partial suite still holds complete pairs
-            specs += [RunSpec(v, exp, steps, seed, list(ov)) for v, (exp, ov) in VARIANTS.items()]
-            if curriculum:
-                specs.append(RunSpec(CURRICULUM[0], CURRICULUM[1], steps, seed, curriculum_overrides(steps)))
-    return specs
+def quality_specs(steps_list: list[int], seeds: int, variants: list[str]) -> list[RunSpec]:
+    # seed-major: a partial suite still holds complete pairs
+    return [RunSpec(v, VARIANTS[v][0], steps, seed, VARIANTS[v][1](steps))
+            for steps in steps_list for seed in range(seeds) for v in variants]
 
 
 def sweep_specs(steps_list: list[int], seeds: int, lrs: list[float]) -> list[RunSpec]:
-    return [RunSpec(f"{v}_lr{lr:g}", exp, steps, seed, [*ov, f"trainer.lr={lr}"])
-            for steps in steps_list for seed in range(seeds) for lr in lrs for v, (exp, ov) in VARIANTS.items()]
+    return [RunSpec(f"{v}_lr{lr:g}", VARIANTS[v][0], steps, seed, [*VARIANTS[v][1](steps), f"trainer.lr={lr}"])
+            for steps in steps_list for seed in range(seeds) for lr in lrs for v in ("moe", "dense")]
 
 
 def command(spec: RunSpec, args: argparse.Namespace) -> list[str]:
@@ -102,6 +111,8 @@ def execute(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
     if not (run_dir / "summary.json").exists():
         log = run_root / f"{spec.name}.log"
         print(f"[train_compare] {spec.name}: training (log: {log})", flush=True)
+        if not any(o.startswith("cluster.dashboard_port=") for o in args.override):
+            argv.append(f"cluster.dashboard_port={free_port()}")  # other Rays may run here: not part of the run
         with open(log, "w") as out:
             code = subprocess.run(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
         if code != 0:
@@ -109,6 +120,12 @@ def execute(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
     else:
         print(f"[train_compare] {spec.name}: reusing the finished run", flush=True)
     return result_row(spec, run_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def result_row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
@@ -281,7 +298,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every run (quality, sweep)")
     p.add_argument("--steps", type=int, nargs="+", default=[300, 600], help="training lengths (quality, sweep)")
     p.add_argument("--lrs", type=float, nargs="+", default=[1.5e-3, 3e-3, 6e-3], help="sweep learning rates")
-    p.add_argument("--no-curriculum", action="store_true", help="quality: skip the curriculum runs")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+                   help="quality: the runs of each seed and length (each is compared with its baseline)")
     p.add_argument("--validation-fraction", type=float, default=0.05)
     p.add_argument("--eval-batches", type=int, default=40, help="global batches of 16 x 256 tokens per evaluation")
     p.add_argument("--eval-points", type=int, default=10, help="evaluations along each run (the curves)")
@@ -313,7 +331,7 @@ def main() -> None:
         if run_root.exists() and any(run_root.iterdir()):
             raise SystemExit(f"{run_root} is not empty: remove it or pass --run-root")
         return throughput(args)
-    specs = (quality_specs(args.steps, args.seeds, not args.no_curriculum) if args.suite == "quality"
+    specs = (quality_specs(args.steps, args.seeds, args.variants) if args.suite == "quality"
              else sweep_specs(args.steps, args.seeds, args.lrs))
     if args.dry_run:
         for spec in specs:
@@ -322,13 +340,13 @@ def main() -> None:
     Path(args.run_root).mkdir(parents=True, exist_ok=True)
     rows = [execute(spec, args) for spec in specs]
     if args.suite == "quality":
-        comparisons = compare(rows, "moe", "dense")
-        if not args.no_curriculum:
-            comparisons += compare(rows, CURRICULUM[0], "moe")
+        comparisons = [c for v in args.variants if VARIANTS[v][2] in args.variants
+                       for c in compare(rows, v, VARIANTS[v][2])]
     else:
         comparisons = [c for lr in args.lrs for c in compare(rows, f"moe_lr{lr:g}", f"dense_lr{lr:g}")]
     print_tables(rows, comparisons)
-    png = plot_curves(rows, Path(args.run_root).resolve() / f"{args.suite}_curves.png")
+    lengths = "_".join(str(s) for s in args.steps)
+    png = plot_curves(rows, Path(args.run_root).resolve() / f"{args.suite}_curves_{lengths}.png")
     print(f"validation curves: {png}")
     print(json.dumps({"benchmark": "train_compare", "suite": args.suite, "seeds": args.seeds, "steps": args.steps,
                       "validation_fraction": args.validation_fraction, "eval_batches": args.eval_batches,

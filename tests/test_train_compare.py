@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import free_port
 from train_helpers import DEBUG_OVERRIDES, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +60,7 @@ def test_compare_reports_paired_gaps_margins_and_reach() -> None:
 
 
 def test_specs_pair_every_seed_and_share_the_data_order() -> None:
-    specs = tc.quality_specs([300, 600], seeds=2, curriculum=True)
+    specs = tc.quality_specs([300, 600], seeds=2, variants=tc.DEFAULT_VARIANTS)
     assert [s.name for s in specs[:3]] == ["moe_s300_seed0", "dense_s300_seed0", "moe_fixed_root_s300_seed0"]
     assert len(specs) == 12 and len({s.name for s in specs}) == 12
     args = tc.parser().parse_args(["quality", "--run-root", "/tmp/x"])
@@ -89,9 +88,9 @@ def test_suite_trains_reuses_and_refuses_other_settings(tmp_path) -> None:
     again reuses them without training; other settings in the same run root are refused."""
     write_corpus(tmp_path / "text")
     own = ("data.validation_fraction=", "trainer.eval_batches=")  # the suite sets these itself
-    overrides = [o for o in DEBUG_OVERRIDES if not o.startswith(own)] + [f"cluster.dashboard_port={free_port()}"]
+    overrides = [o for o in DEBUG_OVERRIDES if not o.startswith(own)]
     base = [sys.executable, "benchmarks/train_compare.py", "quality", "--seeds", "1", "--steps", "2",
-            "--no-curriculum", "--eval-batches", "2", "--eval-points", "2", "--validation-fraction", "0.1",
+            "--variants", "moe", "dense", "--eval-batches", "2", "--eval-points", "2", "--validation-fraction", "0.1",
             "--run-root", str(tmp_path / "bench"), "--override", f"data.sources=[{tmp_path / 'text'}]", *overrides]
     first = subprocess.run(base, capture_output=True, text=True, cwd=ROOT, timeout=400)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
@@ -101,7 +100,7 @@ def test_suite_trains_reuses_and_refuses_other_settings(tmp_path) -> None:
                for r in result["rows"])
     (comparison,) = result["comparisons"]
     assert comparison["steps"] == 2 and comparison["seeds"] == 1
-    assert (tmp_path / "bench" / "quality_curves.png").is_file()
+    assert (tmp_path / "bench" / "quality_curves_2.png").is_file()
 
     again = subprocess.run(base, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert again.returncode == 0 and again.stdout.count("reusing the finished run") == 2
