@@ -22,7 +22,6 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moe.checkpoint import model_state_for_saving
 from moe.dispatch import AllToAllDispatcher
@@ -208,12 +207,12 @@ def _all_reduce_grads(params: list[nn.Parameter], group: Optional[dist.ProcessGr
             param.grad = torch.zeros_like(param)
         grads.append(param.grad)
     for bucket in _buckets(grads, bucket_cap_mb):
-        flat = _flatten_dense_tensors(bucket)
+        flat = torch.cat([grad.reshape(-1) for grad in bucket])
         if group_size > 1:
             dist.all_reduce(flat, group=group)
         flat.div_(divisor)
-        for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-            grad.copy_(reduced)
+        for grad, reduced in zip(bucket, flat.split([grad.numel() for grad in bucket])):
+            grad.copy_(reduced.view_as(grad))
 
 
 def _buckets(grads: list[torch.Tensor], bucket_cap_mb: Optional[float]) -> Iterator[list[torch.Tensor]]:
