@@ -52,7 +52,8 @@ class RouterConfig:
         jitter_eps: multiplicative uniform jitter of the router input in
             training (Switch Transformer); 0 disables it.
         aux_loss_coef: weight of the Switch/GShard load-balancing loss
-            `E * sum_i f_i * P_i`.
+            `E * sum_i f_i * P_i` of each MoE layer (the model sums the
+            layers' weighted losses, as the papers do; so do the next two).
         seq_aux_loss_coef: weight of the sequence-wise balance loss
             (DeepSeek-V2/V3).
         z_loss_coef: weight of the ST-MoE router z-loss.

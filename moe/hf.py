@@ -19,10 +19,13 @@ training and are deliberately not mapped:
   2. Mixtral's `router_jitter_noise` scales the input of the router *and* the
      experts, ours only the router's: export writes 0 and import refuses a
      non-zero value, as it does a non-zero `attention_dropout`.
-  3. `router_aux_loss_coef` carries `RouterConfig.aux_loss_coef`. For one MoE
-     layer HF's `loss` is the cross entropy plus our `aux_loss`; with several
-     layers HF pools the token fractions and probabilities over layers before
-     multiplying, while we average the per-layer losses.
+  3. We sum the per-layer balancing losses (Switch, ST-MoE, Megatron-LM); HF
+     pools the token fractions and probabilities over layers before
+     multiplying, about their mean. Export writes `router_aux_loss_coef` =
+     aux_loss_coef * num_moe_layers, so HF training balances as strongly, and
+     the exact coefficient in `moe_extra_config`; import of a checkpoint
+     without it divides by the layers. For one MoE layer HF's `loss` is the
+     cross entropy plus our `aux_loss`.
 
 Expert weights are written in the per-expert layout
 `block_sparse_moe.experts.{j}.w1/w2/w3` that the Hub's Mixtral checkpoints,
@@ -62,7 +65,7 @@ EXTRA_CONFIG_KEY = "moe_extra_config"
 # the forward pass (NOTE 1 of the module docstring). Everything else is either
 # mapped onto a Mixtral field or must have its Mixtral value (`_INEXPRESSIBLE`).
 _EXTRA_MODEL_FIELDS = ("dense_hidden_size",)
-_EXTRA_ROUTER_FIELDS = ("jitter_eps", "seq_aux_loss_coef", "z_loss_coef", "drop_policy")
+_EXTRA_ROUTER_FIELDS = ("aux_loss_coef", "jitter_eps", "seq_aux_loss_coef", "z_loss_coef", "drop_policy")
 _EXTRA_EXPERTS_FIELDS = ("backend", "shared_hidden_size")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -140,7 +143,7 @@ def to_hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "attention_dropout": 0.0,
         "num_local_experts": experts.num_experts,
         "num_experts_per_tok": router.top_k,
-        "router_aux_loss_coef": router.aux_loss_coef,
+        "router_aux_loss_coef": router.aux_loss_coef * max(1, config.num_moe_layers),
         "router_jitter_noise": 0.0,
         "output_router_logits": False,
         "use_cache": True,
@@ -195,8 +198,9 @@ def from_hf_config(hf_config: dict[str, Any], backend: Optional[str] = None) -> 
     experts = dict(extra.pop("experts", {}))
     if backend is not None:
         experts["backend"] = backend
-    router.update(top_k=hf_config.get("num_experts_per_tok", 2),
-                  aux_loss_coef=hf_config.get("router_aux_loss_coef", 0.001))
+    num_layers = hf_config.get("num_hidden_layers", 32)
+    router.setdefault("aux_loss_coef", hf_config.get("router_aux_loss_coef", 0.001) / num_layers)
+    router.update(top_k=hf_config.get("num_experts_per_tok", 2))
     experts.update(num_experts=hf_config.get("num_local_experts", 8),
                    hidden_size=hf_config.get("intermediate_size", 14336))
     hidden_size = hf_config.get("hidden_size", 4096)

@@ -308,8 +308,10 @@ class MoEOutput:
 
     Attributes:
         logits: (B, S, V).
-        aux_loss: weighted balancing losses, averaged over MoE layers (scalar;
-            0 for a dense model). Add it to the language-model loss.
+        aux_loss: weighted balancing losses, summed over MoE layers (scalar;
+            0 for a dense model): each layer adds its own, as in Switch,
+            ST-MoE and Megatron-LM, so a coefficient means the same at any
+            depth. Add it to the language-model loss.
         router_stats: one dict per MoE layer, see `moe.router.load_stats`.
         loss: mean next-token cross entropy when targets were given.
         losses: each unweighted balancing loss averaged over MoE layers.
@@ -450,7 +452,7 @@ class MoETransformer(nn.Module):
                 for name, value in routing.losses.items():
                     losses.setdefault(name, []).append(value)
         logits = self.lm_head(self.norm(x_BSD))
-        aux_loss = torch.stack(aux_losses).mean() if aux_losses else logits.new_zeros((), dtype=torch.float32)
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else logits.new_zeros((), dtype=torch.float32)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)

@@ -175,7 +175,8 @@ def test_export_import_round_trip_is_exact(tmp_path, fused_experts: bool) -> Non
                                    drop_policy="position"),
                        experts=dict(backend="loop"))
     path = moe_hf.export_hf(model, tmp_path / "hf", fused_experts=fused_experts)
-    assert json.loads((path / "config.json").read_text())["router_aux_loss_coef"] == 0.03
+    layers = model.config.num_moe_layers
+    assert json.loads((path / "config.json").read_text())["router_aux_loss_coef"] == pytest.approx(0.03 * layers)
     back = moe_hf.import_hf(path)
     assert back.config == model.config
     theirs, ours = back.state_dict(), model.state_dict()
@@ -212,21 +213,31 @@ def test_switch_loss_equals_transformers_load_balancing_loss(top_k: int) -> None
 @torch.no_grad()
 def test_aux_loss_matches_transformers_convention(tmp_path) -> None:
     """One MoE layer: our aux_loss = router_aux_loss_coef * HF aux_loss, and HF's
-    loss = our cross entropy + our aux_loss. With several layers HF pools the
-    statistics over layers, while we average per-layer losses."""
+    loss = our cross entropy + our aux_loss. With several layers we sum the
+    per-layer losses (HF pools the statistics over layers) and the export scales
+    router_aux_loss_coef by the layers; import restores our coefficient."""
     ids = input_ids()
     targets = torch.cat((ids[:, 1:], torch.full_like(ids[:, :1], -100)), dim=1)
     for num_layers in (1, 2):
         model = tiny_model(num_layers=num_layers, router=dict(aux_loss_coef=0.02))
         theirs = load_hf(moe_hf.export_hf(model, tmp_path / f"hf{num_layers}"))
-        assert theirs.config.router_aux_loss_coef == 0.02
+        assert theirs.config.router_aux_loss_coef == pytest.approx(0.02 * num_layers)
         out = model(ids, targets=targets)
         hf_out = theirs(ids, labels=ids, output_router_logits=True)
         per_layer = [load_balancing_loss_func((logits,), 4, 2) for logits in hf_out.router_logits]
-        torch.testing.assert_close(out.aux_loss, 0.02 * torch.stack(per_layer).mean(), atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(out.aux_loss, 0.02 * torch.stack(per_layer).sum(), atol=1e-7, rtol=1e-5)
+        assert moe_hf.from_hf_config(theirs.config.to_dict()).router.aux_loss_coef == 0.02
         if num_layers == 1:
             torch.testing.assert_close(out.aux_loss, 0.02 * hf_out.aux_loss, atol=1e-7, rtol=1e-5)
             torch.testing.assert_close(out.loss + out.aux_loss, hf_out.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_import_of_a_hub_config_takes_a_per_layer_coefficient() -> None:
+    """A Mixtral config without our coefficient (as on the Hub): HF's pooled one spread over the layers."""
+    hf_config = moe_hf.to_hf_config(tiny_model(num_layers=4).config)
+    hf_config[moe_hf.EXTRA_CONFIG_KEY]["router"].pop("aux_loss_coef")
+    hf_config["router_aux_loss_coef"] = 0.02
+    assert moe_hf.from_hf_config(hf_config).router.aux_loss_coef == pytest.approx(0.005)
 
 
 # --- refusals ---------------------------------------------------------------------------------------------------
