@@ -147,6 +147,25 @@ def test_learns_a_simple_sequence() -> None:
     assert out.loss.item() < 0.2 * first
 
 
+def test_aux_loss_sums_the_layers_weighted_losses() -> None:
+    """Each MoE layer adds its own weighted balancing losses (Switch, ST-MoE, Megatron-LM): recomputed here
+    from each router's own output on the input its layer saw."""
+    torch.manual_seed(0)
+    config = debug_config(num_layers=3, router=dict(aux_loss_coef=0.01, z_loss_coef=0.001))
+    model = MoETransformer(config)
+    routers = [layer.ffn.router for layer in model.layers]
+    per_layer = []
+    hooks = [r.register_forward_hook(lambda _m, _i, out: per_layer.append(out.aux_loss)) for r in routers]
+    ids = torch.randint(0, 64, (2, 16))
+    out = model(ids[:, :-1], targets=ids[:, 1:])
+    for hook in hooks:
+        hook.remove()
+    assert len(per_layer) == 3 and all(float(a) > 0 for a in per_layer)
+    torch.testing.assert_close(out.aux_loss, torch.stack(per_layer).sum())
+    expected = 3 * (0.01 * out.losses["load_balancing"] + 0.001 * out.losses["z_loss"])  # losses: layer means
+    torch.testing.assert_close(out.aux_loss, expected)
+
+
 def test_dense_model_has_no_aux_loss() -> None:
     model = MoETransformer(debug_config(first_k_dense=2))
     out = model(torch.randint(0, 64, (1, 8)))
