@@ -12,7 +12,7 @@
 Every quality or sweep run is a real `python -m moe.train` process on the
 embedded default corpus, prepared once into RUN_ROOT/data with
 --validation-fraction of the documents held out (default 0.05: 88 documents,
-about 330k tokens; the evaluation reads --eval-batches global batches of it).
+about 378k tokens; the evaluation reads --eval-batches global batches of it).
 Seed s sets both the initial weights and the data order (trainer.seed,
 data.seed), so the MoE and the dense run of a seed see the same batches.
 Runs already finished under RUN_ROOT are reused and unfinished ones resume
