@@ -288,6 +288,14 @@ def save_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
     ray.train.report(metrics)
 
 
+def eval_record(run: WorkerRun) -> dict[str, Any]:
+    """The metrics.jsonl record of a validation pass at the current step (all ranks take part)."""
+    loss, stderr, batch_losses = evaluate(run.model, run.config, run.rank, run.world_size, run.device,
+                                          run.autocast)
+    return {"kind": "eval", "step": run.step, "val_loss": loss, "val_loss_stderr": stderr,
+            "val_ppl": math.exp(min(loss, 50)), "val_batch_losses": batch_losses}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker; `config` comes from the driver (plain dicts)."""
     run = setup(config)
@@ -321,11 +329,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if stats.stepped and (run.step % tcfg["checkpoint_every"] == 0 or run.step == tcfg["max_steps"]):
             save_checkpoint(run, {"step": run.step, "loss": stats.lm_loss})
         if tcfg["eval_every"] and run.step % tcfg["eval_every"] == 0 and run.step < tcfg["max_steps"]:
-            val, stderr, batch_losses = evaluate(run.model, config, run.rank, run.world_size, run.device,
-                                                 run.autocast)
+            record = eval_record(run)
             if logger is not None:
-                logger.log({"kind": "eval", "step": run.step, "val_loss": val, "val_loss_stderr": stderr,
-                            "val_ppl": math.exp(min(val, 50)), "val_batch_losses": batch_losses})
+                logger.log(record)
             run.model.train()
         if run.probe is not None and run.step % tcfg["diagnostics_every"] == 0:
             record = diagnose(run)
@@ -335,13 +341,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     summary = dict(status)
     if status["status"] == "running":
         summary["status"] = "finished"
-        summary["val_loss"], summary["val_loss_stderr"], batch_losses = evaluate(
-            run.model, config, run.rank, run.world_size, run.device, run.autocast)
-        summary["val_ppl"] = math.exp(min(summary["val_loss"], 50))
+        record = eval_record(run)
+        summary.update({key: record[key] for key in ("val_loss", "val_loss_stderr", "val_ppl")})
         if logger is not None:
-            logger.log({"kind": "eval", "step": run.step, "val_loss": summary["val_loss"],
-                        "val_loss_stderr": summary["val_loss_stderr"], "val_ppl": summary["val_ppl"],
-                        "val_batch_losses": batch_losses})
+            logger.log(record)
     summary.update({"final_step": run.step, "bad_steps": run.bad_steps, "world_size": run.world_size,
                     "flops_per_token": flops_per_token, "params": count_parameters(run.model.config)})
     if logger is not None:
