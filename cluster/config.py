@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.config import ModelConfig
 from moe.model import ACTIVATION_CHECKPOINTING
 
-ENGINES = ("native", "deepspeed")
+ENGINES = ("native", "fsdp", "deepspeed")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -37,7 +37,10 @@ class TrainerConfig:
 
     Attributes:
         max_steps: optimizer steps of the run.
-        engine: "native" (our loop, expert parallel) or "deepspeed" (ZeRO).
+        engine: "native" (our all-reduce of replicated gradients), "fsdp"
+            (torch FSDP2: parameters, gradients and optimizer state sharded
+            over the data-parallel ranks) or "deepspeed" (ZeRO); all three
+            compose with expert parallelism (see cluster/engine.py).
         resume: None (fresh, refuses a run directory that has checkpoints),
             "auto" (latest complete checkpoint of this run, if any) or a path.
         global_batch_size: sequences per optimizer step over all workers.

@@ -109,7 +109,7 @@ class DeepSpeedEngine:
             config=_deepspeed_config(dims, cfg))
         self._group_index = {id(p): i for i, params in enumerate(self._optimizer.bit16_groups) for p in params}
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         self._optimizer.clear_backward_seen_flag()  # NOTE 2
         self._engine._backward_prologue()
         self._engine.backward(loss, scale_wrt_gas=False)

@@ -24,6 +24,7 @@ import torch.nn as nn
 from moe.layer import MoELayer
 
 from cluster.expert_parallel import is_expert_param
+from cluster.fsdp import all_reduce_sharded_square_sums, is_sharded, local_part
 from cluster.parallel_dims import ParallelDims
 
 GROUPS = ("embedding", "attention", "router", "experts", "ffn", "norm")
@@ -47,21 +48,33 @@ def param_group(name: str, param: torch.Tensor) -> str:
 def grad_square_sums(model: nn.Module, dims: ParallelDims) -> torch.Tensor:
     """(G,) squared gradient norm of each group of `GROUPS` of the full model, expert shards included.
 
-    After the gradient reduction, non-expert gradients are identical on all
+    After the gradient reduction, replicated gradients are identical on all
     ranks and each expert shard is identical across its replicas, so the
-    expert group is summed over the expert-parallel group and the rest is local.
+    expert group is summed over the expert-parallel group and the rest is
+    local. FSDP-sharded gradients (DTensors) hold each element on exactly one
+    rank: their squares are summed over the world.
     """
     params = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
     device = params[0][1].grad.device
-    sums_G = torch.zeros(len(GROUPS), device=device, dtype=torch.float32)
+    local_G, experts_G, sharded_G = (torch.zeros(len(GROUPS), device=device, dtype=torch.float32)
+                                     for _ in range(3))
+    kinds = set()  # the same on every rank (it depends on the layout, not on the values)
     for name, param in params:
-        sums_G[GROUPS.index(param_group(name, param))] += param.grad.detach().float().square().sum()
-    if dims.ep > 1:
-        expert = GROUPS.index("experts")
-        expert_sq = sums_G[expert:expert + 1].clone()
-        dist.all_reduce(expert_sq, group=dims.ep_group)
-        sums_G[expert] = expert_sq[0]
-    return sums_G
+        group = GROUPS.index(param_group(name, param))
+        square_sum = local_part(param.grad).detach().float().square().sum()
+        if is_sharded(param.grad):
+            sharded_G[group] += square_sum
+            kinds.add("sharded")
+        elif is_expert_param(param) and dims.ep > 1:
+            experts_G[group] += square_sum
+            kinds.add("experts")
+        else:
+            local_G[group] += square_sum
+    if "sharded" in kinds:
+        all_reduce_sharded_square_sums(sharded_G)
+    if "experts" in kinds:
+        dist.all_reduce(experts_G, group=dims.ep_group)
+    return local_G + experts_G + sharded_G
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -77,12 +90,15 @@ def expert_weight_norms(model: nn.Module, dims: ParallelDims) -> torch.Tensor:
     num_experts = layers[0].num_experts
     shard = dims.expert_shard(num_experts) if dims.ep > 1 else slice(None)
     norms_LE = torch.zeros(len(layers), num_experts, device=layers[0].experts.w1_EDF.device)
+    fsdp = is_sharded(layers[0].experts.w1_EDF)
     for i, layer in enumerate(layers):
         experts = layer.experts
-        local_sq = sum(w.detach().float().square().flatten(1).sum(1)
+        local_sq = sum(local_part(w).detach().float().square().flatten(1).sum(1)
                        for w in (experts.w1_EDF, experts.w3_EDF, experts.w2_EFD))
         norms_LE[i, shard] = local_sq
-    if dims.ep > 1:  # every rank of an expert-parallel group holds different experts
+    if fsdp:  # each element of every expert lives on exactly one rank
+        all_reduce_sharded_square_sums(norms_LE)
+    elif dims.ep > 1:  # every rank of an expert-parallel group holds different experts
         dist.all_reduce(norms_LE, group=dims.ep_group)
     return norms_LE.sqrt().cpu()
 

@@ -1,10 +1,16 @@
 """Training engines: how gradients are reduced, clipped and applied.
 
 The worker loop (cluster/worker.py) only talks to this interface, so the
-native engine (our expert-parallel gradient reduction + AdamW) and the
-DeepSpeed engine (ZeRO) are interchangeable:
+engines are interchangeable:
 
-    engine.backward(loss / grad_accum_steps)   # per micro-batch
+    native     our bucketed all-reduce of replicated gradients (expert-parallel
+               aware) after backward, then torch AdamW
+    fsdp       torch's FSDP2 (`cluster.fsdp`): parameters, gradients and AdamW
+               state sharded over the data-parallel ranks, reduce-scatter
+               overlapped with backward
+    deepspeed  DeepSpeed ZeRO stage 1 or 2
+
+    engine.backward(loss / grad_accum_steps, sync=is_last_micro_batch)
     grad_norm, stepped = engine.step(lr, loss_is_finite)
     engine.optimizer_state() / engine.load_optimizer_state(tensors)
 """
@@ -22,6 +28,7 @@ from moe.router import discard_expert_counts
 
 from cluster.diagnostics import GROUPS, grad_square_sums
 from cluster.expert_parallel import expert_bias_all_reduce, reduce_gradients
+from cluster.fsdp import apply_fsdp, local_part, set_gradient_sync
 from cluster.optim import build_adamw, load_optimizer_tensors, optimizer_tensors
 from cluster.parallel_dims import ParallelDims
 
@@ -29,8 +36,9 @@ from cluster.parallel_dims import ParallelDims
 class TrainEngine(Protocol):
     model: torch.nn.Module
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulates gradients of one micro-batch (the loss is already divided by the accumulation steps)."""
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """Accumulates gradients of one micro-batch (the loss is already divided by the accumulation steps).
+        `sync=False` says more micro-batches of this step follow (an engine may defer its communication)."""
 
     def step(self, lr: float, loss_is_finite: bool) -> tuple[float, bool]:
         """Reduces, clips and applies the accumulated gradients, then zeroes them.
@@ -69,7 +77,7 @@ class NativeEngine:
         self._bias_all_reduce = expert_bias_all_reduce(dims)
         self.last_grad_norms: dict[str, float] = {}  # per parameter group, of the last step (before clipping)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         loss.backward()
 
     def step(self, lr: float, loss_is_finite: bool) -> tuple[float, bool]:
@@ -80,8 +88,8 @@ class NativeEngine:
             if self.grad_clip > 0:
                 scale = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
                 for p in self.model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(scale.to(p.grad.dtype))
+                    if p.grad is not None:  # in place on this rank's shard when FSDP shards the gradient
+                        local_part(p.grad).mul_(scale.to(p.grad.dtype))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
@@ -99,12 +107,28 @@ class NativeEngine:
         load_optimizer_tensors(self.optimizer, self._names, tensors)
 
 
+class FSDPEngine(NativeEngine):
+    """torch's FSDP2 over the data-parallel ranks (`cluster.fsdp.apply_fsdp`), the same clipping, AdamW and
+    bias update as the native engine: FSDP's reduce-scatter replaces our all-reduce."""
+
+    def __init__(self, model: torch.nn.Module, dims: ParallelDims, cfg: dict[str, Any]) -> None:
+        apply_fsdp(model, dims)
+        super().__init__(model, dims, cfg)
+        self._reduce_gradients = lambda model, dims: None  # done by FSDP during backward
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        set_gradient_sync(self.model, sync)
+        loss.backward()
+
+
 def build_engine(model: torch.nn.Module, dims: ParallelDims, cfg: dict[str, Any]) -> TrainEngine:
     """The engine named by trainer.engine."""
     if cfg["engine"] == "native":
         return NativeEngine(model, dims, cfg)
+    if cfg["engine"] == "fsdp":
+        return FSDPEngine(model, dims, cfg)
     if cfg["engine"] == "deepspeed":
         from cluster.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(model, dims, cfg)
-    raise ValueError(f"trainer.engine must be 'native' or 'deepspeed', got {cfg['engine']!r}")
+    raise ValueError(f"trainer.engine must be 'native', 'fsdp' or 'deepspeed', got {cfg['engine']!r}")

@@ -22,12 +22,14 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import distribute_tensor
 
 from moe.checkpoint import model_state_for_saving
 from moe.dispatch import AllToAllDispatcher
 from moe.layer import MoELayer
 from moe.model import MoETransformer
 
+from cluster.fsdp import is_sharded
 from cluster.parallel_dims import ParallelDims
 
 
@@ -83,18 +85,19 @@ def gather_full_state_dict(model: nn.Module, dims: ParallelDims) -> dict[str, to
     Returns, on every rank, detached contiguous CPU tensors in the layout of
     `moe.checkpoint` (persistent buffers included, tied output head left out),
     ready for `safetensors.torch.save_file` and loadable by
-    `moe.load_checkpoint`. For a model on the CPU the non-expert tensors
-    share storage with the model: save (or copy) before the next step. One
-    all-gather per expert tensor over the expert-parallel group.
+    `moe.load_checkpoint`. For a model on the CPU the replicated tensors
+    share storage with the model: save (or copy) before the next step.
+    FSDP-sharded parameters (`cluster.fsdp`) are gathered one at a time, then
+    each expert tensor is all-gathered over the expert-parallel group.
     """
     if isinstance(model, MoETransformer):
-        state = model_state_for_saving(model)
+        state = model_state_for_saving(model, _full_tensor)
     else:
-        state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+        state = {name: _full_tensor(t).detach().contiguous().cpu() for name, t in model.state_dict().items()}
     if dims.ep == 1:
         return state
     for name, param in _expert_params(model):
-        shard = param.detach().contiguous()
+        shard = state[name].to(param.device)
         parts = [torch.empty_like(shard) for _ in range(dims.ep)]
         dist.all_gather(parts, shard, group=dims.ep_group)
         state[name] = torch.cat(parts).cpu()
@@ -103,12 +106,14 @@ def gather_full_state_dict(model: nn.Module, dims: ParallelDims) -> dict[str, to
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], dims: ParallelDims) -> None:
     """Loads a single-process state dict into a (possibly sharded) model: each
-    rank copies its slice of the expert weights. No communication.
+    rank copies its slice of the expert weights, and its FSDP shard of every
+    sharded parameter. No communication.
 
     Raises:
         ValueError naming missing/unexpected tensors or a mismatched expert count.
     """
     expert_params = dict(_expert_params(model))
+    params = dict(model.named_parameters())
     local = {}
     for name, value in state.items():
         if name in expert_params and dims.ep > 1:
@@ -116,6 +121,12 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], dims:
             if value.shape[0] != num_experts:
                 raise ValueError(f"{name} holds {value.shape[0]} experts, the model has {num_experts}")
             value = value[dims.expert_shard(num_experts)]
+        param = params.get(name)
+        if param is not None and is_sharded(param):
+            if value.shape != param.shape:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, the model has {tuple(param.shape)}")
+            value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                      src_data_rank=None)  # every rank read the same file: no communication
         local[name] = value
     missing, unexpected = model.load_state_dict(local, strict=False)
     if getattr(getattr(model, "config", None), "tie_embeddings", False):
@@ -184,6 +195,10 @@ def expert_bias_all_reduce(dims: ParallelDims) -> Optional[Callable[[torch.Tenso
         dist.all_reduce(counts, group=group)
 
     return all_reduce
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
 def _moe_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:

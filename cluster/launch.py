@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe.model import peak_bf16_tflops
 
-from cluster.checkpointing import latest_checkpoint, resolve_resume, set_aside_newer, step_dirs
+from cluster.checkpointing import check_layout, latest_checkpoint, resolve_resume, set_aside_newer, step_dirs
 from cluster.config import check_memory_plan, model_config_from, to_plain, validate_train_config
 from cluster.metrics import read_metrics
 from cluster.worker import STATUS_FILE
@@ -77,6 +77,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_data(cfg, data_dir)
     ckpt_root = run_dir / "checkpoints"
     resume_from = resolve_resume(ckpt_root, cfg.trainer.resume, cfg.cluster.num_workers)
+    if resume_from is not None:
+        check_layout(resume_from, cfg.trainer.engine, cfg.parallel.ep)
     set_aside_newer(ckpt_root, resume_from)
     if resume_from is not None:
         print(f"[moe.train] resuming from {resume_from}", flush=True)

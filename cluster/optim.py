@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from cluster.fsdp import is_sharded, local_part
 
 
 def build_adamw(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.AdamW:
@@ -22,23 +25,41 @@ def build_adamw(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.Adam
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
-    """Flattens a torch optimizer's per-parameter state into named tensors."""
+    """Flattens a torch optimizer's per-parameter state into named tensors (this rank's shard of
+    FSDP-sharded state)."""
     out = {}
     for param, state in optimizer.state.items():
         for key, value in state.items():
-            tensor = value if torch.is_tensor(value) else torch.tensor(value)
+            tensor = local_part(value) if torch.is_tensor(value) else torch.tensor(value)
             out[f"{names[param]}::{key}"] = tensor.detach().contiguous().cpu()
     return out
 
 
 def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
                            tensors: dict[str, torch.Tensor]) -> None:
+    """Restores what `optimizer_tensors` returned, into the same parameters of the same layout.
+
+    Raises:
+        ValueError naming the first unknown parameter, or a state tensor whose shape is not this rank's
+        (the checkpoint was written with another engine or parallel layout).
+    """
     by_name = {name: param for param, name in names.items()}
     stored = {key.split("::", 1)[0] for key in tensors}
     if stored - set(by_name):
         raise ValueError(f"optimizer state has unknown parameters: {sorted(stored - set(by_name))[:5]}")
+    for key, tensor in tensors.items():
+        name, field = key.split("::", 1)
+        local = local_part(by_name[name])
+        if field != "step" and tensor.shape != local.shape:
+            raise ValueError(f"optimizer state {key} has shape {tuple(tensor.shape)}, this rank's parameter "
+                             f"has {tuple(local.shape)}: the checkpoint was written with another trainer.engine "
+                             f"or parallel layout")
     optimizer.state.clear()
     for key, tensor in tensors.items():
         name, field = key.split("::", 1)
         param = by_name[name]
-        optimizer.state[param][field] = tensor.clone() if field == "step" else tensor.to(param.device)
+        tensor = tensor.clone() if field == "step" else tensor.to(param.device, copy=True)  # never shared
+        if field != "step" and is_sharded(param):
+            tensor = DTensor.from_local(tensor, param.device_mesh, param.placements, run_check=False,
+                                        shape=param.shape, stride=param.stride())
+        optimizer.state[param][field] = tensor

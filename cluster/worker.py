@@ -210,7 +210,7 @@ def train_step(run: WorkerRun) -> StepStats:
         loss = out.loss + out.aux_loss
         if run.step in tcfg["debug"]["nan_loss_at_steps"]:
             loss = loss * float("nan")
-        run.engine.backward(loss / accum)
+        run.engine.backward(loss / accum, sync=micro == accum - 1)
         losses += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()])
         layer_stats.append(out.router_stats)
     stats = _reduce_stats(losses / accum, layer_stats, run)
@@ -277,7 +277,7 @@ def save_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
     full_state = gather_full_state_dict(run.model, run.dims)
     train_state = {"step": run.step, "bad_steps": run.bad_steps, "tokens": run.tokens,
                    "loader": run.loader.state_dict(), "world_size": run.world_size,
-                   "launch_id": run.config["launch_id"]}
+                   "engine": tcfg["engine"], "ep": run.dims.ep, "launch_id": run.config["launch_id"]}
     save_training_checkpoint(run.checkpoint_root, run.step, run.rank,
                              full_model_state=full_state if run.rank == 0 else None,
                              model_config=run.model.config.to_dict(), optimizer_state=run.engine.optimizer_state(),

@@ -41,10 +41,16 @@ def _saved_names(model: MoETransformer) -> set[str]:
     return names
 
 
-def model_state_for_saving(model: MoETransformer) -> dict[str, torch.Tensor]:
-    """The persistent state dict, contiguous on the CPU, without a tied output head."""
+def model_state_for_saving(model: MoETransformer,
+                           to_full: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, torch.Tensor]:
+    """The persistent state dict, contiguous on the CPU, without a tied output head.
+
+    Args:
+        to_full: applied to each tensor first, in state-dict order on every rank (data-parallel code
+            passes the gather of a sharded tensor; the model code knows nothing of sharding).
+    """
     names = _saved_names(model)
-    return {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items() if name in names}
+    return {name: to_full(t).detach().contiguous().cpu() for name, t in model.state_dict().items() if name in names}
 
 
 def write_model_files(model: MoETransformer, directory: Path) -> None:

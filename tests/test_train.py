@@ -87,10 +87,12 @@ def test_single_worker_run_learns_and_writes_artifacts(ray_session, corpus, tmp_
         train(cfg)
 
 
-@pytest.mark.parametrize("workers,ep,recompute,compiled", [(2, 2, "full", False), (2, 1, "none", True)])
+@pytest.mark.parametrize("workers,ep,recompute,compiled,engine", [(2, 2, "full", False, "native"),
+                                                                  (2, 1, "none", True, "native"),
+                                                                  (2, 2, "selective", True, "fsdp")])
 def test_parallel_layouts_match_single_worker(ray_session, corpus, tmp_path, workers: int, ep: int,
-                                              recompute: str, compiled: bool) -> None:
-    """2 workers (expert-parallel or not) reproduce 1 worker on the same global batch.
+                                              recompute: str, compiled: bool, engine: str) -> None:
+    """2 workers (expert-parallel or not, FSDP2 or our all-reduce) reproduce 1 worker on the same global batch.
 
     Balancing losses are computed per local batch (as in Megatron), so they are
     switched off here to compare against the whole-batch run. The expert-parallel
@@ -102,7 +104,8 @@ def test_parallel_layouts_match_single_worker(ray_session, corpus, tmp_path, wor
               "model.router.z_loss_coef=0", "trainer.diagnostics_every=2"]
     train(make_cfg(corpus, tmp_path, "one", *common))
     train(make_cfg(corpus, tmp_path, "many", *common, f"cluster.num_workers={workers}", f"parallel.ep={ep}",
-                   f"trainer.activation_checkpointing={recompute}", f"trainer.compile={compiled}"))
+                   f"trainer.activation_checkpointing={recompute}", f"trainer.compile={compiled}",
+                   f"trainer.engine={engine}"))
     one, many = train_losses(tmp_path / "one"), train_losses(tmp_path / "many")
     assert one.keys() == many.keys() == {1, 2, 3, 4}
     for step in one:
@@ -156,6 +159,29 @@ def test_resume_and_worker_failure_match_uninterrupted(ray_session, corpus, tmp_
     assert abs(faulty[6] - straight[6]) < 1e-6, (faulty[6], straight[6])
     assert summary["val_loss"] == pytest.approx(json.loads((tmp_path / "straight" / "summary.json").read_text())["val_loss"],
                                                 abs=1e-6)
+
+
+def test_fsdp_worker_failure_resumes_exactly_and_layout_changes_are_refused(ray_session, corpus, tmp_path) -> None:
+    """FSDP2 with expert parallelism: a worker killed during step 4 restarts from the step-2 checkpoint (the full
+    model resharded, each rank's optimizer shard reloaded) and ends where the uninterrupted run does; resuming
+    its checkpoints with another engine or ep is refused before any worker starts."""
+    common = ["trainer.max_steps=4", "trainer.checkpoint_every=2", "cluster.num_workers=2", "parallel.ep=2",
+              "trainer.engine=fsdp"]
+    straight = train(make_cfg(corpus, tmp_path, "straight", *common))
+    faulty = train(make_cfg(corpus, tmp_path, "faulty", *common, "cluster.max_failures=1",
+                            "trainer.debug.kill_rank_at_step=3", "trainer.debug.kill_rank=1"))
+    assert (tmp_path / "faulty" / ".killed_at_3").exists(), "the worker was really killed"
+    a, b = train_losses(tmp_path / "straight"), train_losses(tmp_path / "faulty")
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
+    assert faulty["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-6)
+    for override, key in (("trainer.engine=native", "trainer.engine=fsdp"), ("parallel.ep=1", "parallel.ep=2")):
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            train(make_cfg(corpus, tmp_path, "faulty", *common, "trainer.max_steps=6", "trainer.resume=auto",
+                           override))
+    assert sorted(p.name for p in (tmp_path / "faulty" / "checkpoints").iterdir()) == ["step_00000002",
+                                                                                       "step_00000004"]
 
 
 def test_nan_steps_are_skipped_then_stop_the_run(ray_session, corpus, tmp_path) -> None:
