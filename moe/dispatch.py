@@ -11,11 +11,18 @@ outputs weighted by the gate. `LocalDispatcher` keeps everything on one
 device; `AllToAllDispatcher` (expert parallelism) has the same interface, so
 the MoE layer swaps one for the other without other changes. It only needs a
 process group, never Ray.
+
+`combine` takes an optional `overlap` callable (the MoE layer passes its
+shared experts) whose result is added to the output: `AllToAllDispatcher`
+runs it while the expert outputs travel back over the network, so the
+shared-expert compute hides the combine all-to-all (as DeepSeek-V3 and
+torchtitan overlap them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -69,12 +76,13 @@ class LocalDispatcher:
         x_ND = x_TD.index_select(0, token_index_N)
         return x_ND, tokens_per_expert, DispatchState(token_index_N, assignment_index_N, x_TD.shape[0])
 
-    def combine(self, y_ND: torch.Tensor, topk_weights_TK: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        """Weights each row by its gate and sums the rows of each token."""
+    def combine(self, y_ND: torch.Tensor, topk_weights_TK: torch.Tensor, state: DispatchState,
+                overlap: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+        """Weights each row by its gate and sums the rows of each token, plus `overlap()` when given."""
         weights_N = topk_weights_TK.reshape(-1).index_select(0, state.assignment_index_N)
         weighted_ND = y_ND * weights_N.unsqueeze(-1).to(y_ND.dtype)
-        out_TD = y_ND.new_zeros(state.num_tokens, y_ND.shape[-1])
-        return out_TD.index_add(0, state.token_index_N, weighted_ND)
+        out_TD = y_ND.new_zeros(state.num_tokens, y_ND.shape[-1]).index_add(0, state.token_index_N, weighted_ND)
+        return out_TD if overlap is None else out_TD + overlap()
 
 
 @dataclass
@@ -103,6 +111,45 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, grad_MD: torch.Tensor):  # noqa: D102
         grad_ND = _AllToAll.apply(grad_MD.contiguous(), ctx.send_splits, ctx.recv_splits, ctx.group)
         return grad_ND, None, None, None
+
+
+class _InFlight:
+    """The pending exchange between `_AllToAllStart` and `_AllToAllWait` (kept off the autograd graph)."""
+
+    work: Optional[dist.Work] = None
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Starts the variable-size all-to-all and returns the buffer it is filling: nothing may read it before
+    `_AllToAllWait`. The backward is the reverse exchange, synchronous."""
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, recv_splits: list[int], send_splits: list[int],
+                group: dist.ProcessGroup, in_flight: _InFlight) -> torch.Tensor:  # noqa: D102
+        ctx.recv_splits, ctx.send_splits, ctx.group = recv_splits, send_splits, group
+        out_MD = x_ND.new_empty((sum(recv_splits),) + tuple(x_ND.shape[1:]))
+        in_flight.work = dist.all_to_all_single(out_MD, x_ND.contiguous(), output_split_sizes=recv_splits,
+                                                input_split_sizes=send_splits, group=group, async_op=True)
+        return out_MD
+
+    @staticmethod
+    def backward(ctx, grad_MD: torch.Tensor):  # noqa: D102
+        grad_ND = _AllToAll.apply(grad_MD.contiguous(), ctx.send_splits, ctx.recv_splits, ctx.group)
+        return grad_ND, None, None, None, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    """Waits for the exchange `_AllToAllStart` began; the identity for autograd."""
+
+    @staticmethod
+    def forward(ctx, out_MD: torch.Tensor, in_flight: _InFlight) -> torch.Tensor:  # noqa: D102
+        in_flight.work.wait()
+        in_flight.work = None
+        return out_MD.view_as(out_MD)
+
+    @staticmethod
+    def backward(ctx, grad_MD: torch.Tensor):  # noqa: D102
+        return grad_MD, None
 
 
 class AllToAllDispatcher:
@@ -190,9 +237,16 @@ class AllToAllDispatcher:
                                       regroup_index_M, ungroup_index_M)
         return x_MD.index_select(0, regroup_index_M), tokens_per_local_expert, state
 
-    def combine(self, y_MD: torch.Tensor, topk_weights_TK: torch.Tensor, state: AllToAllDispatchState
-                ) -> torch.Tensor:
-        """Sends expert outputs back to their source ranks, weights each row by its gate and sums per token."""
+    def combine(self, y_MD: torch.Tensor, topk_weights_TK: torch.Tensor, state: AllToAllDispatchState,
+                overlap: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+        """Sends expert outputs back to their source ranks, weights each row by its gate and sums per token.
+        `overlap()` runs while the outputs are in flight; its result is added last."""
         y_MD = y_MD.index_select(0, state.ungroup_index_M)
-        y_ND = _AllToAll.apply(y_MD, state.send_splits, state.recv_splits, self.ep_group)
-        return self._local.combine(y_ND, topk_weights_TK, state)
+        if overlap is None:
+            y_ND = _AllToAll.apply(y_MD, state.send_splits, state.recv_splits, self.ep_group)
+            return self._local.combine(y_ND, topk_weights_TK, state)
+        in_flight = _InFlight()
+        pending_ND = _AllToAllStart.apply(y_MD, state.send_splits, state.recv_splits, self.ep_group, in_flight)
+        extra_TD = overlap()
+        y_ND = _AllToAllWait.apply(pending_ND, in_flight)
+        return self._local.combine(y_ND, topk_weights_TK, state) + extra_TD

@@ -3,8 +3,9 @@
 Shape legend: B batch, S sequence, T tokens (B*S), D hidden, N routed rows.
 
 `MoELayer` composes router -> dispatcher -> grouped experts -> combine, plus
-optional shared experts. The dispatcher is a plain attribute: expert
-parallelism replaces it (and the experts, by their local shard) from outside.
+optional shared experts (computed while the dispatcher's combine exchange is
+in flight). The dispatcher is a plain attribute: expert parallelism replaces
+it (and the experts, by their local shard) from outside.
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(batch * seq_len, hidden)
         x_ND, tokens_per_expert, state = self.dispatcher.dispatch(x_TD, routing.topk_ids_TK)
         y_ND = self.experts(x_ND, tokens_per_expert)
-        out_TD = self.dispatcher.combine(y_ND, routing.topk_weights_TK, state)
-        if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
+        shared = None if self.shared_experts is None else (lambda: self.shared_experts(x_TD))
+        out_TD = self.dispatcher.combine(y_ND, routing.topk_weights_TK, state, overlap=shared)
         return out_TD.view(batch, seq_len, hidden), routing

@@ -35,9 +35,10 @@ NUM_EXPERTS, SEQ_LEN, ROWS_PER_RANK = 4, 16, 2
 NO_BALANCE_LOSS = dict(aux_loss_coef=0.0, seq_aux_loss_coef=0.0, z_loss_coef=0.0)
 
 
-def debug_config(backend: str = "grouped_mm", **router) -> ModelConfig:
+def debug_config(backend: str = "grouped_mm", shared: int = 0, **router) -> ModelConfig:
     return ModelConfig(**DEBUG_MODEL, router=dict(top_k=2, **router),
-                       experts=dict(num_experts=NUM_EXPERTS, hidden_size=32, backend=backend))
+                       experts=dict(num_experts=NUM_EXPERTS, hidden_size=32, backend=backend,
+                                    num_shared_experts=shared, shared_hidden_size=16))
 
 
 def _rows(rank: int) -> slice:
@@ -50,11 +51,12 @@ def _sharded_ref_grad(ref_grad: torch.Tensor, param: torch.Tensor, dims: Paralle
 
 # (a) one MoE layer: outputs and all gradients ------------------------------------------------------------------
 
-LAYER_CASES = [  # backend, dtype, capacity_factor
-    ("loop", torch.float64, None),
-    ("loop", torch.float64, 0.5),
-    ("grouped_mm", torch.float32, None),
-    ("grouped_mm", torch.float32, 0.5),
+LAYER_CASES = [  # backend, dtype, capacity_factor, shared experts
+    ("loop", torch.float64, None, 0),
+    ("loop", torch.float64, 0.5, 0),
+    ("grouped_mm", torch.float32, None, 0),
+    ("grouped_mm", torch.float32, 0.5, 0),
+    ("grouped_mm", torch.float32, None, 2),
 ]
 
 
@@ -65,9 +67,9 @@ def _layer_worker(rank: int, world_size: int, eps: tuple[int, ...]) -> None:
 
 def _compare_layer(rank: int, world_size: int, dims: ParallelDims) -> None:
     ep = dims.ep
-    for backend, dtype, capacity_factor in LAYER_CASES:
+    for backend, dtype, capacity_factor, shared in LAYER_CASES:
         torch.manual_seed(0)
-        ref = MoELayer(debug_config(backend, capacity_factor=capacity_factor, **NO_BALANCE_LOSS)).to(dtype)
+        ref = MoELayer(debug_config(backend, shared, capacity_factor=capacity_factor, **NO_BALANCE_LOSS)).to(dtype)
         layer = apply_expert_parallel(copy.deepcopy(ref), dims)
         assert isinstance(layer.dispatcher, AllToAllDispatcher if ep > 1 else LocalDispatcher)
         gen = torch.Generator().manual_seed(1)
@@ -80,7 +82,12 @@ def _compare_layer(rank: int, world_size: int, dims: ParallelDims) -> None:
         (out_ref * cotangent).sum().backward()
 
         x = x_global[_rows(rank)].clone().requires_grad_()
-        out, routing = layer(x)
+        events = []
+        with _recording_all_to_all(events):
+            out, routing = layer(x) if not shared else _with_hook(layer.shared_experts, events,
+                                                                  lambda: layer(x))
+        if shared and ep > 1:  # the shared experts run while the combine exchange is in flight
+            assert events[-3:] == ["start async", "shared experts", "wait"], events
         (out * cotangent[_rows(rank)]).sum().backward()
         reduce_gradients(layer, dims)  # the mean over ranks of the summed loss
 
@@ -94,12 +101,50 @@ def _compare_layer(rank: int, world_size: int, dims: ParallelDims) -> None:
             assert_close(param.grad, expected, msg=lambda m: f"{backend} {dtype} {name}: {m}")
 
 
+class _recording_all_to_all:
+    """Logs every all_to_all_single ("start" / "start async") and every wait on an async one."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    def __enter__(self) -> None:
+        self.original = original = dist.all_to_all_single
+        events = self.events
+
+        class Work:
+            def __init__(self, work) -> None:
+                self.work = work
+
+            def wait(self) -> None:
+                events.append("wait")
+                self.work.wait()
+
+        def recording(*args, async_op: bool = False, **kwargs):
+            events.append("start async" if async_op else "start")
+            work = original(*args, async_op=async_op, **kwargs)
+            return Work(work) if async_op else work
+
+        dist.all_to_all_single = recording
+
+    def __exit__(self, *exc) -> None:
+        dist.all_to_all_single = self.original
+
+
+def _with_hook(module: torch.nn.Module, events: list[str], fn):
+    handle = module.register_forward_hook(lambda *_: events.append("shared experts"))
+    try:
+        return fn()
+    finally:
+        handle.remove()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world_size,eps", [(2, (2,)), (4, (4, 2))])
 def test_moe_layer_matches_single_process(world_size: int, eps: tuple[int, ...]) -> None:
     """(a) sharded experts + all-to-all = the single-process layer, float64 loop and float32 grouped_mm,
-    dropless and with capacity dropping; ep = 2 of 4 ranks also reduces over the expert-data-parallel group."""
+    dropless and with capacity dropping, with shared experts computed during the combine exchange; ep = 2 of 4
+    ranks also reduces over the expert-data-parallel group."""
     run_distributed(world_size, _layer_worker, eps, preload=[__name__])
 
 
