@@ -12,7 +12,11 @@ The model (torch only, importable anywhere):
   engine every rank holds the non-expert parameters and 1/ep of the experts,
   their gradients (float32) and AdamW's two moments (float32). DeepSpeed ZeRO
   shards the optimizer state (stage 1) and the gradients (stage 2) over the
-  data-parallel ranks of each parameter.
+  data-parallel ranks of each parameter. FSDP2 (engine "fsdp") shards all
+  three; in their place a rank holds the unsharded parameters of the root
+  unit (embeddings, head, final norm) throughout, and of at most two blocks
+  at a time (the one computing and the one prefetched), plus one block's
+  unsharded gradients during its backward.
 - Activations: the tensors autograd saves per token and block, counted op by
   op from this implementation (`_block_units`); float32 on the CPU, and with
   bfloat16 autocast the matmul products in 2 bytes and the residual stream
@@ -66,6 +70,26 @@ def _split_parameters(config: ModelConfig) -> tuple[int, int]:
     return total - experts, experts
 
 
+def _fsdp_units(config: ModelConfig, ep: int) -> tuple[int, int]:
+    """(root unit, largest block) parameter counts one rank gathers under FSDP: the root holds the embeddings,
+    the output head (once when tied) and the final norm; a block its attention, norms and feed-forward (1/ep of
+    the routed experts)."""
+    d, v = config.hidden_size, config.vocab_size
+    root = v * d * (1 if config.tie_embeddings else 2) + d
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    attention = 2 * d * q + 2 * d * kv + 2 * d  # q, o; k, v; the two norms
+    blocks = []
+    for layer in range(config.num_layers):
+        if config.is_moe_layer(layer):
+            experts = config.experts
+            shared = 3 * d * experts.num_shared_experts * (experts.shared_hidden_size or experts.hidden_size)
+            blocks.append(attention + d * experts.num_experts + 3 * d * experts.hidden_size * experts.num_experts
+                          // ep + shared)
+        else:
+            blocks.append(attention + 3 * d * config.dense_hidden_size)
+    return root, max(blocks)
+
+
 def _block_units(config: ModelConfig, seq_len: int, masked: bool, moe: bool) -> tuple[int, int]:
     """Saved elements per token of one block: (float32 elements, matmul elements).
 
@@ -103,7 +127,7 @@ def plan_memory(config: ModelConfig, *, micro_batch: int, seq_len: int, world_si
         bf16: bfloat16 autocast (matmul activations in 2 bytes).
         documents: batches carry document ids (packed data), so SDPA gets an
             explicit mask; FlexAttention and plain causal attention build none.
-        engine, zero_stage: "native", or "deepspeed" with ZeRO stage 1 or 2.
+        engine, zero_stage: "native", "fsdp", or "deepspeed" with ZeRO stage 1 or 2.
     """
     if activation_checkpointing not in CHECKPOINTING:
         raise ValueError(f"activation_checkpointing must be one of {list(CHECKPOINTING)}, "
@@ -115,7 +139,14 @@ def plan_memory(config: ModelConfig, *, micro_batch: int, seq_len: int, world_si
     parameters = 4 * local_params
     gradients = 4 * local_params
     optimizer = 8 * local_params
-    if engine == "deepspeed":  # ZeRO shards over each parameter's data-parallel ranks
+    if engine == "fsdp":
+        sharded = non_expert / world_size + experts / ep / (world_size // ep)
+        root, block = _fsdp_units(config, ep)
+        transient = 4 * (root + 2 * block) if world_size > 1 else 0  # one rank: FSDP keeps no second copy
+        parameters = int(4 * sharded) + transient
+        gradients = int(4 * sharded) + (4 * block if world_size > 1 else 0)
+        optimizer = int(8 * sharded)
+    elif engine == "deepspeed":  # ZeRO shards over each parameter's data-parallel ranks
         sharded = 8 * (non_expert / world_size + experts / ep / (world_size // ep))
         optimizer = int(sharded)
         if zero_stage >= 2:
