@@ -14,9 +14,11 @@ Two parts, one table each and one JSON line at the end:
    code: `moe.MoETransformer` (the preset's attention backend unless
    --attention says otherwise) with `set_activation_checkpointing` and
    `compile_blocks` (trainer.activation_checkpointing, trainer.compile),
-   bf16 autocast as trainer.dtype=bfloat16 does, AdamW from `cluster.optim`,
-   packed documents (doc_ids) as the data pipeline produces them, loss + aux
-   loss, gradient clipping at 1.0. Reports tokens/s, model TFLOP/s
+   bf16 autocast as trainer.dtype=bfloat16 does, the trainer's engine
+   (`cluster.engine`: --engine fsdp wraps the model in FSDP2 over a one-rank
+   process group, as trainer.engine=fsdp does; native is our all-reduce engine,
+   a no-op on one rank) with its AdamW and gradient clipping at 1.0, packed
+   documents (doc_ids) as the data pipeline produces them, loss + aux loss. Reports tokens/s, model TFLOP/s
    (`moe.model.training_flops_per_token`: 6 x active parameters + attention),
    MFU against the device's dense bf16 peak (`moe.model.PEAK_BF16_TFLOPS`) and
    the peak memory allocated, next to the peak `moe.plan` predicts.
@@ -39,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cluster.optim import build_adamw  # noqa: E402  (torch only)
+from cluster.engine import build_engine  # noqa: E402  (torch only)
+from cluster.parallel_dims import ParallelDims  # noqa: E402
 from moe import ModelConfig, MoETransformer  # noqa: E402
 from moe.model import peak_bf16_tflops, training_flops_per_token  # noqa: E402
 from moe.plan import plan_memory  # noqa: E402
@@ -81,7 +84,8 @@ def train_steps(args: argparse.Namespace, device: torch.device) -> dict:
     model.set_activation_checkpointing(args.recompute)
     if args.compile:
         model.compile_blocks()
-    optimizer = build_adamw(model, {"weight_decay": 0.1, "lr": 3e-4, "beta1": 0.9, "beta2": 0.95})
+    engine = build_engine(model, one_rank(device, args.engine), {
+        "engine": args.engine, "weight_decay": 0.1, "lr": 3e-4, "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0})
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     generator = torch.Generator().manual_seed(0)
     batches = [packed_batch(args.batch, args.seq_len, config.vocab_size, device, generator) for _ in range(2)]
@@ -96,10 +100,8 @@ def train_steps(args: argparse.Namespace, device: torch.device) -> dict:
         start = time.perf_counter()
         with autocast:
             out = model(ids, doc_ids=doc_ids, targets=targets)
-        (out.loss + out.aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.backward(out.loss + out.aux_loss)
+        engine.step(3e-4, True)
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
@@ -111,8 +113,8 @@ def train_steps(args: argparse.Namespace, device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = peak_bf16_tflops(name) if cuda else None
     plan = plan_memory(config, micro_batch=args.batch, seq_len=args.seq_len, activation_checkpointing=args.recompute,
-                       bf16=args.dtype == "bfloat16")
-    return {"model": args.model, "device": name, "batch": args.batch, "seq_len": args.seq_len,
+                       bf16=args.dtype == "bfloat16", engine=args.engine)
+    return {"model": args.model, "device": name, "engine": args.engine, "batch": args.batch, "seq_len": args.seq_len,
             "dtype": args.dtype, "attention": config.attention_backend,
             "activation_checkpointing": args.recompute, "compile": args.compile,
             "step_s": step_s, "tokens_per_s": tokens_per_s, "tflops": tflops,
@@ -122,10 +124,24 @@ def train_steps(args: argparse.Namespace, device: torch.device) -> dict:
             "flops_per_token": flops_per_token, "loss": losses[-1]}
 
 
+def one_rank(device: torch.device, engine: str) -> ParallelDims:
+    """The parallel degrees of one rank; FSDP needs a process group, so a one-rank one is made here."""
+    import torch.distributed as dist
+
+    dims = ParallelDims(world_size=1)
+    if engine == "fsdp":
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="tcp://127.0.0.1:0",
+                                    rank=0, world_size=1)
+        dims.build(0)
+    return dims
+
+
 def print_train_table(result: dict) -> None:
     mfu = "n/a" if result["mfu"] is None else f"{result['mfu']:.1%}"
     memory = "n/a" if result["peak_memory_gib"] is None else f"{result['peak_memory_gib']:.1f}"
-    print(f"# {result['model']} training step on {result['device']}: batch {result['batch']} x {result['seq_len']}, "
+    print(f"# {result['model']} training step on {result['device']} (engine={result['engine']}): "
+          f"batch {result['batch']} x {result['seq_len']}, "
           f"{result['dtype']}, attention={result['attention']}, "
           f"activation_checkpointing={result['activation_checkpointing']}, "
           f"compile={result['compile']}")
@@ -147,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="model.attention_backend (default: the preset's; mixtral_small uses flex)")
     parser.add_argument("--recompute", choices=["none", "full", "selective"], default="none")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--engine", choices=["fsdp", "native"], default="fsdp", help="trainer.engine")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--skip-layer", action="store_true", help="skip the MoE layer benchmark")
