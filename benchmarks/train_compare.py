@@ -1,6 +1,7 @@
 """Training comparisons on the CPU, each against its baseline in the same run.
 
-    python benchmarks/train_compare.py throughput                 # mixtral_tiny tokens/s: 1 vs 2 workers (ep=1, 2)
+    python benchmarks/train_compare.py throughput --rounds 3      # mixtral_tiny tokens/s: 1 vs 2 workers (ep=1, 2),
+                                              # native vs fsdp engine, interleaved rounds, medians
     python benchmarks/train_compare.py quality --seeds 3 --steps 300 600
                                               # mixtral_tiny vs dense_tiny (equal active FLOPs) and
                                               # fixed_root length curriculum vs none: validation loss
@@ -33,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -263,8 +265,21 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+THROUGHPUT_RUNS = {  # name: overrides of mixtral_tiny
+    "1worker_native": ["trainer.engine=native"],
+    "1worker_fsdp": ["trainer.engine=fsdp"],
+    "2workers_ep1_native": ["cluster.num_workers=2", "cluster.cpus_per_worker=1", "trainer.engine=native"],
+    "2workers_ep1_fsdp": ["cluster.num_workers=2", "cluster.cpus_per_worker=1", "trainer.engine=fsdp"],
+    "2workers_ep2_native": ["cluster.num_workers=2", "cluster.cpus_per_worker=1", "parallel.ep=2",
+                            "trainer.engine=native"],
+    "2workers_ep2_fsdp": ["cluster.num_workers=2", "cluster.cpus_per_worker=1", "parallel.ep=2",
+                          "trainer.engine=fsdp"],
+}
+
+
 def throughput(args: argparse.Namespace) -> None:
-    """mixtral_tiny tokens/s with 1 worker and 2 workers (ep=1, ep=2), in one local Ray."""
+    """mixtral_tiny tokens/s per layout and engine in one local Ray: the runs interleaved round-robin over
+    --rounds rounds, the median of each (its steady-state tokens/s, the first steps excluded by moe.train)."""
     import ray
     from hydra import compose, initialize_config_dir
 
@@ -273,24 +288,27 @@ def throughput(args: argparse.Namespace) -> None:
     from cluster.launch import train
 
     register_configs()
-    run_root = Path(args.run_root).resolve()
+    run_root = Path(args.run_root).resolve() / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}"
     base = [f"trainer.max_steps={args.throughput_steps}", f"trainer.checkpoint_every={args.throughput_steps}",
             "trainer.eval_batches=1", "trainer.diagnostics_every=0", *QUIET]
-    two = ["cluster.num_workers=2", "cluster.cpus_per_worker=1"]
-    rows = []
+    names = [n for n in THROUGHPUT_RUNS if not args.runs or n in args.runs]
+    measured: dict[str, list[float]] = {name: [] for name in names}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    for name, overrides in (("tput_1worker", []), ("tput_2workers_ep1", two),
-                            ("tput_2workers_ep2", [*two, "parallel.ep=2"])):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=["+experiment=mixtral_tiny", f"name={name}",
-                                                           f"trainer.run_root={run_root}", *base, *overrides])
-        summary = train(cfg)
-        rows.append({"name": name, "tokens_per_s": summary["tokens_per_s"], "final_step": summary["final_step"]})
+    for round_index in range(args.rounds):
+        for name in names:
+            run = f"tput_{name}_r{round_index}"
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=["+experiment=mixtral_tiny", f"name={run}",
+                                                               f"trainer.run_root={run_root}", *base,
+                                                               *THROUGHPUT_RUNS[name]])
+            measured[name].append(train(cfg)["tokens_per_s"])
     ray.shutdown()
-    print(f"{'run':<22}{'steps':>6}{'tokens/s':>11}")
+    rows = [{"name": name, "tokens_per_s_median": statistics.median(values), "tokens_per_s": values,
+             "steps": args.throughput_steps} for name, values in measured.items()]
+    print(f"{'run':<24}{'median tokens/s':>16}   rounds")
     for r in rows:
-        print(f"{r['name']:<22}{r['final_step']:>6}{r['tokens_per_s']:>11.0f}")
-    print(json.dumps({"benchmark": "train_compare", "suite": "throughput", "rows": rows}))
+        print(f"{r['name']:<24}{r['tokens_per_s_median']:>16.0f}   " + " ".join(f"{v:.0f}" for v in r["tokens_per_s"]))
+    print(json.dumps({"benchmark": "train_compare", "suite": "throughput", "rounds": args.rounds, "rows": rows}))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -305,6 +323,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=int, default=40, help="global batches of 16 x 256 tokens per evaluation")
     p.add_argument("--eval-points", type=int, default=10, help="evaluations along each run (the curves)")
     p.add_argument("--throughput-steps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the throughput runs")
+    p.add_argument("--runs", nargs="+", choices=list(THROUGHPUT_RUNS), default=None,
+                   help="throughput runs to measure (default: all)")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
     p.add_argument("--run-root", default=str(ROOT / "runs" / "bench"))
     p.add_argument("--dry-run", action="store_true", help="print the runs and their commands, train nothing")
