@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import distribute_tensor
 
-from moe.checkpoint import model_state_for_saving
+from moe.checkpoint import saved_names
 from moe.dispatch import AllToAllDispatcher
 from moe.layer import MoELayer
 from moe.model import MoETransformer
@@ -79,28 +79,38 @@ def apply_expert_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
     return model
 
 
-def gather_full_state_dict(model: nn.Module, dims: ParallelDims) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(model: nn.Module, dims: ParallelDims, *, only_rank0: bool = False
+                           ) -> dict[str, torch.Tensor]:
     """The single-process state dict of a sharded model; collective over all ranks.
 
-    Returns, on every rank, detached contiguous CPU tensors in the layout of
-    `moe.checkpoint` (persistent buffers included, tied output head left out),
-    ready for `safetensors.torch.save_file` and loadable by
-    `moe.load_checkpoint`. For a model on the CPU the replicated tensors
-    share storage with the model: save (or copy) before the next step.
-    FSDP-sharded parameters (`cluster.fsdp`) are gathered one at a time, then
-    each expert tensor is all-gathered over the expert-parallel group.
+    Returns detached contiguous CPU tensors in the layout of `moe.checkpoint`
+    (persistent buffers included, tied output head left out), ready for
+    `safetensors.torch.save_file` and loadable by `moe.load_checkpoint`. For a
+    model on the CPU the replicated tensors share storage with the model: save
+    (or copy) before the next step. One tensor at a time, in state-dict order:
+    an FSDP-sharded parameter (`cluster.fsdp`) is gathered over its mesh, then
+    an expert tensor over the expert-parallel group; so a rank never holds
+    more than one full tensor beyond what it keeps.
+
+    Args:
+        only_rank0: keep the tensors on global rank 0 only (the checkpoint
+            writer); the other ranks take part in the collectives and return {}.
     """
-    if isinstance(model, MoETransformer):
-        state = model_state_for_saving(model, _full_tensor)
-    else:
-        state = {name: _full_tensor(t).detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    if dims.ep == 1:
-        return state
-    for name, param in _expert_params(model):
-        shard = state[name].to(param.device)
-        parts = [torch.empty_like(shard) for _ in range(dims.ep)]
-        dist.all_gather(parts, shard, group=dims.ep_group)
-        state[name] = torch.cat(parts).cpu()
+    keep = not only_rank0 or dims.rank in (None, 0)
+    names = saved_names(model) if isinstance(model, MoETransformer) else set(model.state_dict())
+    expert_names = {name for name, _ in _expert_params(model)} if dims.ep > 1 else set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name not in names:
+            continue
+        tensor = tensor.full_tensor() if is_sharded(tensor) else tensor
+        if name in expert_names:
+            shard = tensor.detach().contiguous()
+            parts = [torch.empty_like(shard) for _ in range(dims.ep)]
+            dist.all_gather(parts, shard, group=dims.ep_group)
+            tensor = torch.cat(parts)
+        if keep:
+            state[name] = tensor.detach().contiguous().cpu()
     return state
 
 
@@ -195,10 +205,6 @@ def expert_bias_all_reduce(dims: ParallelDims) -> Optional[Callable[[torch.Tenso
         dist.all_reduce(counts, group=group)
 
     return all_reduce
-
-
-def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
 def _moe_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:

@@ -274,7 +274,7 @@ def save_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
     import ray.train
 
     tcfg = run.trainer
-    full_state = gather_full_state_dict(run.model, run.dims)
+    full_state = gather_full_state_dict(run.model, run.dims, only_rank0=True)
     train_state = {"step": run.step, "bad_steps": run.bad_steps, "tokens": run.tokens,
                    "loader": run.loader.state_dict(), "world_size": run.world_size,
                    "engine": tcfg["engine"], "ep": run.dims.ep, "launch_id": run.config["launch_id"]}

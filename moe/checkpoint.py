@@ -34,23 +34,18 @@ FORMAT_VERSION = 1
 PathLike = Union[str, os.PathLike]
 
 
-def _saved_names(model: MoETransformer) -> set[str]:
+def saved_names(model: MoETransformer) -> set[str]:
+    """The state-dict entries a checkpoint holds: all persistent ones but a tied output head."""
     names = set(model.state_dict())
     if model.config.tie_embeddings:
         names.discard("lm_head.weight")
     return names
 
 
-def model_state_for_saving(model: MoETransformer,
-                           to_full: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, torch.Tensor]:
-    """The persistent state dict, contiguous on the CPU, without a tied output head.
-
-    Args:
-        to_full: applied to each tensor first, in state-dict order on every rank (data-parallel code
-            passes the gather of a sharded tensor; the model code knows nothing of sharding).
-    """
-    names = _saved_names(model)
-    return {name: to_full(t).detach().contiguous().cpu() for name, t in model.state_dict().items() if name in names}
+def model_state_for_saving(model: MoETransformer) -> dict[str, torch.Tensor]:
+    """The persistent state dict, contiguous on the CPU, without a tied output head."""
+    names = saved_names(model)
+    return {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items() if name in names}
 
 
 def write_model_files(model: MoETransformer, directory: Path) -> None:
@@ -217,7 +212,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         raise FileNotFoundError(f"not a moe checkpoint: {weights_file} is missing")
     state = load_file(str(weights_file), device="cpu")
     model = MoETransformer(config)
-    expected = _saved_names(model)
+    expected = saved_names(model)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"checkpoint {weights_file} does not match its config: missing {missing[:5]}, "

@@ -115,6 +115,11 @@ def _compare(rank: int, world_size: int, ep: int, variant: str, config: ModelCon
     assert moved > 100 * 1e-5, f"{label}: parameters moved only {moved}: the comparison would be vacuous"
     for name, value in expected.items():
         assert_close(full[name], value, rtol=0, atol=1e-5, msg=lambda m: f"{label} {name}: {m}")
+    writer = gather_full_state_dict(model, dims, only_rank0=True)  # what the checkpoint writer gets
+    if rank == 0:
+        assert writer.keys() == full.keys() and all(torch.equal(writer[n], full[n]) for n in full), label
+    else:
+        assert writer == {}, f"{label}: rank {rank} kept a full copy of the model"
     assert_close(expert_weight_norms(model, dims), expert_weight_norms(ref, ParallelDims(1, 1)), rtol=1e-5,
                  atol=1e-6, msg=lambda m: f"{label}: expert weight norms: {m}")
 
