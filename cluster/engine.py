@@ -21,7 +21,6 @@ import math
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
 from moe import update_expert_bias
 from moe.router import discard_expert_counts

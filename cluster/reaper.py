@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import select
 import sys
-import time
 
 import psutil
 

@@ -47,7 +47,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from moe.checkpoint import load_checkpoint
+from moe.checkpoint import load_checkpoint, run_config_of
 from moe.cli import check_positive_ints, parse_key_values, run, write_json
 from moe.difficulty import (SIGNAL_NAMES, DifficultyRouter, confidence_threshold_for_escalation, prompt_signals,
                             right_pad, threshold_for_large_fraction)
@@ -129,8 +129,6 @@ def data_dir_of(checkpoint: Path, data: Optional[str]) -> Path:
     """The prepared directory: `data`, else `data.output` of the training run's config.yaml."""
     if data is not None:
         return Path(data)
-    from moe.evaluate import run_config_of
-
     run_cfg = run_config_of(checkpoint) or {}
     output = (run_cfg.get("data") or {}).get("output")
     if not output:

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -221,3 +221,14 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
     if dtype is not None:
         model.to(dtype=dtype)
     return model.to(device)
+
+
+def run_config_of(checkpoint: Path) -> Optional[dict[str, Any]]:
+    """The resolved config (config.yaml) of the training run whose run directory holds `checkpoint`, if any."""
+    for parent in list(checkpoint.resolve().parents)[:3]:
+        config_file = parent / "config.yaml"
+        if config_file.is_file():
+            import yaml
+
+            return yaml.safe_load(config_file.read_text())
+    return None

@@ -1,8 +1,8 @@
 """`python -m moe.train +experiment=NAME`: expert-parallel MoE training on Ray.
 
 A thin Hydra entry point: compose the config, hand it to the driver in
-`cluster.launch`. Ray, Hydra and the data pipeline are imported here, not by
-`import moe`, which stays torch-only.
+`cluster.launch`. The configs' schemas and the driver are imported inside
+`main`, never by `import moe`, which stays torch-only.
 """
 
 from __future__ import annotations
@@ -13,13 +13,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cluster.config import register_configs
-
-register_configs()
-
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def _train(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from cluster.launch import TrainingStopped, interrupted_message, train
@@ -43,6 +39,13 @@ def main(cfg: DictConfig) -> None:
         print(f"\n[moe.train] {interrupted_message(cfg, list(HydraConfig.get().overrides.task))}", file=sys.stderr,
               flush=True)
         sys.exit(143 if terminated else 130)  # the shell's codes for SIGTERM and SIGINT
+
+
+def main() -> None:
+    from cluster.config import register_configs
+
+    register_configs()  # the structured schemas, before Hydra composes
+    _train()
 
 
 if __name__ == "__main__":
