@@ -222,10 +222,27 @@ def check_local_resources(cfg: DictConfig, resources: dict[str, float]) -> None:
                          f"the local Ray has {gpus:g}")
 
 
-def dashboard_url() -> str:
-    from ray._private.worker import get_dashboard_url
+class _DropReinitNotice:
+    """A logging filter for ray.init's "called again" notice, which `dashboard_url` triggers on purpose."""
 
-    url = get_dashboard_url() or ""
+    def filter(self, record) -> bool:
+        return "ray.init() again" not in record.getMessage()
+
+
+def dashboard_url() -> str:
+    """The connected Ray's dashboard address (public API: `ray.init` on a connected driver returns its
+    `RayContext` when asked to ignore the re-initialisation)."""
+    import logging
+
+    import ray
+
+    notice = _DropReinitNotice()
+    ray_logger = logging.getLogger("ray._private.worker")  # by name only: where ray.init logs its notice
+    ray_logger.addFilter(notice)
+    try:
+        url = ray.init(ignore_reinit_error=True).dashboard_url or ""
+    finally:
+        ray_logger.removeFilter(notice)
     return url if not url or "://" in url else f"http://{url}"
 
 
