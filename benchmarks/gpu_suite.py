@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cluster.engine import build_engine  # noqa: E402  (torch only)
 from cluster.parallel_dims import ParallelDims  # noqa: E402
+from cluster.schema import TrainerConfig  # noqa: E402
 from moe import ModelConfig, MoETransformer  # noqa: E402
 from moe.model import peak_bf16_tflops, training_flops_per_token  # noqa: E402
 from moe.plan import plan_memory  # noqa: E402
@@ -84,8 +85,9 @@ def train_steps(args: argparse.Namespace, device: torch.device) -> dict:
     model.set_activation_checkpointing(args.recompute)
     if args.compile:
         model.compile_blocks()
-    engine = build_engine(model, one_rank(device, args.engine), {
-        "engine": args.engine, "weight_decay": 0.1, "lr": 3e-4, "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0})
+    engine = build_engine(model, one_rank(device, args.engine),
+                          TrainerConfig(engine=args.engine, weight_decay=0.1, lr=3e-4, beta1=0.9, beta2=0.95,
+                                        grad_clip=1.0))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     generator = torch.Generator().manual_seed(0)
     batches = [packed_batch(args.batch, args.seq_len, config.vocab_size, device, generator) for _ in range(2)]

@@ -9,7 +9,6 @@ cannot (values and relations between groups) and names the offending key.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -18,124 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from moe.config import ModelConfig
 from moe.model import ACTIVATION_CHECKPOINTING
 
-ENGINES = ("native", "fsdp", "deepspeed")
-DTYPES = ("float32", "bfloat16")
-
-
-@dataclass
-class DebugConfig:
-    """Fault injection for tests and drills (never set in a real run)."""
-
-    kill_rank_at_step: Optional[int] = None  # that rank's process exits once, at this step
-    kill_rank: int = 0
-    nan_loss_at_steps: list[int] = field(default_factory=list)  # these steps see a NaN loss
-
-
-@dataclass
-class TrainerConfig:
-    """The `trainer` group.
-
-    Attributes:
-        max_steps: optimizer steps of the run.
-        engine: "native" (our all-reduce of replicated gradients), "fsdp"
-            (torch FSDP2: parameters, gradients and optimizer state sharded
-            over the data-parallel ranks) or "deepspeed" (ZeRO); all three
-            compose with expert parallelism (see cluster/engine.py).
-        resume: None (fresh, refuses a run directory that has checkpoints),
-            "auto" (latest complete checkpoint of this run, if any) or a path.
-        global_batch_size: sequences per optimizer step over all workers.
-        grad_accum_steps: micro-batches per optimizer step on each worker.
-        dtype: "float32", or "bfloat16" autocast (CUDA).
-        checkpoint_every / keep_last: checkpoint period and how many to keep.
-        eval_every / eval_batches: validation period and size (0 = at the end only).
-        diagnostics_every: period of the MoE diagnostics records (expert
-            weight norms, routing fluctuation; see cluster/diagnostics.py); 0 = off.
-        max_bad_steps: consecutive NaN/inf steps before the run stops.
-        zero_stage: ZeRO stage for engine=deepspeed (1 or 2).
-        activation_checkpointing: "none", "full" (every block recomputes its
-            activations in the backward pass) or "selective" (every other block);
-            see `moe.MoETransformer.set_activation_checkpointing`.
-        compile: compile each transformer block (`moe.MoETransformer.compile_blocks`).
-        run_root: parent of the run directories.
-    """
-
-    max_steps: int = 200
-    engine: str = "native"
-    resume: Optional[str] = None
-    global_batch_size: int = 16
-    grad_accum_steps: int = 1
-    lr: float = 3.0e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    dtype: str = "float32"
-    seed: int = 0
-    checkpoint_every: int = 100
-    keep_last: int = 3
-    eval_every: int = 0
-    eval_batches: int = 8
-    diagnostics_every: int = 50
-    max_bad_steps: int = 5
-    zero_stage: int = 1
-    activation_checkpointing: str = "none"
-    compile: bool = False
-    run_root: str = "runs"
-    debug: DebugConfig = field(default_factory=DebugConfig)
-
-
-@dataclass
-class ParallelConfig:
-    """The `parallel` group: ep is the expert-parallel degree (1 = experts replicated)."""
-
-    ep: int = 1
-
-
-@dataclass
-class ClusterConfig:
-    """The `cluster` group.
-
-    Attributes:
-        address: None starts a local Ray with its dashboard on 127.0.0.1;
-            "auto" (or ray://..., host:port) joins an existing cluster.
-        num_workers: Ray Train workers (one process, one GPU each on GPU).
-        use_gpu: one GPU per worker and NCCL; otherwise CPU and gloo.
-        cpus_per_worker: CPUs reserved per worker.
-        max_failures: worker-group restarts Ray Train may make (FailureConfig).
-        dashboard_port: port of the local dashboard.
-        num_cpus: CPUs of a local Ray (None: all of the machine).
-        gpu_memory_gib: memory of each worker's GPU for the memory plan
-            (`python -m moe.plan`); None: the driver's first GPU when it has
-            one, else the plan is not checked.
-    """
-
-    address: Optional[str] = None
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    max_failures: int = 0
-    dashboard_port: int = 8265
-    num_cpus: Optional[int] = None
-    gpu_memory_gib: Optional[float] = None
-
-
-@dataclass
-class WandbConfig:
-    mode: str = "offline"  # offline | online | disabled
-    project: str = "moe-ray"
-    entity: Optional[str] = None
-
-
-@dataclass
-class LoggerConfig:
-    """The `logger` group: JSONL metrics are always written; wandb and Ray metrics are optional."""
-
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    ray_metrics: bool = True
-    progress_bar: bool = True
-
+from cluster.schema import (DTYPES, ENGINES, ClusterConfig, DebugConfig, LoggerConfig,  # noqa: F401 (re-exported)
+                            ParallelConfig, TrainerConfig, WandbConfig, WorkerConfig)
 
 def register_configs() -> None:
     cs = ConfigStore.instance()

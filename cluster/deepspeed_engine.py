@@ -76,6 +76,7 @@ from moe.router import discard_expert_counts
 from cluster.expert_parallel import expert_bias_all_reduce, is_expert_param
 from cluster.optim import build_adamw
 from cluster.parallel_dims import ParallelDims
+from cluster.schema import TrainerConfig
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -93,10 +94,10 @@ class DeepSpeedEngine:
         ValueError naming `trainer.zero_stage` unless it is 1 or 2.
     """
 
-    def __init__(self, model: nn.Module, dims: ParallelDims, cfg: dict[str, Any]) -> None:
-        if cfg["zero_stage"] not in (1, 2):
+    def __init__(self, model: nn.Module, dims: ParallelDims, cfg: TrainerConfig) -> None:
+        if cfg.zero_stage not in (1, 2):
             raise ValueError(f"trainer.zero_stage must be 1 or 2 with trainer.engine=deepspeed, "
-                             f"got {cfg['zero_stage']}")
+                             f"got {cfg.zero_stage}")
         self.model = model
         self.dims = dims
         self._names = {p: n for n, p in model.named_parameters()}
@@ -258,7 +259,7 @@ class _DeepSpeedModule(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def _adamw_with_expert_groups(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.AdamW:
+def _adamw_with_expert_groups(model: nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
     """`build_adamw`'s groups and hyperparameters, expert parameters split into DeepSpeed MoE groups."""
     reference = build_adamw(model, cfg)
     param_groups = [{**group, "name": name} for group, name in zip(reference.param_groups, ("decay", "no_decay"))]
@@ -269,15 +270,15 @@ def _adamw_with_expert_groups(model: nn.Module, cfg: dict[str, Any]) -> torch.op
     return torch.optim.AdamW(param_groups)  # every group carries all of build_adamw's hyperparameters
 
 
-def _deepspeed_config(dims: ParallelDims, cfg: dict[str, Any]) -> dict[str, Any]:
-    accum = cfg["grad_accum_steps"]
+def _deepspeed_config(dims: ParallelDims, cfg: TrainerConfig) -> dict[str, Any]:
+    accum = cfg.grad_accum_steps
     return {
-        "train_batch_size": cfg["global_batch_size"],
-        "train_micro_batch_size_per_gpu": cfg["global_batch_size"] // (dims.world_size * accum),
+        "train_batch_size": cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.global_batch_size // (dims.world_size * accum),
         "gradient_accumulation_steps": accum,
         "managed_gradient_accumulation": False,  # NOTE 1
-        "gradient_clipping": cfg["grad_clip"],
-        "zero_optimization": {"stage": cfg["zero_stage"], "overlap_comm": False, "contiguous_gradients": True,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": False, "contiguous_gradients": True,
                               "reduce_scatter": True},
     }
 

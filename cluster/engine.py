@@ -18,7 +18,7 @@ engines are interchangeable:
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -30,6 +30,7 @@ from cluster.expert_parallel import expert_bias_all_reduce, reduce_gradients
 from cluster.fsdp import apply_fsdp, local_part, set_gradient_sync
 from cluster.optim import build_adamw, load_optimizer_tensors, optimizer_tensors
 from cluster.parallel_dims import ParallelDims
+from cluster.schema import TrainerConfig
 
 
 class TrainEngine(Protocol):
@@ -66,10 +67,10 @@ def global_grad_norm(model: torch.nn.Module, dims: ParallelDims) -> tuple[torch.
 class NativeEngine:
     """Our expert-parallel gradient reduction (cluster.expert_parallel) and torch AdamW."""
 
-    def __init__(self, model: torch.nn.Module, dims: ParallelDims, cfg: dict[str, Any]) -> None:
+    def __init__(self, model: torch.nn.Module, dims: ParallelDims, cfg: TrainerConfig) -> None:
         self.model = model
         self.dims = dims
-        self.grad_clip = cfg["grad_clip"]
+        self.grad_clip = cfg.grad_clip
         self.optimizer = build_adamw(model, cfg)
         self._reduce_gradients = reduce_gradients
         self._names = {p: n for n, p in model.named_parameters()}
@@ -110,7 +111,7 @@ class FSDPEngine(NativeEngine):
     """torch's FSDP2 over the data-parallel ranks (`cluster.fsdp.apply_fsdp`), the same clipping, AdamW and
     bias update as the native engine: FSDP's reduce-scatter replaces our all-reduce."""
 
-    def __init__(self, model: torch.nn.Module, dims: ParallelDims, cfg: dict[str, Any]) -> None:
+    def __init__(self, model: torch.nn.Module, dims: ParallelDims, cfg: TrainerConfig) -> None:
         apply_fsdp(model, dims)
         super().__init__(model, dims, cfg)
         self._reduce_gradients = lambda model, dims: None  # done by FSDP during backward
@@ -120,14 +121,14 @@ class FSDPEngine(NativeEngine):
         loss.backward()
 
 
-def build_engine(model: torch.nn.Module, dims: ParallelDims, cfg: dict[str, Any]) -> TrainEngine:
+def build_engine(model: torch.nn.Module, dims: ParallelDims, cfg: TrainerConfig) -> TrainEngine:
     """The engine named by trainer.engine."""
-    if cfg["engine"] == "native":
+    if cfg.engine == "native":
         return NativeEngine(model, dims, cfg)
-    if cfg["engine"] == "fsdp":
+    if cfg.engine == "fsdp":
         return FSDPEngine(model, dims, cfg)
-    if cfg["engine"] == "deepspeed":
+    if cfg.engine == "deepspeed":
         from cluster.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(model, dims, cfg)
-    raise ValueError(f"trainer.engine must be 'native', 'fsdp' or 'deepspeed', got {cfg['engine']!r}")
+    raise ValueError(f"trainer.engine must be 'native', 'fsdp' or 'deepspeed', got {cfg.engine!r}")

@@ -24,6 +24,7 @@ from moe.model import peak_bf16_tflops
 
 from cluster.checkpointing import check_layout, latest_checkpoint, resolve_resume, set_aside_newer, step_dirs
 from cluster.config import check_memory_plan, model_config_from, to_plain, validate_train_config
+from cluster.schema import WorkerConfig
 from cluster.metrics import read_metrics
 from cluster.worker import STATUS_FILE
 
@@ -100,12 +101,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (run_dir / STATUS_FILE).unlink(missing_ok=True)
     print(f"[moe.train] run directory: {run_dir}", flush=True)
 
-    plain = to_plain(cfg)
+    worker_config = WorkerConfig(
+        name=cfg.name, trainer=OmegaConf.to_object(cfg.trainer), data=OmegaConf.to_object(cfg.data),
+        model=model_config, logger=OmegaConf.to_object(cfg.logger), ep=cfg.parallel.ep, run_dir=str(run_dir),
+        data_dir=str(data_dir), launch_id=uuid.uuid4().hex, resume_from=str(resume_from) if resume_from else None,
+        resolved=to_plain(cfg))
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop,
-        train_loop_config={"cfg": plain, "model": model_config.to_dict(), "data_dir": str(data_dir),
-                           "run_dir": str(run_dir), "resume_from": str(resume_from) if resume_from else None,
-                           "launch_id": uuid.uuid4().hex},
+        train_loop_config={"worker": worker_config},  # Ray Train wants a dict
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                                resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
@@ -249,7 +252,7 @@ def dashboard_url() -> str:
 def _train_loop(config: dict[str, Any]) -> None:
     from cluster.worker import train_loop_per_worker
 
-    train_loop_per_worker(config)
+    train_loop_per_worker(config["worker"])
 
 
 class TrainingStopped(RuntimeError):

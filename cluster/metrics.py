@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from cluster.schema import WandbConfig
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -23,18 +25,18 @@ class MetricsLogger:
             written after the checkpoint being resumed and will be redone).
     """
 
-    def __init__(self, run_dir: Path, wandb_cfg: dict[str, Any], run_name: str, config: dict[str, Any],
+    def __init__(self, run_dir: Path, wandb_cfg: WandbConfig, run_name: str, config: dict[str, Any],
                  ray_metrics: bool, resume_step: int = 0) -> None:
         self.path = run_dir / METRICS_FILE
         run_dir.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
         self._file = self.path.open("a")
         self._wandb = None
-        if wandb_cfg.get("mode", "disabled") != "disabled":
+        if wandb_cfg.mode != "disabled":
             import wandb
 
-            self._wandb = wandb.init(project=wandb_cfg.get("project"), entity=wandb_cfg.get("entity"),
-                                     mode=wandb_cfg["mode"], dir=str(run_dir), name=run_name, config=config,
+            self._wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity,
+                                     mode=wandb_cfg.mode, dir=str(run_dir), name=run_name, config=config,
                                      resume="allow", id=_wandb_id(run_dir))
         self._gauges: dict[str, Any] = {}
         self._ray_metrics = ray_metrics

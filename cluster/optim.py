@@ -7,21 +7,21 @@ with the same hyperparameters.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from cluster.fsdp import is_sharded, local_part
+from cluster.schema import TrainerConfig
 
 
-def build_adamw(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.AdamW:
+def build_adamw(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not norms, biases, embeddings)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (decay if param.dim() >= 2 and "embed_tokens" not in name else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=1e-8)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from moe import ModelConfig, MoETransformer
+from moe import MoETransformer
 from moe.model import count_parameters, training_flops_per_token
 
 from cluster.checkpointing import (list_checkpoints, load_training_checkpoint, read_train_state_or_none,
@@ -32,32 +32,33 @@ from cluster.engine import build_engine
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict, load_full_state_dict
 from cluster.metrics import MetricsLogger
 from cluster.parallel_dims import ParallelDims
+from cluster.schema import TrainerConfig, WorkerConfig
 
 STATUS_FILE = "status.json"
 
 
-def lr_at(step: int, cfg: dict[str, Any]) -> float:
+def lr_at(step: int, cfg: TrainerConfig) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps."""
-    lr, warmup, total = cfg["lr"], cfg["warmup_steps"], cfg["max_steps"]
+    lr, warmup, total = cfg.lr, cfg.warmup_steps, cfg.max_steps
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    floor = lr * cfg["min_lr_ratio"]
+    floor = lr * cfg.min_lr_ratio
     return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def start_checkpoint(checkpoint_root: Path, config: dict[str, Any]) -> Optional[Path]:
+def start_checkpoint(checkpoint_root: Path, config: WorkerConfig) -> Optional[Path]:
     """The checkpoint this worker group starts from.
 
-    The driver chose `config["resume_from"]` before Ray started (verified, and
+    The driver chose `config.resume_from` before Ray started (verified, and
     newer checkpoints set aside). After a worker failure Ray Train restarts the
     group within the same launch: then the newest checkpoint this launch wrote wins.
     """
     for path in reversed(list_checkpoints(checkpoint_root)):
         state = read_train_state_or_none(path)
-        if state is not None and state.get("launch_id") == config["launch_id"]:
+        if state is not None and state.get("launch_id") == config.launch_id:
             return path
-    return Path(config["resume_from"]) if config.get("resume_from") else None
+    return Path(config.resume_from) if config.resume_from else None
 
 
 def _all_gather_object(obj: Any) -> list[Any]:
@@ -72,7 +73,7 @@ def _all_gather_object(obj: Any) -> list[Any]:
 class WorkerRun:
     """Everything one worker trains with, and where it stands (step, bad steps, tokens seen)."""
 
-    config: dict[str, Any]  # from the driver: cfg, model, run_dir, data_dir, launch_id, resume_from
+    config: WorkerConfig  # from the driver
     rank: int
     world_size: int
     device: torch.device
@@ -87,12 +88,12 @@ class WorkerRun:
     tokens: int = 0
 
     @property
-    def trainer(self) -> dict[str, Any]:
-        return self.config["cfg"]["trainer"]
+    def trainer(self) -> TrainerConfig:
+        return self.config.trainer
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.config["run_dir"])
+        return Path(self.config.run_dir)
 
     @property
     def checkpoint_root(self) -> Path:
@@ -113,34 +114,33 @@ class StepStats:
     router_entropy_L: torch.Tensor  # mean over micro-batches and ranks
 
 
-def setup(config: dict[str, Any]) -> WorkerRun:
+def setup(config: WorkerConfig) -> WorkerRun:
     """Process group layout, model (the same seed on every rank), expert parallelism, engine, data."""
     import ray.train
     import ray.train.torch
 
     from data_pipeline.loader import CurriculumLoader
 
-    cfg = config["cfg"]
-    tcfg = cfg["trainer"]
+    tcfg = config.trainer
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    dims = ParallelDims(world_size=world_size, ep=cfg["parallel"]["ep"])
+    dims = ParallelDims(world_size=world_size, ep=config.ep)
     dims.build(rank)
 
-    torch.manual_seed(tcfg["seed"])  # the same initial weights on every rank
-    model = MoETransformer(ModelConfig.from_dict(config["model"]))
-    model.set_activation_checkpointing(tcfg["activation_checkpointing"])
+    torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
+    model = MoETransformer(config.model)
+    model.set_activation_checkpointing(tcfg.activation_checkpointing)
     apply_expert_parallel(model, dims)
     model.to(device)
-    if tcfg["compile"]:
+    if tcfg.compile:
         model.compile_blocks()
     engine = build_engine(model, dims, tcfg)
-    loader = CurriculumLoader.from_config(cfg["data"], global_batch_size=tcfg["global_batch_size"], rank=rank,
-                                          world_size=world_size, data_dir=config["data_dir"])
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg["dtype"] == "bfloat16" else nullcontext())
+    loader = CurriculumLoader.from_config(config.data, global_batch_size=tcfg.global_batch_size, rank=rank,
+                                          world_size=world_size, data_dir=config.data_dir)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.dtype == "bfloat16" else nullcontext())
     probe = None
-    if tcfg["diagnostics_every"] and model.config.first_k_dense < model.config.num_layers:
+    if tcfg.diagnostics_every and model.config.first_k_dense < model.config.num_layers:
         probe = routing_probe(config, rank, world_size)
     return WorkerRun(config, rank, world_size, device, dims, model, engine, loader, autocast, probe)
 
@@ -148,14 +148,13 @@ def setup(config: dict[str, Any]) -> WorkerRun:
 PROBE_SEQUENCES = 8
 
 
-def routing_probe(config: dict[str, Any], rank: int, world_size: int) -> RoutingProbe:
+def routing_probe(config: WorkerConfig, rank: int, world_size: int) -> RoutingProbe:
     """The fixed tokens whose routing `diagnose` follows: this rank's first validation sequences."""
     from data_pipeline.loader import CurriculumLoader
 
-    cfg = config["cfg"]
-    loader = CurriculumLoader.from_config(cfg["data"], global_batch_size=cfg["trainer"]["global_batch_size"],
+    loader = CurriculumLoader.from_config(config.data, global_batch_size=config.trainer.global_batch_size,
                                           rank=rank, world_size=world_size, split="validation",
-                                          data_dir=config["data_dir"])
+                                          data_dir=config.data_dir)
     batch = next(iter(loader))
     return RoutingProbe(batch["input_ids"][:PROBE_SEQUENCES], batch["doc_ids"][:PROBE_SEQUENCES])
 
@@ -183,8 +182,8 @@ def resume_point(run: WorkerRun) -> Optional[Path]:
 
 def inject_faults(run: WorkerRun) -> None:
     """trainer.debug.kill_rank_at_step: that rank dies once (a marker file keeps the restart alive)."""
-    debug = run.trainer["debug"]
-    if debug["kill_rank_at_step"] == run.step and run.rank == debug["kill_rank"]:
+    debug = run.trainer.debug
+    if debug.kill_rank_at_step == run.step and run.rank == debug.kill_rank:
         marker = run.run_dir / f".killed_at_{run.step}"
         if not marker.exists():
             marker.touch()
@@ -196,8 +195,8 @@ def train_step(run: WorkerRun) -> StepStats:
     """One optimizer step: the micro-batches of this rank's batch, one all-reduce of the logged values,
     then the engine's reduce/clip/update (skipped on a NaN/inf loss or gradient). Advances run.step."""
     tcfg = run.trainer
-    accum = tcfg["grad_accum_steps"]
-    micro_batch = tcfg["global_batch_size"] // run.world_size // accum
+    accum = tcfg.grad_accum_steps
+    micro_batch = tcfg.global_batch_size // run.world_size // accum
     difficulty = run.loader.pace  # the curriculum pace of the batch about to be drawn
     batch = run.loader.next_batch()
     losses = torch.zeros(2, device=run.device)  # lm, aux: summed over micro-batches
@@ -208,7 +207,7 @@ def train_step(run: WorkerRun) -> StepStats:
             out = run.model(batch["input_ids"][rows].to(run.device), doc_ids=batch["doc_ids"][rows].to(run.device),
                             targets=batch["targets"][rows].to(run.device))
         loss = out.loss + out.aux_loss
-        if run.step in tcfg["debug"]["nan_loss_at_steps"]:
+        if run.step in tcfg.debug.nan_loss_at_steps:
             loss = loss * float("nan")
         run.engine.backward(loss / accum, sync=micro == accum - 1)
         losses += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()])
@@ -218,7 +217,7 @@ def train_step(run: WorkerRun) -> StepStats:
                                          math.isfinite(stats.lm_loss) and math.isfinite(stats.aux_loss))
     stats.grad_norm, stats.stepped, stats.difficulty = grad_norm, stepped, difficulty
     run.step += 1
-    run.tokens += tcfg["global_batch_size"] * run.config["cfg"]["data"]["seq_len"]
+    run.tokens += tcfg.global_batch_size * run.config.data.seq_len
     run.bad_steps += 0 if stepped else 1
     return stats
 
@@ -252,7 +251,7 @@ def _reduce_stats(losses: torch.Tensor, layer_stats: list[list[dict[str, torch.T
 def train_record(run: WorkerRun, stats: StepStats, elapsed_s: float, flops_per_token: float) -> dict[str, Any]:
     """The metrics.jsonl record of a step."""
     tokens_LE = stats.tokens_per_expert_LE
-    step_tokens = run.trainer["global_batch_size"] * run.config["cfg"]["data"]["seq_len"]
+    step_tokens = run.trainer.global_batch_size * run.config.data.seq_len
     has_moe = tokens_LE.numel() > 0
     mean_load = tokens_LE.mean(-1) if has_moe else tokens_LE
     max_load = tokens_LE.max(-1).values if has_moe else tokens_LE
@@ -277,13 +276,13 @@ def save_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
     full_state = gather_full_state_dict(run.model, run.dims, only_rank0=True)
     train_state = {"step": run.step, "bad_steps": run.bad_steps, "tokens": run.tokens,
                    "loader": run.loader.state_dict(), "world_size": run.world_size,
-                   "engine": tcfg["engine"], "ep": run.dims.ep, "launch_id": run.config["launch_id"]}
+                   "engine": tcfg.engine, "ep": run.dims.ep, "launch_id": run.config.launch_id}
     save_training_checkpoint(run.checkpoint_root, run.step, run.rank,
                              full_model_state=full_state if run.rank == 0 else None,
                              model_config=run.model.config.to_dict(), optimizer_state=run.engine.optimizer_state(),
                              train_state=train_state, barrier=dist.barrier, gather=_all_gather_object,
-                             keep_last=tcfg["keep_last"],
-                             tokenizer_file=Path(run.config["data_dir"]) / "tokenizer.json")
+                             keep_last=tcfg.keep_last,
+                             tokenizer_file=Path(run.config.data_dir) / "tokenizer.json")
     # The checkpoint directory on disk is the one record of checkpoints (see cluster/checkpointing.py).
     ray.train.report(metrics)
 
@@ -296,23 +295,23 @@ def eval_record(run: WorkerRun) -> dict[str, Any]:
             "val_ppl": math.exp(min(loss, 50)), "val_batch_losses": batch_losses}
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker; `config` comes from the driver (plain dicts)."""
+def train_loop_per_worker(config: WorkerConfig) -> None:
+    """Entry point of each Ray Train worker; `config` comes from the driver."""
     run = setup(config)
     resumed_from = resume_point(run)
     if resumed_from is not None and run.rank == 0:
         print(f"[moe.train] resumed from {resumed_from} at step {run.step}", flush=True)
-    cfg, tcfg = config["cfg"], run.trainer
+    tcfg = run.trainer
     logger = None
     if run.rank == 0:
-        logger = MetricsLogger(run.run_dir, cfg["logger"]["wandb"], cfg["name"], cfg, cfg["logger"]["ray_metrics"],
-                               resume_step=run.step)
-    flops_per_token = training_flops_per_token(run.model.config, cfg["data"]["seq_len"])
+        logger = MetricsLogger(run.run_dir, config.logger.wandb, config.name, config.resolved,
+                               config.logger.ray_metrics, resume_step=run.step)
+    flops_per_token = training_flops_per_token(run.model.config, config.data.seq_len)
     status = {"status": "running"}
     consecutive_bad = 0
     run.model.train()
     last_time = time.perf_counter()
-    while run.step < tcfg["max_steps"]:
+    while run.step < tcfg.max_steps:
         inject_faults(run)
         stats = train_step(run)
         consecutive_bad = 0 if stats.stepped else consecutive_bad + 1
@@ -320,20 +319,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elapsed, last_time = now - last_time, now
         if logger is not None:
             logger.log(train_record(run, stats, elapsed, flops_per_token))
-        if consecutive_bad >= tcfg["max_bad_steps"]:
+        if consecutive_bad >= tcfg.max_bad_steps:
             status = {"status": "diverged", "step": run.step,
                       "message": f"{consecutive_bad} consecutive steps had a NaN/inf loss or gradient "
-                                 f"(trainer.max_bad_steps={tcfg['max_bad_steps']}); stopped at step {run.step}. "
+                                 f"(trainer.max_bad_steps={tcfg.max_bad_steps}); stopped at step {run.step}. "
                                  f"The last good checkpoint is kept in {run.checkpoint_root}."}
             break
-        if stats.stepped and (run.step % tcfg["checkpoint_every"] == 0 or run.step == tcfg["max_steps"]):
+        if stats.stepped and (run.step % tcfg.checkpoint_every == 0 or run.step == tcfg.max_steps):
             save_checkpoint(run, {"step": run.step, "loss": stats.lm_loss})
-        if tcfg["eval_every"] and run.step % tcfg["eval_every"] == 0 and run.step < tcfg["max_steps"]:
+        if tcfg.eval_every and run.step % tcfg.eval_every == 0 and run.step < tcfg.max_steps:
             record = eval_record(run)
             if logger is not None:
                 logger.log(record)
             run.model.train()
-        if run.probe is not None and run.step % tcfg["diagnostics_every"] == 0:
+        if run.probe is not None and run.step % tcfg.diagnostics_every == 0:
             record = diagnose(run)
             if logger is not None:
                 logger.log(record)
@@ -353,20 +352,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, config: dict[str, Any], rank: int, world_size: int, device: torch.device,
+def evaluate(model: torch.nn.Module, config: WorkerConfig, rank: int, world_size: int, device: torch.device,
              autocast) -> tuple[float, float, list[float]]:
     """Mean validation loss over trainer.eval_batches global batches (all ranks take part), its standard
     error (the standard deviation of the global batches' mean losses over sqrt(batches)), and those means:
     two runs evaluated on the same batches compare batch by batch (benchmarks/train_compare.py)."""
     from data_pipeline.loader import CurriculumLoader
 
-    tcfg = config["cfg"]["trainer"]
-    loader = CurriculumLoader.from_config(config["cfg"]["data"], global_batch_size=tcfg["global_batch_size"],
+    tcfg = config.trainer
+    loader = CurriculumLoader.from_config(config.data, global_batch_size=tcfg.global_batch_size,
                                           rank=rank, world_size=world_size, split="validation",
-                                          data_dir=config["data_dir"])
+                                          data_dir=config.data_dir)
     model.eval()
     sums_N2 = []  # per batch: summed token loss, tokens (this rank)
-    for _, batch in zip(range(tcfg["eval_batches"]), loader):
+    for _, batch in zip(range(tcfg.eval_batches), loader):
         with autocast:
             out = model(batch["input_ids"].to(device), doc_ids=batch["doc_ids"].to(device),
                         targets=batch["targets"].to(device))

@@ -24,6 +24,7 @@ from torch.testing import assert_close
 from moe import ModelConfig, MoETransformer
 
 from cluster.engine import NativeEngine
+from cluster.schema import TrainerConfig
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict, load_full_state_dict
 from cluster.parallel_dims import ParallelDims
 from dist_helpers import run_distributed
@@ -39,8 +40,8 @@ TOLERANCE = 1e-5
 PRELOAD = ["deepspeed", "cluster.deepspeed_engine", __name__]  # imported once by the forkserver
 
 
-def trainer_config(zero_stage: int) -> dict:
-    return dict(engine="deepspeed", zero_stage=zero_stage, lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1,
+def trainer_config(zero_stage: int) -> TrainerConfig:
+    return TrainerConfig(engine="deepspeed", zero_stage=zero_stage, lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1,
                 grad_clip=0.75, grad_accum_steps=GRAD_ACCUM, global_batch_size=WORLD_SIZE * ROWS_PER_RANK)
 
 
@@ -129,7 +130,7 @@ def _matches_native_worker(rank: int, world_size: int, cases: tuple) -> None:
                              label)
         assert all(stepped for _, _, stepped in records)
         norms = [norm for _, norm, _ in records]
-        assert dense or min(norms) < cfg["grad_clip"] < max(norms), f"clipping should act on some steps: {norms}"
+        assert dense or min(norms) < cfg.grad_clip < max(norms), f"clipping should act on some steps: {norms}"
         _assert_same_state(native_model, deepspeed_model, dims, label)
         native_optimizer_state = native.optimizer_state()
         _assert_same_optimizer_state(native_optimizer_state, deepspeed.optimizer_state(), label)

@@ -28,10 +28,11 @@ from cluster.diagnostics import GROUPS, expert_weight_norms
 from cluster.engine import FSDPEngine, NativeEngine
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict, load_full_state_dict
 from cluster.parallel_dims import ParallelDims
+from cluster.schema import TrainerConfig
 from dist_helpers import run_distributed
 
 NUM_EXPERTS, SEQ_LEN, ROWS_PER_RANK, STEPS = 4, 16, 2, 3
-ENGINE_CFG = dict(grad_clip=1.0, lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95)
+ENGINE_CFG = dict(grad_clip=1.0, lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95)  # TrainerConfig fields
 VARIANTS = {  # name: model config overrides, micro-batches per step
     "moe": (dict(), 1),
     "tied, shared expert, dense first layer, aux-free bias, 2 micro-batches":
@@ -81,8 +82,8 @@ def _compare(rank: int, world_size: int, ep: int, variant: str, config: ModelCon
     ref = MoETransformer(config)
     initial = {name: value.clone() for name, value in model_state_for_saving(ref).items()}
     model = apply_expert_parallel(copy.deepcopy(ref), dims)
-    engine = FSDPEngine(model, dims, dict(ENGINE_CFG, engine="fsdp"))
-    ref_engine = NativeEngine(ref, ParallelDims(1, 1), dict(ENGINE_CFG, engine="native"))
+    engine = FSDPEngine(model, dims, TrainerConfig(**ENGINE_CFG, engine="fsdp"))
+    ref_engine = NativeEngine(ref, ParallelDims(1, 1), TrainerConfig(**ENGINE_CFG, engine="native"))
     assert all(isinstance(p, DTensor) for p in model.parameters()), "every parameter should be FSDP-sharded"
     rows = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
     gen = torch.Generator().manual_seed(3)
@@ -128,7 +129,7 @@ def _compare(rank: int, world_size: int, ep: int, variant: str, config: ModelCon
     assert not any(isinstance(t, DTensor) for t in optimizer_state.values())
     torch.manual_seed(123)  # different initial weights, overwritten by the load
     fresh = apply_expert_parallel(MoETransformer(config), dims)
-    fresh_engine = FSDPEngine(fresh, dims, dict(ENGINE_CFG, engine="fsdp"))
+    fresh_engine = FSDPEngine(fresh, dims, TrainerConfig(**ENGINE_CFG, engine="fsdp"))
     load_full_state_dict(fresh, full, dims)
     fresh_engine.load_optimizer_state(optimizer_state)
     inputs, targets = batch()
