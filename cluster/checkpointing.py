@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe.checkpoint import CONFIG_NAME, WEIGHTS_NAME, FORMAT_VERSION
+from moe.checkpoint import WEIGHTS_NAME, write_model_state
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +170,7 @@ def save_training_checkpoint(checkpoint_root: Path, step: int, rank: int, *,
     save_file({"torch": torch.get_rng_state()}, str(tmp / written[1]))
     if rank == 0:
         assert full_model_state is not None
-        save_file(full_model_state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps({"moe_format_version": FORMAT_VERSION, "model": model_config},
-                                                  indent=2, sort_keys=True))
-        written += [WEIGHTS_NAME, CONFIG_NAME]
+        written += write_model_state(full_model_state, model_config, tmp)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_NAME)
             written.append(TOKENIZER_NAME)

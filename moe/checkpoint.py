@@ -50,10 +50,18 @@ def model_state_for_saving(model: MoETransformer) -> dict[str, torch.Tensor]:
 
 def write_model_files(model: MoETransformer, directory: Path) -> None:
     """Writes the weights and config into an existing directory (no atomicity)."""
-    save_file(model_state_for_saving(model), str(directory / WEIGHTS_NAME),
+    write_model_state(model_state_for_saving(model), model.config.to_dict(), directory)
+
+
+def write_model_state(state: dict[str, torch.Tensor], model_config: dict, directory: Path) -> list[str]:
+    """The one writer of the checkpoint format: `state` (a `model_state_for_saving` layout, e.g. gathered
+    from a sharded model) and the model config into an existing directory (no atomicity). Returns the names
+    of the files written."""
+    save_file(state, str(directory / WEIGHTS_NAME),
               metadata={"format": "pt", "moe_format_version": str(FORMAT_VERSION)})
-    payload = {"moe_format_version": FORMAT_VERSION, "model": model.config.to_dict()}
+    payload = {"moe_format_version": FORMAT_VERSION, "model": model_config}
     (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True))
+    return [WEIGHTS_NAME, CONFIG_NAME]
 
 
 class ReplaceRefusedError(ValueError):
