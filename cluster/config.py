@@ -97,6 +97,8 @@ def validate_train_config(cfg: DictConfig) -> None:
                 "eval_batches", "max_bad_steps"):
         if not isinstance(t[key], int) or t[key] <= 0:
             _fail(f"trainer.{key}", f"must be a positive integer, got {t[key]!r}")
+    if not (t.router_lr_scale > 0 and math.isfinite(t.router_lr_scale)):
+        _fail("trainer.router_lr_scale", f"must be a positive number, got {t.router_lr_scale}")
     if t.engine not in ENGINES:
         _fail("trainer.engine", f"must be one of {list(ENGINES)}, got {t.engine!r}")
     if cfg.model.get("attention_backend", "sdpa") == "flex" and not c.use_gpu:

@@ -74,7 +74,7 @@ from moe.layer import MoELayer
 from moe.router import discard_expert_counts
 
 from cluster.expert_parallel import expert_bias_all_reduce, is_expert_param
-from cluster.optim import build_adamw
+from cluster.optim import build_adamw, set_learning_rate
 from cluster.parallel_dims import ParallelDims
 from cluster.schema import TrainerConfig
 
@@ -116,8 +116,7 @@ class DeepSpeedEngine:
         self._engine.backward(loss, scale_wrt_gas=False)
 
     def step(self, lr: float, loss_is_finite: bool) -> tuple[float, bool]:
-        for group in self._optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self._optimizer, lr)
         if loss_is_finite:
             self._engine.step()
             norm = self._engine.get_global_grad_norm()
@@ -262,7 +261,7 @@ class _DeepSpeedModule(nn.Module):
 def _adamw_with_expert_groups(model: nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
     """`build_adamw`'s groups and hyperparameters, expert parameters split into DeepSpeed MoE groups."""
     reference = build_adamw(model, cfg)
-    param_groups = [{**group, "name": name} for group, name in zip(reference.param_groups, ("decay", "no_decay"))]
+    param_groups = [dict(group) for group in reference.param_groups]  # each names itself ("name")
     param_groups = split_params_into_different_moe_groups_for_optimizer(param_groups)
     param_groups = [group for group in param_groups if group["params"]]
     for group in param_groups:

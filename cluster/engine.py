@@ -28,7 +28,7 @@ from moe.router import discard_expert_counts
 from cluster.diagnostics import GROUPS, grad_square_sums
 from cluster.expert_parallel import expert_bias_all_reduce, reduce_gradients
 from cluster.fsdp import apply_fsdp, local_part, set_gradient_sync
-from cluster.optim import build_adamw, load_optimizer_tensors, optimizer_tensors
+from cluster.optim import build_adamw, load_optimizer_tensors, optimizer_tensors, set_learning_rate
 from cluster.parallel_dims import ParallelDims
 from cluster.schema import TrainerConfig
 
@@ -90,8 +90,7 @@ class NativeEngine:
                 for p in self.model.parameters():
                     if p.grad is not None:  # in place on this rank's shard when FSDP shards the gradient
                         local_part(p.grad).mul_(scale.to(p.grad.dtype))
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(self.optimizer, lr)
             self.optimizer.step()
             update_expert_bias(self.model, all_reduce=self._bias_all_reduce)
         else:

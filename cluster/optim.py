@@ -16,12 +16,24 @@ from cluster.schema import TrainerConfig
 
 
 def build_adamw(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms, biases, embeddings)."""
-    decay, no_decay = [], []
+    """AdamW with weight decay on matrices only (not norms, biases, embeddings), and the routers' learning
+    rate scaled by trainer.router_lr_scale. Each group carries a "name" and an "lr_scale": an engine sets
+    `group["lr"] = lr * group["lr_scale"]` at every step."""
+    groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
-        (decay if param.dim() >= 2 and "embed_tokens" not in name else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        decay = param.dim() >= 2 and "embed_tokens" not in name
+        router = ".router." in name
+        key = ("router_" if router else "") + ("decay" if decay else "no_decay")
+        group = groups.setdefault(key, {"params": [], "name": key, "weight_decay": cfg.weight_decay if decay else 0.0,
+                                        "lr_scale": cfg.router_lr_scale if router else 1.0})
+        group["params"].append(param)
+    return torch.optim.AdamW(list(groups.values()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The step's learning rate on every group, times the group's scale (`build_adamw`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:

@@ -52,6 +52,9 @@ class TrainerConfig:
             activations in the backward pass) or "selective" (every other block);
             see `moe.MoETransformer.set_activation_checkpointing`.
         compile: compile each transformer block (`moe.MoETransformer.compile_blocks`).
+        router_lr_scale: the routers' learning rate as a multiple of lr (their
+            gradient norm matches all the experts' with 1/200 of their
+            parameters in mixtral_tiny; see README "Does the MoE beat the dense model?").
         run_root: parent of the run directories.
     """
 
@@ -67,6 +70,7 @@ class TrainerConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    router_lr_scale: float = 1.0
     dtype: str = "float32"
     seed: int = 0
     checkpoint_every: int = 100

@@ -70,6 +70,7 @@ def test_preset_sizes() -> None:
     (["parallel.ep=3", "cluster.num_workers=3", "trainer.global_batch_size=18"], "parallel.ep"),  # not a divisor of 8 experts
     (["parallel.ep=2", "cluster.num_workers=3"], "parallel.ep"),  # does not divide the workers
     (["trainer.engine=megatron"], "trainer.engine"),
+    (["trainer.router_lr_scale=0"], "trainer.router_lr_scale"),
     (["trainer.max_steps=0"], "trainer.max_steps"),
     (["trainer.global_batch_size=15", "cluster.num_workers=2"], "trainer.global_batch_size"),
     (["model.num_heads=3"], "num_heads"),
