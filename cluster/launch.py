@@ -95,7 +95,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             start_reaper()
         else:
             ray.init(address=cfg.cluster.address)
-    print(f"[moe.train] Ray dashboard: {dashboard_url()}", flush=True)
+    print(f"[moe.train] Ray dashboard: {dashboard_url() or '(none: this Ray runs without its dashboard)'}",
+          flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / STATUS_FILE).unlink(missing_ok=True)
