@@ -118,6 +118,14 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
         model.set_requires_gradient_sync(sync)
 
 
+def reshard(model: nn.Module) -> None:
+    """Frees what a forward pass without backward (evaluation, diagnostics) left gathered: the root unit keeps
+    its parameters after forward (they are needed again by the backward pass), so after inference the module
+    would otherwise hold full plain tensors until the next backward. A no-op without FSDP."""
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 def all_reduce_sharded_square_sums(sums: torch.Tensor) -> None:
     """Sums squared norms of sharded tensors over the world, in place: under FSDP (with or without expert
     parallelism) every element of every parameter lives on exactly one rank."""

@@ -27,6 +27,7 @@ from moe.checkpoint import model_state_for_saving
 from cluster.diagnostics import GROUPS, expert_weight_norms
 from cluster.engine import FSDPEngine, NativeEngine
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict, load_full_state_dict
+from cluster.fsdp import reshard
 from cluster.parallel_dims import ParallelDims
 from cluster.schema import TrainerConfig
 from dist_helpers import run_distributed
@@ -104,6 +105,13 @@ def _compare(rank: int, world_size: int, ep: int, variant: str, config: ModelCon
             ref_loss_parts.append((inputs[part], targets[part]))
         ref_norm = _reference_step(ref_engine, ref, ref_loss_parts, micro_batches, lr, ref_loss)
         assert_close(_global_mean(loss), ref_loss, rtol=0, atol=1e-5, msg=lambda m: f"{label} step {step}: {m}")
+        if step == 0:  # an evaluation between steps (forward only) changes nothing and leaves nothing gathered
+            with torch.no_grad():
+                model.eval()
+                model(inputs[rows])
+                model.train()
+            reshard(model)
+            assert all(isinstance(p, DTensor) for p in model.parameters()), f"{label}: gathered after evaluation"
         assert norm == pytest.approx(ref_norm, rel=1e-4), f"{label} step {step}: grad norm {norm} vs {ref_norm}"
         for group in GROUPS:
             assert engine.last_grad_norms[group] == pytest.approx(ref_engine.last_grad_norms[group], rel=1e-4,
