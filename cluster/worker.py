@@ -28,7 +28,7 @@ from moe.model import count_parameters, training_flops_per_token
 from cluster.checkpointing import (list_checkpoints, load_training_checkpoint, read_train_state_or_none,
                                   save_training_checkpoint)
 from cluster.diagnostics import RoutingProbe, expert_weight_norms
-from cluster.engine import build_engine
+from cluster.engine import TrainEngine, build_engine
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict, load_full_state_dict
 from cluster.fsdp import reshard
 from cluster.metrics import MetricsLogger
@@ -80,7 +80,7 @@ class WorkerRun:
     device: torch.device
     dims: ParallelDims
     model: MoETransformer
-    engine: Any  # cluster.engine.TrainEngine
+    engine: TrainEngine
     loader: Any  # data_pipeline.loader.CurriculumLoader
     autocast: Any
     probe: Optional[RoutingProbe] = None  # trainer.diagnostics_every > 0 and the model has MoE layers
