@@ -31,11 +31,17 @@ MIXTRAL_TINY = dict(vocab_size=8192, hidden_size=128, num_layers=4, num_heads=4,
 LOW, HIGH = 0.85, 1.25
 
 
-def measured_peak(config: ModelConfig, batch: int, seq_len: int, checkpointing: str) -> int:
-    """MemTracker's peak bytes over the second of two AdamW steps on packed two-document rows."""
+def measured_peak(config: ModelConfig, batch: int, seq_len: int, checkpointing: str,
+                  prepare=lambda model: model) -> int:
+    """MemTracker's peak bytes over the second of two AdamW steps on packed two-document rows.
+
+    Args:
+        prepare: applied to the model before the optimizer is built (e.g. sharding it).
+    """
     torch.manual_seed(0)
     model = MoETransformer(config)
     model.set_activation_checkpointing(checkpointing)
+    model = prepare(model)
     optimizer = torch.optim.AdamW(model.parameters())
     tokens = torch.randint(0, config.vocab_size, (batch, seq_len + 1))
     doc_ids = torch.zeros(batch, seq_len, dtype=torch.long)
@@ -74,26 +80,9 @@ def _fsdp_peak_worker(rank: int, world_size: int, sizes: dict, ep: int, checkpoi
 
     config = ModelConfig(**sizes)
     dims = ParallelDims(world_size, ep).build(rank)
-    torch.manual_seed(0)
-    model = MoETransformer(config)
-    model.set_activation_checkpointing(checkpointing)
-    apply_fsdp(apply_expert_parallel(model, dims), dims)
-    optimizer = torch.optim.AdamW(model.parameters())
     batch, seq_len = 4, 128
-    tokens = torch.randint(0, config.vocab_size, (batch, seq_len + 1))
-    doc_ids = torch.zeros(batch, seq_len, dtype=torch.long)
-    doc_ids[:, seq_len // 3:] = 1
-    tracker = MemTracker()
-    tracker.track_external(model, optimizer)
-    with tracker:
-        for step in range(2):
-            out = model(tokens[:, :-1], doc_ids=doc_ids, targets=tokens[:, 1:])
-            (out.loss + out.aux_loss).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step == 0:
-                tracker.reset_mod_stats()
-    measured = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    measured = measured_peak(config, batch, seq_len, checkpointing,
+                             prepare=lambda model: apply_fsdp(apply_expert_parallel(model, dims), dims))
     plan = plan_memory(config, micro_batch=batch, seq_len=seq_len, world_size=world_size, ep=ep, engine="fsdp",
                        activation_checkpointing=checkpointing)
     native = plan_memory(config, micro_batch=batch, seq_len=seq_len, world_size=world_size, ep=ep,
