@@ -5,7 +5,8 @@
     python benchmarks/train_compare.py quality --seeds 3 --steps 300 600
                                               # mixtral_tiny vs dense_tiny (equal active FLOPs) and
                                               # fixed_root length curriculum vs none: validation loss
-                                              # (--variants: which runs; moe_previous_default is
+                                              # (--variants: which runs; moe_slow_router has the routers at
+                                              # 0.1 x lr; moe_previous_default is
                                               # mixtral_tiny before the issue-10 changes)
     python benchmarks/train_compare.py sweep --lrs 1.5e-3 3e-3 6e-3 --steps 300
                                               # the learning rate of both models
@@ -62,6 +63,8 @@ VARIANTS = {
         "model.experts.num_experts=8", "model.experts.hidden_size=256", "model.router.top_k=2",
         "model.router.aux_loss_coef=0.0025", "model.router.z_loss_coef=0.00025", "model.router.bias_update_rate=0"],
         "dense"),
+    # The routers at a tenth of the learning rate: their gradient norm matches all the experts' (README).
+    "moe_slow_router": ("mixtral_tiny", lambda steps: ["trainer.router_lr_scale=0.1"], "dense"),
 }
 DEFAULT_VARIANTS = ["moe", "dense", "moe_fixed_root"]
 
