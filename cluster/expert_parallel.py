@@ -94,9 +94,14 @@ def gather_full_state_dict(model: nn.Module, dims: ParallelDims, *, only_rank0: 
 
     Args:
         only_rank0: keep the tensors on global rank 0 only (the checkpoint
-            writer); the other ranks take part in the collectives and return {}.
+            writer): every rank takes part in the FSDP gathers, the ranks of
+            rank 0's expert-parallel group send it their expert shards (a
+            gather, not an all-gather), and all but rank 0 return {}.
     """
     keep = not only_rank0 or dims.rank in (None, 0)
+    # With only_rank0 an expert tensor is gathered to rank 0 alone, and only within its expert-parallel
+    # group (global ranks 0..ep-1); the other groups hold the same shards and send nothing.
+    sends_experts = not only_rank0 or dims.rank is None or 0 in dims.ep_ranks(dims.rank)
     names = saved_names(model) if isinstance(model, MoETransformer) else set(model.state_dict())
     expert_names = {name for name, _ in _expert_params(model)} if dims.ep > 1 else set()
     state = {}
@@ -104,11 +109,14 @@ def gather_full_state_dict(model: nn.Module, dims: ParallelDims, *, only_rank0: 
         if name not in names:
             continue
         tensor = tensor.full_tensor() if is_sharded(tensor) else tensor
-        if name in expert_names:
+        if name in expert_names and sends_experts:
             shard = tensor.detach().contiguous()
-            parts = [torch.empty_like(shard) for _ in range(dims.ep)]
-            dist.all_gather(parts, shard, group=dims.ep_group)
-            tensor = torch.cat(parts)
+            parts = [torch.empty_like(shard) for _ in range(dims.ep)] if keep else None
+            if only_rank0:
+                dist.gather(shard, parts, group=dims.ep_group, group_dst=0)
+            else:
+                dist.all_gather(parts, shard, group=dims.ep_group)
+            tensor = torch.cat(parts) if keep else tensor
         if keep:
             state[name] = tensor.detach().contiguous().cpu()
     return state
