@@ -226,7 +226,8 @@ def check_layout(path: Path, engine: str, ep: int) -> None:
         if stored is not None and stored != current:
             raise ResumeError(f"trainer.resume: {path} was written with {key}={stored} and this run has "
                               f"{key}={current}; the optimizer state of each rank is laid out for {key}={stored}. "
-                              f"Set {key}={stored} to continue it")
+                              f"Set {key}={stored} to continue it, or start a new run from its weights with "
+                              f"trainer.init_from={path} (a new optimizer state)")
 
 
 def resolve_resume(checkpoint_root: Path, resume: Optional[str], world_size: int,

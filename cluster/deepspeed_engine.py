@@ -73,7 +73,7 @@ from moe import update_expert_bias
 from moe.layer import MoELayer
 from moe.router import discard_expert_counts
 
-from cluster.expert_parallel import expert_bias_all_reduce, is_expert_param
+from cluster.expert_parallel import expert_bias_all_reduce, is_expert_param, load_full_state_dict
 from cluster.optim import build_adamw, set_learning_rate
 from cluster.parallel_dims import ParallelDims
 from cluster.schema import TrainerConfig
@@ -143,13 +143,14 @@ class DeepSpeedEngine:
             out[f"{name}::step"] = steps[self._group_index[id(param)]].detach().clone().cpu()
         return out
 
-    def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restores `optimizer_state` (of either engine) after the model weights were loaded.
-
-        Also copies the model's current weights into ZeRO's float32 master
-        partition, which `load_full_state_dict` does not reach.
-        """
+    def load_model_state(self, full_state: dict[str, torch.Tensor]) -> None:
+        """The weights, then ZeRO's float32 master partition (a copy made at initialisation that
+        `load_full_state_dict` does not reach; the next step would otherwise restore the old weights)."""
+        load_full_state_dict(self.model, full_state, self.dims)
         self._optimizer.refresh_fp32_params()
+
+    def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restores `optimizer_state` (of either engine) after `load_model_state`."""
         if not tensors:
             return
         by_name = {name: param for param, name in self._names.items()}

@@ -12,6 +12,7 @@ engines are interchangeable:
 
     engine.backward(loss / grad_accum_steps, sync=is_last_micro_batch)
     grad_norm, stepped = engine.step(lr, loss_is_finite)
+    engine.load_model_state(full_state)   # a checkpoint's, or trainer.init_from's, weights
     engine.optimizer_state() / engine.load_optimizer_state(tensors)
 """
 
@@ -26,7 +27,7 @@ from moe import update_expert_bias
 from moe.router import discard_expert_counts
 
 from cluster.diagnostics import GROUPS, grad_square_sums
-from cluster.expert_parallel import expert_bias_all_reduce, reduce_gradients
+from cluster.expert_parallel import expert_bias_all_reduce, load_full_state_dict, reduce_gradients
 from cluster.fsdp import apply_fsdp, local_part, set_gradient_sync
 from cluster.optim import build_adamw, load_optimizer_tensors, optimizer_tensors, set_learning_rate
 from cluster.parallel_dims import ParallelDims
@@ -48,6 +49,9 @@ class TrainEngine(Protocol):
         Engines that can also set `last_grad_norms`, the norm of each
         parameter group (`cluster.diagnostics.GROUPS`) before clipping.
         """
+
+    def load_model_state(self, full_state: dict[str, torch.Tensor]) -> None:
+        """Loads a full single-process state dict (each rank keeps its part); before `load_optimizer_state`."""
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """This rank's optimizer state as named tensors (for safetensors)."""
@@ -98,6 +102,9 @@ class NativeEngine:
         self.optimizer.zero_grad(set_to_none=True)
         value = float(norm)
         return (value if math.isfinite(value) else float("nan")), stepped
+
+    def load_model_state(self, full_state: dict[str, torch.Tensor]) -> None:
+        load_full_state_dict(self.model, full_state, self.dims)
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         return optimizer_tensors(self.optimizer, self._names)

@@ -20,10 +20,12 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from moe.config import ModelConfig
 from moe.model import peak_bf16_tflops
 
 from cluster.checkpointing import check_layout, latest_checkpoint, resolve_resume, set_aside_newer, step_dirs
 from cluster.config import check_memory_plan, model_config_from, to_plain, validate_train_config
+from cluster.initial_weights import check_init_from, config_differences
 from cluster.schema import WorkerConfig
 from cluster.metrics import read_metrics
 from cluster.worker import STATUS_FILE
@@ -76,13 +78,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model_config = model_config_from(cfg, vocab_size)
     check_memory_plan(cfg, model_config)
     check_data(cfg, data_dir)
-    ckpt_root = run_dir / "checkpoints"
-    resume_from = resolve_resume(ckpt_root, cfg.trainer.resume, cfg.cluster.num_workers)
-    if resume_from is not None:
-        check_layout(resume_from, cfg.trainer.engine, cfg.parallel.ep)
-    set_aside_newer(ckpt_root, resume_from)
-    if resume_from is not None:
-        print(f"[moe.train] resuming from {resume_from}", flush=True)
+    resume_from, init_from = choose_start(cfg, run_dir / "checkpoints", model_config)
 
     import ray
     import ray.train
@@ -106,6 +102,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         name=cfg.name, trainer=OmegaConf.to_object(cfg.trainer), data=OmegaConf.to_object(cfg.data),
         model=model_config, logger=OmegaConf.to_object(cfg.logger), ep=cfg.parallel.ep, run_dir=str(run_dir),
         data_dir=str(data_dir), launch_id=uuid.uuid4().hex, resume_from=str(resume_from) if resume_from else None,
+        init_from=str(init_from) if init_from else None,
         resolved=to_plain(cfg))
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop,
@@ -168,6 +165,36 @@ def _fit_interruptibly(trainer: Any) -> None:
         raise
     if outcome:
         raise outcome[0]
+
+
+def choose_start(cfg: DictConfig, checkpoint_root: Path, model_config: ModelConfig
+                 ) -> tuple[Optional[Path], Optional[Path]]:
+    """Where the workers start: (checkpoint to resume, weights of trainer.init_from), at most one of them.
+
+    Decided on the driver before Ray starts (see cluster/checkpointing.py): the
+    checkpoint is verified and must have this run's engine and ep; newer ones
+    are set aside. `init_from` applies only to a run that does not resume, and
+    is checked against the model (cluster/initial_weights.py). A worker group
+    that Ray Train restarts within this launch continues from the launch's own
+    newest checkpoint instead (`cluster.worker.start_checkpoint`).
+    """
+    resume_from = resolve_resume(checkpoint_root, cfg.trainer.resume, cfg.cluster.num_workers)
+    if resume_from is not None:
+        check_layout(resume_from, cfg.trainer.engine, cfg.parallel.ep)
+    init_from = None
+    if cfg.trainer.init_from and resume_from is None:
+        init_from = check_init_from(cfg.trainer.init_from, model_config)
+    set_aside_newer(checkpoint_root, resume_from)
+    if resume_from is not None:
+        print(f"[moe.train] resuming from {resume_from}"
+              + (" (trainer.init_from is not used: the run continues its own checkpoint)"
+                 if cfg.trainer.init_from else ""), flush=True)
+    if init_from is not None:
+        differences = config_differences(init_from, model_config)
+        print(f"[moe.train] starting from the weights in {init_from}"
+              + (f"; model settings changed (theirs -> this run's): {', '.join(differences)}" if differences else ""),
+              flush=True)
+    return resume_from, init_from
 
 
 def check_data(cfg: DictConfig, data_dir: Path) -> None:

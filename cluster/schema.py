@@ -39,6 +39,10 @@ class TrainerConfig:
             compose with expert parallelism (see cluster/engine.py).
         resume: None (fresh, refuses a run directory that has checkpoints),
             "auto" (latest complete checkpoint of this run, if any) or a path.
+        init_from: start from these weights instead of the seeded
+            initialisation (a moe checkpoint of any layout or a Hugging Face
+            Mixtral directory), with a fresh optimizer and data order; not
+            used when the run resumes (see cluster/initial_weights.py).
         global_batch_size: sequences per optimizer step over all workers.
         grad_accum_steps: micro-batches per optimizer step on each worker.
         dtype: "float32", or "bfloat16" autocast (CUDA).
@@ -61,6 +65,7 @@ class TrainerConfig:
     max_steps: int = 200
     engine: str = "native"
     resume: Optional[str] = None
+    init_from: Optional[str] = None
     global_batch_size: int = 16
     grad_accum_steps: int = 1
     lr: float = 3.0e-3
@@ -151,6 +156,7 @@ class WorkerConfig:
         launch_id: unique per `moe.train` launch: a restarted worker group resumes from this launch's newest
             checkpoint (see `cluster.worker.start_checkpoint`).
         resume_from: the checkpoint the driver chose before Ray started, or None.
+        init_from: the weights a run that does not resume starts from (validated by the driver), or None.
         resolved: the whole resolved config as plain data (logged to wandb).
     """
 
@@ -164,4 +170,5 @@ class WorkerConfig:
     data_dir: str
     launch_id: str
     resume_from: Optional[str]
+    init_from: Optional[str]
     resolved: dict[str, Any]

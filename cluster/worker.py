@@ -29,7 +29,8 @@ from cluster.checkpointing import (list_checkpoints, load_training_checkpoint, r
                                   save_training_checkpoint)
 from cluster.diagnostics import RoutingProbe, expert_weight_norms
 from cluster.engine import TrainEngine, build_engine
-from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict, load_full_state_dict
+from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict
+from cluster.initial_weights import read_initial_state
 from cluster.fsdp import reshard
 from cluster.metrics import MetricsLogger
 from cluster.parallel_dims import ParallelDims
@@ -169,17 +170,21 @@ def diagnose(run: WorkerRun) -> dict[str, Any]:
             "topk_change_fraction": changed}
 
 
-def resume_point(run: WorkerRun) -> Optional[Path]:
-    """Loads the starting checkpoint (see `start_checkpoint`) into the run, if there is one."""
+def resume_point(run: WorkerRun) -> Optional[str]:
+    """Loads the starting checkpoint (see `start_checkpoint`) into the run, or else the trainer.init_from
+    weights (step 0, fresh optimizer and data); returns what was loaded, for the log."""
     path = start_checkpoint(run.checkpoint_root, run.config)
     if path is None:
-        return None
+        if run.config.init_from is None:
+            return None
+        run.engine.load_model_state(read_initial_state(Path(run.config.init_from), run.model.config))
+        return f"started from the weights in {run.config.init_from}"
     full_state, optimizer_state, train_state = load_training_checkpoint(path, run.rank)
-    load_full_state_dict(run.model, full_state, run.dims)
+    run.engine.load_model_state(full_state)
     run.engine.load_optimizer_state(optimizer_state)
     run.loader.load_state_dict(train_state["loader"])
     run.step, run.bad_steps, run.tokens = train_state["step"], train_state["bad_steps"], train_state["tokens"]
-    return path
+    return f"resumed from {path} at step {run.step}"
 
 
 def inject_faults(run: WorkerRun) -> None:
@@ -301,9 +306,9 @@ def eval_record(run: WorkerRun) -> dict[str, Any]:
 def train_loop_per_worker(config: WorkerConfig) -> None:
     """Entry point of each Ray Train worker; `config` comes from the driver."""
     run = setup(config)
-    resumed_from = resume_point(run)
-    if resumed_from is not None and run.rank == 0:
-        print(f"[moe.train] resumed from {resumed_from} at step {run.step}", flush=True)
+    start = resume_point(run)
+    if start is not None and run.rank == 0:
+        print(f"[moe.train] {start}", flush=True)
     tcfg = run.trainer
     logger = None
     if run.rank == 0:

@@ -25,7 +25,7 @@ from moe import ModelConfig, MoETransformer
 
 from cluster.engine import NativeEngine
 from cluster.schema import TrainerConfig
-from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict, load_full_state_dict
+from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict
 from cluster.parallel_dims import ParallelDims
 from dist_helpers import run_distributed
 
@@ -138,7 +138,7 @@ def _matches_native_worker(rank: int, world_size: int, cases: tuple) -> None:
         # Resume: a fresh DeepSpeed engine from the native engine's checkpoint continues like the native one.
         resumed_model = _model(dims, dense)
         resumed = DeepSpeedEngine(resumed_model, dims, cfg)
-        load_full_state_dict(resumed_model, gather_full_state_dict(native_model, dims), dims)
+        resumed.load_model_state(gather_full_state_dict(native_model, dims))
         resumed.load_optimizer_state(native_optimizer_state)
         last = tokens[NUM_STEPS:]
         _assert_same_records(_train(native, native_model, rank, world_size, last, NUM_STEPS),

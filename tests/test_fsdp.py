@@ -26,7 +26,7 @@ from moe.checkpoint import model_state_for_saving
 
 from cluster.diagnostics import GROUPS, expert_weight_norms
 from cluster.engine import FSDPEngine, NativeEngine
-from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict, load_full_state_dict
+from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict
 from cluster.fsdp import reshard
 from cluster.parallel_dims import ParallelDims
 from cluster.schema import TrainerConfig
@@ -138,7 +138,7 @@ def _compare(rank: int, world_size: int, ep: int, variant: str, config: ModelCon
     torch.manual_seed(123)  # different initial weights, overwritten by the load
     fresh = apply_expert_parallel(MoETransformer(config), dims)
     fresh_engine = FSDPEngine(fresh, dims, TrainerConfig(**ENGINE_CFG, engine="fsdp"))
-    load_full_state_dict(fresh, full, dims)
+    fresh_engine.load_model_state(full)
     fresh_engine.load_optimizer_state(optimizer_state)
     inputs, targets = batch()
     loss, _ = _step(engine, model, inputs[rows], targets[rows], micro_batches, 1e-3)

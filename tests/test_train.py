@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 ray = pytest.importorskip("ray")
 
@@ -182,6 +184,33 @@ def test_fsdp_worker_failure_resumes_exactly_and_layout_changes_are_refused(ray_
                            override))
     assert sorted(p.name for p in (tmp_path / "faulty" / "checkpoints").iterdir()) == ["step_00000002",
                                                                                        "step_00000004"]
+
+    # trainer.init_from: that fsdp ep=2 checkpoint's weights (only) start a native run on one worker. A
+    # learning rate of 1e-30 leaves float32 weights bit-equal through an AdamW step (the update lies far
+    # below their last bit), so the new run's step-1 checkpoint must hold exactly the weights it started from.
+    source = tmp_path / "straight" / "checkpoints" / "step_00000004"
+    with pytest.raises(ValueError, match=r"trainer\.init_from: .*embed_tokens\.weight"):
+        train(make_cfg(corpus, tmp_path, "refit", f"trainer.init_from={source}", "model.hidden_size=64"))
+    refit = ["trainer.checkpoint_every=1", "trainer.lr=1e-30", f"trainer.init_from={source}"]
+    train(make_cfg(corpus, tmp_path, "refit", "trainer.max_steps=1", *refit))
+    started = tmp_path / "refit" / "checkpoints" / "step_00000001"
+    assert_same_tensors(load_file(str(started / "model.safetensors")), load_file(str(source / "model.safetensors")))
+    steps = {k: v for k, v in load_file(str(started / "optimizer_rank0.safetensors")).items() if k.endswith("::step")}
+    assert steps and all(float(v) == 1.0 for v in steps.values()), "a fresh AdamW state, not the source's"
+    assert json.loads((started / "train_state.json").read_text())["step"] == 1
+    # A later resume=auto continues the new run's own checkpoint; init_from is not applied again.
+    train(make_cfg(corpus, tmp_path, "refit", "trainer.max_steps=2", "trainer.resume=auto", *refit))
+    records = [r for r in read_metrics(tmp_path / "refit") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [1, 2]
+    steps = {k: v for k, v in load_file(str(tmp_path / "refit" / "checkpoints" / "step_00000002" /
+                                             "optimizer_rank0.safetensors")).items() if k.endswith("::step")}
+    assert all(float(v) == 2.0 for v in steps.values())
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_nan_steps_are_skipped_then_stop_the_run(ray_session, corpus, tmp_path) -> None:
