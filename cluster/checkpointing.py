@@ -218,18 +218,6 @@ class ResumeError(ValueError):
     """No usable checkpoint for the requested resume; the message names the file at fault."""
 
 
-def check_layout(path: Path, engine: str, ep: int) -> None:
-    """Raises `ResumeError` when the checkpoint's optimizer state was written by another trainer.engine or
-    parallel.ep (each rank's state is its shard in that layout). Checkpoints that predate the record pass."""
-    state = read_train_state(path)
-    for key, stored, current in (("trainer.engine", state.get("engine"), engine), ("parallel.ep", state.get("ep"), ep)):
-        if stored is not None and stored != current:
-            raise ResumeError(f"trainer.resume: {path} was written with {key}={stored} and this run has "
-                              f"{key}={current}; the optimizer state of each rank is laid out for {key}={stored}. "
-                              f"Set {key}={stored} to continue it, or start a new run from its weights with "
-                              f"trainer.init_from={path} (a new optimizer state)")
-
-
 def resolve_resume(checkpoint_root: Path, resume: Optional[str], world_size: int,
                    warn: Callable[[str], None] = print) -> Optional[Path]:
     """Which checkpoint a launch starts from, decided on the driver before Ray starts.

@@ -219,6 +219,11 @@ def _moe_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:
     return ((name, m) for name, m in model.named_modules() if isinstance(m, MoELayer))
 
 
+def expert_param_names(model: nn.Module) -> set[str]:
+    """The stacked expert weights (E, ...) of every MoE layer: what expert parallelism splits on dim 0."""
+    return {name for name, _ in _expert_params(model)}
+
+
 def _expert_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     for layer_name, layer in _moe_layers(model):
         prefix = f"{layer_name}.experts." if layer_name else "experts."

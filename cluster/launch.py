@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.config import ModelConfig
 from moe.model import peak_bf16_tflops
 
-from cluster.checkpointing import check_layout, latest_checkpoint, resolve_resume, set_aside_newer, step_dirs
+from cluster.checkpointing import latest_checkpoint, read_train_state, resolve_resume, set_aside_newer, step_dirs
 from cluster.config import check_memory_plan, model_config_from, to_plain, validate_train_config
 from cluster.initial_weights import check_init_from, config_differences
 from cluster.schema import WorkerConfig
@@ -172,22 +172,25 @@ def choose_start(cfg: DictConfig, checkpoint_root: Path, model_config: ModelConf
     """Where the workers start: (checkpoint to resume, weights of trainer.init_from), at most one of them.
 
     Decided on the driver before Ray starts (see cluster/checkpointing.py): the
-    checkpoint is verified and must have this run's engine and ep; newer ones
-    are set aside. `init_from` applies only to a run that does not resume, and
+    checkpoint is verified (every file, and one optimizer file per worker of
+    this run); newer ones are set aside. Another trainer.engine or parallel.ep
+    is fine: the workers reshard the optimizer state (cluster/reshard.py). `init_from` applies only to a run that does not resume, and
     is checked against the model (cluster/initial_weights.py). A worker group
     that Ray Train restarts within this launch continues from the launch's own
     newest checkpoint instead (`cluster.worker.start_checkpoint`).
     """
     resume_from = resolve_resume(checkpoint_root, cfg.trainer.resume, cfg.cluster.num_workers)
-    if resume_from is not None:
-        check_layout(resume_from, cfg.trainer.engine, cfg.parallel.ep)
     init_from = None
     if cfg.trainer.init_from and resume_from is None:
         init_from = check_init_from(cfg.trainer.init_from, model_config)
     set_aside_newer(checkpoint_root, resume_from)
     if resume_from is not None:
+        state = read_train_state(resume_from)
+        writer = (state.get("engine", cfg.trainer.engine), state.get("ep", cfg.parallel.ep))
         print(f"[moe.train] resuming from {resume_from}"
-              + (" (trainer.init_from is not used: the run continues its own checkpoint)"
+              + (f"; its optimizer state (trainer.engine={writer[0]}, parallel.ep={writer[1]}) is resharded for "
+                 f"this run's layout" if writer != (cfg.trainer.engine, cfg.parallel.ep) else "")
+              + ("; trainer.init_from is not used: the run continues its own checkpoint"
                  if cfg.trainer.init_from else ""), flush=True)
     if init_from is not None:
         differences = config_differences(init_from, model_config)

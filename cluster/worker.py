@@ -30,10 +30,11 @@ from cluster.checkpointing import (list_checkpoints, load_training_checkpoint, r
 from cluster.diagnostics import RoutingProbe, expert_weight_norms
 from cluster.engine import TrainEngine, build_engine
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict
-from cluster.initial_weights import read_initial_state
 from cluster.fsdp import reshard
+from cluster.initial_weights import read_initial_state
 from cluster.metrics import MetricsLogger
 from cluster.parallel_dims import ParallelDims
+from cluster.reshard import Layout, reshard_optimizer_state
 from cluster.schema import TrainerConfig, WorkerConfig
 
 STATUS_FILE = "status.json"
@@ -180,11 +181,16 @@ def resume_point(run: WorkerRun) -> Optional[str]:
         run.engine.load_model_state(read_initial_state(Path(run.config.init_from), run.model.config))
         return f"started from the weights in {run.config.init_from}"
     full_state, optimizer_state, train_state = load_training_checkpoint(path, run.rank)
+    here = Layout(run.trainer.engine, run.dims.ep, run.world_size)
+    writer = Layout.of_checkpoint(train_state, here)
+    if not writer.same_state_as(here):
+        optimizer_state = reshard_optimizer_state(path, writer, run.model, run.dims)
     run.engine.load_model_state(full_state)
     run.engine.load_optimizer_state(optimizer_state)
     run.loader.load_state_dict(train_state["loader"])
     run.step, run.bad_steps, run.tokens = train_state["step"], train_state["bad_steps"], train_state["tokens"]
-    return f"resumed from {path} at step {run.step}"
+    moved = "" if writer == here else f" (optimizer state resharded from {writer.engine}, ep={writer.ep})"
+    return f"resumed from {path} at step {run.step}{moved}"
 
 
 def inject_faults(run: WorkerRun) -> None:

@@ -14,11 +14,15 @@ more step equal to the uninterrupted run).
 from __future__ import annotations
 
 import copy
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from safetensors.torch import save_file
 from torch.testing import assert_close
 
 from moe import ModelConfig, MoETransformer
@@ -29,6 +33,7 @@ from cluster.engine import FSDPEngine, NativeEngine
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict
 from cluster.fsdp import reshard
 from cluster.parallel_dims import ParallelDims
+from cluster.reshard import Layout, reshard_optimizer_state
 from cluster.schema import TrainerConfig
 from dist_helpers import run_distributed
 
@@ -135,6 +140,8 @@ def _compare(rank: int, world_size: int, ep: int, variant: str, config: ModelCon
     # Resume: the gathered model and this rank's optimizer state into fresh ones give the same next step.
     optimizer_state = engine.optimizer_state()
     assert not any(isinstance(t, DTensor) for t in optimizer_state.values())
+    _check_resharding(rank, world_size, ep, config, model, dims, optimizer_state, ref_engine.optimizer_state(),
+                      label)
     torch.manual_seed(123)  # different initial weights, overwritten by the load
     fresh = apply_expert_parallel(MoETransformer(config), dims)
     fresh_engine = FSDPEngine(fresh, dims, TrainerConfig(**ENGINE_CFG, engine="fsdp"))
@@ -147,6 +154,34 @@ def _compare(rank: int, world_size: int, ep: int, variant: str, config: ModelCon
     after, fresh_after = gather_full_state_dict(model, dims), gather_full_state_dict(fresh, dims)
     for name, value in after.items():
         assert torch.equal(fresh_after[name], value), f"{label}: {name} differs after a resumed step"
+
+
+def _check_resharding(rank: int, world_size: int, ep: int, config: ModelConfig, model, dims: ParallelDims,
+                      fsdp_state: dict, single_state: dict, label: str) -> None:
+    """cluster/reshard.py both ways: the ranks' FSDP files make the single-process (native, ep=1) state, and
+    the single-process file makes each rank's FSDP part (its experts, its chunk), equal to what training left
+    there (within the FSDP-vs-one-process tolerance; a permuted or misplaced chunk is off by far more)."""
+    shared = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(shared)
+    directory = Path(shared[0])
+    save_file(fsdp_state, str(directory / f"optimizer_rank{rank}.safetensors"))
+    dist.barrier()
+    as_single = reshard_optimizer_state(directory, Layout("fsdp", ep, world_size), MoETransformer(config),
+                                        ParallelDims(world_size, 1))
+    assert as_single.keys() == single_state.keys(), label
+    for key, value in single_state.items():
+        assert_close(as_single[key], value, rtol=1e-3, atol=1e-9, msg=lambda m: f"{label} to one process {key}: {m}")
+    dist.barrier()
+    if rank == 0:
+        save_file(single_state, str(directory / "optimizer_rank0.safetensors"))
+    dist.barrier()
+    as_fsdp = reshard_optimizer_state(directory, Layout("native", 1, 1), model, dims)
+    assert as_fsdp.keys() == fsdp_state.keys(), label
+    for key, value in fsdp_state.items():
+        assert_close(as_fsdp[key], value, rtol=1e-3, atol=1e-9, msg=lambda m: f"{label} to rank {rank} {key}: {m}")
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(directory)
 
 
 def _reference_step(engine, model, parts, micro_batches: int, lr: float, loss_out: torch.Tensor) -> float:
