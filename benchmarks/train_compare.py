@@ -5,8 +5,8 @@
     python benchmarks/train_compare.py quality --seeds 3 --steps 300 600
                                               # mixtral_tiny vs dense_tiny (equal active FLOPs) and
                                               # fixed_root length curriculum vs none: validation loss
-                                              # (--variants: which runs; moe_slow_router has the routers at
-                                              # 0.1 x lr; moe_previous_default is
+                                              # (--variants: which runs; moe_fast_router has the routers at
+                                              # the full lr; moe_previous_default is
                                               # mixtral_tiny before the issue-10 changes)
     python benchmarks/train_compare.py sweep --lrs 1.5e-3 3e-3 6e-3 --steps 300
                                               # the learning rate of both models
@@ -19,6 +19,9 @@ Seed s sets both the initial weights and the data order (trainer.seed,
 data.seed), so the MoE and the dense run of a seed see the same batches.
 Runs already finished under RUN_ROOT are reused and unfinished ones resume
 from their last checkpoint, so a long suite can be stopped and started again.
+A run is reused only if its command line is the same and its stored config
+(model, trainer, data) equals what that command composes today, so a changed
+default in conf/ is never mixed with runs trained before it.
 
 Prints a table (mean ± sample standard deviation over seeds), the
 comparisons, one JSON line, and writes RUN_ROOT/<suite>_curves.png (validation
@@ -61,10 +64,10 @@ VARIANTS = {
     # (load) and 0.001 (z) averaged over the 4 MoE layers, i.e. a quarter of that per layer in today's sum.
     "moe_previous_default": ("mixtral_tiny", lambda steps: [
         "model.experts.num_experts=8", "model.experts.hidden_size=256", "model.router.top_k=2",
-        "model.router.aux_loss_coef=0.0025", "model.router.z_loss_coef=0.00025", "model.router.bias_update_rate=0"],
-        "dense"),
-    # The routers at a tenth of the learning rate: their gradient norm matches all the experts' (README).
-    "moe_slow_router": ("mixtral_tiny", lambda steps: ["trainer.router_lr_scale=0.1"], "dense"),
+        "model.router.aux_loss_coef=0.0025", "model.router.z_loss_coef=0.00025", "model.router.bias_update_rate=0",
+        "trainer.router_lr_scale=1.0"], "dense"),
+    # The routers at the experts' learning rate, mixtral_tiny's default before router_lr_scale 0.1 (README).
+    "moe_fast_router": ("mixtral_tiny", lambda steps: ["trainer.router_lr_scale=1.0"], "moe"),
 }
 DEFAULT_VARIANTS = ["moe", "dense", "moe_fixed_root"]
 
@@ -105,6 +108,47 @@ def command(spec: RunSpec, args: argparse.Namespace) -> list[str]:
             "trainer.resume=auto", *QUIET, *spec.overrides, *args.override]
 
 
+COMPARED_GROUPS = ("model", "trainer", "data")  # what a run learns from; cluster and logger do not change it
+
+
+def composed_config(overrides: list[str]) -> dict[str, Any]:
+    """The resolved config `python -m moe.train OVERRIDES` composes today."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(ROOT))
+    from cluster.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def config_drift(argv: list[str], run_dir: Path) -> list[str]:
+    """The settings in which `run_dir` was trained differently from what its command composes today (a
+    changed default in conf/), as "key: then -> now". A key the stored config lacks (added to the schema
+    since) counts as its base default, the value without any experiment."""
+    import yaml
+
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    now, base = composed_config(argv[3:]), composed_config([])  # argv: python -m moe.train OVERRIDES
+    drift = []
+    for group in COMPARED_GROUPS:
+        then, base_group = _flat(stored.get(group) or {}), _flat(base[group])
+        for key, value in _flat(now[group]).items():
+            old = then.get(key, base_group.get(key))
+            if old != value:
+                drift.append(f"{group}.{key}: {old!r} -> {value!r}")
+    return drift
+
+
 def execute(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
     """Runs (or reuses) one training process and returns its result row."""
     run_root = Path(args.run_root).resolve()
@@ -113,6 +157,11 @@ def execute(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
     if command_file.exists() and json.loads(command_file.read_text()) != argv[1:]:
         raise SystemExit(f"[train_compare] {run_dir} was trained with other settings (see {command_file}): "
                          f"pass another --run-root")
+    if (run_dir / "config.yaml").exists():
+        drift = config_drift(argv, run_dir)
+        if drift:
+            raise SystemExit(f"[train_compare] {run_dir} was trained before a change of defaults ({'; '.join(drift)})"
+                             f": pass another --run-root, or move it away to retrain it")
     command_file.write_text(json.dumps(argv[1:]))
     if not (run_dir / "summary.json").exists():
         log = run_root / f"{spec.name}.log"

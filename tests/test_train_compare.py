@@ -109,3 +109,19 @@ def test_suite_trains_reuses_and_refuses_other_settings(tmp_path) -> None:
     other = subprocess.run([*base, "trainer.weight_decay=0.05"], capture_output=True, text=True, cwd=ROOT,
                            timeout=120)
     assert other.returncode != 0 and "trained with other settings" in other.stderr
+
+    # A run trained before a default changed (its stored config says otherwise) is not reused; a key the
+    # stored config lacks (added to the schema later) counts as its base default (dense_tiny: 1.0, as the base).
+    dense = tmp_path / "bench" / "dense_s2_seed0" / "config.yaml"
+    text = dense.read_text()
+    assert "  router_lr_scale: 1.0\n" in text
+    dense.write_text(text.replace("  router_lr_scale: 1.0\n", ""))
+    absent = subprocess.run(base, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert absent.returncode == 0 and absent.stdout.count("reusing the finished run") == 2, absent.stderr[-2000:]
+    moe = tmp_path / "bench" / "moe_s2_seed0" / "config.yaml"
+    text = moe.read_text()
+    assert "  router_lr_scale: 0.1\n" in text  # mixtral_tiny's
+    moe.write_text(text.replace("  router_lr_scale: 0.1\n", "  router_lr_scale: 0.5\n"))
+    drifted = subprocess.run(base, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert drifted.returncode != 0
+    assert "before a change of defaults (trainer.router_lr_scale: 0.5 -> 0.1)" in drifted.stderr
