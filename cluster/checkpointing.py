@@ -98,12 +98,15 @@ def read_train_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def verify_checkpoint(path: Path, world_size: Optional[int] = None) -> Optional[str]:
+def verify_checkpoint(path: Path) -> Optional[str]:
     """Checks a checkpoint against the sizes and digests in its train_state.json.
+
+    Every file the writing ranks wrote is recorded there, so a sound checkpoint
+    holds the optimizer and RNG state of each of its ranks, whatever the
+    number of workers that resumes it (see `load_training_checkpoint`).
 
     Args:
         path: a `step_N` directory.
-        world_size: when given, also require the optimizer and RNG files of that many ranks.
     Returns:
         None when it is sound, else one line naming the damaged or missing file.
     """
@@ -131,12 +134,6 @@ def verify_checkpoint(path: Path, world_size: Optional[int] = None) -> Optional[
             return f"{file} has {size} bytes, {expected['size']} were written"
         if file_digest(file)["sha256"] != expected["sha256"]:
             return f"{file} does not match its recorded sha256 (the file was modified or damaged)"
-    if world_size is not None:
-        for rank in range(world_size):
-            for kind in ("optimizer", "rng"):
-                if f"{kind}_rank{rank}.safetensors" not in files:
-                    return (f"{path} has no {kind} state for rank {rank}: it was written by "
-                            f"{state.get('world_size', '?')} workers, this run has {world_size}")
     return None
 
 
@@ -202,31 +199,32 @@ def read_train_state_or_none(path: Path) -> Optional[dict[str, Any]]:
         return None
 
 
-def load_training_checkpoint(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
-                                                             dict[str, Any]]:
-    """Restores this rank's RNG state; returns (full model state, this rank's optimizer state, train_state)."""
+def load_training_checkpoint(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restores this rank's RNG state; returns (full model state, train_state).
+
+    The optimizer state is read by the worker (`optimizer_rank{rank}` when the layout is the writer's, else
+    every rank's file through `cluster.reshard`). A rank beyond the writer's world size takes the RNG state
+    of rank `rank % world size`: the data order is global, and the model draws random numbers only for
+    router jitter.
+    """
     state = read_train_state(path)
-    rank_file = path / f"optimizer_rank{rank}.safetensors"
-    if not rank_file.is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no optimizer state for rank {rank} ({rank_file.name}); "
-                                f"it was written with fewer workers")
-    torch.set_rng_state(load_file(str(path / f"rng_rank{rank}.safetensors"))["torch"])
-    return load_file(str(path / WEIGHTS_NAME)), load_file(str(rank_file)), state
+    writers = state.get("world_size") or len(list(path.glob("rng_rank*.safetensors")))
+    torch.set_rng_state(load_file(str(path / f"rng_rank{rank % writers}.safetensors"))["torch"])
+    return load_file(str(path / WEIGHTS_NAME)), state
 
 
 class ResumeError(ValueError):
     """No usable checkpoint for the requested resume; the message names the file at fault."""
 
 
-def resolve_resume(checkpoint_root: Path, resume: Optional[str], world_size: int,
-                   warn: Callable[[str], None] = print) -> Optional[Path]:
+def resolve_resume(checkpoint_root: Path, resume: Optional[str], warn: Callable[[str], None] = print
+                   ) -> Optional[Path]:
     """Which checkpoint a launch starts from, decided on the driver before Ray starts.
 
     Args:
         checkpoint_root: the run's `checkpoints/` directory.
         resume: None (fresh), "auto" (the newest sound checkpoint, or fresh when
             there is none) or a checkpoint directory.
-        world_size: the workers of this launch (their optimizer states must be there).
         warn: where to report a damaged checkpoint that is skipped.
     Returns:
         The checkpoint directory, or None to start from step 0.
@@ -240,13 +238,13 @@ def resolve_resume(checkpoint_root: Path, resume: Optional[str], world_size: int
         path = Path(resume).resolve()
         if not path.is_dir():
             raise ResumeError(f"trainer.resume: {path} is not a directory")
-        problem = verify_checkpoint(path, world_size)
+        problem = verify_checkpoint(path)
         if problem is not None:
             raise ResumeError(f"trainer.resume: {path} is damaged: {problem}")
         return path
     candidates = step_dirs(checkpoint_root)
     for path in reversed(candidates):
-        problem = verify_checkpoint(path, world_size)
+        problem = verify_checkpoint(path)
         if problem is None:
             return path
         warn(f"[moe.train] warning: skipping damaged checkpoint {path.name}: {problem}")

@@ -172,24 +172,26 @@ def choose_start(cfg: DictConfig, checkpoint_root: Path, model_config: ModelConf
     """Where the workers start: (checkpoint to resume, weights of trainer.init_from), at most one of them.
 
     Decided on the driver before Ray starts (see cluster/checkpointing.py): the
-    checkpoint is verified (every file, and one optimizer file per worker of
-    this run); newer ones are set aside. Another trainer.engine or parallel.ep
-    is fine: the workers reshard the optimizer state (cluster/reshard.py). `init_from` applies only to a run that does not resume, and
+    checkpoint is verified (every file its ranks wrote); newer ones are set
+    aside. Another trainer.engine, parallel.ep or number of workers is fine:
+    the workers reshard the optimizer state (cluster/reshard.py). `init_from` applies only to a run that does not resume, and
     is checked against the model (cluster/initial_weights.py). A worker group
     that Ray Train restarts within this launch continues from the launch's own
     newest checkpoint instead (`cluster.worker.start_checkpoint`).
     """
-    resume_from = resolve_resume(checkpoint_root, cfg.trainer.resume, cfg.cluster.num_workers)
+    resume_from = resolve_resume(checkpoint_root, cfg.trainer.resume)
     init_from = None
     if cfg.trainer.init_from and resume_from is None:
         init_from = check_init_from(cfg.trainer.init_from, model_config)
     set_aside_newer(checkpoint_root, resume_from)
     if resume_from is not None:
         state = read_train_state(resume_from)
-        writer = (state.get("engine", cfg.trainer.engine), state.get("ep", cfg.parallel.ep))
+        writer = (state.get("engine", cfg.trainer.engine), state.get("ep", cfg.parallel.ep),
+                  state.get("world_size", cfg.cluster.num_workers))
         print(f"[moe.train] resuming from {resume_from}"
-              + (f"; its optimizer state (trainer.engine={writer[0]}, parallel.ep={writer[1]}) is resharded for "
-                 f"this run's layout" if writer != (cfg.trainer.engine, cfg.parallel.ep) else "")
+              + (f"; its optimizer state (trainer.engine={writer[0]}, parallel.ep={writer[1]}, {writer[2]} workers) "
+                 f"is resharded for this run's layout"
+                 if writer != (cfg.trainer.engine, cfg.parallel.ep, cfg.cluster.num_workers) else "")
               + ("; trainer.init_from is not used: the run continues its own checkpoint"
                  if cfg.trainer.init_from else ""), flush=True)
     if init_from is not None:

@@ -18,10 +18,9 @@ safetensors) and cuts this rank's part of it for the run's own layout, the
 same way `cluster.expert_parallel.load_full_state_dict` cuts the weights.
 The chunking dimension of an FSDP writer is read off the shapes (the one
 dimension whose chunks add up to the full size), so the table above is the
-only layout knowledge here. The writer's files are all read, so a run with
-fewer workers than the writer resumes too (the data loader's state is global);
-one with more is refused before Ray starts by
-`cluster.checkpointing.verify_checkpoint` (its extra ranks have no RNG state).
+only layout knowledge here. The writer's files are all read, so the number
+of workers may change too (the data loader's state is global; see
+`cluster.checkpointing.load_training_checkpoint` for the RNG state).
 """
 
 from __future__ import annotations

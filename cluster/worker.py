@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 from moe import MoETransformer
 from moe.model import count_parameters, training_flops_per_token
@@ -180,16 +181,19 @@ def resume_point(run: WorkerRun) -> Optional[str]:
             return None
         run.engine.load_model_state(read_initial_state(Path(run.config.init_from), run.model.config))
         return f"started from the weights in {run.config.init_from}"
-    full_state, optimizer_state, train_state = load_training_checkpoint(path, run.rank)
+    full_state, train_state = load_training_checkpoint(path, run.rank)
     here = Layout(run.trainer.engine, run.dims.ep, run.world_size)
     writer = Layout.of_checkpoint(train_state, here)
-    if not writer.same_state_as(here):
+    if writer.same_state_as(here):
+        optimizer_state = load_file(str(path / f"optimizer_rank{run.rank}.safetensors"))
+    else:
         optimizer_state = reshard_optimizer_state(path, writer, run.model, run.dims)
     run.engine.load_model_state(full_state)
     run.engine.load_optimizer_state(optimizer_state)
     run.loader.load_state_dict(train_state["loader"])
     run.step, run.bad_steps, run.tokens = train_state["step"], train_state["bad_steps"], train_state["tokens"]
-    moved = "" if writer == here else f" (optimizer state resharded from {writer.engine}, ep={writer.ep})"
+    moved = ("" if writer == here else
+             f" (optimizer state resharded from {writer.engine}, ep={writer.ep}, {writer.world_size} workers)")
     return f"resumed from {path} at step {run.step}{moved}"
 
 

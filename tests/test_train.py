@@ -166,8 +166,8 @@ def test_resume_and_worker_failure_match_uninterrupted(ray_session, corpus, tmp_
 def test_fsdp_worker_failure_resumes_exactly_and_in_another_layout(ray_session, corpus, tmp_path) -> None:
     """FSDP2 with expert parallelism: a worker killed during step 4 restarts from the step-2 checkpoint (the full
     model resharded, each rank's optimizer shard reloaded) and ends where the uninterrupted run does. Its step-4
-    checkpoint then resumes with the native engine and ep=1 (the optimizer state resharded, cluster/reshard.py)
-    and takes the same next steps as the original layout does."""
+    checkpoint then resumes on one worker with the native engine (the optimizer state resharded,
+    cluster/reshard.py) and takes the same next steps as the original layout does."""
     common = ["trainer.max_steps=4", "trainer.checkpoint_every=2", "cluster.num_workers=2", "parallel.ep=2",
               "trainer.engine=fsdp"]
     straight = train(make_cfg(corpus, tmp_path, "straight", *common))
@@ -182,7 +182,8 @@ def test_fsdp_worker_failure_resumes_exactly_and_in_another_layout(ray_session, 
 
     more = ["trainer.max_steps=6", "trainer.resume=auto"]
     same = train(make_cfg(corpus, tmp_path, "straight", *common, *more))
-    moved = train(make_cfg(corpus, tmp_path, "faulty", *common, *more, "trainer.engine=native", "parallel.ep=1"))
+    moved = train(make_cfg(corpus, tmp_path, "faulty", *common, *more, "trainer.engine=native", "parallel.ep=1",
+                           "cluster.num_workers=1"))
     a, b = train_losses(tmp_path / "straight"), train_losses(tmp_path / "faulty")
     assert a.keys() == b.keys() == set(range(1, 7))
     for step in (5, 6):  # step 6's loss follows the AdamW update of step 5, made with the resharded state
@@ -202,8 +203,10 @@ def test_fsdp_worker_failure_resumes_exactly_and_in_another_layout(ray_session, 
     steps = {k: v for k, v in load_file(str(started / "optimizer_rank0.safetensors")).items() if k.endswith("::step")}
     assert steps and all(float(v) == 1.0 for v in steps.values()), "a fresh AdamW state, not the source's"
     assert json.loads((started / "train_state.json").read_text())["step"] == 1
-    # A later resume=auto continues the new run's own checkpoint; init_from is not applied again.
-    train(make_cfg(corpus, tmp_path, "refit", "trainer.max_steps=2", "trainer.resume=auto", *refit))
+    # A later resume=auto continues the new run's own checkpoint (here on 2 workers with fsdp and ep=2: the
+    # one-worker optimizer state resharded); init_from is not applied again.
+    train(make_cfg(corpus, tmp_path, "refit", "trainer.max_steps=2", "trainer.resume=auto", *refit,
+                   "cluster.num_workers=2", "parallel.ep=2", "trainer.engine=fsdp"))
     records = [r for r in read_metrics(tmp_path / "refit") if r["kind"] == "train"]
     assert [r["step"] for r in records] == [1, 2]
     steps = {k: v for k, v in load_file(str(tmp_path / "refit" / "checkpoints" / "step_00000002" /
