@@ -3,11 +3,13 @@
 A checkpoint directory `run_dir/checkpoints/step_00000100/` holds
   model.safetensors, config.json   the full model (single-process layout; a
                                    `moe.load_checkpoint` directory)
-  optimizer_rank{r}.safetensors    each rank's optimizer state (expert shards
-                                   differ between expert-parallel ranks)
+  optimizer_rank{r}.safetensors    each rank's part of the optimizer state, in
+                                   the writer's layout (another layout or
+                                   number of workers reshards it: cluster/reshard.py)
   rng_rank{r}.safetensors          each rank's torch RNG state
   tokenizer.json                   the prepared data's tokenizer (serving needs it)
-  train_state.json                 step, data-loader state, counters, and the
+  train_state.json                 step, data-loader state, counters, the
+                                   writer's engine, ep and world size, and the
                                    size and sha256 of every other file
 No pickle anywhere.
 
