@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +27,9 @@ from moe.layer import MoELayer
 from cluster.diagnostics import GROUPS, expert_weight_norms, grad_square_sums
 from cluster.expert_parallel import (apply_expert_parallel, expert_bias_all_reduce, gather_full_state_dict,
                                      is_expert_param, load_full_state_dict, reduce_gradients)
+from cluster.optim import optimizer_tensors
 from cluster.parallel_dims import ParallelDims
+from cluster.reshard import Layout, reshard_optimizer_state
 from dist_helpers import run_distributed
 
 # Named tiny sizes for tests (never the real ones).
@@ -308,6 +311,8 @@ def _train_and_compare(rank: int, world_size: int, ep: int, checkpoint_dir: str)
 
         if variant == "whole batch":
             _check_checkpoint_round_trip(rank, dims, model, full, expected, f"{checkpoint_dir}/ep{ep}")
+            _check_optimizer_resharding(rank, world_size, dims, model, opt, ref, opt_ref,
+                                        Path(checkpoint_dir) / f"ep{ep}_optimizer")
 
 
 def _check_checkpoint_round_trip(rank: int, dims: ParallelDims, model: MoETransformer,
@@ -330,6 +335,28 @@ def _check_checkpoint_round_trip(rank: int, dims: ParallelDims, model: MoETransf
     fresh_state, model_state = fresh.state_dict(), model.state_dict()
     for name, value in model_state.items():
         assert torch.equal(fresh_state[name], value), name
+
+
+def _check_optimizer_resharding(rank: int, world_size: int, dims: ParallelDims, model: MoETransformer,
+                                opt: torch.optim.Optimizer, ref: MoETransformer, opt_ref: torch.optim.Optimizer,
+                                directory: Path) -> None:
+    """cluster/reshard.py for the native layout: the expert-parallel ranks' AdamW state (each holding its
+    experts' slice) rebuilt as one process's, and one process's cut into each rank's slice."""
+    state = optimizer_tensors(opt, {p: n for n, p in model.named_parameters()})
+    single = optimizer_tensors(opt_ref, {p: n for n, p in ref.named_parameters()})
+    if rank == 0:
+        directory.mkdir(parents=True)
+        (directory / "single").mkdir()
+        save_file(single, str(directory / "single" / "optimizer_rank0.safetensors"))
+    dist.barrier()
+    save_file(state, str(directory / f"optimizer_rank{rank}.safetensors"))
+    dist.barrier()
+    as_single = reshard_optimizer_state(directory, Layout("native", dims.ep, world_size), ref, ParallelDims(1, 1))
+    as_rank = reshard_optimizer_state(directory / "single", Layout("native", 1, 1), model, dims)
+    for got, want, what in ((as_single, single, "to one process"), (as_rank, state, f"to rank {rank}")):
+        assert got.keys() == want.keys(), what
+        for key, value in want.items():
+            assert_close(got[key], value, rtol=1e-3, atol=1e-9, msg=lambda m: f"ep {dims.ep} {what} {key}: {m}")
 
 
 @pytest.mark.slow
