@@ -28,6 +28,7 @@ from cluster.config import check_memory_plan, model_config_from, to_plain, valid
 from cluster.initial_weights import check_init_from, config_differences
 from cluster.schema import WorkerConfig
 from cluster.metrics import read_metrics
+from cluster.reshard import Layout
 from cluster.worker import STATUS_FILE
 
 RAY_TRAIN_DIR = "ray_train"
@@ -185,13 +186,12 @@ def choose_start(cfg: DictConfig, checkpoint_root: Path, model_config: ModelConf
         init_from = check_init_from(cfg.trainer.init_from, model_config)
     set_aside_newer(checkpoint_root, resume_from)
     if resume_from is not None:
-        state = read_train_state(resume_from)
-        writer = (state.get("engine", cfg.trainer.engine), state.get("ep", cfg.parallel.ep),
-                  state.get("world_size", cfg.cluster.num_workers))
+        here = Layout(cfg.trainer.engine, cfg.parallel.ep, cfg.cluster.num_workers)
+        writer = Layout.of_checkpoint(read_train_state(resume_from), here)
         print(f"[moe.train] resuming from {resume_from}"
-              + (f"; its optimizer state (trainer.engine={writer[0]}, parallel.ep={writer[1]}, {writer[2]} workers) "
-                 f"is resharded for this run's layout"
-                 if writer != (cfg.trainer.engine, cfg.parallel.ep, cfg.cluster.num_workers) else "")
+              + (f"; its optimizer state (trainer.engine={writer.engine}, parallel.ep={writer.ep}, "
+                 f"{writer.world_size} workers) is resharded for this run's layout"
+                 if not writer.same_state_as(here) else "")
               + ("; trainer.init_from is not used: the run continues its own checkpoint"
                  if cfg.trainer.init_from else ""), flush=True)
     if init_from is not None:

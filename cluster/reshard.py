@@ -49,8 +49,10 @@ class Layout:
 
     @classmethod
     def of_checkpoint(cls, train_state: dict[str, Any], default: "Layout") -> "Layout":
-        """The writer's layout from train_state.json; checkpoints that predate the record count as `default`."""
-        return cls(train_state.get("engine", default.engine), train_state.get("ep", default.ep),
+        """The writer's layout from train_state.json. Checkpoints that predate the record of the engine were
+        written before the fsdp engine existed (whole tensors, as native); a missing ep or world size counts
+        as `default`'s."""
+        return cls(train_state.get("engine", "native"), train_state.get("ep", default.ep),
                    train_state.get("world_size", default.world_size))
 
     @property

@@ -192,7 +192,7 @@ def resume_point(run: WorkerRun) -> Optional[str]:
     run.engine.load_optimizer_state(optimizer_state)
     run.loader.load_state_dict(train_state["loader"])
     run.step, run.bad_steps, run.tokens = train_state["step"], train_state["bad_steps"], train_state["tokens"]
-    moved = ("" if writer == here else
+    moved = ("" if writer.same_state_as(here) else
              f" (optimizer state resharded from {writer.engine}, ep={writer.ep}, {writer.world_size} workers)")
     return f"resumed from {path} at step {run.step}{moved}"
 
