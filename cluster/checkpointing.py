@@ -128,14 +128,21 @@ def verify_checkpoint(path: Path) -> Optional[str]:
                 return f"{path / name} cannot be read ({type(err).__name__}: {err})"
         return None
     for name, expected in sorted(files.items()):
-        file = path / name
-        if not file.is_file():
-            return f"{file} is missing"
-        size = file.stat().st_size
-        if size != expected["size"]:
-            return f"{file} has {size} bytes, {expected['size']} were written"
-        if file_digest(file)["sha256"] != expected["sha256"]:
-            return f"{file} does not match its recorded sha256 (the file was modified or damaged)"
+        problem = recorded_file_problem(path / name, expected)
+        if problem is not None:
+            return problem
+    return None
+
+
+def recorded_file_problem(file: Path, expected: dict[str, Any]) -> Optional[str]:
+    """None when `file` has the size and sha256 recorded for it, else one line naming what is wrong."""
+    if not file.is_file():
+        return f"{file} is missing"
+    size = file.stat().st_size
+    if size != expected["size"]:
+        return f"{file} has {size} bytes, {expected['size']} were written"
+    if file_digest(file)["sha256"] != expected["sha256"]:
+        return f"{file} does not match its recorded sha256 (the file was modified or damaged)"
     return None
 
 

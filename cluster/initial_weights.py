@@ -33,10 +33,10 @@ from safetensors.torch import load_file
 
 from moe.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_model_config, saved_names
 from moe.config import ModelConfig
-from moe.hf import HF_INDEX_NAME, HF_WEIGHTS_NAME, from_hf_config, from_hf_state_dict
+from moe.hf import from_hf_config, from_hf_state_dict, hf_weight_files
 from moe.model import MoETransformer
 
-from cluster.checkpointing import TRAIN_STATE, file_digest, read_train_state
+from cluster.checkpointing import TRAIN_STATE, read_train_state, recorded_file_problem
 
 
 def _fail(path: Path, message: str) -> None:
@@ -64,13 +64,11 @@ def _kind(path: Path) -> str:
 
 
 def _weight_files(path: Path, kind: str) -> list[Path]:
-    if kind == "moe" or (path / HF_WEIGHTS_NAME).is_file():
-        files = [path / (WEIGHTS_NAME if kind == "moe" else HF_WEIGHTS_NAME)]
-    elif (path / HF_INDEX_NAME).is_file():
-        weight_map = json.loads((path / HF_INDEX_NAME).read_text())["weight_map"]
-        files = [path / shard for shard in sorted(set(weight_map.values()))]
-    else:
-        files = [path / HF_WEIGHTS_NAME]
+    try:
+        files = [path / WEIGHTS_NAME] if kind == "moe" else hf_weight_files(path)
+    except FileNotFoundError:
+        _fail(path, f"{WEIGHTS_NAME} is missing, and no index of shards either (only safetensors weights are "
+                    f"read, never pickled files)")
     for file in files:
         if not file.is_file():
             _fail(path, f"{file.name} is missing (only safetensors weights are read, never pickled files)")
@@ -94,8 +92,9 @@ def _check_digest(path: Path) -> None:
     if not (path / TRAIN_STATE).is_file():
         return
     recorded = read_train_state(path).get("files", {}).get(WEIGHTS_NAME)
-    if recorded is not None and file_digest(path / WEIGHTS_NAME) != recorded:
-        _fail(path, f"{WEIGHTS_NAME} does not match the size and sha256 recorded in {TRAIN_STATE} (damaged)")
+    problem = recorded and recorded_file_problem(path / WEIGHTS_NAME, recorded)
+    if problem:
+        _fail(path, f"{problem} ({TRAIN_STATE})")
 
 
 def _expected_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:

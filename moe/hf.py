@@ -377,17 +377,22 @@ def is_hf_export(path: Path) -> bool:
         return False
 
 
-def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+def hf_weight_files(hf_dir: Path) -> list[Path]:
+    """The safetensors files of a Mixtral directory: `model.safetensors`, or the shards its index names."""
     if (hf_dir / HF_WEIGHTS_NAME).is_file():
-        return load_file(str(hf_dir / HF_WEIGHTS_NAME), device="cpu")
+        return [hf_dir / HF_WEIGHTS_NAME]
     if (hf_dir / HF_INDEX_NAME).is_file():
         weight_map = json.loads((hf_dir / HF_INDEX_NAME).read_text())["weight_map"]
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(load_file(str(hf_dir / shard), device="cpu"))
-        return state
+        return [hf_dir / shard for shard in sorted(set(weight_map.values()))]
     raise FileNotFoundError(f"no {HF_WEIGHTS_NAME} or {HF_INDEX_NAME} in {hf_dir} (only safetensors "
                             f"checkpoints are read, never pickled .bin files)")
+
+
+def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in hf_weight_files(hf_dir):
+        state.update(load_file(str(file), device="cpu"))
+    return state
 
 
 def import_hf(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
