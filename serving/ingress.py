@@ -303,7 +303,8 @@ class CascadeIngress:
     def _record(self, mode: Mode, answer: dict[str, Any], started: float) -> None:
         tier = answer["tier"]
         self.requests.inc(tags={"tier": tier, "mode": mode.kind})
-        self.tokens.inc(answer["completion_tokens"], tags={"tier": tier})
+        if answer["completion_tokens"]:  # a stop string can end a completion before its first token; Ray's
+            self.tokens.inc(answer["completion_tokens"], tags={"tier": tier})  # counters refuse an increment of 0
         self.latency.observe(time.perf_counter() - started, tags={"tier": tier})
 
     # ---- streaming -------------------------------------------------------------
