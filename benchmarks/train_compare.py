@@ -8,8 +8,10 @@
                                               # (--variants: which runs; moe_fast_router has the routers at
                                               # the full lr; moe_previous_default is
                                               # mixtral_tiny before the issue-10 changes)
+    python benchmarks/train_compare.py quality --variants moe_d64 dense_d64 moe_d32 dense_d32 --steps 1500
+                                              # the same pair at half and a quarter of the width
     python benchmarks/train_compare.py sweep --lrs 1.5e-3 3e-3 6e-3 --steps 300
-                                              # the learning rate of both models
+                                              # the learning rate of both models (--variants: another pair)
 
 Every quality or sweep run is a real `python -m moe.train` process on the
 embedded default corpus, prepared once into RUN_ROOT/data with
@@ -55,6 +57,14 @@ def curriculum_overrides(steps: int) -> list[str]:
             "data.curriculum.root_degree=2"]
 
 
+def narrower(width: int, dense: bool) -> list[str]:
+    """mixtral_tiny or dense_tiny at another width with the same proportions (experts 2x the width, the dense
+    SwiGLU top_k = 2 experts wide), so the pair keeps equal active FLOPs: for the MoE's gain against the
+    tokens per parameter, at a fixed token count."""
+    ffn = [f"model.experts.hidden_size={2 * width}"] + ([f"model.dense_hidden_size={4 * width}"] if dense else [])
+    return [f"model.hidden_size={width}", *ffn]
+
+
 # name: (experiment, overrides given the run's steps, the baseline it is compared with)
 VARIANTS = {
     "moe": ("mixtral_tiny", lambda steps: [], "dense"),
@@ -68,6 +78,11 @@ VARIANTS = {
         "trainer.router_lr_scale=1.0"], "dense"),
     # The routers at the experts' learning rate, mixtral_tiny's default before router_lr_scale 0.1 (README).
     "moe_fast_router": ("mixtral_tiny", lambda steps: ["trainer.router_lr_scale=1.0"], "moe"),
+    # The same pair at a half and a quarter of the width (hidden 64 / 32, 4 heads): about 4x and 16x fewer
+    # non-embedding parameters for the same tokens.
+    **{f"{kind}_d{width}": (experiment, lambda steps, w=width, d=kind == "dense": narrower(w, d),
+                            None if kind == "dense" else f"dense_d{width}")
+       for width in (64, 32) for kind, experiment in (("moe", "mixtral_tiny"), ("dense", "dense_tiny"))},
 }
 DEFAULT_VARIANTS = ["moe", "dense", "moe_fixed_root"]
 
@@ -93,9 +108,15 @@ def quality_specs(steps_list: list[int], seeds: int, variants: list[str]) -> lis
             for steps in steps_list for seed in range(seeds) for v in variants]
 
 
-def sweep_specs(steps_list: list[int], seeds: int, lrs: list[float]) -> list[RunSpec]:
+def sweep_specs(steps_list: list[int], seeds: int, lrs: list[float],
+                variants: tuple[str, ...] = ("moe", "dense")) -> list[RunSpec]:
     return [RunSpec(f"{v}_lr{lr:g}", VARIANTS[v][0], steps, seed, [*VARIANTS[v][1](steps), f"trainer.lr={lr}"])
-            for steps in steps_list for seed in range(seeds) for lr in lrs for v in ("moe", "dense")]
+            for steps in steps_list for seed in range(seeds) for lr in lrs for v in variants]
+
+
+def compared_pairs(variants: list[str]) -> list[tuple[str, str]]:
+    """(variant, baseline) for every variant whose baseline runs too."""
+    return [(v, VARIANTS[v][2]) for v in variants if VARIANTS[v][2] in variants]
 
 
 def command(spec: RunSpec, args: argparse.Namespace) -> list[str]:
@@ -369,8 +390,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every run (quality, sweep)")
     p.add_argument("--steps", type=int, nargs="+", default=[300, 600], help="training lengths (quality, sweep)")
     p.add_argument("--lrs", type=float, nargs="+", default=[1.5e-3, 3e-3, 6e-3], help="sweep learning rates")
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
-                   help="quality: the runs of each seed and length (each is compared with its baseline)")
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                   help="the runs of each seed and length, each compared with its baseline (quality default: "
+                        f"{' '.join(DEFAULT_VARIANTS)}; sweep default: moe dense, at every --lrs)")
     p.add_argument("--validation-fraction", type=float, default=0.05)
     p.add_argument("--eval-batches", type=int, default=40, help="global batches of 16 x 256 tokens per evaluation")
     p.add_argument("--eval-points", type=int, default=10, help="evaluations along each run (the curves)")
@@ -405,8 +427,10 @@ def main() -> None:
         if run_root.exists() and any(run_root.iterdir()):
             raise SystemExit(f"{run_root} is not empty: remove it or pass --run-root")
         return throughput(args)
+    if args.variants is None:
+        args.variants = DEFAULT_VARIANTS if args.suite == "quality" else ["moe", "dense"]
     specs = (quality_specs(args.steps, args.seeds, args.variants) if args.suite == "quality"
-             else sweep_specs(args.steps, args.seeds, args.lrs))
+             else sweep_specs(args.steps, args.seeds, args.lrs, tuple(args.variants)))
     if args.dry_run:
         for spec in specs:
             print(" ".join(command(spec, args)))
@@ -414,10 +438,10 @@ def main() -> None:
     Path(args.run_root).mkdir(parents=True, exist_ok=True)
     rows = [execute(spec, args) for spec in specs]
     if args.suite == "quality":
-        comparisons = [c for v in args.variants if VARIANTS[v][2] in args.variants
-                       for c in compare(rows, v, VARIANTS[v][2])]
+        comparisons = [c for v, b in compared_pairs(args.variants) for c in compare(rows, v, b)]
     else:
-        comparisons = [c for lr in args.lrs for c in compare(rows, f"moe_lr{lr:g}", f"dense_lr{lr:g}")]
+        comparisons = [c for lr in args.lrs for v, b in compared_pairs(args.variants)
+                       for c in compare(rows, f"{v}_lr{lr:g}", f"{b}_lr{lr:g}")]
     print_tables(rows, comparisons)
     lengths = "_".join(str(s) for s in args.steps)
     png = plot_curves(rows, Path(args.run_root).resolve() / f"{args.suite}_curves_{lengths}.png")

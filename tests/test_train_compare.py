@@ -73,6 +73,30 @@ def test_specs_pair_every_seed_and_share_the_data_order() -> None:
                                        "moe_lr0.002_s300_seed0", "dense_lr0.002_s300_seed0"]
 
 
+def test_every_moe_variant_and_its_dense_baseline_have_equal_active_flops() -> None:
+    from omegaconf import OmegaConf
+
+    from cluster.config import model_config_from
+    from moe.model import training_flops_per_token
+
+    def flops(variant: str) -> tuple[float, int]:
+        experiment, overrides, _ = tc.VARIANTS[variant]
+        cfg = OmegaConf.create(tc.composed_config([f"+experiment={experiment}", *overrides(300)]))
+        config = model_config_from(cfg, vocab_size=8192)
+        return training_flops_per_token(config, 256), config.hidden_size
+
+    pairs = tc.compared_pairs(list(tc.VARIANTS))
+    assert ("moe_d64", "dense_d64") in pairs and ("moe_d32", "dense_d32") in pairs
+    for variant, baseline in pairs:
+        if baseline.startswith("dense"):
+            (moe_flops, moe_width), (dense_flops, dense_width) = flops(variant), flops(baseline)
+            assert moe_width == dense_width and moe_flops == pytest.approx(dense_flops, rel=0.01), variant
+    assert flops("dense_d32")[0] < flops("dense_d64")[0] < flops("dense")[0] / 2
+    sweep = tc.sweep_specs([300], seeds=1, lrs=[1e-3], variants=("moe_d64", "dense_d64"))
+    assert [s.name for s in sweep] == ["moe_d64_lr0.001_s300_seed0", "dense_d64_lr0.001_s300_seed0"]
+    assert "model.hidden_size=64" in sweep[1].overrides and "trainer.lr=0.001" in sweep[1].overrides
+
+
 @pytest.mark.parametrize("argv,message", [(["--seeds", "0"], "--seeds"), (["--steps", "0"], "--steps"),
                                           (["--lrs", "-1"], "--lrs"), (["--validation-fraction", "1"],
                                                                        "--validation-fraction")])
