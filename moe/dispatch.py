@@ -14,8 +14,9 @@ process group, never Ray.
 
 `combine` takes an optional `overlap` callable (the MoE layer passes its
 shared experts) whose result is added to the output: `AllToAllDispatcher`
-runs it while the expert outputs travel back over the network, so the
-shared-expert compute hides the combine all-to-all (as DeepSeek-V3 and
+runs it while the expert outputs travel back over the network, and its
+backward while their gradients travel out again, so the shared-expert
+compute hides the combine all-to-all both ways (as DeepSeek-V3 and
 torchtitan overlap them).
 """
 
@@ -114,41 +115,60 @@ class _AllToAll(torch.autograd.Function):
 
 
 class _InFlight:
-    """The pending exchange between `_AllToAllStart` and `_AllToAllWait` (kept off the autograd graph)."""
+    """The exchange pending between `_AllToAllStart` and `_AllToAllWait`, in the forward and in the backward
+    (kept off the autograd graph)."""
 
-    work: Optional[dist.Work] = None
+    def __init__(self, recv_splits: list[int], send_splits: list[int], group: dist.ProcessGroup) -> None:
+        self.recv_splits, self.send_splits, self.group = recv_splits, send_splits, group
+        self.work: Optional[dist.Work] = None
+        self.buffers: tuple[torch.Tensor, ...] = ()  # (sent, received) until the exchange is waited for
+
+    def start(self, x: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
+        sent = x.contiguous()
+        received = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+        self.work = dist.all_to_all_single(received, sent, output_split_sizes=output_splits,
+                                           input_split_sizes=input_splits, group=self.group, async_op=True)
+        self.buffers = (sent, received)
+        return received
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        received = self.buffers[1]
+        self.work, self.buffers = None, ()
+        return received
 
 
 class _AllToAllStart(torch.autograd.Function):
     """Starts the variable-size all-to-all and returns the buffer it is filling: nothing may read it before
-    `_AllToAllWait`. The backward is the reverse exchange, synchronous."""
+    `_AllToAllWait`. In the backward the roles swap: `_AllToAllWait.backward` starts the reverse exchange and
+    this backward waits for it, so whatever autograd runs between the two (the shared experts' backward) hides
+    it."""
 
     @staticmethod
-    def forward(ctx, x_ND: torch.Tensor, recv_splits: list[int], send_splits: list[int],
-                group: dist.ProcessGroup, in_flight: _InFlight) -> torch.Tensor:  # noqa: D102
-        ctx.recv_splits, ctx.send_splits, ctx.group = recv_splits, send_splits, group
-        out_MD = x_ND.new_empty((sum(recv_splits),) + tuple(x_ND.shape[1:]))
-        in_flight.work = dist.all_to_all_single(out_MD, x_ND.contiguous(), output_split_sizes=recv_splits,
-                                                input_split_sizes=send_splits, group=group, async_op=True)
-        return out_MD
+    def forward(ctx, x_ND: torch.Tensor, in_flight: _InFlight) -> torch.Tensor:  # noqa: D102
+        ctx.in_flight = in_flight
+        return in_flight.start(x_ND, in_flight.recv_splits, in_flight.send_splits)
 
     @staticmethod
     def backward(ctx, grad_MD: torch.Tensor):  # noqa: D102
-        grad_ND = _AllToAll.apply(grad_MD.contiguous(), ctx.send_splits, ctx.recv_splits, ctx.group)
-        return grad_ND, None, None, None, None
+        # grad_MD is what _AllToAllWait.backward passed on; its exchange is already under way.
+        return ctx.in_flight.wait(), None
 
 
 class _AllToAllWait(torch.autograd.Function):
-    """Waits for the exchange `_AllToAllStart` began; the identity for autograd."""
+    """Waits for the exchange `_AllToAllStart` began; its backward starts the reverse exchange."""
 
     @staticmethod
     def forward(ctx, out_MD: torch.Tensor, in_flight: _InFlight) -> torch.Tensor:  # noqa: D102
-        in_flight.work.wait()
-        in_flight.work = None
+        ctx.in_flight = in_flight
+        in_flight.wait()  # fills out_MD
         return out_MD.view_as(out_MD)
 
     @staticmethod
     def backward(ctx, grad_MD: torch.Tensor):  # noqa: D102
+        # Autograd runs ready nodes latest-created first: the shared experts' backward (created between the
+        # two) runs next, while these gradients travel; _AllToAllStart.backward, created first, waits last.
+        ctx.in_flight.start(grad_MD, ctx.in_flight.send_splits, ctx.in_flight.recv_splits)
         return grad_MD, None
 
 
@@ -240,13 +260,14 @@ class AllToAllDispatcher:
     def combine(self, y_MD: torch.Tensor, topk_weights_TK: torch.Tensor, state: AllToAllDispatchState,
                 overlap: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
         """Sends expert outputs back to their source ranks, weights each row by its gate and sums per token.
-        `overlap()` runs while the outputs are in flight; its result is added last."""
+        `overlap()` runs while the outputs are in flight, and its backward while their gradients are; its
+        result is added last."""
         y_MD = y_MD.index_select(0, state.ungroup_index_M)
         if overlap is None:
             y_ND = _AllToAll.apply(y_MD, state.send_splits, state.recv_splits, self.ep_group)
             return self._local.combine(y_ND, topk_weights_TK, state)
-        in_flight = _InFlight()
-        pending_ND = _AllToAllStart.apply(y_MD, state.send_splits, state.recv_splits, self.ep_group, in_flight)
+        in_flight = _InFlight(state.send_splits, state.recv_splits, self.ep_group)
+        pending_ND = _AllToAllStart.apply(y_MD, in_flight)
         extra_TD = overlap()
         y_ND = _AllToAllWait.apply(pending_ND, in_flight)
         return self._local.combine(y_ND, topk_weights_TK, state) + extra_TD

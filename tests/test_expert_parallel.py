@@ -9,13 +9,16 @@ process fails the test through `torch.multiprocessing.spawn`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
@@ -86,12 +89,15 @@ def _compare_layer(rank: int, world_size: int, dims: ParallelDims) -> None:
 
         x = x_global[_rows(rank)].clone().requires_grad_()
         events = []
-        with _recording_all_to_all(events):
-            out, routing = layer(x) if not shared else _with_hook(layer.shared_experts, events,
-                                                                  lambda: layer(x))
-        if shared and ep > 1:  # the shared experts run while the combine exchange is in flight
-            assert events[-3:] == ["start async", "shared experts", "wait"], events
-        (out * cotangent[_rows(rank)]).sum().backward()
+        with _recording_all_to_all(events), _shared_expert_events(layer.shared_experts, events):
+            out, routing = layer(x)
+            if shared and ep > 1:  # the shared experts run while the combine exchange is in flight
+                assert events[-3:] == ["start async", "shared experts", "wait"], events
+            events.clear()
+            (out * cotangent[_rows(rank)]).sum().backward()
+        if ep > 1:  # and their backward while its gradients travel back; the dispatch exchange reverses last
+            expected = ["start async", "shared experts backward", "wait", "start"] if shared else ["start", "start"]
+            assert events == expected, events
         reduce_gradients(layer, dims)  # the mean over ranks of the summed loss
 
         if capacity_factor is not None:
@@ -102,6 +108,16 @@ def _compare_layer(rank: int, world_size: int, dims: ParallelDims) -> None:
         for name, param in layer.named_parameters():
             expected = _sharded_ref_grad(ref_params[name].grad, param, dims) / world_size
             assert_close(param.grad, expected, msg=lambda m: f"{backend} {dtype} {name}: {m}")
+        if shared:  # recomputed in the backward (activation checkpointing): the overlapped exchanges run again
+            grads = {name: param.grad.clone() for name, param in layer.named_parameters()}
+            layer.zero_grad()
+            x_again = x.detach().clone().requires_grad_()
+            out_again, _ = torch.utils.checkpoint.checkpoint(layer, x_again, use_reentrant=False)
+            (out_again * cotangent[_rows(rank)]).sum().backward()
+            reduce_gradients(layer, dims)
+            assert_close(x_again.grad, x.grad)
+            for name, param in layer.named_parameters():
+                assert_close(param.grad, grads[name], msg=lambda m: f"checkpointed {name}: {m}")
 
 
 class _recording_all_to_all:
@@ -133,12 +149,19 @@ class _recording_all_to_all:
         dist.all_to_all_single = self.original
 
 
-def _with_hook(module: torch.nn.Module, events: list[str], fn):
-    handle = module.register_forward_hook(lambda *_: events.append("shared experts"))
+@contextlib.contextmanager
+def _shared_expert_events(module: Optional[torch.nn.Module], events: list[str]):
+    """Logs "shared experts" when their forward ends and "shared experts backward" when their backward does."""
+    if module is None:
+        yield
+        return
+    handles = [module.register_forward_hook(lambda *_: events.append("shared experts")),
+               module.register_full_backward_hook(lambda *_: events.append("shared experts backward"))]
     try:
-        return fn()
+        yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 @pytest.mark.slow
