@@ -57,7 +57,7 @@ def curriculum_overrides(steps: int) -> list[str]:
             "data.curriculum.root_degree=2"]
 
 
-def narrower(width: int, dense: bool) -> list[str]:
+def at_width(width: int, dense: bool) -> list[str]:
     """mixtral_tiny or dense_tiny at another width with the same proportions (experts 2x the width, the dense
     SwiGLU top_k = 2 experts wide), so the pair keeps equal active FLOPs: for the MoE's gain against the
     tokens per parameter, at a fixed token count."""
@@ -80,7 +80,7 @@ VARIANTS = {
     "moe_fast_router": ("mixtral_tiny", lambda steps: ["trainer.router_lr_scale=1.0"], "moe"),
     # The same pair at a half and a quarter of the width (hidden 64 / 32, 4 heads): about 4x and 16x fewer
     # non-embedding parameters for the same tokens.
-    **{f"{kind}_d{width}": (experiment, lambda steps, w=width, d=kind == "dense": narrower(w, d),
+    **{f"{kind}_d{width}": (experiment, lambda steps, w=width, d=kind == "dense": at_width(w, d),
                             None if kind == "dense" else f"dense_d{width}")
        for width in (64, 32) for kind, experiment in (("moe", "mixtral_tiny"), ("dense", "dense_tiny"))},
 }
