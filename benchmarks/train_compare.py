@@ -26,9 +26,9 @@ A run is reused only if its command line is the same and its stored config
 default in conf/ is never mixed with runs trained before it.
 
 Prints a table (mean ± sample standard deviation over seeds), the
-comparisons, one JSON line, and writes RUN_ROOT/<suite>_curves.png (validation
-loss against step, mean and ±1 std band) as RUN_ROOT/<suite>_curves_<steps>.png. `--dry-run` prints the
-runs only.
+comparisons and one JSON line, and plots the validation loss against step
+(mean and ±1 std band) in RUN_ROOT/<suite>_curves_<steps>_<variants>.png.
+`--dry-run` prints the runs only.
 """
 
 from __future__ import annotations
@@ -444,7 +444,8 @@ def main() -> None:
                        for c in compare(rows, f"{v}_lr{lr:g}", f"{b}_lr{lr:g}")]
     print_tables(rows, comparisons)
     lengths = "_".join(str(s) for s in args.steps)
-    png = plot_curves(rows, Path(args.run_root).resolve() / f"{args.suite}_curves_{lengths}.png")
+    png = Path(args.run_root).resolve() / f"{args.suite}_curves_{lengths}_{'_'.join(args.variants)}.png"
+    png = plot_curves(rows, png)
     print(f"validation curves: {png}")
     print(json.dumps({"benchmark": "train_compare", "suite": args.suite, "seeds": args.seeds, "steps": args.steps,
                       "validation_fraction": args.validation_fraction, "eval_batches": args.eval_batches,

@@ -124,7 +124,7 @@ def test_suite_trains_reuses_and_refuses_other_settings(tmp_path) -> None:
                for r in result["rows"])
     (comparison,) = result["comparisons"]
     assert comparison["steps"] == 2 and comparison["seeds"] == 1
-    assert (tmp_path / "bench" / "quality_curves_2.png").is_file()
+    assert (tmp_path / "bench" / "quality_curves_2_moe_dense.png").is_file()
 
     again = subprocess.run(base, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert again.returncode == 0 and again.stdout.count("reusing the finished run") == 2
