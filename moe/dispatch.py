@@ -123,7 +123,10 @@ class _InFlight:
         self.work: Optional[dist.Work] = None
         self.buffers: tuple[torch.Tensor, ...] = ()  # (sent, received) until the exchange is waited for
 
-    def start(self, x: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
+    def start(self, x: torch.Tensor, *, reverse: bool = False) -> torch.Tensor:
+        """Starts the exchange (`reverse`: the backward's, splits swapped) and returns the buffer it fills."""
+        output_splits, input_splits = ((self.send_splits, self.recv_splits) if reverse
+                                       else (self.recv_splits, self.send_splits))
         sent = x.contiguous()
         received = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
         self.work = dist.all_to_all_single(received, sent, output_split_sizes=output_splits,
@@ -147,7 +150,7 @@ class _AllToAllStart(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND: torch.Tensor, in_flight: _InFlight) -> torch.Tensor:  # noqa: D102
         ctx.in_flight = in_flight
-        return in_flight.start(x_ND, in_flight.recv_splits, in_flight.send_splits)
+        return in_flight.start(x_ND)
 
     @staticmethod
     def backward(ctx, grad_MD: torch.Tensor):  # noqa: D102
@@ -168,7 +171,7 @@ class _AllToAllWait(torch.autograd.Function):
     def backward(ctx, grad_MD: torch.Tensor):  # noqa: D102
         # Autograd runs ready nodes latest-created first: the shared experts' backward (created between the
         # two) runs next, while these gradients travel; _AllToAllStart.backward, created first, waits last.
-        ctx.in_flight.start(grad_MD, ctx.in_flight.send_splits, ctx.in_flight.recv_splits)
+        ctx.in_flight.start(grad_MD, reverse=True)
         return grad_MD, None
 
 

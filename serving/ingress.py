@@ -303,8 +303,9 @@ class CascadeIngress:
     def _record(self, mode: Mode, answer: dict[str, Any], started: float) -> None:
         tier = answer["tier"]
         self.requests.inc(tags={"tier": tier, "mode": mode.kind})
-        if answer["completion_tokens"]:  # a stop string can end a completion before its first token; Ray's
-            self.tokens.inc(answer["completion_tokens"], tags={"tier": tier})  # counters refuse an increment of 0
+        # A stop string can end a completion before its first token, and Ray's counters refuse an increment of 0.
+        if answer["completion_tokens"]:
+            self.tokens.inc(answer["completion_tokens"], tags={"tier": tier})
         self.latency.observe(time.perf_counter() - started, tags={"tier": tier})
 
     # ---- streaming -------------------------------------------------------------
