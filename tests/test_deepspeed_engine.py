@@ -204,10 +204,9 @@ def test_nan_steps_are_skipped() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray Data's own
-def test_ray_training_with_deepspeed_matches_native(tmp_path) -> None:
+def test_ray_training_with_deepspeed_matches_native(ray_cluster, tmp_path) -> None:
     """trainer.engine=deepspeed through the real Ray Train worker loop (2 workers, ep=2, ZeRO-2, a NaN step,
     a checkpoint): the same losses, skipped step and final weights as trainer.engine=native."""
-    ray = pytest.importorskip("ray")
     from safetensors.torch import load_file
     from train_helpers import make_cfg, train_losses, write_corpus  # the Ray tests' corpus and tiny config
 
@@ -217,13 +216,9 @@ def test_ray_training_with_deepspeed_matches_native(tmp_path) -> None:
     write_corpus(tmp_path / "corpus" / "text")
     common = ["trainer.max_steps=4", "trainer.checkpoint_every=4", "trainer.debug.nan_loss_at_steps=[1]",
               "cluster.num_workers=2", "parallel.ep=2"]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        native = train(make_cfg(tmp_path / "corpus", tmp_path, "native", *common))
-        deepspeed = train(make_cfg(tmp_path / "corpus", tmp_path, "deepspeed", *common, "trainer.engine=deepspeed",
-                                   "trainer.zero_stage=2"))
-    finally:
-        ray.shutdown()
+    native = train(make_cfg(tmp_path / "corpus", tmp_path, "native", *common))
+    deepspeed = train(make_cfg(tmp_path / "corpus", tmp_path, "deepspeed", *common, "trainer.engine=deepspeed",
+                               "trainer.zero_stage=2"))
     assert native["status"] == deepspeed["status"] == "finished"
     assert native["bad_steps"] == deepspeed["bad_steps"] == 1
     a, b = train_losses(tmp_path / "native"), train_losses(tmp_path / "deepspeed")

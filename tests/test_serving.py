@@ -61,9 +61,8 @@ def tiers(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(tiers):
+def server(tiers, ray_cluster):
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=free_port())
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     apps = {"cascade": ("/", []), "broken": ("/broken", ["tiers.large.fault=error"]),
             "hanging": ("/hanging", ["tiers.large.fault=hang", "routing.large_timeout_s=1"])}
@@ -73,7 +72,6 @@ def server(tiers):
         serve.run(build_app(cfg, facts, tiers["router"]), name=name, route_prefix=prefix)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

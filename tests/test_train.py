@@ -22,13 +22,12 @@ ray = pytest.importorskip("ray")
 from cluster.diagnostics import GROUPS  # noqa: E402
 from cluster.launch import TrainingStopped, train  # noqa: E402
 from cluster.metrics import read_metrics  # noqa: E402
+from conftest import SESSION_RAY_CPUS  # noqa: E402
 from train_helpers import ROOT, make_cfg, prometheus_lines, train_losses, write_corpus  # noqa: E402
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_session(ray_cluster):
+    yield ray_cluster
 
 
 @pytest.fixture(scope="module")
@@ -89,38 +88,47 @@ def test_single_worker_run_learns_and_writes_artifacts(ray_session, corpus, tmp_
         train(cfg)
 
 
+# The layout tests' shared settings. Balancing losses are computed per local batch (as in Megatron), so they
+# are switched off to compare against the whole-batch run.
+LAYOUT_COMMON = ["trainer.max_steps=4", "trainer.checkpoint_every=4", "model.router.aux_loss_coef=0",
+                 "model.router.z_loss_coef=0", "trainer.diagnostics_every=2"]
+
+
+@pytest.fixture(scope="module")
+def one_worker_run(ray_session, corpus, tmp_path_factory) -> Path:
+    """The single-worker reference run of the layout tests, trained once for all of them (read-only)."""
+    root = tmp_path_factory.mktemp("layouts")
+    train(make_cfg(corpus, root, "one", *LAYOUT_COMMON))
+    return root / "one"
+
+
 @pytest.mark.parametrize("workers,ep,recompute,compiled,engine", [(2, 2, "full", False, "native"),
                                                                   (2, 1, "none", True, "native"),
                                                                   (2, 2, "selective", True, "fsdp")])
-def test_parallel_layouts_match_single_worker(ray_session, corpus, tmp_path, workers: int, ep: int,
+def test_parallel_layouts_match_single_worker(one_worker_run, corpus, tmp_path, workers: int, ep: int,
                                               recompute: str, compiled: bool, engine: str) -> None:
     """2 workers (expert-parallel or not, FSDP2 or our all-reduce) reproduce 1 worker on the same global batch.
 
-    Balancing losses are computed per local batch (as in Megatron), so they are
-    switched off here to compare against the whole-batch run. The expert-parallel
-    run also recomputes its activations (`trainer.activation_checkpointing`): the
-    all-to-all runs again in the backward pass and must change nothing; the other
-    one compiles its blocks (`trainer.compile`).
+    The expert-parallel run also recomputes its activations
+    (`trainer.activation_checkpointing`): the all-to-all runs again in the
+    backward pass and must change nothing; the other one compiles its blocks
+    (`trainer.compile`).
     """
-    common = ["trainer.max_steps=4", "trainer.checkpoint_every=4", "model.router.aux_loss_coef=0",
-              "model.router.z_loss_coef=0", "trainer.diagnostics_every=2"]
-    train(make_cfg(corpus, tmp_path, "one", *common))
-    train(make_cfg(corpus, tmp_path, "many", *common, f"cluster.num_workers={workers}", f"parallel.ep={ep}",
+    train(make_cfg(corpus, tmp_path, "many", *LAYOUT_COMMON, f"cluster.num_workers={workers}", f"parallel.ep={ep}",
                    f"trainer.activation_checkpointing={recompute}", f"trainer.compile={compiled}",
                    f"trainer.engine={engine}"))
-    one, many = train_losses(tmp_path / "one"), train_losses(tmp_path / "many")
+    one, many = train_losses(one_worker_run), train_losses(tmp_path / "many")
     assert one.keys() == many.keys() == {1, 2, 3, 4}
     for step in one:
         assert abs(one[step] - many[step]) < 1e-5, (step, one[step], many[step])
-    from safetensors.torch import load_file
 
-    a = load_file(str(tmp_path / "one" / "checkpoints" / "step_00000004" / "model.safetensors"))
+    a = load_file(str(one_worker_run / "checkpoints" / "step_00000004" / "model.safetensors"))
     b = load_file(str(tmp_path / "many" / "checkpoints" / "step_00000004" / "model.safetensors"))
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-5, worst
     # The diagnostics of the sharded run describe the full model: gradient norms by group, expert norms.
-    records = {name: read_metrics(tmp_path / name) for name in ("one", "many")}
+    records = {"one": read_metrics(one_worker_run), "many": read_metrics(tmp_path / "many")}
     grads = {name: [r["grad_norm_by_group"] for r in recs if r["kind"] == "train"] for name, recs in records.items()}
     for step, (g_one, g_many) in enumerate(zip(grads["one"], grads["many"]), 1):
         assert g_one.keys() == g_many.keys() == set(GROUPS)
@@ -248,7 +256,8 @@ def test_experiment_smoke(ray_session, corpus, tmp_path, experiment: str) -> Non
 
 def test_local_resources_are_checked_before_training(ray_session, corpus, tmp_path) -> None:
     """A request the local Ray cannot hold (it would wait forever) fails with the key named."""
-    cfg = make_cfg(corpus, tmp_path, "too_big", "cluster.num_workers=2", "cluster.cpus_per_worker=2")
+    assert ray.cluster_resources()["CPU"] == SESSION_RAY_CPUS
+    cfg = make_cfg(corpus, tmp_path, "too_big", "cluster.num_workers=2", f"cluster.cpus_per_worker={SESSION_RAY_CPUS - 1}")
     with pytest.raises(ValueError, match="cluster.cpus_per_worker"):
         train(cfg)
     cfg = make_cfg(corpus, tmp_path, "no_gpu", "cluster.use_gpu=true")
