@@ -13,6 +13,7 @@ deploys it here, and Ray Serve config files through `serving.deploy`.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from serving.config import validate_serve_config
+from serving.config import size_tiers, validate_serve_config
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -118,15 +119,28 @@ def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
                         facts["small"]["active_params"] / facts["large"]["active_params"])
 
 
-def checked_app(cfg: DictConfig):
+def checked_app(cfg: DictConfig, resources: dict[str, float], *, check_fit: bool = True):
     """The application of a composed config, after every check that needs no Ray.
 
+    Args:
+        cfg: the composed serve config (unset tier CPUs are filled in from `resources`).
+        resources: the total resources of the cluster it deploys on.
+        check_fit: refuse replicas that do not fit `resources` (a local Ray; see `size_tiers`).
+
     Raises:
-        ValueError: naming the key at fault (config values, checkpoints, router file).
+        ValueError: naming the key at fault (config values, resources, checkpoints, router file).
     """
     validate_serve_config(cfg)
+    size_tiers(cfg, resources, check_fit=check_fit)
     facts = check_tiers(cfg.small, cfg.large)
     return build_app(cfg, facts, router_file_for(cfg, facts))
+
+
+def local_resources() -> dict[str, float]:
+    """What a local Ray started on this machine holds (ray.init's defaults)."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
 def start(cfg: DictConfig, *, init_ray: bool = True) -> str:
@@ -134,15 +148,19 @@ def start(cfg: DictConfig, *, init_ray: bool = True) -> str:
     import ray
     from ray import serve
 
-    app = checked_app(cfg)
-    if init_ray and not ray.is_initialized():
-        if cfg.address is None:
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=cfg.dashboard_port)
-            from cluster.launch import start_reaper
+    local = init_ray and not ray.is_initialized() and cfg.address is None
+    if local:
+        resources = local_resources()
+        app = checked_app(cfg, resources)  # everything refused before a local Ray starts
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=cfg.dashboard_port,
+                 num_cpus=int(resources["CPU"]))
+        from cluster.launch import start_reaper
 
-            start_reaper()
-        else:
+        start_reaper()
+    else:
+        if init_ray and not ray.is_initialized():
             ray.init(address=cfg.address)
+        app = checked_app(cfg, ray.cluster_resources(), check_fit=cfg.address is None)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app, name=cfg.app_name, route_prefix="/")
     return f"http://{cfg.host}:{cfg.port}"

@@ -6,6 +6,7 @@ conf/serve.yaml extends `base_serve`, so a misspelt key fails at composition;
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -28,7 +29,8 @@ class TierConfig:
 
     Attributes:
         num_replicas: fixed replica count (without autoscaling).
-        num_cpus / num_gpus: Ray resources of each replica (torch uses num_cpus threads).
+        num_cpus / num_gpus: Ray resources of each replica (torch uses num_cpus threads). num_cpus null:
+            the cluster's CPUs shared among the replicas that start, at most 1 each (`size_tiers`).
         max_batch_size / batch_wait_timeout_s: `@serve.batch` of generation and prefill.
         dtype: float32 or bfloat16 weights.
         fault: drills only: "error" makes every call fail, "hang" makes it never answer.
@@ -36,7 +38,7 @@ class TierConfig:
 
     num_replicas: int = 1
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
-    num_cpus: float = 1.0
+    num_cpus: Optional[float] = None
     num_gpus: float = 0.0
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.01
@@ -135,7 +137,7 @@ def validate_serve_config(cfg: DictConfig) -> None:
         key = f"tiers.{name}"
         if tier.num_replicas < 1:
             fail(f"{key}.num_replicas", f"must be >= 1, got {tier.num_replicas}")
-        if tier.num_cpus <= 0 or tier.num_gpus < 0:
+        if (tier.num_cpus is not None and tier.num_cpus <= 0) or tier.num_gpus < 0:
             fail(f"{key}.num_cpus", f"must be > 0 (and num_gpus >= 0), got {tier.num_cpus}, {tier.num_gpus}")
         if tier.max_batch_size < 1 or tier.batch_wait_timeout_s < 0:
             fail(f"{key}.max_batch_size", "must be >= 1 (and batch_wait_timeout_s >= 0)")
@@ -161,3 +163,57 @@ def validate_serve_config(cfg: DictConfig) -> None:
     for key in ("large_timeout_s", "max_tokens_limit", "max_prompt_chars", "max_body_bytes"):
         if r[key] <= 0:
             fail(f"routing.{key}", f"must be positive, got {r[key]}")
+
+
+INGRESS_CPUS = 0.1  # the ingress deployment's reservation (serving/app.py)
+TIER_NAMES = ("small", "large")
+
+
+def starting_replicas(tier: DictConfig) -> int:
+    """Replicas a tier starts with (the fixed count, or autoscaling's minimum)."""
+    return tier.autoscaling.min_replicas if tier.autoscaling.enabled else tier.num_replicas
+
+
+def size_tiers(cfg: DictConfig, resources: dict[str, float], *, check_fit: bool = True) -> None:
+    """Fills the tiers' unset `num_cpus` from the cluster and checks that every replica that starts fits.
+
+    On a local Ray a replica that cannot be placed waits forever while Serve only
+    logs it, so a request the cluster cannot hold is refused here, before anything
+    is deployed. Unset tiers share the CPUs that the ingress and the set tiers
+    leave, at most 1 CPU a replica (0.95 each on a 2-CPU machine).
+
+    Args:
+        cfg: the composed serve config; its unset `tiers.*.num_cpus` are filled in.
+        resources: the cluster's total resources (`ray.cluster_resources()`, or what a local Ray will hold).
+        check_fit: refuse what does not fit; off for a remote cluster, whose autoscaler may add the nodes.
+
+    Raises:
+        ValueError: naming `tiers.<name>.num_cpus` or `num_gpus`, what was asked and what the cluster has.
+    """
+    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+    replicas = {name: starting_replicas(cfg.tiers[name]) for name in TIER_NAMES}
+    unset = [name for name in TIER_NAMES if cfg.tiers[name].num_cpus is None]
+    fixed = INGRESS_CPUS + sum(replicas[n] * cfg.tiers[n].num_cpus for n in TIER_NAMES if n not in unset)
+    if unset:
+        share = min(1.0, math.floor(100 * (cpus - fixed) / sum(replicas[n] for n in unset)) / 100)
+        if share <= 0:
+            if check_fit:
+                fail(f"tiers.{unset[0]}.num_cpus", f"no CPU left for its replicas: the cluster has {cpus:g} CPUs "
+                                                   f"and the ingress and the other tier take {fixed:g}")
+            share = 1.0  # a cluster without free CPUs yet (a 0-CPU head): its autoscaler adds them
+        for name in unset:
+            cfg.tiers[name].num_cpus = share
+    if not check_fit:
+        return
+    asked = {n: replicas[n] * cfg.tiers[n].num_cpus for n in TIER_NAMES}
+    if INGRESS_CPUS + sum(asked.values()) > cpus + 1e-9:
+        largest = max(TIER_NAMES, key=asked.get)
+        parts = ", ".join(f"{n} {replicas[n]} x {cfg.tiers[n].num_cpus:g}" for n in TIER_NAMES)
+        fail(f"tiers.{largest}.num_cpus", f"the replicas ask for {INGRESS_CPUS + sum(asked.values()):g} CPUs "
+                                          f"({parts}, ingress {INGRESS_CPUS:g}) and the Ray cluster has {cpus:g}; "
+                                          f"lower it, or leave tiers.*.num_cpus unset to share the cluster's CPUs")
+    asked_gpus = {n: replicas[n] * cfg.tiers[n].num_gpus for n in TIER_NAMES}
+    if sum(asked_gpus.values()) > gpus + 1e-9:
+        largest = max(TIER_NAMES, key=asked_gpus.get)
+        fail(f"tiers.{largest}.num_gpus", f"the replicas ask for {sum(asked_gpus.values()):g} GPUs and the Ray "
+                                          f"cluster has {gpus:g}")

@@ -119,6 +119,11 @@ def app_builder(args: dict[str, Any]):
     Raises:
         ValueError: naming the key at fault, before any deployment starts.
     """
-    from serving.app import checked_app
+    import ray
 
-    return checked_app(compose_serve_config(args))
+    from serving.app import checked_app, local_resources
+
+    # Serve's build task runs on the cluster it deploys to. Unset tier CPUs are sized from its resources; a fit
+    # is not enforced there, since an autoscaling cluster (KubeRay) adds the nodes its replicas ask for.
+    return checked_app(compose_serve_config(args), ray.cluster_resources() if ray.is_initialized() else
+                       local_resources(), check_fit=False)

@@ -21,7 +21,7 @@ from ray.serve import Application  # noqa: E402
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # noqa: E402
 from ray.serve._private.build_app import build_app  # noqa: E402
 
-from serving.config import register_configs  # noqa: E402
+from serving.config import INGRESS_CPUS, register_configs, size_tiers  # noqa: E402
 from serving.deploy import app_builder, compose_serve_config  # noqa: E402
 from serving_helpers import make_tiers, serve_config_app  # noqa: E402
 from train_helpers import ROOT  # noqa: E402
@@ -46,7 +46,8 @@ def test_import_path_resolves_to_the_builder(app) -> None:
 def test_builder_composes_what_moe_serve_composes(app) -> None:
     """The file's args as `python -m moe.serve KEY=VALUE ...` would give them on the command line."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        expected = compose(config_name="serve", overrides=[f"{key}={value}" for key, value in app["args"].items()])
+        expected = compose(config_name="serve", overrides=[f"{key}={'null' if value is None else value}"
+                                                             for key, value in app["args"].items()])
     assert OmegaConf.to_container(compose_serve_config(app["args"])) == OmegaConf.to_container(expected)
     nested = compose_serve_config({"small": "a", "large": "b", "tiers": {"large": {"num_replicas": 3}},
                                    "routing": {"threshold": 0.25}})
@@ -110,3 +111,32 @@ def test_args_must_be_a_mapping_with_both_checkpoints() -> None:
         app_builder(["small=a"])
     with pytest.raises(ValueError, match="^invalid configuration: small/large: required"):
         app_builder({})
+
+
+@pytest.mark.parametrize("cpus,expected", [(2, 0.95), (3, 1.0), (16, 1.0)])
+def test_unset_tier_cpus_share_the_cluster(cpus: int, expected: float) -> None:
+    cfg = compose_serve_config({"small": "a", "large": "b"})
+    size_tiers(cfg, {"CPU": cpus})
+    assert cfg.tiers.small.num_cpus == cfg.tiers.large.num_cpus == expected
+    assert INGRESS_CPUS + 2 * expected <= cpus
+    # Set tiers keep their CPUs; the unset one takes what is left, replicas counted.
+    cfg = compose_serve_config({"small": "a", "large": "b", "tiers.small.num_cpus": 0.5,
+                                "tiers.large.num_replicas": 2})
+    size_tiers(cfg, {"CPU": 2})
+    assert cfg.tiers.small.num_cpus == 0.5 and cfg.tiers.large.num_cpus == 0.7
+
+
+@pytest.mark.parametrize("args,resources,key,numbers", [
+    ({"tiers.small.num_cpus": 1, "tiers.large.num_cpus": 1}, {"CPU": 2}, "tiers.small.num_cpus", ("2.1", "has 2")),
+    ({"tiers.small.num_cpus": 1, "tiers.large.num_cpus": 2, "tiers.large.num_replicas": 2}, {"CPU": 4},
+     "tiers.large.num_cpus", ("5.1", "large 2 x 2", "has 4")),
+    ({"tiers.small.num_cpus": 2}, {"CPU": 2}, "tiers.large.num_cpus", ("no CPU left",)),
+    ({"tiers.large.num_gpus": 1}, {"CPU": 8, "GPU": 0}, "tiers.large.num_gpus", ("ask for 1 GPUs", "has 0")),
+])
+def test_replicas_that_do_not_fit_are_refused_naming_the_key(args, resources, key, numbers) -> None:
+    cfg = compose_serve_config({"small": "a", "large": "b", **args})
+    with pytest.raises(ValueError, match=rf"^invalid configuration: {key}: ") as err:
+        size_tiers(cfg, resources)
+    for number in numbers:
+        assert number in str(err.value), str(err.value)
+    size_tiers(compose_serve_config({"small": "a", "large": "b", **args}), resources, check_fit=False)  # remote

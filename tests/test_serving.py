@@ -318,12 +318,12 @@ def test_serve_config_file_deploys_the_cascade(server, tiers, local) -> None:
 def test_cli_serves_until_interrupted(tiers, server) -> None:
     """`python -m moe.serve small=A large=B port=P`: prints the URL, answers, stops on Ctrl-C.
 
-    Started with SIGINT ignored (`trap "" INT; exec ...`), as a background job of a script (CI) inherits it:
-    Ctrl-C must still stop the service."""
+    No resource overrides: the default tiers share this machine's CPUs (on a 2-core machine 1 CPU each plus
+    the ingress's 0.1 never started). Started with SIGINT ignored (`trap "" INT; exec ...`), as a background
+    job of a script (CI) inherits it: Ctrl-C must still stop the service."""
     port = free_port()
     command = [sys.executable, "-m", "moe.serve", f"small={tiers['small']}", f"large={tiers['large']}",
-               f"routing.router={tiers['router']}", f"port={port}", f"dashboard_port={free_port()}",
-               "tiers.small.num_cpus=0.5", "tiers.large.num_cpus=0.5"]
+               f"routing.router={tiers['router']}", f"port={port}", f"dashboard_port={free_port()}"]
     proc = subprocess.Popen(["bash", "-c", 'trap "" INT; exec "$@"', "moe.serve", *command],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -354,3 +354,17 @@ def test_cli_refuses_mismatched_tokenizers_before_ray(tiers) -> None:
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 1 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
     assert str(tiers["foreign"] / "tokenizer.json") in errors[0]
+
+
+def test_cli_refuses_replicas_that_do_not_fit_before_ray(tiers) -> None:
+    """A tier that asks for more CPUs than this machine has would wait forever to be scheduled: exit 1 at once,
+    naming the key, what was asked and what the machine has."""
+    cpus = os.cpu_count()
+    out = subprocess.run([sys.executable, "-m", "moe.serve", f"small={tiers['small']}", f"large={tiers['large']}",
+                          f"routing.router={tiers['router']}", "tiers.small.num_cpus=1",
+                          f"tiers.large.num_cpus={cpus}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "tiers.large.num_cpus" in errors[0] and f"the Ray cluster has {cpus}" in errors[0], errors[0]
+    assert "Ray dashboard" not in out.stdout + out.stderr, "refused before Ray started"
