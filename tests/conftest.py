@@ -21,6 +21,23 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 SESSION_RAY_CPUS = 4
 
 
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Modules that use the session's Ray run last, each kept whole, in their usual order.
+
+    The session's Ray lives from its first user to the end of the session. A
+    `python -m moe.train` that starts its own Ray while another local Ray runs
+    finds two instances, and Ray Train's placement-group cleaner, whose state
+    queries pick the local instance by itself, then fails with "Found multiple
+    active Ray instances". The CLI tests of training (test_faults,
+    test_train_compare) therefore run before the session's Ray starts.
+    """
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    uses_session_ray = {module(item) for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: module(item) in uses_session_ray)  # stable: the order is kept otherwise
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for every test that only needs a running Ray (training through `cluster.launch.train`,
