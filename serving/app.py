@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from serving.config import size_tiers, validate_serve_config
+from serving.config import INGRESS_CPUS, size_tiers, validate_serve_config
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -111,7 +111,7 @@ def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
                                       num_threads=max(1, int(t.num_cpus)), max_batch_size=t.max_batch_size,
                                       batch_wait_timeout_s=t.batch_wait_timeout_s, fault=t.fault)
     ingress = serve.deployment(IngressDeployment).options(
-        name="ingress", ray_actor_options={"num_cpus": 0.1},
+        name="ingress", ray_actor_options={"num_cpus": INGRESS_CPUS},
         max_ongoing_requests=cfg.ingress.max_ongoing_requests)
     routing = OmegaConf.to_container(cfg.routing, resolve=True)
     return ingress.bind(tiers["small"], tiers["large"], str(router_file), facts["small"]["tokenizer"],

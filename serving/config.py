@@ -165,7 +165,7 @@ def validate_serve_config(cfg: DictConfig) -> None:
             fail(f"routing.{key}", f"must be positive, got {r[key]}")
 
 
-INGRESS_CPUS = 0.1  # the ingress deployment's reservation (serving/app.py)
+INGRESS_CPUS = 0.1  # the ingress deployment's reservation (serving.app.build_app)
 TIER_NAMES = ("small", "large")
 
 
