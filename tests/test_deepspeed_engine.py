@@ -204,6 +204,7 @@ def test_nan_steps_are_skipped() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray Data's own
+@pytest.mark.extended
 def test_ray_training_with_deepspeed_matches_native(ray_cluster, tmp_path) -> None:
     """trainer.engine=deepspeed through the real Ray Train worker loop (2 workers, ep=2, ZeRO-2, a NaN step,
     a checkpoint): the same losses, skipped step and final weights as trainer.engine=native."""

@@ -136,18 +136,23 @@ def guarded(world: dict[str, Path], *extra: Path) -> dict[str, str]:
     return tree_hashes(world["corpus"], world["unrelated"], *extra)
 
 
+# `make test` checks one of these (a backend this machine lacks); `make test-slow` checks them all.
+EXTENDED = pytest.mark.extended
+
+
 # 1. Values that used to be accepted silently or to fail inside Ray: refused before Ray starts.
 @pytest.mark.parametrize("override,key", [
-    ("trainer.min_lr_ratio=-2", "trainer.min_lr_ratio"),
-    ("trainer.grad_clip=-1", "trainer.grad_clip"),
-    ("trainer.weight_decay=-1", "trainer.weight_decay"),
-    ("trainer.beta1=1.5", "trainer.beta1"),
-    ("trainer.activation_checkpointing=everything", "trainer.activation_checkpointing"),
+    pytest.param("trainer.min_lr_ratio=-2", "trainer.min_lr_ratio", marks=EXTENDED),
+    pytest.param("trainer.grad_clip=-1", "trainer.grad_clip", marks=EXTENDED),
+    pytest.param("trainer.weight_decay=-1", "trainer.weight_decay", marks=EXTENDED),
+    pytest.param("trainer.beta1=1.5", "trainer.beta1", marks=EXTENDED),
+    pytest.param("trainer.activation_checkpointing=everything", "trainer.activation_checkpointing", marks=EXTENDED),
     ("model.attention_backend=flex", "model.attention_backend"),  # no CPU backward in torch's FlexAttention
-    ("cluster.num_cpus=0", "cluster.num_cpus"),
-    ("cluster.dashboard_port=99999", "cluster.dashboard_port"),
-    ("data.validation_fraction=0", "data.validation_fraction"),
-    ("data.curriculum.metric=perplexity data.curriculum.schedule=fixed_linear", "data.score_with"),
+    pytest.param("cluster.num_cpus=0", "cluster.num_cpus", marks=EXTENDED),
+    pytest.param("cluster.dashboard_port=99999", "cluster.dashboard_port", marks=EXTENDED),
+    pytest.param("data.validation_fraction=0", "data.validation_fraction", marks=EXTENDED),
+    pytest.param("data.curriculum.metric=perplexity data.curriculum.schedule=fixed_linear", "data.score_with",
+                 marks=EXTENDED),
 ])
 def test_bad_values_are_refused_before_ray(world, override: str, key: str) -> None:
     before = guarded(world)
@@ -161,6 +166,7 @@ def test_bad_values_are_refused_before_ray(world, override: str, key: str) -> No
 
 
 # 2. Pruned checkpoints, then resume=auto (Ray Train's saved state used to list the pruned ones).
+@pytest.mark.extended
 def test_resume_after_pruning(world) -> None:
     code, _, err, run = run_cli(world, "line", "trainer.max_steps=30", "trainer.checkpoint_every=10",
                                 "trainer.keep_last=2")
@@ -179,6 +185,7 @@ def test_resume_after_pruning(world) -> None:
 
 
 # 3. Damaged checkpoints: resume=auto skips them newest first, naming the file; nothing is deleted.
+@pytest.mark.extended
 def test_resume_skips_damaged_checkpoints(world) -> None:
     ckpts = world["runs"] / "line" / "checkpoints"
     if not (ckpts / "step_00000040").is_dir():
@@ -212,6 +219,7 @@ def test_resume_skips_damaged_checkpoints(world) -> None:
 
 
 # 4. An explicit older checkpoint wins over newer ones (Ray's saved state used to override it).
+@pytest.mark.extended
 def test_explicit_resume_wins(world) -> None:
     ckpts = world["runs"] / "line" / "checkpoints"
     if not (ckpts / "step_00000030").is_dir():
@@ -226,6 +234,7 @@ def test_explicit_resume_wins(world) -> None:
 
 
 # 5. A SIGKILLed driver leaves no Ray process behind, and the run resumes from its newest checkpoint.
+@pytest.mark.extended
 def test_driver_sigkill_leaves_nothing_and_resumes(world) -> None:
     run = Run(base_args(world, "killed", "trainer.max_steps=2000", "trainer.checkpoint_every=5"), world["root"])
     ckpts = world["runs"] / "killed" / "checkpoints"
@@ -268,6 +277,7 @@ def _cmdline(pid: int) -> str:
 
 
 # 7. Prepared data that cannot feed the run: found by the driver before Ray starts, naming the file or key.
+@pytest.mark.extended
 def test_bad_prepared_data_is_refused_before_ray(world) -> None:
     if not (world["prepared"] / "manifest.json").is_file():  # this case alone: prepare (then refuse a huge batch)
         run_cli(world, "prepare_only", "trainer.global_batch_size=4096", timeout_s=120)

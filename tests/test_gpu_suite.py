@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("extra", [["--no-compile"], ["--recompute", "selective"]])
+@pytest.mark.parametrize("extra", [["--no-compile"],
+                                   pytest.param(["--recompute", "selective"], marks=pytest.mark.extended)])
 def test_smoke_run_reports_the_training_step(extra: list[str]) -> None:
     result = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--device", "cpu", "--model", "mixtral_tiny",
                              "--vocab-size", "512", "--batch", "2", "--seq-len", "64", "--warmup", "1", "--steps", "2",

@@ -277,6 +277,7 @@ def test_mismatched_tokenizers_are_refused(tiers) -> None:
     assert str(tiers["foreign"] / "tokenizer.json") in str(err.value)
 
 
+@pytest.mark.extended
 def test_serve_config_file_deploys_the_cascade(server, tiers, local) -> None:
     """infra/serve_config.yaml as `serve run` deploys it: validated by Serve's schema, built by a Serve task
     that imports its import_path and calls it with its args, its deployment overrides applied."""
@@ -315,6 +316,7 @@ def test_serve_config_file_deploys_the_cascade(server, tiers, local) -> None:
         serve.delete("from-config")
 
 
+@pytest.mark.extended
 def test_cli_serves_until_interrupted(tiers, server) -> None:
     """`python -m moe.serve small=A large=B port=P`: prints the URL, answers, stops on Ctrl-C.
 
@@ -356,6 +358,7 @@ def test_cli_refuses_mismatched_tokenizers_before_ray(tiers) -> None:
     assert str(tiers["foreign"] / "tokenizer.json") in errors[0]
 
 
+@pytest.mark.extended
 def test_cli_refuses_replicas_that_do_not_fit_before_ray(tiers) -> None:
     """A tier that asks for more CPUs than this machine has would wait forever to be scheduled: exit 1 at once,
     naming the key, what was asked and what the machine has."""

@@ -102,9 +102,10 @@ def one_worker_run(ray_session, corpus, tmp_path_factory) -> Path:
     return root / "one"
 
 
-@pytest.mark.parametrize("workers,ep,recompute,compiled,engine", [(2, 2, "full", False, "native"),
-                                                                  (2, 1, "none", True, "native"),
-                                                                  (2, 2, "selective", True, "fsdp")])
+@pytest.mark.parametrize("workers,ep,recompute,compiled,engine", [
+    (2, 2, "full", False, "native"),
+    pytest.param(2, 1, "none", True, "native", marks=pytest.mark.extended),
+    pytest.param(2, 2, "selective", True, "fsdp", marks=pytest.mark.extended)])
 def test_parallel_layouts_match_single_worker(one_worker_run, corpus, tmp_path, workers: int, ep: int,
                                               recompute: str, compiled: bool, engine: str) -> None:
     """2 workers (expert-parallel or not, FSDP2 or our all-reduce) reproduce 1 worker on the same global batch.
@@ -141,6 +142,7 @@ def test_parallel_layouts_match_single_worker(one_worker_run, corpus, tmp_path, 
         assert sum(a_LE, []) == pytest.approx(sum(b_LE, []), rel=1e-5)
 
 
+@pytest.mark.extended
 def test_resume_and_worker_failure_match_uninterrupted(ray_session, corpus, tmp_path) -> None:
     common = ["trainer.max_steps=6", "trainer.checkpoint_every=2", "data.curriculum.schedule=fixed_linear",
               "data.curriculum.total_curriculum_step=4", "data.curriculum.min_difficulty=20"]
@@ -171,6 +173,7 @@ def test_resume_and_worker_failure_match_uninterrupted(ray_session, corpus, tmp_
                                                 abs=1e-6)
 
 
+@pytest.mark.extended
 def test_fsdp_worker_failure_resumes_exactly_and_in_another_layout(ray_session, corpus, tmp_path) -> None:
     """FSDP2 with expert parallelism: a worker killed during step 4 restarts from the step-2 checkpoint (the full
     model resharded, each rank's optimizer shard reloaded) and ends where the uninterrupted run does. Its step-4
@@ -228,6 +231,7 @@ def assert_same_tensors(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.extended
 def test_nan_steps_are_skipped_then_stop_the_run(ray_session, corpus, tmp_path) -> None:
     summary = train(make_cfg(corpus, tmp_path, "skips", "trainer.max_steps=5", "trainer.checkpoint_every=5",
                              "trainer.debug.nan_loss_at_steps=[1,2]"))
@@ -243,6 +247,7 @@ def test_nan_steps_are_skipped_then_stop_the_run(ray_session, corpus, tmp_path) 
     assert checkpoints == ["step_00000002"], "the last good checkpoint is kept, nothing after it"
 
 
+@pytest.mark.extended
 @pytest.mark.parametrize("experiment", ["mixtral_small", "mixtral_base", "dense_tiny"])
 def test_experiment_smoke(ray_session, corpus, tmp_path, experiment: str) -> None:
     """Each preset composes and trains one step with its size shrunk by overrides."""
