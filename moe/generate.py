@@ -39,7 +39,7 @@ import math
 import os
 import threading
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -68,6 +68,16 @@ class SamplingParams:
             tokens, alone or inside a batch. None: drawn from torch's global RNG.
         stop: stop strings; the text is cut before the first occurrence of
             any of them (finish_reason "stop").
+        presence_penalty, frequency_penalty: as OpenAI defines them, in
+            [-2, 2]: before each draw, the logit of every token already
+            generated c > 0 times is lowered by presence_penalty +
+            c * frequency_penalty (the prompt's tokens do not count).
+        logit_bias: token id -> a bias in [-100, 100] added to its logit
+            before each draw (-100 in effect bans the token, 100 forces it).
+        top_logprobs: also record, at each generated token, the ids and
+            log-probabilities of the this many most likely tokens (0 to 20).
+    The penalties and biases change which token is drawn; the log-probabilities
+    recorded are the model's own (before penalties, biases, temperature and top_p).
     """
 
     max_tokens: int = 16
@@ -75,6 +85,10 @@ class SamplingParams:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -90,6 +104,25 @@ class SamplingParams:
         if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"SamplingParams.stop must be a tuple of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(stop))
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise ValueError(f"SamplingParams.{name} must be a number in [-2, 2], got {value!r}")
+        bias = tuple(self.logit_bias.items()) if isinstance(self.logit_bias, dict) else self.logit_bias
+        if not isinstance(bias, (tuple, list)) or not all(
+                isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], int)
+                and not isinstance(pair[0], bool) and pair[0] >= 0 and _is_number(pair[1]) and -100 <= pair[1] <= 100
+                for pair in bias):
+            raise ValueError(f"SamplingParams.logit_bias must map token ids >= 0 to numbers in [-100, 100], "
+                             f"got {self.logit_bias!r}")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
+        if not isinstance(self.top_logprobs, int) or isinstance(self.top_logprobs, bool) or not \
+                0 <= self.top_logprobs <= 20:
+            raise ValueError(f"SamplingParams.top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
+
+    @property
+    def changes_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass
@@ -104,6 +137,9 @@ class Completion:
         finish_reason: "stop" (EOS or a stop string) or "length" (max_tokens).
         token_logprobs: log p of each token of `token_ids` under the model's
             untempered distribution (temperature and top_p not applied).
+        top_logprobs: per token of `token_ids`, the `SamplingParams.top_logprobs`
+            most likely (token id, log p) of that distribution, most likely
+            first; empty lists when none were asked for.
     """
 
     prompt_token_ids: list[int]
@@ -111,6 +147,7 @@ class Completion:
     text: str
     finish_reason: str
     token_logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def mean_confidence(self) -> float:
@@ -250,17 +287,22 @@ class _Request:
         self.decode = decode
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.counts: dict[int, int] = {}  # generated tokens, for the presence and frequency penalties
         self.finish_reason: Optional[str] = None
         self.tracker = _TextTracker(decode, params.stop) if (params.stop or stream) else None
         self.pending = ""  # stream text not yet handed out
 
-    def add(self, token: int, logprob: float, eos_id: Optional[int]) -> None:
+    def add(self, token: int, logprob: float, eos_id: Optional[int],
+            top: Optional[list[tuple[int, float]]] = None) -> None:
         """Records one generated token and decides whether the request is finished."""
         if token == eos_id:
             self._finish("stop")
             return
         self.token_ids.append(token)
         self.logprobs.append(logprob)
+        self.top_logprobs.append(top or [])
+        self.counts[token] = self.counts.get(token, 0) + 1
         if self.tracker is not None:
             self.pending += self.tracker.update(self.token_ids)
             if self.tracker.stop_at is not None:
@@ -277,15 +319,28 @@ class _Request:
         self.finish_reason = reason
 
     def completion(self) -> Completion:
-        token_ids, logprobs = self.token_ids, self.logprobs
+        token_ids, logprobs, top = self.token_ids, self.logprobs, self.top_logprobs
         if self.tracker is None:
             text = self.decode(token_ids)
         else:
             text = self.tracker.text
             if self.tracker.stop_at is not None:
                 n = _tokens_before(self.decode, token_ids, text)
-                token_ids, logprobs = token_ids[:n], logprobs[:n]
-        return Completion(self.prompt_ids, list(token_ids), text, self.finish_reason, list(logprobs))
+                token_ids, logprobs, top = token_ids[:n], logprobs[:n], top[:n]
+        return Completion(self.prompt_ids, list(token_ids), text, self.finish_reason, list(logprobs),
+                          [list(t) for t in top])
+
+    def adjust(self, logits_V: torch.Tensor) -> torch.Tensor:
+        """The logits this request draws from: the model's, less the penalties, plus the biases."""
+        params = self.params
+        logits_V = logits_V.to(torch.promote_types(logits_V.dtype, torch.float32)).clone()
+        if self.counts and (params.presence_penalty or params.frequency_penalty):
+            ids = torch.tensor(list(self.counts), dtype=torch.int64, device=logits_V.device)
+            counts = torch.tensor(list(self.counts.values()), dtype=logits_V.dtype, device=logits_V.device)
+            logits_V.index_add_(0, ids, -(params.presence_penalty + params.frequency_penalty * counts))
+        for token, bias in params.logit_bias:  # ids checked against the vocabulary in `_requests`
+            logits_V[token] += bias
+        return logits_V
 
 
 # ---- the generator -----------------------------------------------------------------------
@@ -414,6 +469,11 @@ class Generator:
         if not prompt_ids:
             return []
         check_prompt_ids(prompt_ids, self.model.config.vocab_size)
+        for index, p in enumerate(params):
+            unknown = [token for token, _ in p.logit_bias if token >= self.model.config.vocab_size]
+            if unknown:
+                raise ValueError(f"logit_bias: token ids {unknown} of request {index} are not in the "
+                                 f"vocabulary of {self.model.config.vocab_size} tokens")
         self._check_lengths(prompt_ids, [p.max_tokens for p in params])
         return [_Request(ids, p, self.device, self.decode, stream) for ids, p in zip(prompt_ids, params)]
 
@@ -479,12 +539,21 @@ class Generator:
         tokens_B = logits_BV.argmax(dim=-1)
         for row, request in enumerate(requests):
             params = request.params
+            logits_V = request.adjust(logits_BV[row]) if params.changes_logits else logits_BV[row]
             if params.temperature > 0:
-                probs_V = sampling_distribution(logits_BV[row], params.temperature, params.top_p)
+                probs_V = sampling_distribution(logits_V, params.temperature, params.top_p)
                 tokens_B[row] = sample_from(probs_V, request.rng)
+            elif params.changes_logits:
+                tokens_B[row] = logits_V.argmax()
         logprobs_B = logp_BV.gather(1, tokens_B.unsqueeze(1)).squeeze(1)
-        for request, token, logprob in zip(requests, tokens_B.tolist(), logprobs_B.tolist()):
-            request.add(token, logprob, self.eos_id)
+        k = max(r.params.top_logprobs for r in requests)
+        top = None
+        if k:
+            values_BK, ids_BK = logp_BV.topk(k, dim=-1)
+            top = [list(zip(i, v)) for i, v in zip(ids_BK.tolist(), values_BK.tolist())]
+        for row, (request, token, logprob) in enumerate(zip(requests, tokens_B.tolist(), logprobs_B.tolist())):
+            wanted = request.params.top_logprobs
+            request.add(token, logprob, self.eos_id, top[row][:wanted] if wanted else None)
 
     def _run(self, requests: list[_Request]) -> Iterator[None]:
         """Decodes `requests` to the end (see the module NOTE); yields after every step."""

@@ -8,8 +8,11 @@ prompt's difficulty signals, scores them with the calibrated router
 
 NOTE: how a request is answered.
  1. Validate: body size (413), JSON and fields (400, naming the field), the
-    model name (404), `max_tokens` against the deployment's limit and the
-    prompt's token count against the tiers' context (400).
+    model name (404), `max_tokens` against the deployment's limit and every
+    prompt's token count against the tiers' context (400). A list of prompts
+    is a batch: each prompt is routed on its own, and gets `n` choices (the
+    best `n` of `best_of` candidates, by mean token log-probability), which
+    all go to the tier its route chose.
  2. Route: `small`/`large` go straight to that tier; `cascade` scores the
     small tier's prefill signals and picks large when the score reaches the
     threshold; `cascade-posthoc` lets the small tier answer and escalates to
@@ -37,8 +40,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.modes import CASCADE, POSTHOC, Mode, UnknownModelError, available_models, parse_model
-from serving.schema import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse, ModelCard,
-                            ModelList, Usage)
+from serving.schema import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse, LogProbs,
+                            ModelCard, ModelList, Usage)
 
 log = logging.getLogger("ray.serve")
 
@@ -161,24 +164,75 @@ class CascadeIngress:
                          413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     async def completions(self, body: CompletionRequest):
         started = time.perf_counter()
-        mode, prompt_ids = self._check(body)
-        request = {"prompt_ids": prompt_ids, "max_tokens": body.max_tokens, "temperature": body.temperature,
-                   "top_p": body.top_p, "seed": body.seed, "stop": list(body.stop_strings())}
+        mode, prompts = self._check(body)
+        base = {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+                "stop": list(body.stop_strings()), "presence_penalty": body.presence_penalty,
+                "frequency_penalty": body.frequency_penalty, "top_logprobs": body.logprobs or 0,
+                "logit_bias": {int(token): bias for token, bias in (body.logit_bias or {}).items()}}
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:
-            return StreamingResponse(self._stream(mode, request, meta, started), media_type="text/event-stream")
-        answer = await self._answer(mode, request)
-        self._record(mode, answer, started)
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._stream(mode, prompts, base, body, meta, started, include_usage),
+                                     media_type="text/event-stream")
+        results = await asyncio.gather(*(self._answer_prompt(mode, ids, base, body) for ids in prompts))
+        choices, generated = [], 0
+        for i, (answers, tokens) in enumerate(results):
+            generated += tokens
+            for j, answer in enumerate(answers):
+                self._record(mode, answer, started)
+                choices.append(self._choice(answer, i * body.n + j, body.logprobs))
+        first = results[0][0][0]
+        tiers = {choice.routed_to for choice in choices}
+        prompt_tokens = sum(len(ids) for ids in prompts)
         return CompletionResponse(
-            **meta, choices=[CompletionChoice(text=answer["text"], finish_reason=answer["finish_reason"])],
-            usage=Usage(prompt_tokens=answer["prompt_tokens"], completion_tokens=answer["completion_tokens"],
-                        total_tokens=answer["prompt_tokens"] + answer["completion_tokens"]),
-            routed_to=answer["tier"], difficulty=answer.get("difficulty"), escalated=answer.get("escalated", False),
-            degraded=answer.get("degraded", False), confidence=answer.get("confidence"))
+            **meta, choices=choices,
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=generated,
+                        total_tokens=prompt_tokens + generated),
+            routed_to=tiers.pop() if len(tiers) == 1 else "mixed", difficulty=first.get("difficulty"),
+            escalated=any(c.escalated for c in choices), degraded=any(c.degraded for c in choices),
+            confidence=first.get("confidence"))
+
+    def _candidates(self, prompt_ids: list[int], base: dict[str, Any], body: CompletionRequest,
+                    count: int) -> list[dict[str, Any]]:
+        """The tier requests of one prompt: `count` of them, seeds seed, seed + 1, ... when a seed is given."""
+        return [{**base, "prompt_ids": prompt_ids, "seed": None if body.seed is None else (body.seed + k) % 2 ** 63}
+                for k in range(count)]
+
+    async def _answer_prompt(self, mode: Mode, prompt_ids: list[int], base: dict[str, Any],
+                             body: CompletionRequest) -> tuple[list[dict[str, Any]], int]:
+        """The `n` answers of one prompt (one routing decision for all) and the tokens generated for it."""
+        requests = self._candidates(prompt_ids, base, body, body.best_of or body.n)
+        route = None if mode.kind == POSTHOC else await self._choose(mode, prompt_ids)
+        answers = await asyncio.gather(*(self._answer(mode, request, route) for request in requests))
+        generated = sum(a["completion_tokens"] for a in answers)
+        if len(answers) > body.n:
+            answers = sorted(answers, key=_mean_logprob, reverse=True)[:body.n]
+        return list(answers), generated
+
+    def _choice(self, answer: dict[str, Any], index: int, logprobs: Optional[int]) -> CompletionChoice:
+        return CompletionChoice(
+            text=answer["text"], index=index, finish_reason=answer["finish_reason"],
+            logprobs=None if logprobs is None else self._logprobs(answer),
+            routed_to=answer["tier"], difficulty=answer.get("difficulty"),
+            escalated=answer.get("escalated", False), degraded=answer.get("degraded", False))
+
+    def _logprobs(self, answer: dict[str, Any]) -> LogProbs:
+        """OpenAI's logprobs object: token texts, their log-probabilities, the most likely alternatives."""
+        ids = answer["token_ids"]
+        top = []
+        for alternatives in answer["top_logprobs"]:
+            entry: dict[str, float] = {}
+            for token, logprob in alternatives:  # most likely first: a text two tokens share keeps the likelier
+                entry.setdefault(self.tokenizer.decode([token]), logprob)
+            top.append(entry)
+        return LogProbs(tokens=[self.tokenizer.decode([token]) for token in ids],
+                        token_logprobs=answer["token_logprobs"], top_logprobs=top,
+                        text_offset=[len(self.tokenizer.decode(ids[:k])) for k in range(len(ids))])
 
     # ---- validation ----------------------------------------------------------
 
-    def _check(self, body: CompletionRequest) -> tuple[Mode, list[int]]:
+    def _check(self, body: CompletionRequest) -> tuple[Mode, list[list[int]]]:
+        """The mode and the batch's prompts as token ids; raises RequestError naming the field."""
         try:
             mode = parse_model(body.model)
         except UnknownModelError as err:
@@ -186,18 +240,47 @@ class CascadeIngress:
         if body.max_tokens > self.routing["max_tokens_limit"]:
             raise RequestError(400, f"max_tokens: {body.max_tokens} exceeds this server's limit of "
                                     f"{self.routing['max_tokens_limit']}", "max_tokens")
-        if len(body.prompt) > self.routing["max_prompt_chars"]:
-            raise RequestError(400, f"prompt: {len(body.prompt)} characters exceed the limit of "
-                                    f"{self.routing['max_prompt_chars']}", "prompt")
+        if body.echo:
+            raise RequestError(400, "echo: not supported yet (the prompt's log-probabilities are not returned)",
+                               "echo")
+        if body.best_of is not None and body.best_of < body.n:
+            raise RequestError(400, f"best_of: {body.best_of} is less than n={body.n}", "best_of")
+        if body.stream and body.best_of is not None and body.best_of > body.n:
+            raise RequestError(400, "best_of: more candidates than n cannot be streamed", "best_of")
+        if body.stream and body.logprobs is not None:
+            raise RequestError(400, "logprobs: not supported with stream yet", "logprobs")
+        if body.stream_options is not None and not body.stream:
+            raise RequestError(400, "stream_options: only allowed with stream: true", "stream_options")
+        vocab = self.tokenizer.get_vocab_size()
+        unknown = sorted(int(token) for token in (body.logit_bias or {}) if int(token) >= vocab)
+        if unknown:
+            raise RequestError(400, f"logit_bias: token ids {unknown} are not in the vocabulary of {vocab} tokens",
+                               "logit_bias")
         if mode.kind == CASCADE:
             self._threshold(mode)  # a budget below the small tier's cost is refused here, before any tier
-        prompt_ids = self.tokenizer.encode(body.prompt).ids
+        prompts = body.prompts()
+        return mode, [self._prompt_ids(prompt, index if len(prompts) > 1 else None, body.max_tokens, vocab)
+                      for index, prompt in enumerate(prompts)]
+
+    def _prompt_ids(self, prompt: Any, index: Optional[int], max_tokens: int, vocab: int) -> list[int]:
+        name = "prompt" if index is None else f"prompt[{index}]"
+        if isinstance(prompt, str):
+            if len(prompt) > self.routing["max_prompt_chars"]:
+                raise RequestError(400, f"{name}: {len(prompt)} characters exceed the limit of "
+                                        f"{self.routing['max_prompt_chars']}", "prompt")
+            prompt_ids = self.tokenizer.encode(prompt).ids
+        else:
+            prompt_ids = list(prompt)
+            bad = [token for token in prompt_ids if not 0 <= token < vocab]
+            if bad:
+                raise RequestError(400, f"{name}: token ids {bad[:8]} are not in the vocabulary of {vocab} tokens",
+                                   "prompt")
         if not prompt_ids:
-            raise RequestError(400, "prompt: must not be empty", "prompt")
-        if len(prompt_ids) + body.max_tokens > self.max_seq_len:
-            raise RequestError(400, f"prompt: {len(prompt_ids)} prompt tokens + max_tokens {body.max_tokens} exceed "
+            raise RequestError(400, f"{name}: must not be empty", "prompt")
+        if len(prompt_ids) + max_tokens > self.max_seq_len:
+            raise RequestError(400, f"{name}: {len(prompt_ids)} prompt tokens + max_tokens {max_tokens} exceed "
                                     f"the models' context of {self.max_seq_len} tokens", "prompt")
-        return mode, prompt_ids
+        return prompt_ids
 
     # ---- routing ---------------------------------------------------------------
 
@@ -260,10 +343,12 @@ class CascadeIngress:
             return "large", None
         return ("large" if difficulty >= self._threshold(mode) else "small"), difficulty
 
-    async def _answer(self, mode: Mode, request: dict[str, Any]) -> dict[str, Any]:
+    async def _answer(self, mode: Mode, request: dict[str, Any],
+                      route: Optional[tuple[str, Optional[float]]] = None) -> dict[str, Any]:
+        """One tier request answered; `route` is the prompt's (tier, difficulty) when already chosen."""
         if mode.kind == POSTHOC:
             return await self._answer_posthoc(mode, request)
-        tier, difficulty = await self._choose(mode, request["prompt_ids"])
+        tier, difficulty = route or await self._choose(mode, request["prompt_ids"])
         try:
             answer = await self._call(tier, "generate", request)
             return {**answer, "tier": tier, "difficulty": difficulty}
@@ -310,30 +395,48 @@ class CascadeIngress:
 
     # ---- streaming -------------------------------------------------------------
 
-    async def _stream(self, mode: Mode, request: dict[str, Any], meta: dict[str, Any],
-                      started: float) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's format; the routing fields ride on every chunk."""
-        routing: dict[str, Any] = {}
+    async def _stream(self, mode: Mode, prompts: list[list[int]], base: dict[str, Any], body: CompletionRequest,
+                      meta: dict[str, Any], started: float, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's format; the routing fields ride on every chunk. The choices of a
+        batch stream one after the other, each chunk naming its choice's `index`."""
+        generated = 0
         try:
-            if mode.kind == POSTHOC:  # the decision needs the whole small answer: send it as one chunk
-                answer = await self._answer_posthoc(mode, request)
-                routing = {"routed_to": answer["tier"], "escalated": answer.get("escalated", False),
-                           "degraded": answer.get("degraded", False)}
-                yield self._chunk(meta, routing, answer["text"], None)
-                yield self._chunk(meta, routing, "", answer["finish_reason"])
-                self._record(mode, answer, started)
-            else:
-                tier, difficulty = await self._choose(mode, request["prompt_ids"])
-                routing = {"routed_to": tier, "difficulty": difficulty, "escalated": False, "degraded": False}
-                async for kind, payload, routing in self._stream_tier(tier, request, routing):
-                    if kind == "text":
-                        yield self._chunk(meta, routing, payload, None)
-                    else:
-                        yield self._chunk(meta, routing, "", payload["finish_reason"])
-                        self._record(mode, {**payload, "tier": routing["routed_to"]}, started)
+            for i, prompt_ids in enumerate(prompts):
+                route = None if mode.kind == POSTHOC else await self._choose(mode, prompt_ids)
+                for j, request in enumerate(self._candidates(prompt_ids, base, body, body.n)):
+                    index = i * body.n + j
+                    async for chunk, answer in self._stream_one(mode, request, route, meta, index):
+                        if answer is not None:
+                            generated += answer["completion_tokens"]
+                            self._record(mode, answer, started)
+                        yield chunk
         except RequestError as err:
             yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.error_type}})}\n\n"
+        if include_usage:
+            prompt_tokens = sum(len(ids) for ids in prompts)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                     "total_tokens": prompt_tokens + generated}
+            yield f"data: {json.dumps({**meta, 'object': 'text_completion', 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
+
+    async def _stream_one(self, mode: Mode, request: dict[str, Any], route: Optional[tuple[str, Optional[float]]],
+                          meta: dict[str, Any], index: int):
+        """Yields (chunk, None) per text delta and (last chunk, the completion) at the end of one choice."""
+        if mode.kind == POSTHOC:  # the decision needs the whole small answer: send it as one chunk
+            answer = await self._answer_posthoc(mode, request)
+            routing = {"routed_to": answer["tier"], "escalated": answer.get("escalated", False),
+                       "degraded": answer.get("degraded", False)}
+            yield self._chunk(meta, routing, answer["text"], None, index), None
+            yield self._chunk(meta, routing, "", answer["finish_reason"], index), answer
+            return
+        tier, difficulty = route
+        routing = {"routed_to": tier, "difficulty": difficulty, "escalated": False, "degraded": False}
+        async for kind, payload, routing in self._stream_tier(tier, request, routing):
+            if kind == "text":
+                yield self._chunk(meta, routing, payload, None, index), None
+            else:
+                yield self._chunk(meta, routing, "", payload["finish_reason"], index), \
+                    {**payload, "tier": routing["routed_to"]}
 
     async def _stream_tier(self, tier: str, request: dict[str, Any], routing: dict[str, Any]):
         """Yields ("text", delta, routing) and finally ("done", completion, routing); degrades before the first token."""
@@ -367,11 +470,18 @@ class CascadeIngress:
                 return
 
     @staticmethod
-    def _chunk(meta: dict[str, Any], routing: dict[str, Any], text: str, finish_reason: Optional[str]) -> str:
+    def _chunk(meta: dict[str, Any], routing: dict[str, Any], text: str, finish_reason: Optional[str],
+               index: int = 0) -> str:
         chunk = {**meta, "object": "text_completion",
-                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
+                 "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}],
                  **routing}
         return f"data: {json.dumps(chunk)}\n\n"
+
+
+def _mean_logprob(answer: dict[str, Any]) -> float:
+    """best_of's ranking: the mean log-probability of the answer's tokens (0, i.e. certain, when empty)."""
+    logprobs = answer["token_logprobs"]
+    return sum(logprobs) / len(logprobs) if logprobs else 0.0
 
 
 # The FastAPI routes of the class become bound to the replica here, once per process:

@@ -13,6 +13,18 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_PROMPTS = 32  # prompts in one request (a list of prompts is a batch)
+MAX_CHOICES = 8  # n and best_of
+MAX_LOGPROBS = 5  # as OpenAI's completions
+
+Prompt = Union[str, list[str], list[int], list[list[int]]]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="A last chunk, before [DONE], with the request's usage and "
+                                                   "no choices.")
 
 
 class CompletionRequest(BaseModel):
@@ -23,7 +35,8 @@ class CompletionRequest(BaseModel):
     model: str = Field("cascade", description="`cascade` (default), `cascade@fraction=F`, `cascade@threshold=T`, "
                                               "`cascade-posthoc`, `cascade-posthoc@confidence=C`, or a tier name "
                                               "(`small`, `large`).")
-    prompt: str = Field(..., description="The prompt text (a single string).")
+    prompt: Prompt = Field(..., description="A string, a list of token ids, or a list of either (a batch: one "
+                                            "choice per prompt and `n`, each prompt routed on its own).")
     max_tokens: int = Field(16, ge=1, description="Tokens to generate at most.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -31,16 +44,54 @@ class CompletionRequest(BaseModel):
                                                                     "first one generated.")
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="Same seed, same sampled tokens.")
     stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="Only 1 completion per request is supported.")
+    stream_options: Optional[StreamOptions] = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Completions per prompt.")
+    best_of: Optional[int] = Field(None, ge=1, le=MAX_CHOICES,
+                                   description="Candidates generated per prompt (>= n); the n with the highest "
+                                               "mean token log-probability are returned. Not with stream.")
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS,
+                                    description="Log-probabilities of the generated tokens and of the this many "
+                                                "most likely tokens at each position (the answering tier's).")
+    echo: bool = Field(False, description="Not supported yet: true is refused.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = Field(None, description="Token id (as a string) -> bias in "
+                                                                     "[-100, 100] added to its logit.")
     user: Optional[str] = None
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt_is_text(cls, value: object) -> object:
-        # OpenAI also accepts token arrays and lists of prompts; this server takes one string.
-        if not isinstance(value, str):
-            raise ValueError("must be a string")
+    def _prompt_shape(cls, value: object) -> object:
+        def token_ids(items: list) -> bool:
+            return all(isinstance(t, int) and not isinstance(t, bool) for t in items)
+
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError("must be a string, a list of token ids, or a non-empty list of either")
+        if token_ids(value):
+            return value
+        if len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(value)}")
+        if all(isinstance(p, str) for p in value) or all(isinstance(p, list) and token_ids(p) for p in value):
+            return value
+        raise ValueError("a list must hold token ids (integers), strings, or lists of token ids, one kind only")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys must be token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must lie in [-100, 100], got {bias} for token {token}")
         return value
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The batch: a single prompt (text or token ids) is a batch of one."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
     @field_validator("stop")
     @classmethod
@@ -56,11 +107,24 @@ class CompletionRequest(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
+class LogProbs(BaseModel):
+    """OpenAI's completions logprobs; `text_offset` counts characters from the start of the completion."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: Optional[list[dict[str, float]]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: Optional[LogProbs] = None
     finish_reason: Optional[Literal["stop", "length"]]
+    routed_to: Optional[str] = Field(None, description="The tier that produced this choice.")
+    difficulty: Optional[float] = None
+    escalated: bool = False
+    degraded: bool = False
 
 
 class Usage(BaseModel):
@@ -78,13 +142,17 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Optional[Usage] = None
-    routed_to: str = Field(..., description="The tier that produced the answer.")
+    routed_to: str = Field(..., description="The tier that produced the answer (`mixed` when the choices of a "
+                                            "batch came from both; each choice names its own).")
     difficulty: Optional[float] = Field(None, description="The router's score of the prompt: the estimated "
-                                                          "probability that the large tier answers better.")
+                                                          "probability that the large tier answers better "
+                                                          "(a batch: the first prompt's; each choice has its own).")
     escalated: bool = Field(False, description="The small tier answered first and, its confidence being low, "
-                                               "the query went on to the large tier (post-hoc mode).")
-    degraded: bool = Field(False, description="The chosen tier failed or timed out; a smaller one answered.")
-    confidence: Optional[float] = Field(None, description="Mean token probability of the answer (post-hoc mode).")
+                                               "the query went on to the large tier (post-hoc mode; a batch: any).")
+    degraded: bool = Field(False, description="The chosen tier failed or timed out; a smaller one answered "
+                                              "(a batch: any).")
+    confidence: Optional[float] = Field(None, description="Mean token probability of the answer (post-hoc mode; "
+                                                          "a batch: the first choice's).")
 
 
 class ModelCard(BaseModel):

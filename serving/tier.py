@@ -27,13 +27,18 @@ def _params(request: dict[str, Any]):
     from moe.generate import SamplingParams
 
     return SamplingParams(max_tokens=request["max_tokens"], temperature=request["temperature"],
-                          top_p=request["top_p"], seed=request.get("seed"), stop=tuple(request.get("stop", ())))
+                          top_p=request["top_p"], seed=request.get("seed"), stop=tuple(request.get("stop", ())),
+                          presence_penalty=request.get("presence_penalty", 0.0),
+                          frequency_penalty=request.get("frequency_penalty", 0.0),
+                          logit_bias=tuple(request.get("logit_bias", {}).items()),
+                          top_logprobs=request.get("top_logprobs", 0))
 
 
 def _completion_dict(completion: Any) -> dict[str, Any]:
     return {"text": completion.text, "finish_reason": completion.finish_reason,
             "prompt_tokens": len(completion.prompt_token_ids), "completion_tokens": len(completion.token_ids),
-            "confidence": completion.mean_confidence}
+            "confidence": completion.mean_confidence, "token_ids": completion.token_ids,
+            "token_logprobs": completion.token_logprobs, "top_logprobs": completion.top_logprobs}
 
 
 class Tier:
@@ -90,7 +95,8 @@ class Tier:
                 "vocab_size": config.vocab_size}
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One completion: {"prompt_ids", "max_tokens", "temperature", "top_p", "seed", "stop"} -> dict."""
+        """One completion: {"prompt_ids", "max_tokens", "temperature", "top_p", "seed", "stop", penalties,
+        "logit_bias", "top_logprobs"} -> dict (text, token ids and log-probabilities, counts)."""
         await self._drill()
         started = time.perf_counter()
         result = await self.generate_batch(request)

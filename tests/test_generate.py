@@ -110,6 +110,78 @@ def test_generator_greedy_matches_recompute(tokenizer, case: str) -> None:
         assert completion.text == tokenizer.decode(tokens)
 
 
+def reference_adjusted_greedy(model: MoETransformer, prompt: list[int], max_tokens: int, eos_id: int,
+                              presence: float, frequency: float, bias: dict[int, float], top: int):
+    """OpenAI's definition, token by token: logit[j] -= c[j] * frequency + (c[j] > 0) * presence, plus the
+    bias; greedy on that; the log-probabilities reported are the model's own, and its `top` most likely."""
+    ids, tokens, logprobs, tops = list(prompt), [], [], []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = full_logits(model, ids).clone()
+            logp = torch.log_softmax(logits, -1)
+            for j in set(tokens):
+                count = tokens.count(j)
+                logits[j] -= count * frequency + presence
+            for j, b in bias.items():
+                logits[j] += b
+            token = int(logits.argmax())
+            if token == eos_id:
+                break
+            tokens.append(token)
+            logprobs.append(float(logp[token]))
+            values, order = logp.sort(descending=True)
+            tops.append(list(zip(order[:top].tolist(), values[:top].tolist())))
+            ids.append(token)
+    return tokens, logprobs, tops
+
+
+def test_penalties_bias_and_top_logprobs_match_the_definition(tokenizer) -> None:
+    """Presence/frequency penalties and logit_bias change the greedy choice as OpenAI defines them, per request
+    inside one batch; top_logprobs are the model's own most likely tokens at each step."""
+    model = tiny_model(**CASES["window"])
+    generator = Generator(model, tokenizer, max_batch_size=4)
+    prompts = [[5, 9, 3], [11, 2], [4, 4, 8], [7]]
+    plain = generator.generate_ids([prompts[0]], [SamplingParams(max_tokens=12)])[0].token_ids
+    banned = plain[0]
+    settings = [dict(presence=0.0, frequency=2.0, bias={}, top=0), dict(presence=2.0, frequency=0.0, bias={}, top=3),
+                dict(presence=0.5, frequency=-0.5, bias={banned: -100.0, 17: 1.5}, top=5),
+                dict(presence=0.0, frequency=0.0, bias={}, top=2)]
+    params = [SamplingParams(max_tokens=12, presence_penalty=c["presence"], frequency_penalty=c["frequency"],
+                             logit_bias=c["bias"], top_logprobs=c["top"]) for c in settings]
+    for prompt, setting, got in zip(prompts, settings, generator.generate_ids(prompts, params)):
+        tokens, logprobs, tops = reference_adjusted_greedy(model, prompt, 12, generator.eos_id, **setting)
+        assert got.token_ids == tokens
+        torch.testing.assert_close(torch.tensor(got.token_logprobs, dtype=torch.float64),
+                                   torch.tensor(logprobs, dtype=torch.float64), atol=1e-10, rtol=1e-10)
+        assert [[i for i, _ in t] for t in got.top_logprobs] == [[i for i, _ in t] for t in tops]
+        for mine, ref in zip(got.top_logprobs, tops):
+            assert [v for _, v in mine] == pytest.approx([v for _, v in ref], abs=1e-10)
+    repeated, penalised = generator.generate_ids([prompts[0]] * 2, [
+        SamplingParams(max_tokens=12, logit_bias={17: 10.0}),
+        SamplingParams(max_tokens=12, logit_bias={17: 10.0}, frequency_penalty=2.0)])
+    assert repeated.token_ids == [17] * 12 and 0 < penalised.token_ids.count(17) < 12, "the penalty grows per use"
+    [forced] = generator.generate_ids([prompts[1]], [SamplingParams(max_tokens=5, logit_bias={17: 100.0})])
+    assert forced.token_ids == [17] * 5, "a bias of 100 forces the token"
+    [avoided] = generator.generate_ids([prompts[0]], [SamplingParams(max_tokens=12, logit_bias={banned: -100})])
+    assert banned not in avoided.token_ids
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(presence_penalty=2.5), "presence_penalty"),
+                                          (dict(frequency_penalty="1"), "frequency_penalty"),
+                                          (dict(logit_bias={3: 101}), "logit_bias"),
+                                          (dict(logit_bias={-1: 1}), "logit_bias"),
+                                          (dict(top_logprobs=21), "top_logprobs")])
+def test_bad_sampling_params_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**kwargs)
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(tokenizer) -> None:
+    generator = Generator(tiny_model(), tokenizer)
+    with pytest.raises(ValueError, match=r"logit_bias: token ids \[300\] of request 0"):
+        generator.generate_ids([[5]], [SamplingParams(logit_bias={VOCAB: 1.0})])
+
+
 def test_request_in_a_batch_equals_alone(tokenizer) -> None:
     """Greedy and seeded requests of different lengths and max_tokens, more than fit in one batch."""
     model = tiny_model(**CASES["window"])

@@ -350,7 +350,10 @@ FLEX_CONFIG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num
                    experts=dict(num_experts=4, hidden_size=16))
 
 
-@pytest.mark.parametrize("window,use_docs", [(None, True), (6, False), (10, True)])
+# `make test` compiles one block mask with both of its parts (a sliding window and documents); each compile
+# costs seconds on a cold cache, so the other two run in `make test-slow`.
+@pytest.mark.parametrize("window,use_docs", [pytest.param(None, True, marks=pytest.mark.extended),
+                                             pytest.param(6, False, marks=pytest.mark.extended), (10, True)])
 def test_flex_attention_matches_the_explicit_mask(window, use_docs, monkeypatch) -> None:
     """FlexAttention block masks (compiled) give the explicit-mask model's logits, without an S x S mask."""
     import moe.model as model_module

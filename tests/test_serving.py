@@ -150,6 +150,80 @@ def test_openai_client_plain_and_streamed(server) -> None:
     a, b = (client.completions.create(model="small", prompt=SHORT, max_tokens=8, temperature=1.0, seed=7)
             for _ in range(2))
     assert a.choices[0].text == b.choices[0].text
+    # Batches, n and logprobs through the SDK's own types.
+    batch = client.completions.create(model="small", prompt=[SHORT, SHORT], max_tokens=3, temperature=0, n=2,
+                                      logprobs=1)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3] and len({c.text for c in batch.choices}) == 1
+    assert all(len(c.logprobs.token_logprobs) == len(c.logprobs.tokens) == len(c.logprobs.top_logprobs)
+               for c in batch.choices)
+
+
+def test_request_shapes_of_common_clients(server, local) -> None:
+    """What LangChain, lm-evaluation-harness and the openai SDK send: prompt lists and token ids, n and best_of,
+    logprobs, penalties and logit_bias, stream_options; each checked against the checkpoints run locally."""
+    def local_completion(tier: str, prompt: str, **params):
+        return local[tier].generate([prompt], [SamplingParams(max_tokens=4, **params)])[0]
+
+    # A batch of prompts (text, or token ids): each routed on its own, one choice each, usage summed.
+    short_ids, long_ids = local["small"].encode(SHORT), local["small"].encode(LONG)
+    for prompt in ([SHORT, LONG], [short_ids, long_ids]):
+        body = complete(server, prompt=prompt, max_tokens=4, temperature=0).json()
+        assert [c["index"] for c in body["choices"]] == [0, 1]
+        assert [c["routed_to"] for c in body["choices"]] == ["small", "large"] and body["routed_to"] == "mixed"
+        assert [c["text"] for c in body["choices"]] == [local_completion("small", SHORT).text,
+                                                        local_completion("large", LONG).text]
+        assert body["usage"]["prompt_tokens"] == len(short_ids) + len(long_ids)
+        assert body["usage"]["completion_tokens"] == (len(local_completion("small", SHORT).token_ids)
+                                                      + len(local_completion("large", LONG).token_ids))
+    assert complete(server, prompt=short_ids, max_tokens=4, temperature=0).json()["choices"][0]["text"] == \
+        local_completion("small", SHORT).text
+    # n: seeds seed, seed + 1, ...; best_of: the candidate with the highest mean token log-probability.
+    body = complete(server, model="small", prompt=SHORT, max_tokens=4, temperature=1.0, seed=5, n=3).json()
+    candidates = [local_completion("small", SHORT, temperature=1.0, seed=5 + k) for k in range(3)]
+    assert [c["text"] for c in body["choices"]] == [c.text for c in candidates]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    body = complete(server, model="small", prompt=SHORT, max_tokens=4, temperature=1.0, seed=5, best_of=3).json()
+    best = max(candidates, key=lambda c: sum(c.token_logprobs) / max(1, len(c.token_logprobs)))
+    assert [c["text"] for c in body["choices"]] == [best.text]
+    assert body["usage"]["completion_tokens"] == sum(len(c.token_ids) for c in candidates), "all candidates count"
+    # logprobs: the answering tier's own, with its most likely alternatives.
+    body = complete(server, model="large", prompt=SHORT, max_tokens=4, temperature=0, logprobs=2).json()
+    expected = local["large"].generate([SHORT], [SamplingParams(max_tokens=4, top_logprobs=2)])[0]
+    logprobs, text = body["choices"][0]["logprobs"], body["choices"][0]["text"]
+    assert logprobs["tokens"] == [local["large"].decode([t]) for t in expected.token_ids]
+    assert logprobs["token_logprobs"] == pytest.approx(expected.token_logprobs, abs=1e-5)
+    for top, alternatives in zip(logprobs["top_logprobs"], expected.top_logprobs):
+        wanted: dict[str, float] = {}
+        for token, value in alternatives:  # two tokens of one text (a lone UTF-8 byte): the likelier stays
+            wanted.setdefault(local["large"].decode([token]), value)
+        assert list(top) == list(wanted) and list(top.values()) == pytest.approx(list(wanted.values()), abs=1e-5)
+    assert all(text[offset:].startswith(token) for offset, token in zip(logprobs["text_offset"], logprobs["tokens"]))
+    # Penalties and logit_bias change the choice exactly as the generator's SamplingParams do.
+    body = complete(server, model="small", prompt=SHORT, max_tokens=4, temperature=0, frequency_penalty=2.0,
+                    presence_penalty=0.5).json()
+    assert body["choices"][0]["text"] == local_completion("small", SHORT, frequency_penalty=2.0,
+                                                          presence_penalty=0.5).text
+    forced = short_ids[0]
+    body = complete(server, model="small", prompt=SHORT, max_tokens=4, temperature=0,
+                    logit_bias={str(forced): 100}).json()
+    assert body["choices"][0]["text"] == local["small"].decode([forced] * 4)
+    # LangChain's OpenAI sends these on every call.
+    body = complete(server, prompt=[SHORT], max_tokens=4, temperature=0, top_p=1, frequency_penalty=0,
+                    presence_penalty=0, n=1, best_of=1, logit_bias={}, logprobs=None, seed=None, user="u").json()
+    assert body["choices"][0]["text"] == local_completion("small", SHORT).text
+    # A streamed batch: every choice's chunks carry its index; include_usage adds a last chunk with the usage.
+    streamed = requests.post(f"{server}/v1/completions", timeout=60, json={
+        "prompt": [SHORT, LONG], "max_tokens": 4, "temperature": 0, "n": 2, "stream": True,
+        "stream_options": {"include_usage": True}}).text
+    events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    usage = events.pop()
+    assert usage["choices"] == [] and usage["usage"]["prompt_tokens"] == len(short_ids) + len(long_ids)
+    texts: dict[int, str] = {}
+    for event in events:
+        texts[event["choices"][0]["index"]] = texts.get(event["choices"][0]["index"], "") + event["choices"][0]["text"]
+    small, large = local_completion("small", SHORT), local_completion("large", LONG)
+    assert texts == {0: small.text, 1: small.text, 2: large.text, 3: large.text}
+    assert usage["usage"]["completion_tokens"] == 2 * (len(small.token_ids) + len(large.token_ids))
 
 
 def test_a_stop_string_before_the_first_token_answers_empty(server, local) -> None:
@@ -161,7 +235,8 @@ def test_a_stop_string_before_the_first_token_answers_empty(server, local) -> No
     response = requests.post(f"{server}/v1/completions", json=request, timeout=60)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["choices"][0] == {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}
+    assert body["choices"][0] == {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop",
+                                  "routed_to": "small", "difficulty": None, "escalated": False, "degraded": False}
     assert body["usage"]["completion_tokens"] == 0
     streamed = requests.post(f"{server}/v1/completions", json={**request, "stream": True}, timeout=60).text
     events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
@@ -195,7 +270,23 @@ def test_failing_or_hanging_large_tier_degrades_to_small(server, local) -> None:
     (b"{not json", 400, None),
     ({"max_tokens": 2}, 400, "prompt"),
     ({"prompt": 17}, 400, "prompt"),
-    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": ["a", 1]}, 400, "prompt"),                       # a batch holds one kind of prompt
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [5, 99999], "max_tokens": 2}, 400, "prompt"),    # a token id outside the vocabulary
+    ({"prompt": ["x", ""], "max_tokens": 2}, 400, "prompt"),
+    ({"prompt": "x", "n": 9}, 400, "n"),
+    ({"prompt": "x", "n": 3, "best_of": 2, "max_tokens": 2}, 400, "best_of"),
+    ({"prompt": "x", "best_of": 3, "stream": True, "max_tokens": 2}, 400, "best_of"),
+    ({"prompt": "x", "logprobs": 6}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": 1, "stream": True, "max_tokens": 2}, 400, "logprobs"),
+    ({"prompt": "x", "echo": True, "max_tokens": 2}, 400, "echo"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}, "max_tokens": 2}, 400, "stream_options"),
+    ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ({"prompt": "x", "logit_bias": {"the": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"99999": 1}, "max_tokens": 2}, 400, "logit_bias"),
+    ({"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": 9}, 400, "max_tokens"),      # above routing.max_tokens_limit=8
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
@@ -204,7 +295,6 @@ def test_failing_or_hanging_large_tier_degrades_to_small(server, local) -> None:
     ({"prompt": "x", "temperature": 3}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"prompt": "x", "logit_bias": {}}, 400, "logit_bias"),
     ({"prompt": LONG * 3, "max_tokens": 8}, 400, "prompt"),      # more tokens than the context of 96
     ({"prompt": "y" * 2500, "max_tokens": 2}, 400, "prompt"),                 # above routing.max_prompt_chars
     ({"prompt": "z" * 30000}, 413, None),                       # above routing.max_body_bytes
