@@ -456,6 +456,40 @@ class Generator:
                         self._memo.popitem(last=False)
         return torch.cat(rows)
 
+    @torch.no_grad()
+    def prompt_logprobs(self, prompt_ids: list[list[int]], top_logprobs: int = 0
+                        ) -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
+        """Teacher-forced log-probabilities of each prompt's tokens (what `echo` with `logprobs` returns).
+
+        Args:
+            prompt_ids: the prompts.
+            top_logprobs: also the this many most likely (token id, log p) at each position (0 to 20).
+
+        Returns:
+            Per prompt: log p of tokens 1..n-1, each under the model given the
+            tokens before it (the first token has no context, so none), and the
+            most likely alternatives at those positions, most likely first.
+        """
+        if not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be an integer in [0, 20], got {top_logprobs!r}")
+        check_prompt_ids(prompt_ids, self.model.config.vocab_size)
+        self._check_lengths(prompt_ids, [0] * len(prompt_ids))
+        results = []
+        for start in range(0, len(prompt_ids), self.max_batch_size):
+            prompts = prompt_ids[start:start + self.max_batch_size]
+            _, out = self._prefill(prompts, capacity=max(len(p) for p in prompts))
+            for row, ids in enumerate(prompts):
+                logits_SV = out.logits[row, :len(ids) - 1]
+                logp_SV = torch.log_softmax(logits_SV.to(torch.promote_types(logits_SV.dtype, torch.float32)), -1)
+                targets = torch.tensor(ids[1:], dtype=torch.int64, device=logp_SV.device)
+                logprobs = logp_SV.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+                top = [[] for _ in logprobs]
+                if top_logprobs and logprobs:
+                    values_SK, ids_SK = logp_SV.topk(top_logprobs, dim=-1)
+                    top = [list(zip(i, v)) for i, v in zip(ids_SK.tolist(), values_SK.tolist())]
+                results.append((logprobs, top))
+        return results
+
     # ---- internals ---------------------------------------------------------------------
 
     def _requests(self, prompt_ids: list[list[int]], params: list[SamplingParams], *,

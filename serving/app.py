@@ -116,7 +116,8 @@ def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
     routing = OmegaConf.to_container(cfg.routing, resolve=True)
     return ingress.bind(tiers["small"], tiers["large"], str(router_file), facts["small"]["tokenizer"],
                         min(facts["small"]["max_seq_len"], facts["large"]["max_seq_len"]), routing,
-                        facts["small"]["active_params"] / facts["large"]["active_params"])
+                        facts["small"]["active_params"] / facts["large"]["active_params"],
+                        OmegaConf.to_container(cfg.chat, resolve=True))
 
 
 def checked_app(cfg: DictConfig, resources: dict[str, float], *, check_fit: bool = True):

@@ -12,6 +12,8 @@ from typing import Optional
 
 from omegaconf import MISSING, DictConfig
 
+from serving.chat import DEFAULT_STOP, DEFAULT_TEMPLATE
+
 
 @dataclass
 class AutoscalingConfig:
@@ -100,6 +102,22 @@ class IngressConfig:
 
 
 @dataclass
+class ChatConfig:
+    """POST /v1/chat/completions (serving/chat.py).
+
+    Attributes:
+        template: the Jinja2 chat template that renders the messages into one
+            prompt (Hugging Face's variables); the default writes plain
+            "Role: text" turns, for base models.
+        stop: stop strings added to every chat request's own, where a base
+            model would start the next turn.
+    """
+
+    template: str = DEFAULT_TEMPLATE
+    stop: list[str] = field(default_factory=lambda: list(DEFAULT_STOP))
+
+
+@dataclass
 class ServeConfig:
     """`python -m moe.serve small=CKPT large=CKPT [host=...] [port=...]`."""
 
@@ -113,6 +131,7 @@ class ServeConfig:
     tiers: TiersConfig = field(default_factory=TiersConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     ingress: IngressConfig = field(default_factory=IngressConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
 
 
 def register_configs() -> None:
@@ -163,6 +182,14 @@ def validate_serve_config(cfg: DictConfig) -> None:
     for key in ("large_timeout_s", "max_tokens_limit", "max_prompt_chars", "max_body_bytes"):
         if r[key] <= 0:
             fail(f"routing.{key}", f"must be positive, got {r[key]}")
+    from serving.chat import ChatTemplate, TemplateError
+
+    try:
+        ChatTemplate(cfg.chat.template, eos_token="").render([{"role": "user", "content": "hello"}])
+    except TemplateError as err:
+        fail("chat.template", str(err))
+    if len(cfg.chat.stop) > 4 or not all(isinstance(s, str) and s for s in cfg.chat.stop):
+        fail("chat.stop", f"must be at most 4 non-empty strings, got {list(cfg.chat.stop)}")
 
 
 INGRESS_CPUS = 0.1  # the ingress deployment's reservation (serving.app.build_app)

@@ -1,4 +1,4 @@
-"""The cascade's HTTP ingress: OpenAI-compatible completions, routed between the small and the large tier.
+"""The cascade's HTTP ingress: OpenAI-compatible completions and chat, routed between the small and the large tier.
 
 The ingress holds handles to the tier deployments (Ray Serve model
 composition) and never touches a model: it validates and tokenizes the
@@ -12,7 +12,8 @@ NOTE: how a request is answered.
     prompt's token count against the tiers' context (400). A list of prompts
     is a batch: each prompt is routed on its own, and gets `n` choices (the
     best `n` of `best_of` candidates, by mean token log-probability), which
-    all go to the tier its route chose.
+    all go to the tier its route chose. A chat request is its messages
+    rendered by the chat template (serving/chat.py), one prompt.
  2. Route: `small`/`large` go straight to that tier; `cascade` scores the
     small tier's prefill signals and picks large when the score reaches the
     threshold; `cascade-posthoc` lets the small tier answer and escalates to
@@ -31,6 +32,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
@@ -40,8 +42,10 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.modes import CASCADE, POSTHOC, Mode, UnknownModelError, available_models, parse_model
-from serving.schema import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse, LogProbs,
-                            ModelCard, ModelList, Usage)
+from serving.chat import ChatTemplate, TemplateError
+from serving.schema import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
+                            ChatLogProbs, ChatTokenLogProb, CompletionChoice, CompletionRequest, CompletionResponse,
+                            ErrorResponse, LogProbs, ModelCard, ModelList, Usage)
 
 log = logging.getLogger("ray.serve")
 
@@ -119,14 +123,17 @@ class CascadeIngress:
         max_seq_len: the shortest context of the two tiers.
         routing: the `routing` config as a dict.
         cost_ratio: the small tier's cost per token over the large tier's (active parameters).
+        chat: the `chat` config as a dict (template, stop); None: the defaults.
     """
 
     def __init__(self, small: Any, large: Any, router_file: str, tokenizer_file: str, max_seq_len: int,
-                 routing: dict[str, Any], cost_ratio: float = 1.0) -> None:
+                 routing: dict[str, Any], cost_ratio: float = 1.0, chat: Optional[dict[str, Any]] = None) -> None:
         from ray.serve.metrics import Counter, Histogram
         from tokenizers import Tokenizer
 
         from moe.difficulty import DifficultyRouter
+        from moe.generate import EOS_TOKEN
+        from serving.chat import DEFAULT_STOP, DEFAULT_TEMPLATE
 
         self.tiers = {"small": small, "large": large}
         self.router = DifficultyRouter.load(router_file)
@@ -137,6 +144,8 @@ class CascadeIngress:
         self.max_seq_len = max_seq_len
         self.routing = routing
         self.cost_ratio = cost_ratio
+        self.chat = chat or {"template": DEFAULT_TEMPLATE, "stop": list(DEFAULT_STOP)}
+        self.chat_template = ChatTemplate(self.chat["template"], eos_token=EOS_TOKEN)
         _LIMITS["max_body_bytes"] = routing["max_body_bytes"]
         self.created = int(time.time())
         self.requests = Counter("moe_serve_requests", description="Completions answered, by tier and mode.",
@@ -164,122 +173,196 @@ class CascadeIngress:
                          413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     async def completions(self, body: CompletionRequest):
         started = time.perf_counter()
-        mode, prompts = self._check(body)
-        base = {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-                "stop": list(body.stop_strings()), "presence_penalty": body.presence_penalty,
-                "frequency_penalty": body.frequency_penalty, "top_logprobs": body.logprobs or 0,
-                "logit_bias": {int(token): bias for token, bias in (body.logit_bias or {}).items()}}
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._stream(mode, prompts, base, body, meta, started, include_usage),
-                                     media_type="text/event-stream")
-        results = await asyncio.gather(*(self._answer_prompt(mode, ids, base, body) for ids in prompts))
-        choices, generated = [], 0
-        for i, (answers, tokens) in enumerate(results):
-            generated += tokens
-            for j, answer in enumerate(answers):
-                self._record(mode, answer, started)
-                choices.append(self._choice(answer, i * body.n + j, body.logprobs))
-        first = results[0][0][0]
-        tiers = {choice.routed_to for choice in choices}
-        prompt_tokens = sum(len(ids) for ids in prompts)
-        return CompletionResponse(
-            **meta, choices=choices,
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=generated,
-                        total_tokens=prompt_tokens + generated),
-            routed_to=tiers.pop() if len(tiers) == 1 else "mixed", difficulty=first.get("difficulty"),
-            escalated=any(c.escalated for c in choices), degraded=any(c.degraded for c in choices),
-            confidence=first.get("confidence"))
-
-    def _candidates(self, prompt_ids: list[int], base: dict[str, Any], body: CompletionRequest,
-                    count: int) -> list[dict[str, Any]]:
-        """The tier requests of one prompt: `count` of them, seeds seed, seed + 1, ... when a seed is given."""
-        return [{**base, "prompt_ids": prompt_ids, "seed": None if body.seed is None else (body.seed + k) % 2 ** 63}
-                for k in range(count)]
-
-    async def _answer_prompt(self, mode: Mode, prompt_ids: list[int], base: dict[str, Any],
-                             body: CompletionRequest) -> tuple[list[dict[str, Any]], int]:
-        """The `n` answers of one prompt (one routing decision for all) and the tokens generated for it."""
-        requests = self._candidates(prompt_ids, base, body, body.best_of or body.n)
-        route = None if mode.kind == POSTHOC else await self._choose(mode, prompt_ids)
-        answers = await asyncio.gather(*(self._answer(mode, request, route) for request in requests))
-        generated = sum(a["completion_tokens"] for a in answers)
-        if len(answers) > body.n:
-            answers = sorted(answers, key=_mean_logprob, reverse=True)[:body.n]
-        return list(answers), generated
-
-    def _choice(self, answer: dict[str, Any], index: int, logprobs: Optional[int]) -> CompletionChoice:
-        return CompletionChoice(
-            text=answer["text"], index=index, finish_reason=answer["finish_reason"],
-            logprobs=None if logprobs is None else self._logprobs(answer),
-            routed_to=answer["tier"], difficulty=answer.get("difficulty"),
-            escalated=answer.get("escalated", False), degraded=answer.get("degraded", False))
-
-    def _logprobs(self, answer: dict[str, Any]) -> LogProbs:
-        """OpenAI's logprobs object: token texts, their log-probabilities, the most likely alternatives."""
-        ids = answer["token_ids"]
-        top = []
-        for alternatives in answer["top_logprobs"]:
-            entry: dict[str, float] = {}
-            for token, logprob in alternatives:  # most likely first: a text two tokens share keeps the likelier
-                entry.setdefault(self.tokenizer.decode([token]), logprob)
-            top.append(entry)
-        return LogProbs(tokens=[self.tokenizer.decode([token]) for token in ids],
-                        token_logprobs=answer["token_logprobs"], top_logprobs=top,
-                        text_offset=[len(self.tokenizer.decode(ids[:k])) for k in range(len(ids))])
-
-    # ---- validation ----------------------------------------------------------
-
-    def _check(self, body: CompletionRequest) -> tuple[Mode, list[list[int]]]:
-        """The mode and the batch's prompts as token ids; raises RequestError naming the field."""
-        try:
-            mode = parse_model(body.model)
-        except UnknownModelError as err:
-            raise RequestError(404, str(err), "model", "model_not_found") from None
-        if body.max_tokens > self.routing["max_tokens_limit"]:
-            raise RequestError(400, f"max_tokens: {body.max_tokens} exceeds this server's limit of "
-                                    f"{self.routing['max_tokens_limit']}", "max_tokens")
-        if body.echo:
-            raise RequestError(400, "echo: not supported yet (the prompt's log-probabilities are not returned)",
-                               "echo")
+        mode = self._mode(body.model)
+        self._check_max_tokens(body.max_tokens, "max_tokens")
+        if body.max_tokens == 0 and not body.echo:
+            raise RequestError(400, "max_tokens: 0 is allowed only with echo (scoring the prompt)", "max_tokens")
+        if body.echo and body.stream:
+            raise RequestError(400, "echo: not supported with stream yet", "echo")
         if body.best_of is not None and body.best_of < body.n:
             raise RequestError(400, f"best_of: {body.best_of} is less than n={body.n}", "best_of")
         if body.stream and body.best_of is not None and body.best_of > body.n:
             raise RequestError(400, "best_of: more candidates than n cannot be streamed", "best_of")
-        if body.stream and body.logprobs is not None:
+        self._check_options(mode, body.stream, body.stream_options, body.logprobs is not None, body.logit_bias)
+        prompts = body.prompts()
+        prompt_ids = [self._prompt_ids(prompt, index if len(prompts) > 1 else None, body.max_tokens)
+                      for index, prompt in enumerate(prompts)]
+        request = {**self._tier_request(body, body.max_tokens, body.stop_strings(), body.logprobs),
+                   "echo": body.echo}
+        job = Job(mode, prompt_ids, request, body.n, body.best_of or body.n, body.seed)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        if body.stream:
+            return StreamingResponse(self._stream(job, meta, started, _include_usage(body), self._chunk),
+                                     media_type="text/event-stream")
+        results = await self._run(job, started)
+        choices = []
+        for index, answer in _indexed(results, job.n):
+            prompt = index // job.n
+            echoed = (prompts[prompt] if isinstance(prompts[prompt], str) else
+                      self.tokenizer.decode(job.prompts[prompt])) if body.echo else ""
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = self._logprobs(answer, job.prompts[prompt] if body.echo else None)
+            choices.append(CompletionChoice(text=echoed + answer["text"], index=index, logprobs=logprobs,
+                                            finish_reason=answer["finish_reason"], **_routing(answer)))
+        return CompletionResponse(**meta, choices=choices, **_summary(job, results))
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                         413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def chat_completions(self, body: ChatCompletionRequest):
+        started = time.perf_counter()
+        mode = self._mode(body.model)
+        for name in ("tools", "functions"):
+            if getattr(body, name):
+                raise RequestError(400, f"{name}: not supported (these tiers call no tools)", name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(body, name) not in (None, "none"):
+                raise RequestError(400, f"{name}: not supported (these tiers call no tools)", name)
+        if body.response_format is not None and body.response_format.get("type", "text") != "text":
+            raise RequestError(400, f"response_format: only type text is supported, got "
+                                    f"{body.response_format.get('type')!r}", "response_format")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise RequestError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise RequestError(400, "max_tokens: give max_completion_tokens or max_tokens, not both", "max_tokens")
+        asked = body.max_completion_tokens or body.max_tokens
+        key = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        if asked is not None:
+            self._check_max_tokens(asked, key)
+        self._check_options(mode, body.stream, body.stream_options, body.logprobs, body.logit_bias)
+        try:
+            text = self.chat_template.render([{"role": m.role, "content": m.text(), **({"name": m.name} if m.name
+                                               else {})} for m in body.messages])
+        except TemplateError as err:
+            raise RequestError(400, f"messages: the chat template refused them: {err}", "messages") from None
+        room = self.max_seq_len - len(self.tokenizer.encode(text).ids)
+        max_tokens = asked if asked is not None else max(1, min(self.routing["max_tokens_limit"], room))
+        prompt_ids = self._prompt_ids(text, None, max_tokens, name="messages")
+        stop = body.stop_strings() + tuple(s for s in self.chat["stop"] if s not in body.stop_strings())
+        job = Job(mode, [prompt_ids], self._tier_request(body, max_tokens, stop,
+                                                         (body.top_logprobs or 0) if body.logprobs else None),
+                  body.n, body.n, body.seed)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        if body.stream:
+            return StreamingResponse(self._stream(job, meta, started, _include_usage(body), self._chat_chunk),
+                                     media_type="text/event-stream")
+        results = await self._run(job, started)
+        choices = [ChatChoice(index=index, message=AssistantMessage(content=answer["text"]),
+                              finish_reason=answer["finish_reason"],
+                              logprobs=self._chat_logprobs(answer) if body.logprobs else None, **_routing(answer))
+                   for index, answer in _indexed(results, job.n)]
+        return ChatCompletionResponse(**meta, choices=choices, **_summary(job, results))
+
+    async def _run(self, job: "Job", started: float) -> list[tuple[list[dict[str, Any]], int]]:
+        """Per prompt: its `n` answers and the tokens generated for it (all candidates)."""
+        results = await asyncio.gather(*(self._answer_prompt(job, ids) for ids in job.prompts))
+        for answers, _ in results:
+            for answer in answers:
+                self._record(job.mode, answer, started)
+        return list(results)
+
+    async def _answer_prompt(self, job: "Job", prompt_ids: list[int]) -> tuple[list[dict[str, Any]], int]:
+        """The `n` answers of one prompt (one routing decision for all) and the tokens generated for it."""
+        route = None if job.mode.kind == POSTHOC else await self._choose(job.mode, prompt_ids)
+        answers = await asyncio.gather(*(self._answer(job.mode, request, route)
+                                         for request in job.candidates(prompt_ids, job.best_of)))
+        generated = sum(a["completion_tokens"] for a in answers)
+        if len(answers) > job.n:
+            answers = sorted(answers, key=_mean_logprob, reverse=True)[:job.n]
+        return list(answers), generated
+
+    def _tier_request(self, body: Any, max_tokens: int, stop: tuple[str, ...],
+                      top_logprobs: Optional[int]) -> dict[str, Any]:
+        """The fields of a tier's generate/stream request shared by every prompt and candidate of a job."""
+        return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "stop": list(stop),
+                "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+                "top_logprobs": top_logprobs or 0,
+                "logit_bias": {int(token): bias for token, bias in (body.logit_bias or {}).items()}}
+
+    def _alternatives(self, positions: list[list[tuple[int, float]]]) -> list[dict[str, float]]:
+        """Per position, its most likely (token id, log p) by text; tokens that decode to the same text (a lone
+        UTF-8 byte) share one entry, the likelier kept."""
+        top = []
+        for alternatives in positions:
+            entry: dict[str, float] = {}
+            for token, logprob in alternatives:  # most likely first
+                entry.setdefault(self.tokenizer.decode([token]), logprob)
+            top.append(entry)
+        return top
+
+    def _logprobs(self, answer: dict[str, Any], echoed: Optional[list[int]] = None) -> LogProbs:
+        """The completions API's logprobs: token texts, their log-probabilities, the most likely alternatives;
+        with `echoed` (the prompt's ids, echo), the prompt's tokens first, the very first with none."""
+        ids, logprobs = answer["token_ids"], answer["token_logprobs"]
+        top: list[Optional[dict[str, float]]] = self._alternatives(answer["top_logprobs"])
+        if echoed is not None:
+            ids = list(echoed) + ids
+            logprobs = [None] + answer["prompt_logprobs"] + logprobs
+            top = [None] + self._alternatives(answer["prompt_top_logprobs"]) + top
+        return LogProbs(tokens=[self.tokenizer.decode([token]) for token in ids], token_logprobs=logprobs,
+                        top_logprobs=top, text_offset=[len(self.tokenizer.decode(ids[:k])) for k in range(len(ids))])
+
+    def _chat_logprobs(self, answer: dict[str, Any]) -> ChatLogProbs:
+        """The chat API's logprobs: per token its text, log-probability, UTF-8 bytes and top alternatives."""
+        def item(text: str, logprob: float) -> dict[str, Any]:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        content = []
+        for token, logprob, top in zip(answer["token_ids"], answer["token_logprobs"],
+                                       self._alternatives(answer["top_logprobs"])):
+            content.append(ChatTokenLogProb(**item(self.tokenizer.decode([token]), logprob),
+                                            top_logprobs=[item(t, v) for t, v in top.items()]))
+        return ChatLogProbs(content=content)
+
+    # ---- validation ----------------------------------------------------------
+
+    def _mode(self, model: str) -> Mode:
+        try:
+            return parse_model(model)
+        except UnknownModelError as err:
+            raise RequestError(404, str(err), "model", "model_not_found") from None
+
+    def _check_max_tokens(self, max_tokens: int, key: str) -> None:
+        if max_tokens > self.routing["max_tokens_limit"]:
+            raise RequestError(400, f"{key}: {max_tokens} exceeds this server's limit of "
+                                    f"{self.routing['max_tokens_limit']}", key)
+
+    def _check_options(self, mode: Mode, stream: bool, stream_options: Any, logprobs: bool,
+                       logit_bias: Optional[dict[str, float]]) -> None:
+        """What both APIs check before any tier: streaming options, logit_bias ids, the routing budget."""
+        if stream and logprobs:
             raise RequestError(400, "logprobs: not supported with stream yet", "logprobs")
-        if body.stream_options is not None and not body.stream:
+        if stream_options is not None and not stream:
             raise RequestError(400, "stream_options: only allowed with stream: true", "stream_options")
         vocab = self.tokenizer.get_vocab_size()
-        unknown = sorted(int(token) for token in (body.logit_bias or {}) if int(token) >= vocab)
+        unknown = sorted(int(token) for token in (logit_bias or {}) if int(token) >= vocab)
         if unknown:
             raise RequestError(400, f"logit_bias: token ids {unknown} are not in the vocabulary of {vocab} tokens",
                                "logit_bias")
         if mode.kind == CASCADE:
             self._threshold(mode)  # a budget below the small tier's cost is refused here, before any tier
-        prompts = body.prompts()
-        return mode, [self._prompt_ids(prompt, index if len(prompts) > 1 else None, body.max_tokens, vocab)
-                      for index, prompt in enumerate(prompts)]
 
-    def _prompt_ids(self, prompt: Any, index: Optional[int], max_tokens: int, vocab: int) -> list[int]:
-        name = "prompt" if index is None else f"prompt[{index}]"
+    def _prompt_ids(self, prompt: Any, index: Optional[int], max_tokens: int, *, name: str = "prompt") -> list[int]:
+        """A prompt (text or token ids) as token ids that fit the context with max_tokens; RequestError if not."""
+        label = name if index is None else f"{name}[{index}]"
+        vocab = self.tokenizer.get_vocab_size()
         if isinstance(prompt, str):
             if len(prompt) > self.routing["max_prompt_chars"]:
-                raise RequestError(400, f"{name}: {len(prompt)} characters exceed the limit of "
-                                        f"{self.routing['max_prompt_chars']}", "prompt")
+                raise RequestError(400, f"{label}: {len(prompt)} characters exceed the limit of "
+                                        f"{self.routing['max_prompt_chars']}", name)
             prompt_ids = self.tokenizer.encode(prompt).ids
         else:
             prompt_ids = list(prompt)
             bad = [token for token in prompt_ids if not 0 <= token < vocab]
             if bad:
-                raise RequestError(400, f"{name}: token ids {bad[:8]} are not in the vocabulary of {vocab} tokens",
-                                   "prompt")
+                raise RequestError(400, f"{label}: token ids {bad[:8]} are not in the vocabulary of {vocab} "
+                                        f"tokens", name)
         if not prompt_ids:
-            raise RequestError(400, f"{name}: must not be empty", "prompt")
+            raise RequestError(400, f"{label}: must not be empty", name)
         if len(prompt_ids) + max_tokens > self.max_seq_len:
-            raise RequestError(400, f"{name}: {len(prompt_ids)} prompt tokens + max_tokens {max_tokens} exceed "
-                                    f"the models' context of {self.max_seq_len} tokens", "prompt")
+            raise RequestError(400, f"{label}: {len(prompt_ids)} prompt tokens + max_tokens {max_tokens} exceed "
+                                    f"the models' context of {self.max_seq_len} tokens", name)
         return prompt_ids
 
     # ---- routing ---------------------------------------------------------------
@@ -395,51 +478,51 @@ class CascadeIngress:
 
     # ---- streaming -------------------------------------------------------------
 
-    async def _stream(self, mode: Mode, prompts: list[list[int]], base: dict[str, Any], body: CompletionRequest,
-                      meta: dict[str, Any], started: float, include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's format; the routing fields ride on every chunk. The choices of a
-        batch stream one after the other, each chunk naming its choice's `index`."""
+    async def _stream(self, job: "Job", meta: dict[str, Any], started: float, include_usage: bool,
+                      chunk: Any) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's format (`chunk` formats one); the routing fields ride on every
+        chunk. The choices of a batch stream one after the other, each chunk naming its choice's `index`."""
         generated = 0
         try:
-            for i, prompt_ids in enumerate(prompts):
-                route = None if mode.kind == POSTHOC else await self._choose(mode, prompt_ids)
-                for j, request in enumerate(self._candidates(prompt_ids, base, body, body.n)):
-                    index = i * body.n + j
-                    async for chunk, answer in self._stream_one(mode, request, route, meta, index):
+            for i, prompt_ids in enumerate(job.prompts):
+                route = None if job.mode.kind == POSTHOC else await self._choose(job.mode, prompt_ids)
+                for j, request in enumerate(job.candidates(prompt_ids, job.n)):
+                    index, first = i * job.n + j, True
+                    async for routing, text, answer in self._stream_one(job.mode, request, route):
+                        yield chunk(meta, routing, text, answer["finish_reason"] if answer else None, index, first)
+                        first = False
                         if answer is not None:
                             generated += answer["completion_tokens"]
-                            self._record(mode, answer, started)
-                        yield chunk
+                            self._record(job.mode, answer, started)
         except RequestError as err:
             yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.error_type}})}\n\n"
         if include_usage:
-            prompt_tokens = sum(len(ids) for ids in prompts)
+            prompt_tokens = sum(len(ids) for ids in job.prompts)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
                      "total_tokens": prompt_tokens + generated}
-            yield f"data: {json.dumps({**meta, 'object': 'text_completion', 'choices': [], 'usage': usage})}\n\n"
+            usage_chunk = json.loads(chunk(meta, {}, "", None, 0, False)[6:])
+            yield f"data: {json.dumps({**usage_chunk, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
 
-    async def _stream_one(self, mode: Mode, request: dict[str, Any], route: Optional[tuple[str, Optional[float]]],
-                          meta: dict[str, Any], index: int):
-        """Yields (chunk, None) per text delta and (last chunk, the completion) at the end of one choice."""
+    async def _stream_one(self, mode: Mode, request: dict[str, Any], route: Optional[tuple[str, Optional[float]]]):
+        """Yields (routing, text delta, None) and last (routing, "", the completion) for one choice."""
         if mode.kind == POSTHOC:  # the decision needs the whole small answer: send it as one chunk
             answer = await self._answer_posthoc(mode, request)
             routing = {"routed_to": answer["tier"], "escalated": answer.get("escalated", False),
                        "degraded": answer.get("degraded", False)}
-            yield self._chunk(meta, routing, answer["text"], None, index), None
-            yield self._chunk(meta, routing, "", answer["finish_reason"], index), answer
+            yield routing, answer["text"], None
+            yield routing, "", answer
             return
         tier, difficulty = route
         routing = {"routed_to": tier, "difficulty": difficulty, "escalated": False, "degraded": False}
         async for kind, payload, routing in self._stream_tier(tier, request, routing):
             if kind == "text":
-                yield self._chunk(meta, routing, payload, None, index), None
+                yield routing, payload, None
             else:
-                yield self._chunk(meta, routing, "", payload["finish_reason"], index), \
-                    {**payload, "tier": routing["routed_to"]}
+                yield routing, "", {**payload, "tier": routing["routed_to"]}
 
     async def _stream_tier(self, tier: str, request: dict[str, Any], routing: dict[str, Any]):
-        """Yields ("text", delta, routing) and finally ("done", completion, routing); degrades before the first token."""
+        """Yields ("text", delta, routing), then ("done", completion, routing); degrades before the first token."""
         generator = self.tiers[tier].options(stream=True).stream.remote(request)
         timeout = self.routing["large_timeout_s"] if tier == "large" else None
         try:
@@ -471,11 +554,64 @@ class CascadeIngress:
 
     @staticmethod
     def _chunk(meta: dict[str, Any], routing: dict[str, Any], text: str, finish_reason: Optional[str],
-               index: int = 0) -> str:
+               index: int = 0, first: bool = False) -> str:
         chunk = {**meta, "object": "text_completion",
                  "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}],
                  **routing}
         return f"data: {json.dumps(chunk)}\n\n"
+
+    @staticmethod
+    def _chat_chunk(meta: dict[str, Any], routing: dict[str, Any], text: str, finish_reason: Optional[str],
+                    index: int = 0, first: bool = False) -> str:
+        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        chunk = {**meta, "object": "chat.completion.chunk",
+                 "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                 **routing}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+
+@dataclass
+class Job:
+    """One API request as the tiers see it: its prompts as token ids, and the fields of every tier request."""
+
+    mode: Mode
+    prompts: list[list[int]]
+    request: dict[str, Any]
+    n: int
+    best_of: int
+    seed: Optional[int]
+
+    def candidates(self, prompt_ids: list[int], count: int) -> list[dict[str, Any]]:
+        """The tier requests of one prompt: `count` of them, seeds seed, seed + 1, ... when a seed is given."""
+        return [{**self.request, "prompt_ids": prompt_ids,
+                 "seed": None if self.seed is None else (self.seed + k) % 2 ** 63} for k in range(count)]
+
+
+def _include_usage(body: Any) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def _indexed(results: list[tuple[list[dict[str, Any]], int]], n: int) -> list[tuple[int, dict[str, Any]]]:
+    """(choice index, answer): prompt i's k-th answer is choice i * n + k, as OpenAI numbers them."""
+    return [(i * n + k, answer) for i, (answers, _) in enumerate(results) for k, answer in enumerate(answers)]
+
+
+def _routing(answer: dict[str, Any]) -> dict[str, Any]:
+    return {"routed_to": answer["tier"], "difficulty": answer.get("difficulty"),
+            "escalated": answer.get("escalated", False), "degraded": answer.get("degraded", False)}
+
+
+def _summary(job: Job, results: list[tuple[list[dict[str, Any]], int]]) -> dict[str, Any]:
+    """The response's usage (prompts counted once, every generated candidate counted) and routing fields."""
+    answers = [answer for answers, _ in results for answer in answers]
+    prompt_tokens = sum(len(ids) for ids in job.prompts)
+    generated = sum(tokens for _, tokens in results)
+    tiers = {answer["tier"] for answer in answers}
+    return {"usage": Usage(prompt_tokens=prompt_tokens, completion_tokens=generated,
+                           total_tokens=prompt_tokens + generated),
+            "routed_to": tiers.pop() if len(tiers) == 1 else "mixed", "difficulty": answers[0].get("difficulty"),
+            "escalated": any(a.get("escalated", False) for a in answers),
+            "degraded": any(a.get("degraded", False) for a in answers), "confidence": answers[0].get("confidence")}
 
 
 def _mean_logprob(answer: dict[str, Any]) -> float:

@@ -8,7 +8,7 @@ config, so that the schema stays the same for every deployment.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -18,6 +18,24 @@ MAX_CHOICES = 8  # n and best_of
 MAX_LOGPROBS = 5  # as OpenAI's completions
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
+
+
+def check_stop_strings(value: Optional[Union[str, list[str]]]) -> Optional[Union[str, list[str]]]:
+    stops = [value] if isinstance(value, str) else (value or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    if any(s == "" for s in stops):
+        raise ValueError("stop strings must not be empty")
+    return value
+
+
+def check_logit_bias(value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+    for token, bias in (value or {}).items():
+        if not token.isdigit():
+            raise ValueError(f"keys must be token ids, got {token!r}")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"biases must lie in [-100, 100], got {bias} for token {token}")
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -37,7 +55,7 @@ class CompletionRequest(BaseModel):
                                               "(`small`, `large`).")
     prompt: Prompt = Field(..., description="A string, a list of token ids, or a list of either (a batch: one "
                                             "choice per prompt and `n`, each prompt routed on its own).")
-    max_tokens: int = Field(16, ge=1, description="Tokens to generate at most.")
+    max_tokens: int = Field(16, ge=0, description="Tokens to generate at most (0 only with echo).")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Optional[Union[str, list[str]]] = Field(None, description="Up to 4 strings; the text stops before the "
@@ -52,7 +70,9 @@ class CompletionRequest(BaseModel):
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS,
                                     description="Log-probabilities of the generated tokens and of the this many "
                                                 "most likely tokens at each position (the answering tier's).")
-    echo: bool = Field(False, description="Not supported yet: true is refused.")
+    echo: bool = Field(False, description="Return the prompt before the completion, and with `logprobs` its "
+                                          "tokens' log-probabilities too (max_tokens 0: the prompt only). "
+                                          "Not with stream.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, float]] = Field(None, description="Token id (as a string) -> bias in "
@@ -80,12 +100,7 @@ class CompletionRequest(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
-        for token, bias in (value or {}).items():
-            if not token.isdigit():
-                raise ValueError(f"keys must be token ids, got {token!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"biases must lie in [-100, 100], got {bias} for token {token}")
-        return value
+        return check_logit_bias(value)
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The batch: a single prompt (text or token ids) is a batch of one."""
@@ -96,23 +111,18 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, value: Optional[Union[str, list[str]]]) -> Optional[Union[str, list[str]]]:
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
-        if any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return value
+        return check_stop_strings(value)
 
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
 class LogProbs(BaseModel):
-    """OpenAI's completions logprobs; `text_offset` counts characters from the start of the completion."""
+    """OpenAI's completions logprobs; `text_offset` counts characters from the start of `text`."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: Optional[list[dict[str, float]]]
+    token_logprobs: list[Optional[float]] = Field(..., description="With echo the first prompt token's is null.")
+    top_logprobs: Optional[list[Optional[dict[str, float]]]]
     text_offset: list[int]
 
 
@@ -176,3 +186,117 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# ---- chat completions --------------------------------------------------------------------
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """A message of the conversation; tool and function messages are refused (these tiers call no tools)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions: the messages rendered by the deployment's chat template, then generated and
+    routed as a completion is. Unknown fields are refused, naming them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("cascade", description="As for /v1/completions.")
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1, description="Deprecated by OpenAI for max_completion_tokens.")
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="Default: as many as the server's limit "
+                                                                         "and the context leave.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="Needs logprobs: true.")
+    user: Optional[str] = None
+    # Accepted so that a client's defaults pass; anything but "no tools" and plain text is refused, naming it.
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
+    functions: Optional[list[Any]] = None
+    function_call: Optional[Any] = None
+    response_format: Optional[dict[str, Any]] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: Optional[Union[str, list[str]]]) -> Optional[Union[str, list[str]]]:
+        return check_stop_strings(value)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        return check_logit_bias(value)
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class ChatLogProb(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogProb(ChatLogProb):
+    top_logprobs: list[ChatLogProb]
+
+
+class ChatLogProbs(BaseModel):
+    content: list[ChatTokenLogProb]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChatLogProbs] = None
+    finish_reason: Optional[Literal["stop", "length"]]
+    routed_to: Optional[str] = None
+    difficulty: Optional[float] = None
+    escalated: bool = False
+    degraded: bool = False
+
+
+class ChatCompletionResponse(BaseModel):
+    """OpenAI's chat.completion object, plus the routing fields of `CompletionResponse`."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    routed_to: str
+    difficulty: Optional[float] = None
+    escalated: bool = False
+    degraded: bool = False
+    confidence: Optional[float] = None

@@ -96,10 +96,20 @@ class Tier:
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         """One completion: {"prompt_ids", "max_tokens", "temperature", "top_p", "seed", "stop", penalties,
-        "logit_bias", "top_logprobs"} -> dict (text, token ids and log-probabilities, counts)."""
+        "logit_bias", "top_logprobs", "echo"} -> dict (text, token ids and log-probabilities, counts; with
+        "echo", the prompt's own log-probabilities too; max_tokens 0 generates nothing)."""
         await self._drill()
         started = time.perf_counter()
-        result = await self.generate_batch(request)
+        if request["max_tokens"] == 0:  # echo only: score the prompt, generate nothing
+            result = {"text": "", "finish_reason": "length", "prompt_tokens": len(request["prompt_ids"]),
+                      "completion_tokens": 0, "confidence": 1.0, "token_ids": [], "token_logprobs": [],
+                      "top_logprobs": []}
+        else:
+            result = await self.generate_batch(request)
+        if request.get("echo"):
+            [(logprobs, top)] = await self._run(self.generator.prompt_logprobs, [request["prompt_ids"]],
+                                                request.get("top_logprobs", 0))
+            result.update(prompt_logprobs=logprobs, prompt_top_logprobs=top)
         result["latency_s"] = time.perf_counter() - started
         return result
 

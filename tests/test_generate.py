@@ -166,6 +166,24 @@ def test_penalties_bias_and_top_logprobs_match_the_definition(tokenizer) -> None
     assert banned not in avoided.token_ids
 
 
+def test_prompt_logprobs_match_a_recompute_of_every_prefix(tokenizer) -> None:
+    """`echo`'s scores: log p of each prompt token given the tokens before it, batched and right-padded, against
+    the model run on each prefix alone; the top alternatives are the model's most likely there."""
+    model = tiny_model(**CASES["dense_first_window_mha"])
+    prompts = [[5, 9, 3, 7, 1, 2], [11, 2], [4], [4, 4, 8, 15, 16, 23, 42]]
+    scored = Generator(model, tokenizer, max_batch_size=3).prompt_logprobs(prompts, top_logprobs=3)
+    for ids, (logprobs, top) in zip(prompts, scored):
+        assert len(logprobs) == len(top) == len(ids) - 1
+        for k in range(1, len(ids)):
+            logp = torch.log_softmax(full_logits(model, ids[:k]), -1)
+            assert logprobs[k - 1] == pytest.approx(float(logp[ids[k]]), abs=1e-10)
+            values, order = logp.sort(descending=True)
+            assert [i for i, _ in top[k - 1]] == order[:3].tolist()
+            assert [v for _, v in top[k - 1]] == pytest.approx(values[:3].tolist(), abs=1e-10)
+    with pytest.raises(ValueError, match="prompt 0 has 49 tokens"):
+        Generator(model, tokenizer).prompt_logprobs([[1] * 49])
+
+
 @pytest.mark.parametrize("kwargs,field", [(dict(presence_penalty=2.5), "presence_penalty"),
                                           (dict(frequency_penalty="1"), "frequency_penalty"),
                                           (dict(logit_bias={3: 101}), "logit_bias"),

@@ -156,6 +156,15 @@ def test_openai_client_plain_and_streamed(server) -> None:
     assert [c.index for c in batch.choices] == [0, 1, 2, 3] and len({c.text for c in batch.choices}) == 1
     assert all(len(c.logprobs.token_logprobs) == len(c.logprobs.tokens) == len(c.logprobs.top_logprobs)
                for c in batch.choices)
+    # Chat, plain and streamed.
+    messages = [{"role": "user", "content": SHORT}]
+    plain = client.chat.completions.create(model="small", messages=messages, max_tokens=4, temperature=0,
+                                           logprobs=True, top_logprobs=1)
+    assert plain.choices[0].message.role == "assistant" and plain.model_extra["routed_to"] == "small"
+    assert len(plain.choices[0].logprobs.content) == plain.usage.completion_tokens
+    streamed = client.chat.completions.create(model="small", messages=messages, max_tokens=4, temperature=0,
+                                              stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == plain.choices[0].message.content
 
 
 def test_request_shapes_of_common_clients(server, local) -> None:
@@ -198,6 +207,21 @@ def test_request_shapes_of_common_clients(server, local) -> None:
             wanted.setdefault(local["large"].decode([token]), value)
         assert list(top) == list(wanted) and list(top.values()) == pytest.approx(list(wanted.values()), abs=1e-5)
     assert all(text[offset:].startswith(token) for offset, token in zip(logprobs["text_offset"], logprobs["tokens"]))
+    # lm-evaluation-harness's loglikelihood request: token-id prompts, echo, logprobs, one token (or none).
+    for max_tokens in (1, 0):
+        body = complete(server, model="large", prompt=[short_ids, long_ids], max_tokens=max_tokens, temperature=0,
+                        logprobs=1, echo=True, seed=1234).json()
+        scored = local["large"].prompt_logprobs([short_ids, long_ids], top_logprobs=1)
+        for ids, choice, (prompt_logprobs, top) in zip([short_ids, long_ids], body["choices"], scored):
+            generated = local["large"].generate_ids([ids], [SamplingParams(max_tokens=1)])[0] if max_tokens else None
+            logprobs = choice["logprobs"]
+            assert choice["text"] == local["large"].decode(ids) + (generated.text if generated else "")
+            assert logprobs["tokens"][:len(ids)] == [local["large"].decode([t]) for t in ids]
+            assert len(logprobs["tokens"]) == len(ids) + (len(generated.token_ids) if generated else 0)
+            assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+            assert logprobs["token_logprobs"][1:len(ids)] == pytest.approx(prompt_logprobs, abs=1e-5)
+            assert [max(t, key=t.get) for t in logprobs["top_logprobs"][1:len(ids)]] == \
+                [local["large"].decode([i]) for [(i, _)] in top]
     # Penalties and logit_bias change the choice exactly as the generator's SamplingParams do.
     body = complete(server, model="small", prompt=SHORT, max_tokens=4, temperature=0, frequency_penalty=2.0,
                     presence_penalty=0.5).json()
@@ -224,6 +248,83 @@ def test_request_shapes_of_common_clients(server, local) -> None:
     small, large = local_completion("small", SHORT), local_completion("large", LONG)
     assert texts == {0: small.text, 1: small.text, 2: large.text, 3: large.text}
     assert usage["usage"]["completion_tokens"] == 2 * (len(small.token_ids) + len(large.token_ids))
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": LONG}]
+CHAT_PROMPT = f"System: Be brief.\n\nUser: {LONG}\n\nAssistant:"  # the default template (serving/chat.py)
+CHAT_STOP = ("\nUser:", "\nSystem:")
+
+
+def chat(url: str, **body) -> requests.Response:
+    return requests.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+
+def test_chat_completions_render_route_and_stream(server, local) -> None:
+    """Messages rendered by the chat template, routed as that prompt, answered in the chat format."""
+    expected = {tier: local[tier].generate([CHAT_PROMPT], [SamplingParams(max_tokens=4, stop=CHAT_STOP,
+                                                                          top_logprobs=2)])[0]
+                for tier in ("small", "large")}
+    body = chat(server, messages=CHAT, max_tokens=4, temperature=0).json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["routed_to"] == "large", "the rendered prompt is long"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected["large"].text}
+    assert body["usage"]["prompt_tokens"] == len(local["small"].encode(CHAT_PROMPT))
+    parts = [CHAT[0], {"role": "user", "content": [{"type": "text", "text": LONG[:20]}, {"type": "text",
+                                                                                       "text": LONG[20:]}]}]
+    body = chat(server, model="small", messages=parts, max_completion_tokens=4, temperature=0, logprobs=True,
+                top_logprobs=2, n=2).json()
+    assert [c["message"]["content"] for c in body["choices"]] == [expected["small"].text] * 2
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == [local["small"].decode([t]) for t in expected["small"].token_ids]
+    assert [c["logprob"] for c in content] == pytest.approx(expected["small"].token_logprobs, abs=1e-5)
+    assert all(c["bytes"] == list(c["token"].encode()) and 1 <= len(c["top_logprobs"]) <= 2 for c in content)
+    # Without max_tokens a chat answer may use what the server's limit (8 here) and the context leave.
+    body = chat(server, model="small", messages=[{"role": "user", "content": SHORT}], temperature=0).json()
+    assert 0 < body["usage"]["completion_tokens"] <= 8
+    # Streamed: chat.completion.chunk deltas, the role first, usage last.
+    streamed = requests.post(f"{server}/v1/chat/completions", timeout=60, json={
+        "messages": CHAT, "max_tokens": 4, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True}}).text
+    events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    usage = events.pop()
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == len(expected["large"].token_ids)
+    assert all(e["object"] == "chat.completion.chunk" and e["routed_to"] == "large" for e in events)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == expected["large"].text
+    assert events[-1]["choices"][0]["finish_reason"] == expected["large"].finish_reason
+    # What these tiers cannot do is refused, naming the field, before any tier.
+    before = tier_calls()
+    for payload, param in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                           ({"tool_choice": "required"}, "tool_choice"),
+                           ({"response_format": {"type": "json_object"}}, "response_format"),
+                           ({"top_logprobs": 2}, "top_logprobs"),
+                           ({"logprobs": True, "stream": True}, "logprobs"),
+                           ({"max_tokens": 2, "max_completion_tokens": 2}, "max_tokens"),
+                           ({"max_completion_tokens": 9}, "max_completion_tokens"),
+                           ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+                           ({"messages": []}, "messages"),
+                           ({"messages": [{"role": "user", "content": LONG * 3}]}, "messages")]:
+        response = chat(server, **{"messages": CHAT, **payload})
+        assert response.status_code == 400, (payload, response.text)
+        assert response.json()["error"]["param"] == param, response.json()
+    assert tier_calls() == before
+
+
+def test_langchain_clients_with_their_defaults(server, local) -> None:
+    """LangChain's OpenAI (completions: a list of prompts, penalties, n, logprobs: null on every call) and
+    ChatOpenAI, unmodified, pointed at the cascade."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.OpenAI(base_url=f"{server}/v1", api_key="unused", model="small", max_tokens=4,
+                                  temperature=0, max_retries=0)
+    assert llm.invoke(SHORT) == local["small"].generate([SHORT], [SamplingParams(max_tokens=4)])[0].text
+    assert "".join(llm.stream(SHORT)) == llm.invoke(SHORT)
+    chat_model = langchain_openai.ChatOpenAI(base_url=f"{server}/v1", api_key="unused", model="cascade",
+                                             temperature=0, max_tokens=4, max_retries=0)
+    answer = chat_model.invoke([("system", "Be brief."), ("human", LONG)])
+    expected = local["large"].generate([CHAT_PROMPT], [SamplingParams(max_tokens=4, stop=CHAT_STOP)])[0]
+    assert answer.content == expected.text
+    assert "".join(chunk.content for chunk in chat_model.stream([("system", "Be brief."), ("human", LONG)])) == \
+        expected.text
 
 
 def test_a_stop_string_before_the_first_token_answers_empty(server, local) -> None:
@@ -279,7 +380,8 @@ def test_failing_or_hanging_large_tier_degrades_to_small(server, local) -> None:
     ({"prompt": "x", "best_of": 3, "stream": True, "max_tokens": 2}, 400, "best_of"),
     ({"prompt": "x", "logprobs": 6}, 400, "logprobs"),
     ({"prompt": "x", "logprobs": 1, "stream": True, "max_tokens": 2}, 400, "logprobs"),
-    ({"prompt": "x", "echo": True, "max_tokens": 2}, 400, "echo"),
+    ({"prompt": "x", "echo": True, "stream": True, "max_tokens": 2}, 400, "echo"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),             # 0 only with echo
     ({"prompt": "x", "stream_options": {"include_usage": True}, "max_tokens": 2}, 400, "stream_options"),
     ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
