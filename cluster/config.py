@@ -14,8 +14,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from moe.config import ModelConfig
-from moe.model import ACTIVATION_CHECKPOINTING
+from moe.config import ACTIVATION_CHECKPOINTING, ModelConfig
 
 from cluster.schema import (DTYPES, ENGINES, ClusterConfig, DebugConfig, LoggerConfig,  # noqa: F401 (re-exported)
                             ParallelConfig, TrainerConfig, WandbConfig, WorkerConfig)
@@ -160,6 +159,9 @@ def validate_train_config(cfg: DictConfig) -> None:
         _fail("data.seq_len", f"({cfg.data.seq_len}) exceeds model.max_seq_len ({model.max_seq_len})")
     if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
         _fail("logger.wandb.mode", f"must be offline, online or disabled, got {cfg.logger.wandb.mode!r}")
+    from data_pipeline.config import DataConfig
+
+    DataConfig.from_any(cfg.data)  # the data group's own checks (ValueError naming the key), before any work
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

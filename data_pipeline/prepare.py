@@ -55,7 +55,6 @@ import pyarrow.ipc as ipc
 
 from data_pipeline.config import DataConfig
 from data_pipeline.engine import make_engine
-from data_pipeline.loader import num_validation_batches, open_split_shards, validation_too_small_message
 from data_pipeline.manifest import MANIFEST_FILE, PIPELINE_VERSION, ManifestError, read_manifest, write_manifest
 from data_pipeline.score import (METRIC_COLUMNS, metric_stats, percentile_column, percentiles,
                                  unigram_neglogp)
@@ -64,7 +63,7 @@ from data_pipeline.source import (Document, ReadStats, SourceError, SourceFile, 
                                   fingerprint_sources, iter_documents, resolve_sources)
 from data_pipeline.tokenize import (TOKENIZER_FILE, check_tokenizer_hash, file_sha256, load_tokenizer_file,
                                     split_long_text, token_dtype, train_tokenizer)
-from moe.checkpoint import check_replaceable, replace_directory
+from moe.atomic import check_replaceable, replace_directory
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +447,9 @@ def check_prepared(data_dir: Union[str, Path], *, seq_len: int, global_batch_siz
         ValueError (ManifestError, ShardError, TokenizerMismatchError): with a
             one-line message naming the file or config key at fault.
     """
-    data_dir = Path(data_dir)
+    from data_pipeline.loader import num_validation_batches, open_split_shards, validation_too_small_message
+
+    data_dir = Path(data_dir)  # (the loader imports torch: not needed by `python -m data_pipeline.prepare`)
     manifest = read_manifest(data_dir)
     try:
         check_tokenizer_hash(data_dir / TOKENIZER_FILE, manifest["tokenizer"]["sha256"])

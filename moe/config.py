@@ -38,6 +38,8 @@ def _check_choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{type(obj).__name__}.{name} must be one of {list(choices)}, got {value!r}")
 
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # MoETransformer.set_activation_checkpointing
+
 
 @dataclass
 class RouterConfig:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from moe.config import ModelConfig
+from moe.config import ACTIVATION_CHECKPOINTING, ModelConfig  # noqa: F401 (re-exported)
 from moe.experts import GroupedExperts, init_out_std
 from moe.layer import FeedForward, MoELayer
 from moe.router import Router
@@ -327,7 +327,6 @@ class MoEOutput:
     router_probs: list[torch.Tensor] = field(default_factory=list)
 
 
-ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
 @contextlib.contextmanager

@@ -18,6 +18,13 @@ from omegaconf import DictConfig
 def _train(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from cluster.config import validate_train_config
+
+    try:  # the config's own errors in a second, before torch, Ray and the driver load
+        validate_train_config(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     from cluster.launch import TrainingStopped, interrupted_message, train
 
     terminated = []

@@ -51,6 +51,9 @@ log = logging.getLogger("ray.serve")
 
 api = FastAPI(title="moe-ray cascade", version="1", description="OpenAI-compatible completions from a cascade of "
               "a small and a large MoE model, routed by the estimated difficulty of each prompt.")
+HEALTH_TIMEOUT_S = 2.0  # /healthz's ping of each tier
+# The error answers of the generation routes, for the OpenAPI document.
+ERROR_RESPONSES: dict = {status: {"model": ErrorResponse} for status in (400, 404, 413, 503)}
 # The ingress sets this from its config in __init__ (one ingress instance per replica process).
 _LIMITS = {"max_body_bytes": 1 << 20}
 
@@ -160,17 +163,31 @@ class CascadeIngress:
 
     # ---- the API -------------------------------------------------------------
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
+    @api.get("/healthz", responses={503: {"description": "No tier answers yet (starting) or any more."}})
+    async def healthz(self):
+        """`ok` when both tiers answer a ping within HEALTH_TIMEOUT_S; `degraded` (still 200: the other tier
+        answers for it) naming the one that does not; 503 `unavailable` when neither does, e.g. while the
+        replicas still start. Never waits longer than the ping's time-out."""
+        async def answers(tier: str) -> bool:
+            try:
+                await asyncio.wait_for(self.tiers[tier].ping.remote(), HEALTH_TIMEOUT_S)
+                return True
+            except Exception:  # a time-out, a replica not started yet, a failing or dead one
+                return False
+
+        up = dict(zip(self.tiers, await asyncio.gather(*(answers(tier) for tier in self.tiers))))
+        down = [tier for tier, ok in up.items() if not ok]
+        if not down:
+            return {"status": "ok"}
+        if len(down) == len(up):
+            return JSONResponse(status_code=503, content={"status": "unavailable", "not_answering": down})
+        return {"status": "degraded", "not_answering": down}
 
     @api.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name, created=self.created) for name in available_models()])
 
-    @api.post("/v1/completions", response_model=CompletionResponse,
-              responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-                         413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    @api.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
     async def completions(self, body: CompletionRequest):
         started = time.perf_counter()
         mode = self._mode(body.model)
@@ -207,9 +224,7 @@ class CascadeIngress:
                                             finish_reason=answer["finish_reason"], **_routing(answer)))
         return CompletionResponse(**meta, choices=choices, **_summary(job, results))
 
-    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-                         413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
     async def chat_completions(self, body: ChatCompletionRequest):
         started = time.perf_counter()
         mode = self._mode(body.model)

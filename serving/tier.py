@@ -89,6 +89,14 @@ class Tier:
         if self.fault == "hang":
             await asyncio.sleep(3600)
 
+    async def ping(self) -> bool:
+        """The ingress's /healthz: answers when this replica can take a request (drills fail or hang it too)."""
+        if self.fault == "error":
+            raise RuntimeError(f"tier {self.name!r}: injected fault (tiers.{self.name}.fault=error)")
+        if self.fault == "hang":
+            await asyncio.sleep(3600)
+        return True
+
     def info(self) -> dict[str, Any]:
         config = self.generator.model.config
         return {"name": self.name, "checkpoint": self.checkpoint, "max_seq_len": config.max_seq_len,

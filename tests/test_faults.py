@@ -136,23 +136,18 @@ def guarded(world: dict[str, Path], *extra: Path) -> dict[str, str]:
     return tree_hashes(world["corpus"], world["unrelated"], *extra)
 
 
-# `make test` checks one of these (a backend this machine lacks); `make test-slow` checks them all.
-EXTENDED = pytest.mark.extended
-
-
 # 1. Values that used to be accepted silently or to fail inside Ray: refused before Ray starts.
 @pytest.mark.parametrize("override,key", [
-    pytest.param("trainer.min_lr_ratio=-2", "trainer.min_lr_ratio", marks=EXTENDED),
-    pytest.param("trainer.grad_clip=-1", "trainer.grad_clip", marks=EXTENDED),
-    pytest.param("trainer.weight_decay=-1", "trainer.weight_decay", marks=EXTENDED),
-    pytest.param("trainer.beta1=1.5", "trainer.beta1", marks=EXTENDED),
-    pytest.param("trainer.activation_checkpointing=everything", "trainer.activation_checkpointing", marks=EXTENDED),
+    ("trainer.min_lr_ratio=-2", "trainer.min_lr_ratio"),
+    ("trainer.grad_clip=-1", "trainer.grad_clip"),
+    ("trainer.weight_decay=-1", "trainer.weight_decay"),
+    ("trainer.beta1=1.5", "trainer.beta1"),
+    ("trainer.activation_checkpointing=everything", "trainer.activation_checkpointing"),
     ("model.attention_backend=flex", "model.attention_backend"),  # no CPU backward in torch's FlexAttention
-    pytest.param("cluster.num_cpus=0", "cluster.num_cpus", marks=EXTENDED),
-    pytest.param("cluster.dashboard_port=99999", "cluster.dashboard_port", marks=EXTENDED),
-    pytest.param("data.validation_fraction=0", "data.validation_fraction", marks=EXTENDED),
-    pytest.param("data.curriculum.metric=perplexity data.curriculum.schedule=fixed_linear", "data.score_with",
-                 marks=EXTENDED),
+    ("cluster.num_cpus=0", "cluster.num_cpus"),
+    ("cluster.dashboard_port=99999", "cluster.dashboard_port"),
+    ("data.validation_fraction=0", "data.validation_fraction"),
+    ("data.curriculum.metric=perplexity data.curriculum.schedule=fixed_linear", "data.score_with"),
 ])
 def test_bad_values_are_refused_before_ray(world, override: str, key: str) -> None:
     before = guarded(world)

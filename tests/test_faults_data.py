@@ -94,16 +94,7 @@ REFUSED = {
 }
 
 
-# The cases `make test` runs (one of each kind of fault: a dangerous output, a damaged source, a bad key);
-# `make test-slow` runs them all.
-FAST = {"output_is_the_source", "truncated_parquet", "perplexity_without_score_with"}
-
-
-def fast_or_extended(cases) -> list:
-    return [case if case in FAST else pytest.param(case, marks=pytest.mark.extended) for case in cases]
-
-
-@pytest.mark.parametrize("case", fast_or_extended(REFUSED))
+@pytest.mark.parametrize("case", list(REFUSED))
 def test_fault_is_refused_with_one_line_and_nothing_changes(world, case) -> None:
     source, output, overrides, message = REFUSED[case]
     before = hashes(world)
@@ -124,7 +115,9 @@ SKIPPED = {
 }
 
 
-@pytest.mark.parametrize("case", fast_or_extended(SKIPPED))
+# Each of these prepares the whole corpus: `make test` runs one, `make test-slow` all.
+@pytest.mark.parametrize("case", [case if case == "truncated_parquet" else
+                                  pytest.param(case, marks=pytest.mark.extended) for case in SKIPPED])
 def test_on_corrupt_skip_warns_and_counts(world, case) -> None:
     source, warning = SKIPPED[case]
     output = world / f"out_skip_{case}"

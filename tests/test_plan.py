@@ -63,7 +63,9 @@ def measured_peak(config: ModelConfig, batch: int, seq_len: int, checkpointing: 
     (SMALL_MOE, 4, 128, "none"), (SMALL_MOE, 4, 128, "full"), (SMALL_MOE, 4, 128, "selective"),
     (BIG_VOCAB_MOE, 4, 256, "none"), (BIG_VOCAB_MOE, 4, 256, "selective"),
     (SMALL_DENSE, 4, 128, "none"), (SMALL_DENSE, 4, 128, "full"),
-    (MIXTRAL_TINY, 16, 256, "none"), (MIXTRAL_TINY, 16, 256, "full"),
+    # mixtral_tiny's real size: seconds each, so in `make test-slow`
+    pytest.param(MIXTRAL_TINY, 16, 256, "none", marks=pytest.mark.extended),
+    pytest.param(MIXTRAL_TINY, 16, 256, "full", marks=pytest.mark.extended),
 ])
 def test_plan_matches_the_measured_peak(sizes: dict, batch: int, seq_len: int, checkpointing: str) -> None:
     config = ModelConfig(**sizes)
@@ -93,7 +95,7 @@ def _fsdp_peak_worker(rank: int, world_size: int, sizes: dict, ep: int, checkpoi
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("ep,checkpointing", [(1, "none"), (2, "full")])
+@pytest.mark.parametrize("ep,checkpointing", [pytest.param(1, "none", marks=pytest.mark.extended), (2, "full")])
 def test_fsdp_plan_matches_the_measured_peak_of_each_rank(ep: int, checkpointing: str) -> None:
     """engine=fsdp on 2 gloo ranks: sharded parameters, gradients and AdamW state plus the gathered root and
     blocks, within the same tolerance (measured here: +3%)."""

@@ -92,6 +92,13 @@ def tier_calls(app: str = "cascade") -> dict[str, int]:
 
 def test_health_and_models(server) -> None:
     assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
+    # A failing or hanging large tier: degraded, still 200 (the small tier answers for it), within the ping's
+    # time-out. A cascade whose tiers both fail: 503, never a hang.
+    for prefix in ("/broken", "/hanging"):
+        started = time.monotonic()
+        response = requests.get(f"{server}{prefix}/healthz", timeout=10)
+        assert response.status_code == 200 and response.json() == {"status": "degraded", "not_answering": ["large"]}
+        assert time.monotonic() - started < 5
     ids = [m["id"] for m in requests.get(f"{server}/v1/models", timeout=10).json()["data"]]
     assert {"cascade", "cascade-posthoc", "small", "large"} <= set(ids)
 
