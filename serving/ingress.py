@@ -169,10 +169,14 @@ class CascadeIngress:
         answers for it) naming the one that does not; 503 `unavailable` when neither does, e.g. while the
         replicas still start. Never waits longer than the ping's time-out."""
         async def answers(tier: str) -> bool:
+            response = self.tiers[tier].ping.remote()
             try:
-                await asyncio.wait_for(self.tiers[tier].ping.remote(), HEALTH_TIMEOUT_S)
+                await asyncio.wait_for(response, HEALTH_TIMEOUT_S)
                 return True
-            except Exception:  # a time-out, a replica not started yet, a failing or dead one
+            except asyncio.TimeoutError:  # a replica not started yet, or a hanging one: no ping left waiting there
+                response.cancel()
+                return False
+            except Exception:  # a failing or dead replica
                 return False
 
         up = dict(zip(self.tiers, await asyncio.gather(*(answers(tier) for tier in self.tiers))))
