@@ -51,6 +51,7 @@ log = logging.getLogger("ray.serve")
 
 api = FastAPI(title="moe-ray cascade", version="1", description="OpenAI-compatible completions from a cascade of "
               "a small and a large MoE model, routed by the estimated difficulty of each prompt.")
+CHUNK_OBJECT = {"_chunk": "text_completion", "_chat_chunk": "chat.completion.chunk"}  # each API's stream object
 HEALTH_TIMEOUT_S = 2.0  # /healthz's ping of each tier
 # The error answers of the generation routes, for the OpenAPI document.
 ERROR_RESPONSES: dict = {status: {"model": ErrorResponse} for status in (400, 404, 413, 503)}
@@ -255,9 +256,8 @@ class CascadeIngress:
                                                else {})} for m in body.messages])
         except TemplateError as err:
             raise RequestError(400, f"messages: the chat template refused them: {err}", "messages") from None
-        room = self.max_seq_len - len(self.tokenizer.encode(text).ids)
-        max_tokens = asked if asked is not None else max(1, min(self.routing["max_tokens_limit"], room))
-        prompt_ids = self._prompt_ids(text, None, max_tokens, name="messages")
+        prompt_ids = self._prompt_ids(text, None, asked or 1, name="messages")  # room for at least 1 token
+        max_tokens = asked or min(self.routing["max_tokens_limit"], self.max_seq_len - len(prompt_ids))
         stop = body.stop_strings() + tuple(s for s in self.chat["stop"] if s not in body.stop_strings())
         job = Job(mode, [prompt_ids], self._tier_request(body, max_tokens, stop,
                                                          (body.top_logprobs or 0) if body.logprobs else None),
@@ -519,8 +519,8 @@ class CascadeIngress:
             prompt_tokens = sum(len(ids) for ids in job.prompts)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
                      "total_tokens": prompt_tokens + generated}
-            usage_chunk = json.loads(chunk(meta, {}, "", None, 0, False)[6:])
-            yield f"data: {json.dumps({**usage_chunk, 'choices': [], 'usage': usage})}\n\n"
+            last = {**meta, "object": CHUNK_OBJECT[chunk.__name__], "choices": [], "usage": usage}
+            yield f"data: {json.dumps(last)}\n\n"
         yield "data: [DONE]\n\n"
 
     async def _stream_one(self, mode: Mode, request: dict[str, Any], route: Optional[tuple[str, Optional[float]]]):
@@ -574,7 +574,7 @@ class CascadeIngress:
     @staticmethod
     def _chunk(meta: dict[str, Any], routing: dict[str, Any], text: str, finish_reason: Optional[str],
                index: int = 0, first: bool = False) -> str:
-        chunk = {**meta, "object": "text_completion",
+        chunk = {**meta, "object": CHUNK_OBJECT["_chunk"],
                  "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}],
                  **routing}
         return f"data: {json.dumps(chunk)}\n\n"
@@ -583,7 +583,7 @@ class CascadeIngress:
     def _chat_chunk(meta: dict[str, Any], routing: dict[str, Any], text: str, finish_reason: Optional[str],
                     index: int = 0, first: bool = False) -> str:
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        chunk = {**meta, "object": "chat.completion.chunk",
+        chunk = {**meta, "object": CHUNK_OBJECT["_chat_chunk"],
                  "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
                  **routing}
         return f"data: {json.dumps(chunk)}\n\n"
