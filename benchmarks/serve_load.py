@@ -209,13 +209,13 @@ def source_documents(options: Options, tokenizer: Any) -> tuple[list[list[int]],
     if options.text:
         text = Path(options.text).read_text(errors="replace")[:4_000_000]
         return [tokenizer.encode(text).ids], options.text
-    from moe.calibrate import data_dir_of, read_validation_documents
+    from moe.calibrate import data_dir_of, read_split_documents
 
     try:
         data_dir = data_dir_of(Path(options.small), options.data)
     except ValueError as err:
         raise SystemExit(f"error: {err} (or text=FILE)") from None
-    documents = read_validation_documents(data_dir, limit=10_000, min_tokens=options.prompt_tokens[0])
+    documents = read_split_documents(data_dir, "validation", limit=10_000, min_tokens=options.prompt_tokens[0])
     return documents, f"{data_dir} (validation split)"
 
 

@@ -19,7 +19,7 @@ ENGINES = ("local", "ray")
 ON_CORRUPT = ("error", "skip")
 SCHEDULES = ("none", "fixed_linear", "fixed_root", "fixed_discrete")
 METRICS = ("length", "compression", "rarity", "perplexity")
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "calibration")
 
 
 def _check_positive_int(obj: Any, *names: str) -> None:
@@ -117,7 +117,11 @@ class DataConfig:
         score_with: a `moe` checkpoint whose perplexity becomes a metric;
             required by curriculum.metric=perplexity.
         score_seq_len: window length for perplexity scoring.
-        validation_fraction: share of documents held out for validation.
+        validation_fraction: share of documents held out for validation (the
+            training run's evaluation, and the cascade's test queries).
+        calibration_fraction: share of documents held out for calibrating the
+            cascade's router (`moe.calibrate`); neither training nor
+            validation reads them.
         shard_max_bytes: bound on the size of one `*.arrow` shard.
         record_batch_bytes: target size of one record batch inside a shard.
         chunk_bytes: text per tokenization task (local loop or Ray task).
@@ -141,7 +145,8 @@ class DataConfig:
     on_corrupt: str = "error"
     score_with: Optional[str] = None
     score_seq_len: int = 256
-    validation_fraction: float = 0.01
+    validation_fraction: float = 0.04
+    calibration_fraction: float = 0.04
     shard_max_bytes: int = 32 << 20
     record_batch_bytes: int = 1 << 20
     chunk_bytes: int = 4 << 20
@@ -162,8 +167,13 @@ class DataConfig:
             raise ValueError(f"DataConfig.vocab_size must be at least 257 (256 bytes + EOS), got {self.vocab_size}")
         _check_choice(self, "engine", ENGINES)
         _check_choice(self, "on_corrupt", ON_CORRUPT)
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"DataConfig.validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
+        for name in ("validation_fraction", "calibration_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"DataConfig.{name} must be in [0, 1), got {value!r}")
+        if self.validation_fraction + self.calibration_fraction >= 1:
+            raise ValueError(f"DataConfig.validation_fraction + calibration_fraction must be below 1 (the rest "
+                             f"trains), got {self.validation_fraction} + {self.calibration_fraction}")
         if self.record_batch_bytes > self.shard_max_bytes:
             raise ValueError(f"DataConfig.record_batch_bytes ({self.record_batch_bytes}) must not exceed "
                              f"DataConfig.shard_max_bytes ({self.shard_max_bytes})")

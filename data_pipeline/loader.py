@@ -293,7 +293,7 @@ def open_split_shards(data_dir: Path, manifest: dict[str, Any], split: str, *, o
     Args:
         data_dir: the prepared directory.
         manifest: its manifest (`read_manifest`).
-        split: `train` or `validation`.
+        split: one of SPLITS (`train`, `validation`, `calibration`).
         on_corrupt: `error` raises the first `ShardError`; `skip` logs a
             warning for each damaged shard and leaves it out.
         verify_checksums: crc32 every record batch.
@@ -304,9 +304,9 @@ def open_split_shards(data_dir: Path, manifest: dict[str, Any], split: str, *, o
         ValueError: the split is empty, or no shard of it is usable.
     """
     if not manifest["splits"][split]["shards"]:
+        key = f"{split}_fraction" if split != "train" else "validation_fraction"
         raise ValueError(f"the {split} split of {data_dir} is empty (it was prepared with "
-                         f"data.validation_fraction={manifest['split']['validation_fraction']} from "
-                         f"{manifest['num_documents']} documents)")
+                         f"data.{key}={manifest['split'][key]} from {manifest['num_documents']} documents)")
     schema = shard_schema(np.dtype(manifest["token_dtype"]), list(manifest["metrics"]), PIPELINE_VERSION)
     shards, skipped = [], []
     for entry in manifest["splits"][split]["shards"]:

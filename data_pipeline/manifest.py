@@ -13,7 +13,7 @@ same input gives the same bytes):
     splits            per split: documents, tokens and its shards; each shard
                       lists its record batches (byte offset, length, rows,
                       crc32) so that the loader can verify and seek them.
-    split             how validation documents were chosen.
+    split             how validation and calibration documents were chosen.
     metrics           per metric: its column, percentile column and statistics.
     read              undecodable bytes replaced, empty documents and skipped
                       records while reading the sources.
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Union
 
 MANIFEST_FILE = "manifest.json"
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: the calibration split
 
 PathLike = Union[str, Path]
 

@@ -14,9 +14,11 @@ NOTE: how a prepared directory is made.
     perplexities. Results come back in order into one stage file, while the
     driver counts unigrams.
  4. Corpus statistics. Rarity (mean -log p under the unigram counts, summed in
-    fixed point so no float order matters), the validation split (the
-    documents with the smallest content hashes), and percentiles of every
-    metric against the training documents.
+    fixed point so no float order matters), the held-out splits (documents
+    in order of their content hashes: the smallest `validation_fraction`
+    validate, the next `calibration_fraction` calibrate the cascade's
+    router; whole documents, so no text is shared between splits), and
+    percentiles of every metric against the training documents.
  5. Shards. The stage is read again, the metric and percentile columns are
     attached, and each split is written into bounded shards, then the
     manifest.
@@ -53,7 +55,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import SPLITS, DataConfig
 from data_pipeline.engine import make_engine
 from data_pipeline.manifest import MANIFEST_FILE, PIPELINE_VERSION, ManifestError, read_manifest, write_manifest
 from data_pipeline.score import (METRIC_COLUMNS, metric_stats, percentile_column, percentiles,
@@ -74,8 +76,8 @@ RARITY_SCALE = float(1 << 24)
 # Keys of DataConfig that change the prepared output; the rest are read by the loader.
 PREPARE_KEYS = ("sources", "text_field", "text_column", "tokenizer", "vocab_size", "eos_token",
                 "tokenizer_train_bytes", "score_with", "score_seq_len", "validation_fraction",
-                "shard_max_bytes", "record_batch_bytes")
-SHARD_NAME = re.compile(r"^(train|validation)-\d{5}\.arrow$")
+                "calibration_fraction", "shard_max_bytes", "record_batch_bytes")
+SHARD_NAME = re.compile(r"^(train|validation|calibration)-\d{5}\.arrow$")
 PREPARED_KIND = f"the output of a previous prepare (a directory with its {MANIFEST_FILE})"
 
 
@@ -246,13 +248,13 @@ def _build(cfg: DataConfig, files: list[SourceFile], fingerprint: str, out: Path
                           f"({read_stats.num_empty_documents} empty, {read_stats.num_skipped_records} skipped)")
 
     stage = ipc.open_stream(pa.memory_map(str(stage_path))).read_all().to_batches()
-    metrics, is_validation = _corpus_statistics(cfg, stage, unigram_counts)
-    splits = _write_shards(cfg, stage, metrics, is_validation, out, token_dtype(vocab_size))
+    metrics, split_of = _corpus_statistics(cfg, stage, unigram_counts)
+    splits = _write_shards(cfg, stage, metrics, split_of, out, token_dtype(vocab_size))
     del stage
     stage_path.unlink()
 
     num_tokens = int(metrics["length"].sum())
-    train = ~is_validation
+    train = split_of == SPLITS.index("train")
     manifest = {
         "pipeline_version": PIPELINE_VERSION,
         "fingerprint": fingerprint,
@@ -260,12 +262,15 @@ def _build(cfg: DataConfig, files: list[SourceFile], fingerprint: str, out: Path
         "tokenizer": tokenizer_info,
         "vocab_size": vocab_size,
         "token_dtype": token_dtype(vocab_size).name,
-        "num_documents": len(is_validation),
+        "num_documents": len(split_of),
         "num_tokens": num_tokens,
         "splits": splits,
-        "split": {"method": "validation = the documents with the smallest blake2b-64 hash of their text",
+        "split": {"method": "documents in order of the blake2b-64 hash of their text: the first "
+                            "validation_fraction validate, the next calibration_fraction calibrate, the rest train",
                   "validation_fraction": cfg.validation_fraction,
-                  "num_validation_documents": int(is_validation.sum())},
+                  "calibration_fraction": cfg.calibration_fraction,
+                  "num_validation_documents": int((split_of == SPLITS.index("validation")).sum()),
+                  "num_calibration_documents": int((split_of == SPLITS.index("calibration")).sum())},
         "metrics": {name: {"column": METRIC_COLUMNS[name], "percentile_column": percentile_column(name),
                            "percentile_reference": "train split", "all": metric_stats(values),
                            "train": metric_stats(values[train]) if train.any() else None}
@@ -367,7 +372,7 @@ def _tokenize_and_score(cfg: DataConfig, documents: Iterator[Document], stage_pa
 
 
 def _corpus_statistics(cfg: DataConfig, stage: list[pa.RecordBatch], unigram_counts: np.ndarray):
-    """Per-document metrics (indexed by doc_id) and the validation mask."""
+    """Per-document metrics (indexed by doc_id) and each document's split (an index into SPLITS)."""
     neglogp_fixed = np.round(unigram_neglogp(unigram_counts) * RARITY_SCALE).astype(np.int64)
     columns: dict[str, list[np.ndarray]] = {"length": [], "compression": [], "rarity": [], "split_key": []}
     if cfg.score_with is not None:
@@ -384,27 +389,42 @@ def _corpus_statistics(cfg: DataConfig, stage: list[pa.RecordBatch], unigram_cou
         if "perplexity" in columns:
             columns["perplexity"].append(batch.column("perplexity").to_numpy().astype(np.float64))
     values = {name: np.concatenate(parts) for name, parts in columns.items()}
-    split_keys = values.pop("split_key")
+    return values, assign_splits(values.pop("split_key"), cfg.validation_fraction, cfg.calibration_fraction)
 
+
+def assign_splits(split_keys: np.ndarray, validation_fraction: float, calibration_fraction: float) -> np.ndarray:
+    """Each document's split, an index into SPLITS: (N,) int8.
+
+    Documents are ordered by their split key (a hash of their text; ties by
+    document number): the first round(validation_fraction * N) validate, the
+    next round(calibration_fraction * N) calibrate, the rest train. A nonzero
+    fraction gets at least one document, and at least one document always
+    trains (validation is served first when there are too few).
+    """
     num_documents = len(split_keys)
-    num_validation = 0
-    if cfg.validation_fraction > 0 and num_documents > 1:
-        num_validation = min(num_documents - 1, max(1, round(cfg.validation_fraction * num_documents)))
+    held_out = []
+    available = num_documents - 1  # one document always trains
+    for fraction in (validation_fraction, calibration_fraction):
+        count = min(available, max(1, round(fraction * num_documents))) if fraction > 0 else 0
+        held_out.append(max(0, count))
+        available -= held_out[-1]
     order = np.lexsort((np.arange(num_documents), split_keys))
-    is_validation = np.zeros(num_documents, dtype=bool)
-    is_validation[order[:num_validation]] = True
-    return values, is_validation
+    split_of = np.full(num_documents, SPLITS.index("train"), dtype=np.int8)
+    num_validation, num_calibration = held_out
+    split_of[order[:num_validation]] = SPLITS.index("validation")
+    split_of[order[num_validation:num_validation + num_calibration]] = SPLITS.index("calibration")
+    return split_of
 
 
 def _write_shards(cfg: DataConfig, stage: list[pa.RecordBatch], metrics: dict[str, np.ndarray],
-                  is_validation: np.ndarray, out: Path, dtype: np.dtype) -> dict[str, Any]:
-    train = ~is_validation
+                  split_of: np.ndarray, out: Path, dtype: np.dtype) -> dict[str, Any]:
+    train = split_of == SPLITS.index("train")
     pct = {name: percentiles(values, values[train]).astype(np.float32) for name, values in metrics.items()}
     schema = shard_schema(dtype, list(metrics), PIPELINE_VERSION)
 
     writers = {split: ShardWriter(out, split, schema, shard_max_bytes=cfg.shard_max_bytes,
                                   record_batch_bytes=cfg.record_batch_bytes)
-               for split in ("train", "validation")}
+               for split in SPLITS}
     start = 0
     for batch in stage:
         end = start + batch.num_rows
@@ -415,9 +435,8 @@ def _write_shards(cfg: DataConfig, stage: list[pa.RecordBatch], metrics: dict[st
         for name in metrics:
             columns[percentile_column(name)] = pa.array(pct[name][start:end])
         table = pa.table(columns)
-        mask = is_validation[start:end]
-        writers["train"].write(table.filter(pa.array(~mask)))
-        writers["validation"].write(table.filter(pa.array(mask)))
+        for index, split in enumerate(SPLITS):
+            writers[split].write(table.filter(pa.array(split_of[start:end] == index)))
         start = end
 
     splits = {}
@@ -508,7 +527,7 @@ def _main() -> None:
         print(f"prepared {output}: {manifest['num_documents']} documents, {manifest['num_tokens']} tokens, "
               f"vocab {manifest['vocab_size']}; train {splits['train']['num_documents']} docs in "
               f"{len(splits['train']['shards'])} shard(s), validation {splits['validation']['num_documents']} "
-              f"docs; undecodable bytes replaced: {manifest['read']['num_undecodable_bytes']}")
+              f"docs, calibration {splits['calibration']['num_documents']} docs; undecodable bytes replaced: {manifest['read']['num_undecodable_bytes']}")
 
     main()
 

@@ -72,6 +72,6 @@ def tiny_data_config(sources: Any, output: Path, **overrides: Any) -> dict[str, 
     """A `data` config sized for tests: small vocabulary, many small record batches and shards."""
     cfg = {"sources": [str(s) for s in (sources if isinstance(sources, (list, tuple)) else [sources])],
            "output": str(output), "vocab_size": 320, "text_column": "content", "validation_fraction": 0.1,
-           "record_batch_bytes": 1024, "shard_max_bytes": 8192, "chunk_bytes": 2048}
+           "calibration_fraction": 0.1, "record_batch_bytes": 1024, "shard_max_bytes": 8192, "chunk_bytes": 2048}
     cfg.update(overrides)
     return cfg

@@ -11,12 +11,13 @@ thresholds for `cascade@0.2` style requests and the post-hoc confidence
 threshold) and out/calibration_report.json, and prints a table.
 
 NOTE: the calibration set and its labels.
-1. Queries: validation documents of the prepared data the small model was
-   trained on (`data=DIR`, or `data.output` of the run's config.yaml when the
+1. Queries: calibration documents (the split of `data.calibration_fraction`,
+   which neither training nor validation reads) of the prepared data the small
+   model was trained on (`data=DIR`, or `data.output` of the run's config.yaml when the
    checkpoint is RUN/checkpoints/step_N). A query is the first K tokens of a
    document, K drawn per query from [prompt_tokens // 2, prompt_tokens],
    followed by its true continuation of `continuation_tokens` (M) tokens.
-   A validation split of few long documents would give few queries, so a
+   A split of few long documents would give few queries, so a
    document is cut into consecutive windows of K + M tokens, each a query;
    documents take turns (every document's beginning first, then every
    second window, ...) until `num_queries`.
@@ -137,13 +138,17 @@ def data_dir_of(checkpoint: Path, data: Optional[str]) -> Path:
     return Path(output)
 
 
-def read_validation_documents(data_dir: Path, limit: int, min_tokens: int) -> list[list[int]]:
-    """Up to `limit` validation documents of at least `min_tokens` tokens, in manifest order."""
+def read_split_documents(data_dir: Path, split: str, limit: int, min_tokens: int) -> list[list[int]]:
+    """Up to `limit` documents of at least `min_tokens` tokens of one split, in manifest order.
+
+    Raises:
+        ValueError: the split is empty (the message names its fraction key).
+    """
     from data_pipeline.loader import open_split_shards
     from data_pipeline.manifest import read_manifest
 
     manifest = read_manifest(data_dir)
-    shards, _ = open_split_shards(data_dir, manifest, "validation", on_corrupt="error")
+    shards, _ = open_split_shards(data_dir, manifest, split, on_corrupt="error")
     documents: list[list[int]] = []
     for shard in shards:
         for index in range(len(shard.entry["record_batches"])):
@@ -276,10 +281,10 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
     if prompt_tokens + continuation_tokens > max_len:
         raise ValueError(f"prompt_tokens: prompt_tokens ({prompt_tokens}) + continuation_tokens "
                          f"({continuation_tokens}) exceed the models' max_seq_len ({max_len})")
-    documents = read_validation_documents(data_dir, num_queries, continuation_tokens + 1)
+    documents = read_split_documents(data_dir, "calibration", num_queries, continuation_tokens + 1)
     pairs = make_queries(documents, prompt_tokens, continuation_tokens, seed, num_queries)
     if len(pairs) < MIN_QUERIES:
-        raise ValueError(f"num_queries: the validation split of {data_dir} gives only {len(pairs)} queries of "
+        raise ValueError(f"num_queries: the calibration split of {data_dir} gives only {len(pairs)} queries of "
                          f"prompt_tokens={prompt_tokens} + continuation_tokens={continuation_tokens}; at least "
                          f"{MIN_QUERIES} are needed")
     queries = [query for query, _ in pairs]

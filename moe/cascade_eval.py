@@ -3,18 +3,20 @@ router buys, against the share of large-model calls and against real cost.
 
     python -m moe.cascade_eval small=runs/mixtral_tiny/checkpoints/step_00000300 \\
                                large=runs/mixtral_base/checkpoints/step_00000500 output=runs/cascade/eval \\
-                               [data=DIR] [num_queries=1024] [prompt_tokens=32] [continuation_tokens=16] \\
+                               [data=DIR] [num_queries=1024] [calibration_queries=2048] [prompt_tokens=32] \\
+                               [continuation_tokens=16] \\
                                [line_tokens=32] [margin=X] [l2=0.01] [bootstrap=200] [batch_size=8] [seed=0] \\
                                [device=cpu|cuda]
 
 Writes DIR/cascade_eval.json and DIR/cascade_eval.png, and prints a table.
 
 NOTE: what is measured.
-1. Queries are windows of validation documents (`moe.calibrate.make_queries`):
+1. Queries are windows of held-out documents (`moe.calibrate.make_queries`):
    a prompt of K tokens and the document's next W = max(continuation_tokens,
    line_tokens) tokens as its reference. The calibration set comes from the
-   even-numbered validation documents and the test set from the odd ones,
-   so no text is shared between them.
+   calibration split and the test set from the validation split of the
+   prepared data: whole documents that training never read, and no document
+   in both.
 2. Quality of a tier on a query, two metrics: `loglik`, the mean log-likelihood
    (nats/token) of the first `continuation_tokens` reference tokens,
    teacher-forced; `exact_match`, 1 when the tier's greedy next line (stop at
@@ -57,8 +59,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from moe.calibrate import (check_pair_and_data, continuation_nll, make_queries, read_validation_documents,
-                           roc_auc)
+from moe.calibrate import (check_pair_and_data, continuation_nll, make_queries, read_split_documents, roc_auc)
 from moe.checkpoint import load_checkpoint
 from moe.cli import check_positive_ints, parse_key_values, run, write_json
 from moe.config import ModelConfig
@@ -66,6 +67,7 @@ from moe.difficulty import SIGNAL_NAMES, DifficultyRouter, prompt_signals
 from moe.model import MoETransformer, count_parameters
 
 USAGE = ("usage: python -m moe.cascade_eval small=CKPT large=CKPT output=DIR [data=DIR] [num_queries=N] "
+         "[calibration_queries=N] "
          "[prompt_tokens=K] [continuation_tokens=M] [line_tokens=L] [margin=X] [l2=X] [bootstrap=N] "
          "[batch_size=N] [seed=N] [device=D]")
 METRICS = ("loglik", "exact_match")
@@ -77,7 +79,7 @@ PathLike = Union[str, os.PathLike]
 # key: (type, default); None as default means optional without a value.
 OPTIONS: dict[str, tuple[type, Any]] = {
     "small": (str, None), "large": (str, None), "output": (str, None), "data": (str, None),
-    "num_queries": (int, 1024), "prompt_tokens": (int, 32), "continuation_tokens": (int, 16),
+    "num_queries": (int, 1024), "calibration_queries": (int, 2048), "prompt_tokens": (int, 32), "continuation_tokens": (int, 16),
     "line_tokens": (int, 32), "margin": (float, None), "l2": (float, 1e-2), "bootstrap": (int, 200),
     "batch_size": (int, 8), "seed": (int, 0), "device": (str, None),
 }
@@ -275,7 +277,7 @@ def tier_answers(model: MoETransformer, checkpoint: Path, prompts: list[list[int
 
 
 def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data: Optional[PathLike] = None,
-                     num_queries: int = 1024, prompt_tokens: int = 32, continuation_tokens: int = 16,
+                     num_queries: int = 1024, calibration_queries: int = 2048, prompt_tokens: int = 32, continuation_tokens: int = 16,
                      line_tokens: int = 32, margin: Optional[float] = None, l2: float = 1e-2, bootstrap: int = 200,
                      batch_size: int = 8, seed: int = 0, device: Optional[str] = None,
                      verbose: bool = True) -> dict[str, Any]:
@@ -285,7 +287,9 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         small, large: checkpoint directories of `moe.train` (same tokenizer).
         output: directory for the report (created).
         data: the prepared data; default the small run's data.output.
-        num_queries: calibration + test queries at most (half each).
+        num_queries: test queries at most (from the validation split).
+        calibration_queries: calibration queries at most (from the calibration
+            split), to fit the learned routers and choose signal directions.
         prompt_tokens: K, the longest prompt (prompts have K/2..K tokens).
         continuation_tokens: reference tokens scored by `loglik`.
         line_tokens: the longest next line `exact_match` compares.
@@ -304,8 +308,8 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
             named), data of another tokenizer, too few documents or queries,
             or a large tier that is not better than the small one.
     """
-    _check_options(num_queries=num_queries, prompt_tokens=prompt_tokens, continuation_tokens=continuation_tokens,
-                   line_tokens=line_tokens, margin=margin, l2=l2, bootstrap=bootstrap, batch_size=batch_size)
+    _check_options(num_queries=num_queries, calibration_queries=calibration_queries, prompt_tokens=prompt_tokens,
+                   continuation_tokens=continuation_tokens, line_tokens=line_tokens, margin=margin, l2=l2, bootstrap=bootstrap, batch_size=batch_size)
     small, large, output = Path(small), Path(large), Path(output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"output: {output} exists and is not a directory")
@@ -319,20 +323,19 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         raise ValueError(f"prompt_tokens: prompt_tokens ({prompt_tokens}) + max(continuation_tokens, line_tokens) "
                          f"({reference_tokens}) exceed the models' max_seq_len ({max_len})")
 
-    # Calibration and test queries from disjoint documents (NOTE 1).
-    documents = read_validation_documents(data_dir, 1 << 30, reference_tokens + 1)
-    if len(documents) < 2:
-        raise ValueError(f"data: the validation split of {data_dir} has {len(documents)} document(s) of more than "
-                         f"{reference_tokens} tokens; calibration and test queries come from different documents, "
-                         f"so at least 2 are needed")
-    sets = {"calibration": make_queries(documents[0::2], prompt_tokens, reference_tokens, seed, num_queries // 2),
-            "test": make_queries(documents[1::2], prompt_tokens, reference_tokens, seed + 1,
-                                 num_queries - num_queries // 2)}
+    # Calibration and test queries from the two held-out splits (NOTE 1).
+    documents = {name: read_split_documents(data_dir, split, 1 << 30, reference_tokens + 1)
+                 for name, split in (("calibration", "calibration"), ("test", "validation"))}
+    sets = {"calibration": make_queries(documents["calibration"], prompt_tokens, reference_tokens, seed,
+                                        calibration_queries),
+            "test": make_queries(documents["test"], prompt_tokens, reference_tokens, seed + 1, num_queries)}
     for name, pairs in sets.items():
         if len(pairs) < MIN_QUERIES:
-            raise ValueError(f"num_queries: the {name} documents of {data_dir} give only {len(pairs)} queries of "
-                             f"prompt_tokens={prompt_tokens} + {reference_tokens} reference tokens; at least "
-                             f"{MIN_QUERIES} are needed")
+            split = "calibration" if name == "calibration" else "validation"
+            raise ValueError(f"data: the {split} split of {data_dir} gives only {len(pairs)} {name} queries of "
+                             f"prompt_tokens={prompt_tokens} + {reference_tokens} reference tokens from "
+                             f"{len(documents[name])} documents; at least {MIN_QUERIES} are needed (prepare it "
+                             f"with a larger data.{split}_fraction)")
     measured = {}
     for name, pairs in sets.items():
         scored = [(query, reference[:continuation_tokens]) for query, reference in pairs]
@@ -425,11 +428,12 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
     report = {
         "small": str(small.resolve()), "large": str(large.resolve()), "data": str(data_dir.resolve()),
         "tokenizer_sha256": tokenizer_sha256,
-        "settings": {"num_queries": num_queries, "prompt_tokens": prompt_tokens,
-                     "continuation_tokens": continuation_tokens, "line_tokens": line_tokens, "margin": margin,
-                     "l2": l2, "bootstrap": bootstrap, "seed": seed},
+        "settings": {"num_queries": num_queries, "calibration_queries": calibration_queries,
+                     "prompt_tokens": prompt_tokens, "continuation_tokens": continuation_tokens,
+                     "line_tokens": line_tokens, "margin": margin, "l2": l2, "bootstrap": bootstrap, "seed": seed},
         "num_calibration": len(sets["calibration"]), "num_test": n_test,
-        "documents": {"calibration": len(documents[0::2]), "test": len(documents[1::2])},
+        # Every document read has a first window, and the first turn takes them all (make_queries).
+        "documents": {name: min(len(documents[name]), len(pairs)) for name, pairs in sets.items()},
         "tiers": {
             tier: {"checkpoint": str(path.resolve()), "active_params": count_parameters(cfg)["active"],
                    "loglik": float(test[f"loglik_{tier}"].mean()),
@@ -539,7 +543,7 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def _check_options(**options: Any) -> None:
-    check_positive_ints(options, "num_queries", "prompt_tokens", "continuation_tokens", "line_tokens", "batch_size")
+    check_positive_ints(options, "num_queries", "calibration_queries", "prompt_tokens", "continuation_tokens", "line_tokens", "batch_size")
     bootstrap = options["bootstrap"]
     if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or bootstrap < 0:
         raise ValueError(f"bootstrap must be an integer >= 0, got {bootstrap!r}")

@@ -90,7 +90,8 @@ def cascade_pair(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cascade_pair")
     make_corpus(root / "corpus", num_text=60)
-    data = prepare(tiny_data_config(root / "corpus", root / "prepared", validation_fraction=0.5))
+    data = prepare(tiny_data_config(root / "corpus", root / "prepared", validation_fraction=0.3,
+                                    calibration_fraction=0.3))
     checkpoints = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.calibrate import (REPORT_FRACTIONS, continuation_nll, main, make_queries, read_validation_documents,
+from moe.calibrate import (REPORT_FRACTIONS, continuation_nll, main, make_queries, read_split_documents,
                            roc_auc)
 from moe.difficulty import DifficultyRouter
 
@@ -31,7 +31,7 @@ def median_margin(setup) -> float:
     """The median per-query NLL gap: a margin that gives both labels."""
     from moe import load_checkpoint
 
-    pairs = make_queries(read_validation_documents(setup["data"], 256, M + 1), K, M, seed=0, num_queries=256)
+    pairs = make_queries(read_split_documents(setup["data"], "calibration", 256, M + 1), K, M, seed=0, num_queries=256)
     gaps = (continuation_nll(load_checkpoint(setup["small"]), pairs, 8)
             - continuation_nll(load_checkpoint(setup["large"]), pairs, 8))
     return float(gaps.median())

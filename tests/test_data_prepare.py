@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 
 import data_pipeline.prepare as prepare_module
 from data_pipeline.config import DataConfig, register_configs
-from data_pipeline.prepare import ensure_prepared, prepare
+from data_pipeline.prepare import assign_splits, ensure_prepared, prepare
 from data_pipeline.source import SourceError, resolve_sources
 from data_pipeline.testing import make_corpus, tiny_data_config
 from data_pipeline.tokenize import TokenizerMismatchError, load_tokenizer, token_dtype
@@ -60,8 +60,8 @@ def test_every_document_once_in_order_with_eos(prepared, corpus) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     tokenizer = load_tokenizer(out)
     eos_id = manifest["tokenizer"]["eos_id"]
-    rows = read_rows(out, "train") + read_rows(out, "validation")
-    assert sorted(r["doc_id"] for r in rows) == list(range(len(corpus["texts"])))
+    rows = read_rows(out, "train") + read_rows(out, "validation") + read_rows(out, "calibration")
+    assert sorted(r["doc_id"] for r in rows) == list(range(len(corpus["texts"])))  # each split's own documents
     assert manifest["num_documents"] == len(rows) and manifest["num_tokens"] == sum(r["n_tokens"] for r in rows)
     for row in rows:
         tokens = row["tokens"]
@@ -112,7 +112,7 @@ def test_shards_are_bounded_and_described(prepared) -> None:
 
 def test_metrics_match_plain_python_references(prepared, corpus) -> None:
     out, _ = prepared
-    rows = read_rows(out, "train") + read_rows(out, "validation")
+    rows = read_rows(out, "train") + read_rows(out, "validation") + read_rows(out, "calibration")
     train_ids = {r["doc_id"] for r in read_rows(out, "train")}
     counts = Counter(t for r in rows for t in r["tokens"])
     total = sum(counts.values())
@@ -136,14 +136,36 @@ def test_metrics_match_plain_python_references(prepared, corpus) -> None:
                                                                         rel=1e-6)
 
 
-def test_validation_split_is_held_out_by_content_hash(prepared, corpus) -> None:
+def test_held_out_splits_by_content_hash_share_no_document(prepared, corpus) -> None:
     out, cfg = prepared
     texts = corpus["texts"]
     keys = [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") for t in texts]
-    expected = sorted(range(len(texts)), key=lambda i: (keys[i], i))[:round(cfg["validation_fraction"] * len(texts))]
-    assert sorted(r["doc_id"] for r in read_rows(out, "validation")) == sorted(expected)
+    by_hash = sorted(range(len(texts)), key=lambda i: (keys[i], i))
+    num_validation = round(cfg["validation_fraction"] * len(texts))
+    num_calibration = round(cfg["calibration_fraction"] * len(texts))
+    ids = {split: sorted(r["doc_id"] for r in read_rows(out, split)) for split in ("train", "validation", "calibration")}
+    assert ids["validation"] == sorted(by_hash[:num_validation])
+    assert ids["calibration"] == sorted(by_hash[num_validation:num_validation + num_calibration])
+    assert ids["train"] == sorted(by_hash[num_validation + num_calibration:])
+    for a, b in (("train", "validation"), ("train", "calibration"), ("validation", "calibration")):
+        assert not set(ids[a]) & set(ids[b]) and not {texts[i] for i in ids[a]} & {texts[i] for i in ids[b]}, (a, b)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["split"]["num_validation_documents"] == len(expected) > 0
+    assert manifest["split"]["num_validation_documents"] == num_validation > 0
+    assert manifest["split"]["num_calibration_documents"] == num_calibration > 0
+    assert {s: manifest["splits"][s]["num_documents"] for s in ids} == {s: len(v) for s, v in ids.items()}
+
+
+def test_split_sizes_at_the_edges() -> None:
+    keys = np.array([5, 3, 9, 1, 7], dtype=np.uint64)  # hash order: 3, 1, 0, 4, 2
+    assert assign_splits(keys, 0.2, 0.4).tolist() == [2, 2, 0, 1, 0]
+    assert assign_splits(keys, 0.0, 0.0).tolist() == [0] * 5
+    assert assign_splits(keys, 0.01, 0.01).tolist() == [0, 2, 0, 1, 0]  # a nonzero fraction gets one document
+    assert assign_splits(keys[:2], 0.5, 0.4).tolist() == [0, 1]  # one document always trains; validation first
+    assert assign_splits(keys[:1], 0.5, 0.4).tolist() == [0]
+    with pytest.raises(ValueError, match="validation_fraction \\+ calibration_fraction must be below 1"):
+        DataConfig(validation_fraction=0.5, calibration_fraction=0.5)
+    with pytest.raises(ValueError, match="calibration_fraction must be in"):
+        DataConfig(calibration_fraction=-0.1)
 
 
 def test_output_is_deterministic_and_independent_of_chunking(prepared, corpus, tmp_path) -> None:
@@ -155,7 +177,7 @@ def test_output_is_deterministic_and_independent_of_chunking(prepared, corpus, t
 def test_manifest_contents(prepared) -> None:
     out, _ = prepared
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["pipeline_version"] == 1
+    assert manifest["pipeline_version"] == 2
     assert manifest["vocab_size"] == 320 and manifest["token_dtype"] == "uint16"
     assert manifest["tokenizer"]["sha256"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
     assert manifest["tokenizer"]["trained"] is True and manifest["tokenizer"]["eos_token"] == "<|endoftext|>"
