@@ -527,7 +527,8 @@ def _main() -> None:
         print(f"prepared {output}: {manifest['num_documents']} documents, {manifest['num_tokens']} tokens, "
               f"vocab {manifest['vocab_size']}; train {splits['train']['num_documents']} docs in "
               f"{len(splits['train']['shards'])} shard(s), validation {splits['validation']['num_documents']} "
-              f"docs, calibration {splits['calibration']['num_documents']} docs; undecodable bytes replaced: {manifest['read']['num_undecodable_bytes']}")
+              f"docs, calibration {splits['calibration']['num_documents']} docs; undecodable bytes replaced: "
+              f"{manifest['read']['num_undecodable_bytes']}")
 
     main()
 

@@ -79,7 +79,8 @@ PathLike = Union[str, os.PathLike]
 # key: (type, default); None as default means optional without a value.
 OPTIONS: dict[str, tuple[type, Any]] = {
     "small": (str, None), "large": (str, None), "output": (str, None), "data": (str, None),
-    "num_queries": (int, 1024), "calibration_queries": (int, 2048), "prompt_tokens": (int, 32), "continuation_tokens": (int, 16),
+    "num_queries": (int, 1024), "calibration_queries": (int, 2048), "prompt_tokens": (int, 32),
+    "continuation_tokens": (int, 16),
     "line_tokens": (int, 32), "margin": (float, None), "l2": (float, 1e-2), "bootstrap": (int, 200),
     "batch_size": (int, 8), "seed": (int, 0), "device": (str, None),
 }
@@ -277,7 +278,8 @@ def tier_answers(model: MoETransformer, checkpoint: Path, prompts: list[list[int
 
 
 def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data: Optional[PathLike] = None,
-                     num_queries: int = 1024, calibration_queries: int = 2048, prompt_tokens: int = 32, continuation_tokens: int = 16,
+                     num_queries: int = 1024, calibration_queries: int = 2048, prompt_tokens: int = 32,
+                     continuation_tokens: int = 16,
                      line_tokens: int = 32, margin: Optional[float] = None, l2: float = 1e-2, bootstrap: int = 200,
                      batch_size: int = 8, seed: int = 0, device: Optional[str] = None,
                      verbose: bool = True) -> dict[str, Any]:
@@ -309,7 +311,8 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
             or a large tier that is not better than the small one.
     """
     _check_options(num_queries=num_queries, calibration_queries=calibration_queries, prompt_tokens=prompt_tokens,
-                   continuation_tokens=continuation_tokens, line_tokens=line_tokens, margin=margin, l2=l2, bootstrap=bootstrap, batch_size=batch_size)
+                   continuation_tokens=continuation_tokens, line_tokens=line_tokens, margin=margin, l2=l2,
+                   bootstrap=bootstrap, batch_size=batch_size)
     small, large, output = Path(small), Path(large), Path(output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"output: {output} exists and is not a directory")
@@ -543,7 +546,8 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def _check_options(**options: Any) -> None:
-    check_positive_ints(options, "num_queries", "calibration_queries", "prompt_tokens", "continuation_tokens", "line_tokens", "batch_size")
+    check_positive_ints(options, "num_queries", "calibration_queries", "prompt_tokens", "continuation_tokens",
+                        "line_tokens", "batch_size")
     bootstrap = options["bootstrap"]
     if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or bootstrap < 0:
         raise ValueError(f"bootstrap must be an integer >= 0, got {bootstrap!r}")

@@ -143,7 +143,8 @@ def test_held_out_splits_by_content_hash_share_no_document(prepared, corpus) -> 
     by_hash = sorted(range(len(texts)), key=lambda i: (keys[i], i))
     num_validation = round(cfg["validation_fraction"] * len(texts))
     num_calibration = round(cfg["calibration_fraction"] * len(texts))
-    ids = {split: sorted(r["doc_id"] for r in read_rows(out, split)) for split in ("train", "validation", "calibration")}
+    ids = {split: sorted(r["doc_id"] for r in read_rows(out, split))
+           for split in ("train", "validation", "calibration")}
     assert ids["validation"] == sorted(by_hash[:num_validation])
     assert ids["calibration"] == sorted(by_hash[num_validation:num_validation + num_calibration])
     assert ids["train"] == sorted(by_hash[num_validation + num_calibration:])
