@@ -26,15 +26,24 @@ NOTE: the calibration set and its labels.
    model would answer without sampling noise.
 3. Label: 1 when nll_small - nll_large > margin (the large model's answer is
    better by more than `margin` nats per token).
-4. The router (logistic regression on the small model's prompt signals) is fit
-   on (1 - holdout) of the queries; the report evaluates it on the rest.
+4. Routers are fit on the queries of (1 - holdout) of the documents; the
+   report evaluates them on the other documents' queries. Two candidates:
+   `logistic` (logistic regression on the small model's prompt signals) and
+   `probe` (`moe.difficulty.fit_probe`: ridge of the gain on the signals and
+   the small model's pooled prefill hidden states, layers and penalty chosen
+   by cross-validation over the fit documents, Platt-scaled). `router=auto`
+   writes the one with the higher held-out APGR (`routing_apgr`).
    Report thresholds for a target fraction are quantiles of the held-out
    scores themselves, so each row routes exactly that fraction and compares
    rankings (routed vs random vs oracle at the same large-call fraction).
    router.json's thresholds are quantiles over all calibration queries.
 5. Post-hoc mode: the small model answers greedily (max_tokens = M) on up to
    `posthoc_queries` held-out queries; confidence = `Completion.mean_confidence`;
-   the least confident fraction is escalated to the large model.
+   the least confident fraction is escalated to the large model. It also
+   answers up to `deferral_queries` fit queries, on which the token-level
+   deferral rule (`moe.difficulty.DeferralRule`: quantiles of the answer's
+   per-token NLL, Gupta et al. 2024) is fitted; router.json carries it, and
+   `cascade-posthoc` then escalates on it instead of the mean confidence.
 """
 
 from __future__ import annotations
@@ -50,17 +59,20 @@ import torch
 
 from moe.checkpoint import load_checkpoint, run_config_of
 from moe.cli import check_positive_ints, parse_key_values, run, write_json
-from moe.difficulty import (SIGNAL_NAMES, DifficultyRouter, confidence_threshold_for_escalation, prompt_signals,
-                            right_pad, threshold_for_large_fraction)
+from moe.difficulty import (POOLINGS, SIGNAL_NAMES, DeferralRule, DifficultyRouter, HiddenFeatures,
+                            confidence_threshold_for_escalation, fit_probe, prompt_signals, right_pad, routing_apgr,
+                            threshold_for_large_fraction)
 from moe.model import MoETransformer
 
 USAGE = ("usage: python -m moe.calibrate small=CKPT large=CKPT [out=DIR] [data=DIR] [num_queries=N] "
          "[prompt_tokens=K] [continuation_tokens=M] [margin=X] [target_large_fraction=F] [holdout=F] "
-         "[posthoc_queries=N] [l2=X] [batch_size=N] [seed=N] [device=D]")
+         "[posthoc_queries=N] [deferral_queries=N] [router=auto|logistic|probe] [l2=X] [batch_size=N] [seed=N] "
+         "[device=D]")
 TOKENIZER_FILE = "tokenizer.json"
 REPORT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TABLE_FRACTIONS = tuple(i / 100 for i in range(101))  # router.json's fraction -> threshold grid
 MIN_QUERIES = 10
+ROUTER_KINDS = ("auto", "logistic", "probe")
 
 PathLike = Union[str, os.PathLike]
 
@@ -69,7 +81,7 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "small": (str, None), "large": (str, None), "out": (str, None), "data": (str, None),
     "num_queries": (int, 256), "prompt_tokens": (int, 32), "continuation_tokens": (int, 16),
     "margin": (float, 0.1), "target_large_fraction": (float, 0.3), "holdout": (float, 0.3),
-    "posthoc_queries": (int, 64), "l2": (float, 1e-2), "batch_size": (int, 8), "seed": (int, 0),
+    "posthoc_queries": (int, 64), "deferral_queries": (int, 1024), "router": (str, "auto"), "l2": (float, 1e-2), "batch_size": (int, 8), "seed": (int, 0),
     "device": (str, None),
 }
 
@@ -163,16 +175,22 @@ def read_split_documents(data_dir: Path, split: str, limit: int, min_tokens: int
 def make_queries(documents: list[list[int]], prompt_tokens: int, continuation_tokens: int, seed: int,
                  num_queries: int) -> list[tuple[list[int], list[int]]]:
     """(query, continuation) pairs: windows of K + M tokens of the documents, taken in turns (NOTE 1)."""
+    return [pair for pair, _ in query_windows(documents, prompt_tokens, continuation_tokens, seed, num_queries)]
+
+
+def query_windows(documents: list[list[int]], prompt_tokens: int, continuation_tokens: int, seed: int,
+                  num_queries: int) -> list[tuple[tuple[list[int], list[int]], int]]:
+    """`make_queries`'s pairs, each with the index of the document it was cut from."""
     rng = random.Random(seed)
-    windows: list[list[tuple[list[int], list[int]]]] = []
-    for tokens in documents:
+    windows: list[list[tuple[tuple[list[int], list[int]], int]]] = []
+    for index, tokens in enumerate(documents):
         pairs, start = [], 0
         while True:
             k = rng.randint(max(1, prompt_tokens // 2), prompt_tokens)
             k = min(k, len(tokens) - start - continuation_tokens)
             if k < 1 or (pairs and k < max(1, prompt_tokens // 2)):  # a short tail window only if it is the first
                 break
-            pairs.append((tokens[start:start + k], tokens[start + k:start + k + continuation_tokens]))
+            pairs.append(((tokens[start:start + k], tokens[start + k:start + k + continuation_tokens]), index))
             start += k + continuation_tokens
         windows.append(pairs)
     queries = []
@@ -242,7 +260,7 @@ def routing_rows(to_large: list[torch.Tensor], nll_small: torch.Tensor, nll_larg
 def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, *, data: Optional[PathLike] = None,
               num_queries: int = 256, prompt_tokens: int = 32, continuation_tokens: int = 16, margin: float = 0.1,
               target_large_fraction: float = 0.3, holdout: float = 0.3, posthoc_queries: int = 64,
-              l2: float = 1e-2, batch_size: int = 8, seed: int = 0, device: Optional[str] = None,
+              deferral_queries: int = 1024, router: str = "auto", l2: float = 1e-2, batch_size: int = 8, seed: int = 0, device: Optional[str] = None,
               verbose: bool = True) -> dict[str, Any]:
     """Builds the calibration set, fits the router, writes router.json and calibration_report.json.
 
@@ -255,7 +273,13 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
         prompt_tokens, continuation_tokens, margin, holdout, posthoc_queries:
             see the module NOTE.
         target_large_fraction: sets router.threshold (and posthoc_threshold).
-        l2: the router's penalty.
+        deferral_queries: fit queries the small model answers to fit the
+            token-level deferral rule (0: none; post-hoc routing then uses the
+            mean confidence).
+        router: `logistic` (on the signals), `probe` (signals and hidden
+            states), or `auto`: the one of the two that routes the held-out
+            documents best (NOTE 4).
+        l2: the logistic router's penalty.
         batch_size: sequences per forward pass.
         seed: query lengths and the held-out split.
         device: default cuda when available.
@@ -269,7 +293,9 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
     """
     _check_options(num_queries=num_queries, prompt_tokens=prompt_tokens, continuation_tokens=continuation_tokens,
                    margin=margin, target_large_fraction=target_large_fraction, holdout=holdout,
-                   posthoc_queries=posthoc_queries, l2=l2, batch_size=batch_size)
+                   posthoc_queries=posthoc_queries, deferral_queries=deferral_queries, router=router, l2=l2,
+                   batch_size=batch_size)
+    router_kind = router
     small, large = Path(small), Path(large)
     tokenizer_sha256, data_dir = check_pair_and_data(small, large, data)
     out = Path(out) if out is not None else Path("calibration") / f"{_name(small)}__{_name(large)}"
@@ -282,28 +308,49 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
         raise ValueError(f"prompt_tokens: prompt_tokens ({prompt_tokens}) + continuation_tokens "
                          f"({continuation_tokens}) exceed the models' max_seq_len ({max_len})")
     documents = read_split_documents(data_dir, "calibration", num_queries, continuation_tokens + 1)
-    pairs = make_queries(documents, prompt_tokens, continuation_tokens, seed, num_queries)
-    if len(pairs) < MIN_QUERIES:
-        raise ValueError(f"num_queries: the calibration split of {data_dir} gives only {len(pairs)} queries of "
-                         f"prompt_tokens={prompt_tokens} + continuation_tokens={continuation_tokens}; at least "
-                         f"{MIN_QUERIES} are needed")
+    windows = query_windows(documents, prompt_tokens, continuation_tokens, seed, num_queries)
+    if len(windows) < MIN_QUERIES or len(documents) < 2:
+        raise ValueError(f"num_queries: the calibration split of {data_dir} gives only {len(windows)} queries of "
+                         f"prompt_tokens={prompt_tokens} + continuation_tokens={continuation_tokens} from "
+                         f"{len(documents)} documents; at least {MIN_QUERIES} queries from 2 documents are needed "
+                         f"(prepare the data with a larger data.calibration_fraction)")
+    pairs = [pair for pair, _ in windows]
+    document_of = torch.tensor([document for _, document in windows])
     queries = [query for query, _ in pairs]
 
-    signals = prompt_signals(small_model, queries, batch_size=batch_size)
+    # Features: the signals and, for the probe, every layer's pooled hidden states (its candidates are subsets).
+    config = small_model.config
+    full = HiddenFeatures(tuple(range(config.num_layers)), POOLINGS, config.hidden_size)
+    features = prompt_signals(small_model, queries, batch_size=batch_size,
+                              hidden=None if router_kind == "logistic" else full)
+    signals = features[:, :len(SIGNAL_NAMES)]
     nll_small = continuation_nll(small_model, pairs, batch_size)
     nll_large = continuation_nll(large_model, pairs, batch_size)
-    labels = (nll_small - nll_large > margin).to(torch.float64)
+    gain = nll_small - nll_large
+    labels = (gain > margin).to(torch.float64)
 
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))
-    num_heldout = max(2, round(holdout * len(pairs)))
-    heldout, fit = order[:num_heldout], order[num_heldout:]
+    # Held-out documents (NOTE 4): no text is both fitted and scored.
+    heldout, fit = _split_by_document(document_of, holdout, seed)
+    candidates: dict[str, tuple[DifficultyRouter, torch.Tensor]] = {}
     try:
-        router = DifficultyRouter.fit(signals[fit], labels[fit], l2=l2)
+        logistic = DifficultyRouter.fit(signals[fit], labels[fit], l2=l2)
     except ValueError as err:
         raise ValueError(f"margin: {err} (label rate {float(labels.mean()):.2f} with margin={margin}; the "
                          f"large model is better by more than the margin on {int(labels.sum())} of "
                          f"{len(labels)} queries); choose another margin") from None
-    scores = router.score(signals)
+    candidates["logistic"] = (logistic, logistic.score(signals))
+    probe_report = None
+    if router_kind != "logistic":
+        options = [HiddenFeatures((layer,), POOLINGS, config.hidden_size) for layer in full.layers] + [full]
+        fit_documents = document_of[fit]
+        probe, probe_report = fit_probe(features[fit], gain[fit], fit_documents.tolist(), full, options,
+                                        margin=margin, folds=min(5, len(torch.unique(fit_documents))), seed=seed)
+        columns = list(range(len(SIGNAL_NAMES))) + [len(SIGNAL_NAMES) + i for i in probe.hidden.columns_in(full)]
+        candidates["probe"] = (probe, probe.score(features[:, columns]))
+    heldout_apgr = {name: routing_apgr(scores[heldout], gain[heldout]) for name, (_, scores) in candidates.items()}
+    chosen = router_kind if router_kind != "auto" else max(
+        candidates, key=lambda name: -math.inf if math.isnan(heldout_apgr[name]) else heldout_apgr[name])
+    router, scores = candidates[chosen]
 
     # Pre-generation routing on the held-out queries, thresholds at held-out quantiles (NOTE 4).
     h_scores, h_small, h_large, h_labels = scores[heldout], nll_small[heldout], nll_large[heldout], labels[heldout]
@@ -313,13 +360,16 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
         row["threshold"] = threshold
 
     # Post-hoc routing: the small model answers first (NOTE 5).
-    posthoc = _posthoc(small_model, small, heldout[:posthoc_queries], queries, nll_small, nll_large, labels,
-                       continuation_tokens, batch_size, device)
+    posthoc = _posthoc(small_model, small, heldout[:posthoc_queries], fit[:deferral_queries], queries, document_of,
+                       nll_small, nll_large, margin, continuation_tokens, batch_size, device, seed)
+    router.deferral = posthoc.pop("deferral")
 
     router.fraction_thresholds = [[f, threshold_for_large_fraction(scores, f)] for f in TABLE_FRACTIONS]
     router.threshold = router.threshold_for_fraction(target_large_fraction)
     router.posthoc_fraction_thresholds = posthoc.pop("table")
     router.posthoc_threshold = router.posthoc_threshold_for_fraction(target_large_fraction)
+    if router.deferral is not None:
+        router.deferral.threshold = router.deferral.threshold_for_fraction(target_large_fraction)
     router.metadata = {"small": str(small.resolve()), "large": str(large.resolve()), "data": str(data_dir.resolve()),
                        "tokenizer_sha256": tokenizer_sha256, "num_queries": len(pairs), "margin": margin,
                        "target_large_fraction": target_large_fraction}
@@ -329,16 +379,22 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
         "tokenizer_sha256": tokenizer_sha256,
         "settings": {"num_queries": num_queries, "prompt_tokens": prompt_tokens,
                      "continuation_tokens": continuation_tokens, "margin": margin, "holdout": holdout,
-                     "target_large_fraction": target_large_fraction, "posthoc_queries": posthoc_queries, "l2": l2,
-                     "seed": seed},
+                     "target_large_fraction": target_large_fraction, "posthoc_queries": posthoc_queries,
+                     "deferral_queries": deferral_queries, "router": router_kind, "l2": l2, "seed": seed},
         "num_queries": len(pairs), "num_fit": len(fit), "num_heldout": len(heldout),
+        "num_documents": len(documents), "num_heldout_documents": len(torch.unique(document_of[heldout])),
         "label_rate": float(labels.mean()), "heldout_label_rate": float(h_labels.mean()),
         "auc_heldout": roc_auc(h_scores, h_labels), "auc_fit": roc_auc(scores[fit], labels[fit]),
         "quality": {"metric": "mean continuation NLL (nats/token, lower is better), held-out",
                     "all_small": float(h_small.mean()), "all_large": float(h_large.mean()),
                     "oracle_best": float(torch.minimum(h_small, h_large).mean())},
-        "router": {"weights": dict(zip(SIGNAL_NAMES, router.weights)), "bias": router.bias,
+        "router": {"kind": chosen, "weights": dict(zip(SIGNAL_NAMES, router.weights)), "bias": router.bias,
+                   "hidden": router.hidden.to_dict() if router.hidden is not None else None,
                    "threshold": router.threshold, "posthoc_threshold": router.posthoc_threshold},
+        "candidates": {name: {"heldout_apgr": None if math.isnan(value) else value,
+                              "auc_heldout": roc_auc(candidates[name][1][heldout], h_labels)}
+                       for name, value in heldout_apgr.items()},
+        "probe": probe_report,
         "fractions": rows,
         "posthoc": posthoc,
         "heldout_queries": [{"prompt_tokens": len(queries[i]), "nll_small": float(nll_small[i]),
@@ -353,26 +409,56 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
     return report
 
 
-def _posthoc(small_model: MoETransformer, small: Path, rows: torch.Tensor, queries: list[list[int]],
-             nll_small: torch.Tensor, nll_large: torch.Tensor, labels: torch.Tensor, max_tokens: int,
-             batch_size: int, device: str) -> dict[str, Any]:
+def _split_by_document(document_of: torch.Tensor, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out, fit) query indices: a `holdout` share of the documents (at least one each side), all their queries."""
+    documents = torch.unique(document_of)
+    order = documents[torch.randperm(len(documents), generator=torch.Generator().manual_seed(seed))]
+    num_heldout = min(len(documents) - 1, max(1, round(holdout * len(documents))))
+    is_heldout = torch.isin(document_of, order[:num_heldout])
+    return torch.nonzero(is_heldout).squeeze(1), torch.nonzero(~is_heldout).squeeze(1)
+
+
+def _posthoc(small_model: MoETransformer, small: Path, heldout: torch.Tensor, fit: torch.Tensor,
+             queries: list[list[int]], document_of: torch.Tensor, nll_small: torch.Tensor, nll_large: torch.Tensor,
+             margin: float, max_tokens: int, batch_size: int, device: str, seed: int) -> dict[str, Any]:
+    """The small model answers held-out queries (and `fit` ones for the token-level deferral rule, NOTE 5)."""
     from moe.generate import Generator, SamplingParams, load_tokenizer
 
     generator = Generator(small_model, load_tokenizer(small), max_batch_size=batch_size, device=device)
-    index = rows.tolist()
-    completions = generator.generate_ids([queries[i] for i in index],
-                                         [SamplingParams(max_tokens=max_tokens)] * len(index))
-    confidence = torch.tensor([c.mean_confidence for c in completions], dtype=torch.float64)
+    index, fit_index = heldout.tolist(), fit.tolist()
+    completions = generator.generate_ids([queries[i] for i in index + fit_index],
+                                         [SamplingParams(max_tokens=max_tokens)] * (len(index) + len(fit_index)))
+    answers, fit_answers = completions[:len(index)], completions[len(index):]
+    labels = (nll_small - nll_large > margin).to(torch.float64)
+    confidence = torch.tensor([c.mean_confidence for c in answers], dtype=torch.float64)
     thresholds = [confidence_threshold_for_escalation(confidence, f) for f in REPORT_FRACTIONS]
     fraction_rows = routing_rows([confidence < t for t in thresholds], nll_small[index], nll_large[index],
                                  REPORT_FRACTIONS)
     for row, threshold in zip(fraction_rows, thresholds):
         row["threshold"] = threshold
-    return {"num_queries": len(index), "mean_confidence": float(confidence.mean()),
-            "auc_heldout": roc_auc(-confidence, labels[index]),
-            "all_small": float(nll_small[index].mean()), "all_large": float(nll_large[index].mean()),
-            "fractions": fraction_rows,
-            "table": [[f, confidence_threshold_for_escalation(confidence, f)] for f in TABLE_FRACTIONS]}
+    result = {"num_queries": len(index), "mean_confidence": float(confidence.mean()),
+              "auc_heldout": roc_auc(-confidence, labels[index]),
+              "all_small": float(nll_small[index].mean()), "all_large": float(nll_large[index].mean()),
+              "fractions": fraction_rows,
+              "table": [[f, confidence_threshold_for_escalation(confidence, f)] for f in TABLE_FRACTIONS],
+              "deferral": None}
+    fit_documents = document_of[fit]
+    if len(torch.unique(fit_documents)) < 2 or len(fit_index) < MIN_QUERIES:
+        return result
+    gain = nll_small - nll_large
+    rule, rule_report = DeferralRule.fit([c.token_logprobs for c in fit_answers], gain[fit], fit_documents.tolist(),
+                                         margin=margin, folds=min(5, len(torch.unique(fit_documents))), seed=seed)
+    fit_scores = rule.score([c.token_logprobs for c in fit_answers])
+    rule.fraction_thresholds = [[f, threshold_for_large_fraction(fit_scores, f)] for f in TABLE_FRACTIONS]
+    h_scores = rule.score([c.token_logprobs for c in answers])
+    rule_rows = routing_rows([h_scores >= threshold_for_large_fraction(h_scores, f) for f in REPORT_FRACTIONS],
+                             nll_small[index], nll_large[index], REPORT_FRACTIONS)
+    result["deferral"] = rule
+    result["deferral_report"] = {**rule_report, "num_fit_answers": len(fit_index),
+                                 "heldout_apgr": routing_apgr(h_scores, gain[index]),
+                                 "confidence_heldout_apgr": routing_apgr(-confidence, gain[index]),
+                                 "fractions": rule_rows}
+    return result
 
 
 def format_report(report: dict[str, Any], out: Path) -> str:
@@ -394,11 +480,24 @@ def format_report(report: dict[str, Any], out: Path) -> str:
                      f"{row['oracle_quality']:>8.4f} {_percent(row['gap_recovered']):>9} | "
                      f"{post['routed_quality']:>8.4f} {_percent(post['gap_recovered']):>9}")
     router = report["router"]
+    lines.append("candidates (held-out APGR): " + ", ".join(
+        f"{name} {_fmt3(entry['heldout_apgr'])}" for name, entry in report["candidates"].items())
+        + f"; written: {router['kind']}" + (f" (hidden states of layers {router['hidden']['layers']})"
+                                              if router["hidden"] else ""))
+    deferral = posthoc.get("deferral_report")
+    if deferral is not None:
+        lines.append(f"token-level deferral: held-out APGR {_fmt3(deferral['heldout_apgr'])} (mean confidence: "
+                     f"{_fmt3(deferral['confidence_heldout_apgr'])}) on {posthoc['num_queries']} held-out answers, "
+                     f"fitted on {deferral['num_fit_answers']}")
     lines.append(f"router: threshold {router['threshold']:.4f} at target_large_fraction "
                  f"{report['settings']['target_large_fraction']}, post-hoc confidence threshold "
                  f"{router['posthoc_threshold']:.4f}")
     lines.append(f"wrote {out / 'router.json'} and {out / 'calibration_report.json'}")
     return "\n".join(lines)
+
+
+def _fmt3(value: Optional[float]) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def _percent(value: Optional[float]) -> str:
@@ -423,6 +522,11 @@ def _check_options(**options: Any) -> None:
         raise ValueError(f"target_large_fraction must be in [0, 1], got {options['target_large_fraction']!r}")
     if not 0 < options["holdout"] < 1:
         raise ValueError(f"holdout must be in (0, 1), got {options['holdout']!r}")
+    if options["router"] not in ROUTER_KINDS:
+        raise ValueError(f"router must be one of {list(ROUTER_KINDS)}, got {options['router']!r}")
+    deferral_queries = options["deferral_queries"]
+    if not isinstance(deferral_queries, int) or isinstance(deferral_queries, bool) or deferral_queries < 0:
+        raise ValueError(f"deferral_queries must be an integer >= 0, got {deferral_queries!r}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -33,9 +33,15 @@ NOTE: what is measured.
    (its sign chosen on the calibration set); `learned` (the logistic router
    `moe.calibrate` fits, label: the large tier's loglik better by more than
    `margin`, default the calibration set's median gain) and
-   `learned_regression` (ridge regression of the gain); `posthoc` (the small
-   tier answers first; its answer's mean token confidence, low escalates, as
-   FrugalGPT/AutoMix); `oracle` (the test set's own gains: an upper bound).
+   `learned_regression` (ridge regression of the gain); `probe` (ridge of the
+   gain on the signals and the small tier's pooled prefill hidden states,
+   layers and penalty chosen by cross-validation over calibration documents:
+   `moe.difficulty.fit_probe`); `posthoc` (the small tier answers first; its
+   answer's mean token confidence, low escalates, as FrugalGPT/AutoMix);
+   `deferral` (post-hoc on quantiles of the answer's per-token NLL, Gupta et
+   al. 2024: `moe.difficulty.DeferralRule`, fitted on the small tier's answers
+   to the calibration queries); `oracle` (the test set's own gains: an upper
+   bound).
 5. Cost is forward FLOPs per query: 2 * active parameters (output head
    included) per token plus attention (4 * layers * heads * head_dim * the
    attended context, sliding window respected), summed over the prefill and
@@ -59,11 +65,12 @@ from typing import Any, Optional, Union
 
 import torch
 
-from moe.calibrate import (check_pair_and_data, continuation_nll, make_queries, read_split_documents, roc_auc)
+from moe.calibrate import check_pair_and_data, continuation_nll, query_windows, read_split_documents, roc_auc
 from moe.checkpoint import load_checkpoint
 from moe.cli import check_positive_ints, parse_key_values, run, write_json
 from moe.config import ModelConfig
-from moe.difficulty import SIGNAL_NAMES, DifficultyRouter, prompt_signals
+from moe.difficulty import (POOLINGS, SIGNAL_NAMES, DeferralRule, DifficultyRouter, HiddenFeatures, fit_probe,
+                            prompt_signals)
 from moe.model import MoETransformer, count_parameters
 
 USAGE = ("usage: python -m moe.cascade_eval small=CKPT large=CKPT output=DIR [data=DIR] [num_queries=N] "
@@ -329,9 +336,11 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
     # Calibration and test queries from the two held-out splits (NOTE 1).
     documents = {name: read_split_documents(data_dir, split, 1 << 30, reference_tokens + 1)
                  for name, split in (("calibration", "calibration"), ("test", "validation"))}
-    sets = {"calibration": make_queries(documents["calibration"], prompt_tokens, reference_tokens, seed,
-                                        calibration_queries),
-            "test": make_queries(documents["test"], prompt_tokens, reference_tokens, seed + 1, num_queries)}
+    windows = {"calibration": query_windows(documents["calibration"], prompt_tokens, reference_tokens, seed,
+                                            calibration_queries),
+               "test": query_windows(documents["test"], prompt_tokens, reference_tokens, seed + 1, num_queries)}
+    sets = {name: [pair for pair, _ in found] for name, found in windows.items()}
+    calibration_documents = [document for _, document in windows["calibration"]]
     for name, pairs in sets.items():
         if len(pairs) < MIN_QUERIES:
             split = "calibration" if name == "calibration" else "validation"
@@ -339,11 +348,16 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
                              f"prompt_tokens={prompt_tokens} + {reference_tokens} reference tokens from "
                              f"{len(documents[name])} documents; at least {MIN_QUERIES} are needed (prepare it "
                              f"with a larger data.{split}_fraction)")
+    # Every layer of the small tier, both poolings: the probe's candidates are subsets (NOTE 4).
+    small_cfg = small_model.config
+    full = HiddenFeatures(tuple(range(small_cfg.num_layers)), POOLINGS, small_cfg.hidden_size)
     measured = {}
     for name, pairs in sets.items():
         scored = [(query, reference[:continuation_tokens]) for query, reference in pairs]
+        features = prompt_signals(small_model, [query for query, _ in pairs], batch_size=batch_size, hidden=full)
         measured[name] = {
-            "signals": prompt_signals(small_model, [query for query, _ in pairs], batch_size=batch_size),
+            "features": features,
+            "signals": features[:, :len(SIGNAL_NAMES)],
             "loglik_small": -continuation_nll(small_model, scored, batch_size),
             "loglik_large": -continuation_nll(large_model, scored, batch_size),
         }
@@ -363,9 +377,11 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         test[f"exact_match_{tier}"] = torch.tensor([float(a.text == line) for a, line in
                                                     zip(answers, reference_lines)], dtype=torch.float64)
     confidence = torch.tensor([a.mean_confidence for a in answers_small], dtype=torch.float64)
+    calibration_answers, _ = tier_answers(small_model, small, [query for query, _ in sets["calibration"]],
+                                          line_tokens, batch_size, device)
 
     # Costs per test query (NOTE 5).
-    small_cfg, large_cfg = small_model.config, large_model.config
+    large_cfg = large_model.config
     router_prefill = torch.tensor([forward_flops(small_cfg, len(p)) for p in prompts], dtype=torch.float64)
     answer_small = torch.tensor([answer_flops(small_cfg, len(p), len(a.token_ids))
                                  for p, a in zip(prompts, answers_small)], dtype=torch.float64)
@@ -389,6 +405,12 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
                          f"{int(labels.sum())} of {len(labels)} calibration queries)") from None
     ridge = fit_ridge(cal["signals"], cal_gain, l2)
     directions = signal_directions(cal["signals"], cal_gain)
+    candidates = [HiddenFeatures((layer,), POOLINGS, full.hidden_size) for layer in full.layers] + [full]
+    probe, probe_report = fit_probe(cal["features"], cal_gain, calibration_documents, full, candidates,
+                                    margin=margin, seed=seed)
+    deferral, deferral_report = DeferralRule.fit([a.token_logprobs for a in calibration_answers], cal_gain,
+                                                 calibration_documents, margin=margin, seed=seed)
+    probe_columns = list(range(len(SIGNAL_NAMES))) + [len(SIGNAL_NAMES) + i for i in probe.hidden.columns_in(full)]
     test_gain = test["loglik_large"] - test["loglik_small"]
     n_test = len(test_pairs)
     routers: dict[str, tuple[torch.Tensor, str]] = {"random": (torch.zeros(n_test, dtype=torch.float64), "none")}
@@ -396,7 +418,9 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         routers[f"signal:{name}"] = (directions[name] * test["signals"][:, column], "prefill")
     routers["learned"] = (learned.score(test["signals"]), "prefill")
     routers["learned_regression"] = (ridge_scores(ridge, test["signals"]), "prefill")
+    routers["probe"] = (probe.score(test["features"][:, probe_columns]), "prefill")
     routers["posthoc"] = (-confidence, "posthoc")
+    routers["deferral"] = (deferral.score([a.token_logprobs for a in answers_small]), "posthoc")
     oracle_scores = {"loglik": test_gain,
                      "exact_match": test["exact_match_large"] - test["exact_match_small"] + 1e-3 * test_gain}
 
@@ -449,6 +473,8 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         "learned": {"weights": dict(zip(SIGNAL_NAMES, learned.weights)), "bias": learned.bias,
                     "regression_weights": dict(zip(SIGNAL_NAMES, ridge["weights"])),
                     "signal_directions": directions, "calibration_label_rate": float(labels.mean())},
+        "probe": probe_report,
+        "deferral": deferral_report,
         "gain_correlation": {name: _pearson(_ranks(test["signals"][:, i]), _ranks(test_gain))
                              for i, name in enumerate(SIGNAL_NAMES)},
         "routers": results,

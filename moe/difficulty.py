@@ -1,7 +1,7 @@
 """How hard a prompt is for the cascade: pre-generation signals, a learned router, thresholds.
 
-Shape legend: N prompts, F signals, B batch, S positions (right-padded), V vocabulary,
-E experts.
+Shape legend: N prompts, F features, B batch, S positions (right-padded), V vocabulary,
+E experts, D hidden size, L layers read.
 
     signals_NF = prompt_signals(small_model, prompt_ids)        # one prefill of the small model
     router = DifficultyRouter.fit(signals_NF, labels_N)          # labels: the large model was better
@@ -14,6 +14,12 @@ routing (FrugalGPT, AutoMix): the small model answers, and the query goes to
 the large model when the answer's mean token confidence is low
 (`escalate_posthoc`). Everything here is a plain function of tensors; the
 calibration that fits and evaluates the router is `moe.calibrate`.
+
+A router may also read the small model's own prefill hidden states (a probe,
+`HiddenFeatures`): the residual stream after chosen blocks, at the prompt's
+last token and averaged over its tokens, appended to the signals
+(`feature_row`). `fit_probe` fits it as a ridge regression of the large
+tier's gain, its penalty chosen by cross-validation over whole documents.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 from moe.model import MoETransformer
 
 SIGNAL_NAMES = ("mean_nll", "max_nll", "mean_entropy", "prompt_tokens", "router_entropy")
+POOLINGS = ("last", "mean")
 ROUTER_FORMAT = "moe.difficulty_router"
 ROUTER_VERSION = 1
 _POSITION_CHUNK = 512  # positions per float64 log-softmax: bounds memory at 512 * V doubles
@@ -62,6 +69,88 @@ def right_pad(prompt_ids: Sequence[Sequence[int]], device: Union[str, torch.devi
     for row, ids in enumerate(prompt_ids):
         out[row, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
     return out.to(device)
+
+
+@dataclass(frozen=True)
+class HiddenFeatures:
+    """Which prefill hidden states of the small model a router reads (a probe).
+
+    Attributes:
+        layers: block indices (0-based) whose output residual stream is read.
+        pooling: per layer, in this order: `last` (the prompt's last token,
+            the state the first answer token is predicted from) and/or `mean`
+            (averaged over the prompt's tokens).
+        hidden_size: the model's width, so a router cannot be applied to
+            another model's states.
+    """
+
+    layers: tuple[int, ...]
+    pooling: tuple[str, ...]
+    hidden_size: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "pooling", tuple(self.pooling))
+        if (not self.layers or len(set(self.layers)) != len(self.layers)
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)):
+            raise ValueError(f"HiddenFeatures.layers must be distinct block indices >= 0, got {list(self.layers)}")
+        if not self.pooling or len(set(self.pooling)) != len(self.pooling) or any(
+                p not in POOLINGS for p in self.pooling):
+            raise ValueError(f"HiddenFeatures.pooling must be distinct names from {list(POOLINGS)}, "
+                             f"got {list(self.pooling)}")
+        if not isinstance(self.hidden_size, int) or isinstance(self.hidden_size, bool) or self.hidden_size <= 0:
+            raise ValueError(f"HiddenFeatures.hidden_size must be a positive integer, got {self.hidden_size!r}")
+
+    @property
+    def width(self) -> int:
+        """Feature columns: layers x pooling x hidden_size."""
+        return len(self.layers) * len(self.pooling) * self.hidden_size
+
+    def check_model(self, config: Any, what: str = "the small model") -> None:
+        """Raises ValueError when `config` (a ModelConfig) is not the model these features were read from."""
+        if config.hidden_size != self.hidden_size or max(self.layers) >= config.num_layers:
+            raise ValueError(f"the router reads hidden states of layers {list(self.layers)} of width "
+                             f"{self.hidden_size}, but {what} has {config.num_layers} layers of width "
+                             f"{config.hidden_size}: calibrate the router for this model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "pooling": list(self.pooling), "hidden_size": self.hidden_size}
+
+    def columns_in(self, full: "HiddenFeatures") -> list[int]:
+        """The positions of these features' columns among `full`'s hidden-state columns (0-based)."""
+        if self.hidden_size != full.hidden_size or not (set(self.layers) <= set(full.layers)
+                                                         and set(self.pooling) <= set(full.pooling)):
+            raise ValueError(f"hidden features {self.to_dict()} are not a subset of {full.to_dict()}")
+        columns, size = [], full.hidden_size
+        for layer in self.layers:
+            for pooling in self.pooling:
+                block = full.layers.index(layer) * len(full.pooling) + full.pooling.index(pooling)
+                columns += range(block * size, (block + 1) * size)
+        return columns
+
+
+def pooled_hidden(hidden_states: list[torch.Tensor], prompt_ids: Sequence[Sequence[int]],
+                  features: HiddenFeatures) -> torch.Tensor:
+    """The `features` columns of each right-padded prompt: (B, features.width) float64 on the CPU.
+
+    Args:
+        hidden_states: one (B, S, D) tensor per block (`MoEOutput.hidden_states`).
+        prompt_ids: the prompts, row b holding prompt b at positions 0..n-1.
+        features: which layers and poolings.
+    """
+    lengths = torch.tensor([len(ids) for ids in prompt_ids], device=hidden_states[0].device)
+    positions = torch.arange(hidden_states[0].shape[1], device=lengths.device)
+    keep_BS1 = (positions.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1)
+    rows = torch.arange(len(prompt_ids), device=lengths.device)
+    parts = []
+    for layer in features.layers:
+        h_BSD = hidden_states[layer].to(torch.float64)
+        for pooling in features.pooling:
+            if pooling == "last":
+                parts.append(h_BSD[rows, lengths - 1])
+            else:
+                parts.append((h_BSD * keep_BS1).sum(1) / lengths.unsqueeze(1))
+    return torch.cat(parts, dim=1).cpu()
 
 
 def signals_from_prefill(logits_BSV: torch.Tensor, router_probs: list[torch.Tensor],
@@ -109,7 +198,8 @@ def signals_from_prefill(logits_BSV: torch.Tensor, router_probs: list[torch.Tens
 
 
 @torch.no_grad()
-def prompt_signals(model: MoETransformer, prompt_ids: list[list[int]], *, batch_size: int = 8) -> torch.Tensor:
+def prompt_signals(model: MoETransformer, prompt_ids: list[list[int]], *, batch_size: int = 8,
+                   hidden: Optional[HiddenFeatures] = None) -> torch.Tensor:
     """The difficulty signals (`SIGNAL_NAMES`) of each prompt from one prefill of `model`.
 
     Prompts are batched (right-padded, similar lengths together) and routed
@@ -123,24 +213,38 @@ def prompt_signals(model: MoETransformer, prompt_ids: list[list[int]], *, batch_
         model: the small model of the cascade.
         prompt_ids: N prompts of at least one token each.
         batch_size: prompts per forward pass.
+        hidden: also these pooled hidden states (`pooled_hidden`), after the signals.
     Returns:
-        (N, len(SIGNAL_NAMES)) float64 on the CPU.
+        (N, len(SIGNAL_NAMES) [+ hidden.width]) float64 on the CPU.
     """
     check_prompt_ids(prompt_ids, model.config.vocab_size)
+    if hidden is not None:
+        hidden.check_model(model.config)
     device = model.embed_tokens.weight.device
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    out = torch.empty(len(prompt_ids), len(SIGNAL_NAMES), dtype=torch.float64)
+    width = len(SIGNAL_NAMES) + (hidden.width if hidden is not None else 0)
+    out = torch.empty(len(prompt_ids), width, dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             prompts = [prompt_ids[i] for i in chunk]
-            result = model(right_pad(prompts, device), ignore_capacity=True, return_router_probs=True)
-            out[chunk] = signals_from_prefill(result.logits, result.router_probs, prompts)
+            result = model(right_pad(prompts, device), ignore_capacity=True, return_router_probs=True,
+                           return_hidden_states=hidden is not None)
+            out[chunk] = feature_row(result, prompts, hidden)
     finally:
         model.train(was_training)
     return out
+
+
+def feature_row(prefill: Any, prompt_ids: Sequence[Sequence[int]],
+                hidden: Optional[HiddenFeatures]) -> torch.Tensor:
+    """`signals_from_prefill` of a prefill's `MoEOutput`, then its `pooled_hidden` columns when `hidden` is set."""
+    signals = signals_from_prefill(prefill.logits, prefill.router_probs, prompt_ids)
+    if hidden is None:
+        return signals
+    return torch.cat([signals, pooled_hidden(prefill.hidden_states, prompt_ids, hidden)], dim=1)
 
 
 # ---- thresholds --------------------------------------------------------------------------
@@ -358,8 +462,9 @@ class DifficultyRouter:
     Attributes:
         signal_names: the signals used, a subset of `SIGNAL_NAMES`. Every
             method takes full `prompt_signals` rows and picks these columns.
-        mean, std: standardisation of each used signal.
-        weights, bias: the logistic model on standardised signals.
+        mean, std: standardisation of each used feature (the signals, then
+            the hidden columns).
+        weights, bias: the logistic model on standardised features.
         threshold: route to large when score >= threshold.
         fraction_thresholds: [large fraction, threshold] rows, fractions
             ascending, from the calibration set's scores (`threshold_for_fraction`).
@@ -367,6 +472,11 @@ class DifficultyRouter:
             escalation (`escalate_posthoc`), None if not calibrated.
         posthoc_fraction_thresholds: [escalated fraction, confidence threshold] rows.
         metadata: free-form facts about the calibration (checkpoints, data, sizes).
+        hidden: the small model's pooled hidden states the router also reads
+            (a probe), or None; rows then carry `hidden.width` more columns
+            (`prompt_signals(..., hidden=router.hidden)`).
+        deferral: the token-level post-hoc rule (`DeferralRule`), or None:
+            post-hoc routing then escalates on the mean token confidence.
     """
 
     signal_names: tuple[str, ...]
@@ -379,19 +489,44 @@ class DifficultyRouter:
     posthoc_threshold: Optional[float] = None
     posthoc_fraction_thresholds: list[list[float]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    hidden: Optional[HiddenFeatures] = None
+    deferral: Optional["DeferralRule"] = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.deferral, dict):
+            known = {f.name for f in fields(DeferralRule)}
+            unknown = sorted(set(self.deferral) - known)
+            if unknown:
+                raise ValueError(f"DifficultyRouter.deferral: unknown field(s) {unknown}")
+            try:
+                self.deferral = DeferralRule(**self.deferral)
+            except TypeError as err:
+                raise ValueError(f"DifficultyRouter.deferral: {err}") from None
+        if self.deferral is not None and not isinstance(self.deferral, DeferralRule):
+            raise ValueError(f"DifficultyRouter.deferral must be a DeferralRule or null, got {self.deferral!r}")
+        if isinstance(self.hidden, dict):
+            unknown = sorted(set(self.hidden) - {"layers", "pooling", "hidden_size"})
+            if unknown:
+                raise ValueError(f"DifficultyRouter.hidden: unknown field(s) {unknown}")
+            try:
+                self.hidden = HiddenFeatures(**self.hidden)
+            except TypeError as err:
+                raise ValueError(f"DifficultyRouter.hidden: {err}") from None
+        if self.hidden is not None and not isinstance(self.hidden, HiddenFeatures):
+            raise ValueError(f"DifficultyRouter.hidden must be HiddenFeatures or null, got {self.hidden!r}")
         self.signal_names = tuple(self.signal_names)
         unknown = [n for n in self.signal_names if n not in SIGNAL_NAMES]
         if not self.signal_names or unknown or len(set(self.signal_names)) != len(self.signal_names):
             raise ValueError(f"DifficultyRouter.signal_names must be distinct names from {list(SIGNAL_NAMES)}, "
                              f"got {list(self.signal_names)}")
+        num_features = len(self.signal_names) + self.hidden_width
         for name in ("mean", "std", "weights"):
             values = getattr(self, name)
-            if (not isinstance(values, (list, tuple)) or len(values) != len(self.signal_names)
+            if (not isinstance(values, (list, tuple)) or len(values) != num_features
                     or not all(_is_finite_number(v) for v in values)):
-                raise ValueError(f"DifficultyRouter.{name} must be {len(self.signal_names)} finite numbers "
-                                 f"(one per signal), got {values!r}")
+                shown = values if not isinstance(values, (list, tuple)) or len(values) < 16 else f"{len(values)} values"
+                raise ValueError(f"DifficultyRouter.{name} must be {num_features} finite numbers "
+                                 f"(one per feature), got {shown!r}")
             setattr(self, name, [float(v) for v in values])
         if not all(v > 0 for v in self.std):
             raise ValueError(f"DifficultyRouter.std must be positive, got {self.std}")
@@ -440,9 +575,14 @@ class DifficultyRouter:
         weights_F, bias = _fit_logistic((x_NF - mean_F) / std_F, y_N, float(l2))
         return cls(names, mean_F.tolist(), std_F.tolist(), weights_F.tolist(), bias)
 
+    @property
+    def hidden_width(self) -> int:
+        """Hidden-state columns after the signals in the rows this router reads (0 without a probe)."""
+        return self.hidden.width if self.hidden is not None else 0
+
     def score(self, signals: torch.Tensor) -> torch.Tensor:
-        """P(large is better) (N,) float64 for (N, len(SIGNAL_NAMES)) `prompt_signals` rows."""
-        x_NF = _columns(signals, self.signal_names)
+        """P(large is better) (N,) float64 for (N, len(SIGNAL_NAMES) + hidden_width) `prompt_signals` rows."""
+        x_NF = _columns(signals, self.signal_names, self.hidden_width)
         z_NF = (x_NF - torch.tensor(self.mean, dtype=torch.float64)) / torch.tensor(self.std, dtype=torch.float64)
         return torch.sigmoid(z_NF @ torch.tensor(self.weights, dtype=torch.float64) + self.bias)
 
@@ -459,6 +599,7 @@ class DifficultyRouter:
         path = Path(path)
         payload = {"format": ROUTER_FORMAT, "version": ROUTER_VERSION, **asdict(self)}
         payload["signal_names"] = list(self.signal_names)
+        payload["hidden"] = self.hidden.to_dict() if self.hidden is not None else None
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(payload, indent=1) + "\n")
@@ -502,6 +643,250 @@ class DifficultyRouter:
             raise ValueError(f"router file {path}: {err}") from None
 
 
+# ---- the hidden-state probe -------------------------------------------------------------
+
+PROBE_L2_GRID = tuple(10.0 ** e for e in range(-3, 4))  # penalties tried, on standardised features
+
+
+def routing_apgr(scores: torch.Tensor, gain: torch.Tensor) -> float:
+    """Area under the share of the total gain recovered when the highest-scoring queries go to large first.
+
+    RouteLLM's APGR for a routing order (random: 0.5 in expectation); NaN when
+    the total gain is not positive. Ties are taken in index order: use it on
+    continuous scores (the cross-validation below), `moe.cascade_eval` for reports.
+    """
+    gain = torch.as_tensor(gain, dtype=torch.float64).reshape(-1)
+    total = float(gain.sum())
+    if not total > 0:
+        return math.nan
+    order = torch.argsort(torch.as_tensor(scores, dtype=torch.float64).reshape(-1), descending=True, stable=True)
+    curve = torch.cat([torch.zeros(1, dtype=torch.float64), gain[order].cumsum(0)]) / total
+    return float(((curve[1:] + curve[:-1]) / 2).mean())
+
+
+def _ridge_path(x_NF: torch.Tensor, y_N: torch.Tensor, l2_grid: Sequence[float]) -> list[tuple[torch.Tensor, float]]:
+    """(weights, bias) minimising mean squared error + l2 * |w|^2 for each l2, from one eigendecomposition."""
+    mean_F, mean_y = x_NF.mean(0), y_N.mean()
+    xc_NF = x_NF - mean_F
+    gram_FF = xc_NF.T @ xc_NF / len(y_N)
+    eigenvalues, vectors = torch.linalg.eigh(gram_FF)
+    projected = vectors.T @ (xc_NF.T @ (y_N - mean_y) / len(y_N))
+    path = []
+    for l2 in l2_grid:
+        w_F = vectors @ (projected / (eigenvalues.clamp_min(0) + l2))
+        path.append((w_F, float(mean_y - mean_F @ w_F)))
+    return path
+
+
+def _standardise(x_NF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean_F = x_NF.mean(0)
+    std_F = x_NF.std(0, unbiased=False)
+    return mean_F, torch.where(std_F > 1e-12, std_F, torch.ones_like(std_F))
+
+
+def cross_validated_ridge(x_all: torch.Tensor, gain: torch.Tensor, groups: Sequence[int],
+                          candidates: Sequence[Sequence[int]], *, l2_grid: Sequence[float] = PROBE_L2_GRID,
+                          folds: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Ridge regressions of the gain on column subsets, scored by out-of-fold routing over whole documents.
+
+    Queries are split into `folds` folds by document (all of a document's
+    queries in one fold, so no text is both fitted and scored); each
+    (candidate, l2) predicts every query from the other folds, and the pair
+    whose out-of-fold predictions route best (`routing_apgr`) wins.
+
+    Returns:
+        {"candidate": index, "l2", "cv_apgr", "columns", "out_of_fold": (N,) predictions of the winner,
+         "results": [(candidate index, l2, cv_apgr), ...]}.
+    """
+    x_all = torch.as_tensor(x_all, dtype=torch.float64).cpu()
+    y_N = torch.as_tensor(gain, dtype=torch.float64).reshape(-1).cpu()
+    group_N = torch.as_tensor(list(groups), dtype=torch.int64)
+    documents = torch.unique(group_N)
+    if x_all.dim() != 2 or x_all.shape[0] != len(y_N) or len(group_N) != len(y_N):
+        raise ValueError(f"features, gain and groups must describe the same {len(y_N)} queries, got features "
+                         f"{tuple(x_all.shape)} and {len(group_N)} groups")
+    if not isinstance(folds, int) or not 2 <= folds <= len(documents):
+        raise ValueError(f"folds must be in [2, {len(documents)}] (the number of documents), got {folds}")
+    if not candidates:
+        raise ValueError("candidates: at least one feature set is needed")
+    shuffled = documents[torch.randperm(len(documents), generator=torch.Generator().manual_seed(seed))]
+    fold_of_document = {int(d): i % folds for i, d in enumerate(shuffled)}
+    fold_N = torch.tensor([fold_of_document[int(g)] for g in group_N])
+    results, best = [], None
+    for candidate, columns in enumerate(candidates):
+        x_NF = x_all[:, list(columns)]
+        out_of_fold = torch.zeros(len(l2_grid), len(y_N), dtype=torch.float64)
+        for fold in range(folds):
+            fit, held = fold_N != fold, fold_N == fold
+            mean_F, std_F = _standardise(x_NF[fit])
+            path = _ridge_path((x_NF[fit] - mean_F) / std_F, y_N[fit], l2_grid)
+            z_held = (x_NF[held] - mean_F) / std_F
+            for index, (w_F, b) in enumerate(path):
+                out_of_fold[index, held] = z_held @ w_F + b
+        for index, l2 in enumerate(l2_grid):
+            apgr = routing_apgr(out_of_fold[index], y_N)
+            results.append((candidate, l2, apgr))
+            if best is None or apgr > best["cv_apgr"]:
+                best = {"candidate": candidate, "l2": l2, "cv_apgr": apgr, "columns": list(columns),
+                        "out_of_fold": out_of_fold[index].clone()}
+    assert best is not None
+    best["results"] = results
+    best["num_documents"] = len(documents)
+    return best
+
+
+def _platt_linear(x_NF: torch.Tensor, gain: torch.Tensor, l2: float, out_of_fold: torch.Tensor,
+                  margin: float) -> tuple[list[float], list[float], list[float], float]:
+    """The ridge of `gain` on all of x_NF, scaled so that sigmoid(z . w + b) estimates P(gain > margin).
+
+    The scale comes from a 1-D logistic fit on the out-of-fold predictions, so
+    the probability is calibrated on queries the ridge did not see.
+    Returns (mean, std, weights, bias) on standardised features.
+    """
+    y_N = torch.as_tensor(gain, dtype=torch.float64).reshape(-1)
+    mean_F, std_F = _standardise(x_NF)
+    (w_F, b), = _ridge_path((x_NF - mean_F) / std_F, y_N, [l2])
+    labels = (y_N > margin).to(torch.float64)
+    if float(labels.min()) == float(labels.max()):
+        raise ValueError(f"margin: the gain is {'above' if labels[0] else 'at most'} margin={margin} on every "
+                         f"query; both classes are needed to scale the router to a probability")
+    p_mean, p_std = float(out_of_fold.mean()), float(out_of_fold.std(unbiased=False)) or 1.0
+    # A light penalty keeps the slope finite when the labels are separable (a saturated score cannot rank).
+    (a,), c = _fit_logistic(((out_of_fold - p_mean) / p_std).unsqueeze(1), labels, 1e-2)
+    scale = float(a) / p_std
+    return mean_F.tolist(), std_F.tolist(), (scale * w_F).tolist(), scale * (b - p_mean) + c
+
+
+def fit_probe(features: torch.Tensor, gain: torch.Tensor, groups: Sequence[int], full: HiddenFeatures,
+              candidates: Sequence[HiddenFeatures], *, margin: float = 0.0, l2_grid: Sequence[float] = PROBE_L2_GRID,
+              folds: int = 5, seed: int = 0) -> tuple[DifficultyRouter, dict[str, Any]]:
+    """The hidden-state probe: which layers and penalty, by cross-validation over whole documents.
+
+    NOTE: the fit.
+    1. Model: ridge regression of the large tier's gain (nats/token) on the
+       standardised signals and the candidate's pooled hidden states.
+    2. Selection: `cross_validated_ridge` over the candidates and `l2_grid`.
+    3. Output: the winner refitted on every query, then Platt-scaled on its
+       out-of-fold predictions to P(gain > margin), so the router's score is a
+       probability like the logistic router's, ranked the same as the ridge.
+
+    Args:
+        features: (N, len(SIGNAL_NAMES) + full.width) rows of `prompt_signals(..., hidden=full)`.
+        gain: (N,) the large tier's quality minus the small tier's.
+        groups: (N,) the document of each query.
+        full: the hidden features the rows hold.
+        candidates: feature sets to choose from (each a subset of `full`).
+        margin: the Platt labels are gain > margin.
+        l2_grid: penalties tried.
+        folds: cross-validation folds (at least 2, at most the number of documents).
+        seed: the assignment of documents to folds.
+    Returns:
+        (the router, its `hidden` set to the winner; a report of every candidate's
+        cross-validated APGR and the winner).
+    """
+    x_all = torch.as_tensor(features, dtype=torch.float64).cpu()
+    if x_all.dim() != 2 or x_all.shape[1] != len(SIGNAL_NAMES) + full.width:
+        raise ValueError(f"features must have {len(SIGNAL_NAMES) + full.width} columns (the signals and "
+                         f"{full.width} hidden-state columns), got shape {tuple(x_all.shape)}")
+    signals = list(range(len(SIGNAL_NAMES)))
+    column_sets = [signals + [len(SIGNAL_NAMES) + i for i in c.columns_in(full)] for c in candidates]
+    best = cross_validated_ridge(x_all, gain, groups, column_sets, l2_grid=l2_grid, folds=folds, seed=seed)
+    chosen = candidates[best["candidate"]]
+    mean, std, weights, bias = _platt_linear(x_all[:, best["columns"]], gain, best["l2"], best["out_of_fold"], margin)
+    router = DifficultyRouter(SIGNAL_NAMES, mean, std, weights, bias, hidden=chosen)
+    report = {"chosen": {"layers": list(chosen.layers), "pooling": list(chosen.pooling), "l2": best["l2"],
+                         "cv_apgr": best["cv_apgr"]},
+              "folds": folds, "num_documents": best["num_documents"],
+              "candidates": [{"layers": list(candidates[i].layers), "pooling": list(candidates[i].pooling),
+                              "l2": l2, "cv_apgr": apgr} for i, l2, apgr in best["results"]]}
+    return router, report
+
+
+# ---- token-level post-hoc deferral -------------------------------------------------------
+
+DEFERRAL_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+DEFERRAL_FEATURES = tuple(f"nll_q{round(100 * q)}" for q in DEFERRAL_QUANTILES) + ("nll_mean", "answer_tokens")
+
+
+def answer_features(token_logprobs: Sequence[float]) -> list[float]:
+    """Token-level uncertainty of an answer (`DEFERRAL_FEATURES`): quantiles and mean of its tokens' NLL, its length.
+
+    Gupta et al. (ICLR 2024) defer on quantiles of the per-token uncertainty
+    instead of the sequence mean, which is biased by length. An empty answer
+    has all zeros.
+    """
+    if not token_logprobs:
+        return [0.0] * len(DEFERRAL_FEATURES)
+    nll = -torch.tensor([float(v) for v in token_logprobs], dtype=torch.float64)
+    quantiles = torch.quantile(nll, torch.tensor(DEFERRAL_QUANTILES, dtype=torch.float64))
+    return quantiles.tolist() + [float(nll.mean()), float(len(token_logprobs))]
+
+
+@dataclass
+class DeferralRule:
+    """Post-hoc routing on the small tier's answer: P(the large tier answers better) from `answer_features`.
+
+    Attributes:
+        mean, std, weights, bias: a logistic model on standardised `DEFERRAL_FEATURES`.
+        threshold: escalate when score >= threshold.
+        fraction_thresholds: [escalated fraction, threshold] rows from the calibration answers.
+    """
+
+    mean: list[float]
+    std: list[float]
+    weights: list[float]
+    bias: float
+    threshold: float = 0.5
+    fraction_thresholds: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std", "weights"):
+            values = getattr(self, name)
+            if (not isinstance(values, (list, tuple)) or len(values) != len(DEFERRAL_FEATURES)
+                    or not all(_is_finite_number(v) for v in values)):
+                raise ValueError(f"DeferralRule.{name} must be {len(DEFERRAL_FEATURES)} finite numbers (one per "
+                                 f"feature of {list(DEFERRAL_FEATURES)}), got {values!r}")
+            setattr(self, name, [float(v) for v in values])
+        if not all(v > 0 for v in self.std):
+            raise ValueError(f"DeferralRule.std must be positive, got {self.std}")
+        for name in ("bias", "threshold"):
+            if not _is_finite_number(getattr(self, name)):
+                raise ValueError(f"DeferralRule.{name} must be a finite number, got {getattr(self, name)!r}")
+        _check_table(self.fraction_thresholds, "DeferralRule.fraction_thresholds", increasing=False)
+        self.fraction_thresholds = [[float(f), float(t)] for f, t in self.fraction_thresholds]
+
+    def score(self, answers: Sequence[Sequence[float]]) -> torch.Tensor:
+        """P(large is better) (N,) float64 for N answers, each its tokens' log-probabilities."""
+        x_NF = torch.tensor([answer_features(a) for a in answers], dtype=torch.float64).reshape(-1, len(self.mean))
+        z_NF = (x_NF - torch.tensor(self.mean, dtype=torch.float64)) / torch.tensor(self.std, dtype=torch.float64)
+        return torch.sigmoid(z_NF @ torch.tensor(self.weights, dtype=torch.float64) + self.bias)
+
+    def threshold_for_fraction(self, fraction: float) -> float:
+        """The score threshold escalating `fraction` of the calibration answers (interpolated)."""
+        return _interpolate(self.fraction_thresholds, fraction, "fraction_thresholds")
+
+    @classmethod
+    def fit(cls, answers: Sequence[Sequence[float]], gain: torch.Tensor, groups: Sequence[int], *,
+            margin: float = 0.0, l2_grid: Sequence[float] = PROBE_L2_GRID, folds: int = 5,
+            seed: int = 0) -> tuple["DeferralRule", dict[str, Any]]:
+        """Ridge of the gain on the answer features, penalty by cross-validation over documents, Platt-scaled.
+
+        Args:
+            answers: the small tier's answer to each calibration query, as token log-probabilities.
+            gain, groups, margin, l2_grid, folds, seed: as `fit_probe`.
+        Returns:
+            (the rule, thresholds set for every fraction of `TABLE_FRACTIONS` style use by
+            the caller; a report with the cross-validated APGR).
+        """
+        x_NF = torch.tensor([answer_features(a) for a in answers], dtype=torch.float64)
+        best = cross_validated_ridge(x_NF, gain, groups, [list(range(len(DEFERRAL_FEATURES)))], l2_grid=l2_grid,
+                                     folds=folds, seed=seed)
+        mean, std, weights, bias = _platt_linear(x_NF, gain, best["l2"], best["out_of_fold"], margin)
+        report = {"l2": best["l2"], "cv_apgr": best["cv_apgr"], "folds": folds,
+                  "num_documents": best["num_documents"]}
+        return cls(mean, std, weights, bias), report
+
+
 def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -521,18 +906,22 @@ def _check_table(table: Any, name: str, *, increasing: bool) -> None:
                          f"{direction} thresholds, got {table!r}")
 
 
-def _columns(signals: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+def _columns(signals: torch.Tensor, names: Sequence[str], hidden_width: int = 0) -> torch.Tensor:
+    """The named signal columns of `prompt_signals` rows, then their `hidden_width` hidden-state columns."""
     signals = torch.as_tensor(signals, dtype=torch.float64).cpu()
-    if signals.dim() != 2 or signals.shape[1] != len(SIGNAL_NAMES):
-        raise ValueError(f"signals must be (N, {len(SIGNAL_NAMES)}) rows of prompt_signals ({list(SIGNAL_NAMES)}), "
+    width = len(SIGNAL_NAMES) + hidden_width
+    if signals.dim() != 2 or signals.shape[1] != width:
+        extra = f" + {hidden_width} hidden-state columns" if hidden_width else ""
+        raise ValueError(f"signals must be (N, {width}) rows of prompt_signals ({list(SIGNAL_NAMES)}{extra}), "
                          f"got shape {tuple(signals.shape)}")
     if not torch.isfinite(signals).all():
         raise ValueError("signals must be finite")
-    return signals[:, [SIGNAL_NAMES.index(n) for n in names]]
+    return torch.cat([signals[:, [SIGNAL_NAMES.index(n) for n in names]], signals[:, len(SIGNAL_NAMES):]], dim=1)
 
 
 __all__ = [
-    "SIGNAL_NAMES", "DifficultyRouter", "confidence_threshold_for_escalation", "escalate_posthoc",
+    "DEFERRAL_FEATURES", "POOLINGS", "SIGNAL_NAMES", "DeferralRule", "DifficultyRouter", "HiddenFeatures",
+    "answer_features", "cross_validated_ridge", "feature_row", "fit_probe", "pooled_hidden", "routing_apgr", "confidence_threshold_for_escalation", "escalate_posthoc",
     "prompt_signals", "signals_from_prefill", "threshold_for_budget", "threshold_for_count",
     "threshold_for_large_fraction", "tier_for_score",
 ]

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
-from moe.difficulty import check_prompt_ids, right_pad, signals_from_prefill
+from moe.difficulty import HiddenFeatures, check_prompt_ids, feature_row, right_pad
 from moe.model import KVCache, MoETransformer
 
 EOS_TOKEN = "<|endoftext|>"
@@ -428,7 +428,7 @@ class Generator:
         yield "", request.completion()
 
     @torch.no_grad()
-    def prefill_signals(self, prompt_ids: list[list[int]]) -> torch.Tensor:
+    def prefill_signals(self, prompt_ids: list[list[int]], hidden: Optional[HiddenFeatures] = None) -> torch.Tensor:
         """The difficulty signals of each prompt (`moe.difficulty.SIGNAL_NAMES`) from this generator's prefill.
 
         The same signals as `moe.difficulty.prompt_signals` (up to float
@@ -436,16 +436,22 @@ class Generator:
         `prefill_memo` prefills are kept, so generating one of these prompts
         next (pre-generation routing chose this tier) skips its prefill.
 
+        Args:
+            prompt_ids: the prompts.
+            hidden: also these pooled hidden states (a probe router's features).
         Returns:
-            (N, len(SIGNAL_NAMES)) float64 on the CPU.
+            (N, len(SIGNAL_NAMES) [+ hidden.width]) float64 on the CPU.
         """
         check_prompt_ids(prompt_ids, self.model.config.vocab_size)
         self._check_lengths(prompt_ids, [1] * len(prompt_ids))
+        if hidden is not None:
+            hidden.check_model(self.model.config)
         rows = []
         for start in range(0, len(prompt_ids), self.max_batch_size):
             prompts = prompt_ids[start:start + self.max_batch_size]
-            cache, out = self._prefill(prompts, capacity=max(len(p) for p in prompts), router_probs=True)
-            rows.append(signals_from_prefill(out.logits, out.router_probs, prompts))
+            cache, out = self._prefill(prompts, capacity=max(len(p) for p in prompts), router_probs=True,
+                                       hidden_states=hidden is not None)
+            rows.append(feature_row(out, prompts, hidden))
             if self.prefill_memo > 0:
                 with self._memo_lock:
                     for row, ids in enumerate(prompts):
@@ -520,10 +526,11 @@ class Generator:
                                  f"{max(0, max_seq_len - new)} prompt tokens")
 
     @torch.no_grad()
-    def _prefill(self, prompts: list[list[int]], *, capacity: int, router_probs: bool = False):
+    def _prefill(self, prompts: list[list[int]], *, capacity: int, router_probs: bool = False,
+                 hidden_states: bool = False):
         cache = KVCache(self.model.config.num_layers, len(prompts), capacity)
         out = self.model(right_pad(prompts, self.device), cache=cache, input_lengths=[len(p) for p in prompts],
-                         return_router_probs=router_probs)
+                         return_router_probs=router_probs, return_hidden_states=hidden_states)
         return cache, out
 
     @torch.no_grad()

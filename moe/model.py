@@ -317,6 +317,8 @@ class MoEOutput:
         losses: each unweighted balancing loss averaged over MoE layers.
         router_probs: with `return_router_probs`, one detached (B, S, E)
             tensor per MoE layer: each token's probabilities over experts.
+        hidden_states: with `return_hidden_states`, the residual stream after
+            each block, one (B, S, D) tensor per layer (before the final norm).
     """
 
     logits: torch.Tensor
@@ -325,6 +327,7 @@ class MoEOutput:
     loss: Optional[torch.Tensor] = None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     router_probs: list[torch.Tensor] = field(default_factory=list)
+    hidden_states: list[torch.Tensor] = field(default_factory=list)
 
 
 
@@ -406,7 +409,7 @@ class MoETransformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
                 targets: Optional[torch.Tensor] = None, *, cache: Optional[KVCache] = None,
                 input_lengths: Optional[list[int]] = None, ignore_capacity: bool = False,
-                return_router_probs: bool = False) -> MoEOutput:
+                return_router_probs: bool = False, return_hidden_states: bool = False) -> MoEOutput:
         """Args:
             input_ids: (B, S) token ids.
             doc_ids: optional (B, S) document ids of packed sequences; tokens
@@ -422,17 +425,18 @@ class MoETransformer(nn.Module):
                 the capacity factor, so a token's output does not depend on
                 the rest of the batch (inference; always on with a cache).
             return_router_probs: fill `MoEOutput.router_probs`.
+            return_hidden_states: fill `MoEOutput.hidden_states`.
         """
         self._check_inputs(input_ids, doc_ids, targets)
         if cache is not None:
             if doc_ids is not None or targets is not None:
                 raise ValueError("doc_ids and targets are not supported with a cache (incremental decoding)")
-            return self._forward_cached(input_ids, cache, input_lengths, return_router_probs)
+            return self._forward_cached(input_ids, cache, input_lengths, return_router_probs, return_hidden_states)
         batch, seq_len = input_ids.shape
         x_BSD = self.embed_tokens(input_ids)
         rope = self.rope(seq_len, x_BSD.device, x_BSD.dtype)
         mask = self._build_mask(seq_len, x_BSD.device, self.config.sliding_window, doc_ids)
-        aux_losses, router_stats, router_probs = [], [], []
+        aux_losses, router_stats, router_probs, hidden_states = [], [], [], []
         losses: dict[str, list[torch.Tensor]] = {}
         for layer in self.layers:
             if layer.checkpoint_activations and torch.is_grad_enabled():
@@ -443,6 +447,8 @@ class MoETransformer(nn.Module):
             else:
                 x_BSD, routing = layer(x_BSD, rope, mask, ignore_capacity=ignore_capacity,
                                        return_router_probs=return_router_probs)
+            if return_hidden_states:
+                hidden_states.append(x_BSD.detach())
             if routing is not None:
                 if return_router_probs:
                     router_probs.append(routing.probs_TE.view(batch, seq_len, -1))
@@ -456,10 +462,11 @@ class MoETransformer(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return MoEOutput(logits, aux_loss, router_stats, loss,
-                         {name: torch.stack(values).mean() for name, values in losses.items()}, router_probs)
+                         {name: torch.stack(values).mean() for name, values in losses.items()}, router_probs,
+                         hidden_states)
 
     def _forward_cached(self, input_ids: torch.Tensor, cache: KVCache, input_lengths: Optional[list[int]],
-                        return_router_probs: bool) -> MoEOutput:
+                        return_router_probs: bool, return_hidden_states: bool = False) -> MoEOutput:
         """The forward pass of incremental decoding (prefill or one decode step).
 
         Routing ignores any capacity factor (each token keeps its top-k
@@ -487,15 +494,18 @@ class MoETransformer(nn.Module):
         mask = cached_attention_mask(positions_BS, step.key_start, step.key_end, window)
         x_BSD = self.embed_tokens(input_ids)
         rope = self.rope.at_positions(positions_BS, x_BSD.dtype)
-        router_probs = []
+        router_probs, hidden_states = [], []
         for layer in self.layers:
             x_BSD, routing = layer(x_BSD, rope, mask, step, ignore_capacity=True,
                                    return_router_probs=return_router_probs)
+            if return_hidden_states:
+                hidden_states.append(x_BSD)
             if routing is not None and return_router_probs:
                 router_probs.append(routing.probs_TE.view(batch, seq_len, -1))
         cache.advance(seq_len if input_lengths is None else input_lengths)
         logits = self.lm_head(self.norm(x_BSD))
-        return MoEOutput(logits, logits.new_zeros((), dtype=torch.float32), router_probs=router_probs)
+        return MoEOutput(logits, logits.new_zeros((), dtype=torch.float32), router_probs=router_probs,
+                         hidden_states=hidden_states)
 
     def _check_inputs(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor],
                       targets: Optional[torch.Tensor]) -> None:

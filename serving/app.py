@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -55,7 +56,8 @@ def check_tiers(small: str, large: str) -> dict[str, Any]:
                              f"their data's tokenizer)")
         facts[key] = {"checkpoint": str(directory.resolve()), "tokenizer": str(tokenizer.resolve()),
                       "tokenizer_sha256": _sha256(tokenizer), "max_seq_len": config.max_seq_len,
-                      "vocab_size": config.vocab_size, "active_params": count_parameters(config)["active"]}
+                      "vocab_size": config.vocab_size, "active_params": count_parameters(config)["active"],
+                      "num_layers": config.num_layers, "hidden_size": config.hidden_size}
     if facts["small"]["tokenizer_sha256"] != facts["large"]["tokenizer_sha256"]:
         raise ValueError(f"invalid configuration: small/large: the tiers' tokenizers differ: "
                          f"{facts['small']['tokenizer']} and {facts['large']['tokenizer']}; a cascade needs both "
@@ -70,7 +72,9 @@ def router_file_for(cfg: DictConfig, facts: dict[str, Any]) -> Path:
     if cfg.routing.router is not None:
         path = Path(cfg.routing.router)
         try:
-            DifficultyRouter.load(path)
+            router = DifficultyRouter.load(path)
+            if router.hidden is not None:  # a probe reads the small tier's own hidden states
+                router.hidden.check_model(SimpleNamespace(**facts["small"]), f"small ({facts['small']['checkpoint']})")
         except (OSError, ValueError) as err:
             raise ValueError(f"invalid configuration: routing.router: {err}") from None
         return path.resolve()
@@ -91,9 +95,11 @@ def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
     """The Ray Serve application: `small` and `large` Tier deployments, composed into the ingress."""
     from ray import serve
 
+    from moe.difficulty import DifficultyRouter
     from serving.ingress import IngressDeployment
     from serving.tier import Tier
 
+    router = DifficultyRouter.load(router_file)
     tiers = {}
     for name in ("small", "large"):
         t = cfg.tiers[name]
@@ -109,7 +115,8 @@ def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
         deployment = serve.deployment(Tier).options(**options)
         tiers[name] = deployment.bind(name, facts[name]["checkpoint"], dtype=t.dtype,
                                       num_threads=max(1, int(t.num_cpus)), max_batch_size=t.max_batch_size,
-                                      batch_wait_timeout_s=t.batch_wait_timeout_s, fault=t.fault)
+                                      batch_wait_timeout_s=t.batch_wait_timeout_s, fault=t.fault,
+                                      hidden=router.hidden.to_dict() if name == "small" and router.hidden else None)
     ingress = serve.deployment(IngressDeployment).options(
         name="ingress", ray_actor_options={"num_cpus": INGRESS_CPUS},
         max_ongoing_requests=cfg.ingress.max_ongoing_requests)

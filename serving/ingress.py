@@ -410,12 +410,28 @@ class CascadeIngress:
                                     f"({self.cost_ratio:.3f} of the large tier's): not even all-small fits", "model")
         return self.router.threshold_for_fraction(large_fraction_for_budget(self.cost_ratio, 1.0, budget))
 
-    def _confidence_threshold(self, mode: Mode) -> float:
+    def _posthoc_decision(self, mode: Mode, answer: dict[str, Any]) -> tuple[bool, Optional[float]]:
+        """(escalate?, the deferral rule's score or None) for the small tier's answer.
+
+        An explicit confidence (the request's or `routing.posthoc_confidence`)
+        uses the mean token confidence; otherwise the router's token-level
+        deferral rule when it has one, else its calibrated confidence threshold.
+        """
+        from moe.difficulty import escalate_posthoc
+
         if mode.option == "confidence":
-            return mode.value
-        if self.routing.get("posthoc_confidence") is not None:
-            return self.routing["posthoc_confidence"]
-        return self.posthoc_threshold
+            return escalate_posthoc(answer["confidence"], mode.value), None
+        if self.routing.get("posthoc_confidence") is not None and mode.option is None:
+            return escalate_posthoc(answer["confidence"], self.routing["posthoc_confidence"]), None
+        deferral = self.router.deferral
+        if deferral is not None:
+            score = float(deferral.score([answer["token_logprobs"]])[0])
+            threshold = deferral.threshold_for_fraction(mode.value) if mode.option == "fraction" else \
+                deferral.threshold
+            return score >= threshold, score
+        threshold = (self.router.posthoc_threshold_for_fraction(mode.value) if mode.option == "fraction"
+                     else self.posthoc_threshold)
+        return escalate_posthoc(answer["confidence"], threshold), None
 
     async def _call(self, tier: str, method: str, *args: Any) -> Any:
         timeout = self.routing["large_timeout_s"] if tier == "large" else None
@@ -465,8 +481,6 @@ class CascadeIngress:
             return {**answer, "tier": fallback, "difficulty": difficulty, "degraded": True}
 
     async def _answer_posthoc(self, mode: Mode, request: dict[str, Any]) -> dict[str, Any]:
-        from moe.difficulty import escalate_posthoc
-
         try:
             first = await self._call("small", "generate", request)
         except TierFailed as err:
@@ -476,16 +490,18 @@ class CascadeIngress:
             except TierFailed as second:
                 raise RequestError(503, f"no tier could answer: {err}; {second}", None, "server_error") from None
             return {**answer, "tier": "large", "degraded": True}
-        if not escalate_posthoc(first["confidence"], self._confidence_threshold(mode)):
-            return {**first, "tier": "small"}
+        escalate, difficulty = self._posthoc_decision(mode, first)
+        if not escalate:
+            return {**first, "tier": "small", "difficulty": difficulty}
         self.escalations.inc()
         try:
             answer = await self._call("large", "generate", request)
         except TierFailed as err:
             log.warning("%s; returning the small tier's answer", err)
             self.degraded.inc(tags={"failed_tier": "large"})
-            return {**first, "tier": "small", "escalated": True, "degraded": True}
-        return {**answer, "tier": "large", "escalated": True, "confidence": first["confidence"]}
+            return {**first, "tier": "small", "escalated": True, "degraded": True, "difficulty": difficulty}
+        return {**answer, "tier": "large", "escalated": True, "confidence": first["confidence"],
+                "difficulty": difficulty}
 
     def _record(self, mode: Mode, answer: dict[str, Any], started: float) -> None:
         tier = answer["tier"]

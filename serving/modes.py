@@ -5,8 +5,10 @@
     cascade@threshold=0.6         an explicit threshold on the router's score
     cascade@budget=0.5            the most large-tier calls whose mean cost per query stays within 50% of
                                   answering everything with the large tier (costs: active parameters)
-    cascade-posthoc               the small tier answers first; escalate when its confidence is low
-    cascade-posthoc@confidence=C  ... below an explicit mean token probability
+    cascade-posthoc               the small tier answers first; escalate when the router's post-hoc rule
+                                  says so (its token-level deferral rule, else the mean token confidence)
+    cascade-posthoc@fraction=F    ... at the threshold calibrated to escalate a fraction F of answers
+    cascade-posthoc@confidence=C  ... when the mean token probability is below C
     small, large                  that tier only
 """
 
@@ -17,7 +19,7 @@ from typing import Optional
 
 TIERS = ("small", "large")
 CASCADE, POSTHOC = "cascade", "cascade-posthoc"
-_OPTIONS = {CASCADE: ("fraction", "threshold", "budget"), POSTHOC: ("confidence",)}
+_OPTIONS = {CASCADE: ("fraction", "threshold", "budget"), POSTHOC: ("confidence", "fraction")}
 
 
 class UnknownModelError(ValueError):
@@ -40,7 +42,7 @@ def parse_model(name: str) -> Mode:
     if base not in _OPTIONS:
         raise UnknownModelError(f"model: unknown model {name!r}; use one of {', '.join(available_models())}, "
                                 f"or cascade@fraction=F, cascade@threshold=T, cascade@budget=B, "
-                                f"cascade-posthoc@confidence=C")
+                                f"cascade-posthoc@confidence=C, cascade-posthoc@fraction=F")
     if not option:
         return Mode(base)
     key, _, raw = option.partition("=")

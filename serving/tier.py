@@ -50,13 +50,17 @@ class Tier:
         dtype: "float32" or "bfloat16".
         num_threads: torch threads (the replica's CPUs).
         fault: drills only: "error" fails every call, "hang" never answers.
+        hidden: the pooled hidden states `signals` adds after the signals (the
+            router's `HiddenFeatures` as a dict), or None.
     """
 
     def __init__(self, name: str, checkpoint: str, dtype: str = "float32", num_threads: int = 1,
-                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, fault: Optional[str] = None) -> None:
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, fault: Optional[str] = None,
+                 hidden: Optional[dict[str, Any]] = None) -> None:
         import torch
 
         import moe
+        from moe.difficulty import HiddenFeatures
         from moe.generate import Generator, load_tokenizer
 
         torch.set_num_threads(max(1, num_threads))
@@ -66,6 +70,9 @@ class Tier:
         model = moe.load_checkpoint(checkpoint, device=device,
                                     dtype=torch.bfloat16 if dtype == "bfloat16" else None).eval()
         self.generator = Generator(model, load_tokenizer(checkpoint), max_batch_size=max_batch_size, device=device)
+        self.hidden = HiddenFeatures(**hidden) if hidden is not None else None
+        if self.hidden is not None:
+            self.hidden.check_model(model.config, f"the {name} tier ({checkpoint})")
         self.fault = fault
         self.num_calls = 0
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tier-{name}")
@@ -129,13 +136,14 @@ class Tier:
         return [_completion_dict(c) for c in completions]
 
     async def signals(self, prompt_ids: list[int]) -> list[float]:
-        """The pre-generation difficulty signals of one prompt (moe.difficulty.SIGNAL_NAMES order)."""
+        """The pre-generation difficulty signals of one prompt (moe.difficulty.SIGNAL_NAMES order), then the
+        router's hidden-state features when the tier was built with `hidden`."""
         await self._drill()
         return await self.signals_batch(prompt_ids)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def signals_batch(self, prompts: list[list[int]]) -> list[list[float]]:
-        signals = await self._run(self.generator.prefill_signals, prompts)
+        signals = await self._run(self.generator.prefill_signals, prompts, self.hidden)
         return [row.tolist() for row in signals]
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

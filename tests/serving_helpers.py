@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import moe
-from moe.difficulty import SIGNAL_NAMES, DifficultyRouter
+from moe.difficulty import DEFERRAL_FEATURES, SIGNAL_NAMES, DeferralRule, DifficultyRouter, HiddenFeatures
 
 SERVE_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "serve_config.yaml"
 SERVE_CONFIG_PATHS = ("small", "large", "routing.router")  # the args a user edits to point at their files
@@ -36,13 +36,26 @@ def make_tier(directory: Path, tokenizer_json: str, hidden: int, seed: int) -> P
 
 
 def length_router(path: Path) -> Path:
-    """A router that scores by prompt length only: P(large) >= 0.5 exactly when tokens > LENGTH_SPLIT."""
+    """A router that scores by prompt length: P(large) >= 0.5 exactly when tokens > LENGTH_SPLIT.
+
+    It is also a probe: the small tier's last-layer state at the prompt's last
+    token adds a little to the score (too little to change a decision, enough
+    to show in `difficulty`), so the served scores prove the hidden states
+    reach the ingress. Its token-level deferral rule scores the small answer
+    by its length; its table escalates every answer at fraction 1 and none at 0.
+    """
     index = SIGNAL_NAMES.index("prompt_tokens")
-    weights = [0.0] * len(SIGNAL_NAMES)
+    hidden = HiddenFeatures(layers=(1,), pooling=("last",), hidden_size=16)
+    weights = [0.0] * len(SIGNAL_NAMES) + [1.0] * hidden.width  # random-init states are small: a shift of ~0.1
     weights[index] = 1.0
-    router = DifficultyRouter(signal_names=tuple(SIGNAL_NAMES), mean=[0.0] * len(SIGNAL_NAMES),
-                              std=[1.0] * len(SIGNAL_NAMES), weights=weights, bias=-(LENGTH_SPLIT + 0.5),
-                              threshold=0.5, fraction_thresholds=[[0.0, 1.0], [1.0, 0.0]], posthoc_threshold=0.5)
+    width = len(weights)
+    deferral = DeferralRule(mean=[0.0] * len(DEFERRAL_FEATURES), std=[1.0] * len(DEFERRAL_FEATURES),
+                            weights=[0.0] * (len(DEFERRAL_FEATURES) - 1) + [0.5], bias=-1.0, threshold=0.5,
+                            fraction_thresholds=[[0.0, 1.0], [1.0, 0.0]])
+    router = DifficultyRouter(signal_names=tuple(SIGNAL_NAMES), mean=[0.0] * width, std=[1.0] * width,
+                              weights=weights, bias=-(LENGTH_SPLIT + 0.5), threshold=0.5,
+                              fraction_thresholds=[[0.0, 1.0], [1.0, 0.0]], posthoc_threshold=0.5, hidden=hidden,
+                              deferral=deferral)
     router.save(path)
     return path
 

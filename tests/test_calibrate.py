@@ -92,6 +92,21 @@ def test_cli_writes_a_consistent_report(setup, capsys) -> None:
     assert router.metadata["tokenizer_sha256"] == report["tokenizer_sha256"]
     assert router.metadata["data"] == str(setup["data"].resolve()), "data.output of the small run's config.yaml"
 
+    # router=auto wrote the candidate that routes the held-out documents best; the probe read the small tier's
+    # hidden states; the fit and held-out queries come from different documents.
+    candidates = report["candidates"]
+    assert set(candidates) == {"logistic", "probe"}
+    best = max(candidates, key=lambda name: candidates[name]["heldout_apgr"])
+    assert report["router"]["kind"] == best
+    assert (router.hidden is not None) == (best == "probe")
+    assert report["probe"]["chosen"]["cv_apgr"] == max(c["cv_apgr"] for c in report["probe"]["candidates"])
+    assert 1 <= report["num_heldout_documents"] < report["num_documents"]
+    # The token-level deferral rule, fitted on the small tier's answers to fit queries, is in router.json.
+    deferral = posthoc["deferral_report"]
+    assert router.deferral is not None and len(router.deferral.fraction_thresholds) == 101
+    assert router.deferral.threshold == pytest.approx(router.deferral.threshold_for_fraction(0.4))
+    assert deferral["num_fit_answers"] == report["num_fit"] and 0 <= deferral["heldout_apgr"] <= 1
+
 
 def test_mismatched_tokenizers_are_refused(setup) -> None:
     other = setup["root"] / "other_large"
@@ -119,6 +134,8 @@ def test_argument_and_input_errors(setup, capsys) -> None:
         ([f"small={setup['large']}", f"large={setup['large']}", f"data={setup['root'] / 'corpus'}"],
          "data: .*tokenizer.json"),
         ([f"small={setup['small']}", f"large={setup['large']}", "margin=50"], "margin: labels are all 0"),
+        ([f"small={setup['small']}", f"large={setup['large']}", "router=mlp"], "router must be one of"),
+        ([f"small={setup['small']}", f"large={setup['large']}", "deferral_queries=-1"], "deferral_queries"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:

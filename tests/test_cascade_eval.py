@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe import ModelConfig
+from moe import ModelConfig, load_checkpoint
 from moe.cascade_eval import (answer_flops, area, first_crossing, forward_flops, gain_curve, main, pgr_curve,
                               router_summary)
 from moe.model import count_parameters
@@ -98,9 +98,15 @@ def test_cli_reports_every_router_consistently(cascade_pair, capsys) -> None:
     assert report["documents"] == {"calibration": manifest["splits"]["calibration"]["num_documents"],
                                    "test": manifest["splits"]["validation"]["num_documents"]}
     routers = report["routers"]
-    expected = {"random", "learned", "learned_regression", "posthoc", "oracle", "signal:mean_nll", "signal:max_nll",
-                "signal:mean_entropy", "signal:prompt_tokens", "signal:router_entropy"}
+    expected = {"random", "learned", "learned_regression", "probe", "posthoc", "deferral", "oracle", "signal:mean_nll",
+                "signal:max_nll", "signal:mean_entropy", "signal:prompt_tokens", "signal:router_entropy"}
     assert set(routers) == expected
+    # The probe chose one of its candidates (each layer of the small tier, or all) by cross-validation.
+    probe = report["probe"]
+    layers = list(range(load_checkpoint(cascade_pair["small"]).config.num_layers))
+    assert probe["chosen"]["layers"] in [[layer] for layer in layers] + [layers]
+    assert probe["chosen"]["cv_apgr"] == max(c["cv_apgr"] for c in probe["candidates"])
+    assert 0 < report["deferral"]["cv_apgr"] < 1
     assert routers["random"]["apgr"] == pytest.approx(0.5)
     assert routers["random"]["cpt50"] == pytest.approx(0.5) and routers["random"]["cpt80"] == pytest.approx(0.8)
     for name, entry in routers.items():
@@ -117,6 +123,8 @@ def test_cli_reports_every_router_consistently(cascade_pair, capsys) -> None:
     assert routers["learned"]["loglik"]["cost_range"][1] == pytest.approx(
         1 + report["router_prefill_flops_per_query"] / tiers["large"]["flops_per_query"])
     assert routers["posthoc"]["loglik"]["cost_range"] == pytest.approx([small_share, 1 + small_share])
+    assert routers["deferral"]["loglik"]["cost_range"] == pytest.approx([small_share, 1 + small_share])
+    assert routers["probe"]["loglik"]["cost_range"] == routers["learned"]["loglik"]["cost_range"]
     assert tiers["large"]["active_params"] > tiers["small"]["active_params"]
     assert tiers["large"]["loglik"] > tiers["small"]["loglik"], "the fixture's large tier is trained"
     queries = report["test_queries"]

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from moe import ModelConfig, MoETransformer
-from moe.difficulty import (SIGNAL_NAMES, DifficultyRouter, confidence_threshold_for_escalation, escalate_posthoc,
-                            prompt_signals, threshold_for_budget, threshold_for_large_fraction, tier_for_score)
+from moe.difficulty import (PROBE_L2_GRID, SIGNAL_NAMES, DifficultyRouter, HiddenFeatures,
+                            confidence_threshold_for_escalation, escalate_posthoc, fit_probe, prompt_signals,
+                            routing_apgr, threshold_for_budget, threshold_for_large_fraction, tier_for_score)
 
 TINY = dict(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, max_seq_len=32,
             first_k_dense=1, sliding_window=4, experts=dict(num_experts=4, hidden_size=16, backend="loop"),
@@ -291,3 +292,77 @@ def test_large_fraction_for_budget_matches_threshold_for_budget() -> None:
     assert large_fraction_for_budget(1.0, 4.0, 9.0) == 1.0
     with pytest.raises(ValueError, match="below cost_small"):
         large_fraction_for_budget(1.0, 4.0, 0.5)
+
+
+# ---- the hidden-state probe --------------------------------------------------------------
+
+def test_pooled_hidden_states_match_each_prompt_alone() -> None:
+    model = tiny_model(router=dict(top_k=2, capacity_factor=0.5))
+    hidden = HiddenFeatures(layers=(2, 0), pooling=("last", "mean"), hidden_size=32)
+    got = prompt_signals(model, PROMPTS, batch_size=3, hidden=hidden)
+    assert got.shape == (3, len(SIGNAL_NAMES) + 2 * 2 * 32) and hidden.width == 128
+    torch.testing.assert_close(got[:, :len(SIGNAL_NAMES)], prompt_signals(model, PROMPTS), atol=1e-12, rtol=1e-12)
+    for row, ids in enumerate(PROMPTS):
+        with torch.no_grad():
+            states = model(torch.tensor([ids]), ignore_capacity=True, return_hidden_states=True).hidden_states
+        expected = []
+        for layer in (2, 0):
+            h = states[layer][0].tolist()  # (n, D), summed in Python floats
+            expected += h[-1] + [sum(col) / len(ids) for col in zip(*h)]
+        torch.testing.assert_close(got[row, len(SIGNAL_NAMES):], torch.tensor(expected, dtype=torch.float64),
+                                   atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="layers \\[2, 5\\] of width 32, but the small model has 3 layers"):
+        prompt_signals(model, PROMPTS, hidden=HiddenFeatures((2, 5), ("last",), 32))
+    with pytest.raises(ValueError, match="pooling"):
+        HiddenFeatures((0,), ("max",), 32)
+
+
+def test_routing_apgr_matches_the_definition() -> None:
+    torch.manual_seed(1)
+    scores, gain = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64) + 0.5
+    order = sorted(range(50), key=lambda i: -float(scores[i]))
+    total = float(gain.sum())
+    recovered = [sum(float(gain[i]) for i in order[:k]) / total for k in range(51)]
+    area = sum((a + b) / 2 for a, b in zip(recovered, recovered[1:])) / 50
+    assert routing_apgr(scores, gain) == pytest.approx(area, rel=1e-12)
+    assert routing_apgr(gain, gain) > 0.5 > routing_apgr(-gain, gain)
+    assert math.isnan(routing_apgr(scores, -gain.abs()))
+
+
+def test_probe_finds_the_informative_layer_and_generalises(tmp_path) -> None:
+    """The gain depends on layer 1's last-token state only: cross-validation over documents picks that layer,
+    and the Platt-scaled router ranks new queries like the true gain."""
+    torch.manual_seed(0)
+    size, num = 8, 600
+    full = HiddenFeatures(layers=(0, 1, 2), pooling=("last", "mean"), hidden_size=size)
+    direction = torch.randn(size, dtype=torch.float64)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.randn(n, len(SIGNAL_NAMES) + full.width, dtype=torch.float64)
+        layer1_last = rows[:, len(SIGNAL_NAMES) + 2 * size:len(SIGNAL_NAMES) + 3 * size]
+        return rows, 0.3 + layer1_last @ direction * 0.2 + 0.15 * torch.randn(n, dtype=torch.float64)
+
+    features, gain = sample(num)
+    groups = [i // 6 for i in range(num)]  # 100 documents of 6 queries
+    candidates = [HiddenFeatures((layer,), ("last", "mean"), size) for layer in (0, 1, 2)] + [full]
+    router, report = fit_probe(features, gain, groups, full, candidates, margin=0.3, folds=5)
+    assert report["chosen"]["layers"] == [1] and report["chosen"]["cv_apgr"] > 0.8
+    assert len(report["candidates"]) == len(candidates) * len(PROBE_L2_GRID)
+    assert router.hidden == HiddenFeatures((1,), ("last", "mean"), size)
+    test_features, test_gain = sample(400)
+    rows = torch.cat([test_features[:, :len(SIGNAL_NAMES)],
+                      test_features[:, len(SIGNAL_NAMES) + 2 * size:len(SIGNAL_NAMES) + 4 * size]], dim=1)
+    scores = router.score(rows)
+    assert ((scores > 0) & (scores < 1)).all()
+    oracle = routing_apgr(test_gain, test_gain)
+    assert routing_apgr(scores, test_gain) > 0.95 * oracle
+    with pytest.raises(ValueError, match="signals must be \\(N, 21\\) rows"):
+        router.score(test_features)
+    router.save(tmp_path / "probe.json")
+    loaded = DifficultyRouter.load(tmp_path / "probe.json")
+    assert loaded.hidden == router.hidden
+    torch.testing.assert_close(loaded.score(rows), scores, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="folds must be in \\[2, 100\\]"):
+        fit_probe(features, gain, groups, full, candidates, folds=101)
+    with pytest.raises(ValueError, match="margin"):
+        fit_probe(features, gain, groups, full, candidates, margin=100.0)

@@ -356,13 +356,17 @@ def test_stream_deltas_concatenate_to_the_text(tokenizer, script, stop) -> None:
 
 
 def test_prefill_signals_are_reused_by_generation(tokenizer) -> None:
-    from moe.difficulty import prompt_signals
+    from moe.difficulty import HiddenFeatures, prompt_signals
 
     model = tiny_model(**CASES["dense_first_window_mha"])
     generator = Generator(model, tokenizer, max_batch_size=2)
     prompts = [[11, 2], [5, 9, 3, 7, 1], [4, 4, 8]]
     signals = generator.prefill_signals(prompts)
     torch.testing.assert_close(signals, prompt_signals(model, prompts), atol=1e-10, rtol=1e-10)
+    # A probe router's features: the same pooled hidden states as the plain forward pass (KV-cached prefill).
+    hidden = HiddenFeatures((0, model.config.num_layers - 1), ("last", "mean"), model.config.hidden_size)
+    torch.testing.assert_close(generator.prefill_signals(prompts, hidden=hidden),
+                               prompt_signals(model, prompts, hidden=hidden), atol=1e-10, rtol=1e-10)
     assert len(generator._memo) == 2  # the last max_batch_size prefills are kept
     calls = []
     hook = model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))

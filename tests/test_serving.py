@@ -12,6 +12,7 @@ so the expected tier of every prompt is known.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ requests = pytest.importorskip("requests")
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 import moe  # noqa: E402
-from moe.difficulty import DifficultyRouter, prompt_signals  # noqa: E402
+from moe.difficulty import SIGNAL_NAMES, DifficultyRouter, prompt_signals  # noqa: E402
 from moe.generate import Generator, SamplingParams, load_tokenizer  # noqa: E402
 from serving.app import build_app, check_tiers  # noqa: E402
 from serving.config import register_configs  # noqa: E402
@@ -120,8 +121,12 @@ def test_cascade_routes_by_difficulty(server, local, tiers) -> None:
         assert (len(ids) > LENGTH_SPLIT) == (tier == "large")
         body = complete(server, prompt=prompt, max_tokens=4, temperature=0).json()  # model defaults to cascade
         assert body["routed_to"] == tier
-        expected = float(router.score(prompt_signals(local["small"].model, [ids]))[0])
+        features = prompt_signals(local["small"].model, [ids], hidden=router.hidden)
+        expected = float(router.score(features)[0])
         assert body["difficulty"] == pytest.approx(expected, abs=1e-6)
+        if tier == "small":  # the probe's hidden-state term reached the score (unsaturated for the short prompt)
+            logit = router.bias + features[0, SIGNAL_NAMES.index("prompt_tokens")].item()
+            assert abs(body["difficulty"] * (1 + math.exp(-logit)) - 1) > 1e-3
         assert body["choices"][0]["text"] == local[tier].generate([prompt], [SamplingParams(max_tokens=4)])[0].text
     # Explicit thresholds and target fractions in the model name.
     assert complete(server, model="cascade@threshold=0", prompt=SHORT, max_tokens=2).json()["routed_to"] == "large"
@@ -142,6 +147,18 @@ def test_posthoc_escalates_on_low_confidence(server, local) -> None:
     assert body["routed_to"] == "large" and body["escalated"] and body["confidence"] == pytest.approx(confidence)
     body = complete(server, model="cascade-posthoc@confidence=0", prompt=SHORT, max_tokens=4, temperature=0).json()
     assert body["routed_to"] == "small" and not body["escalated"]
+
+
+def test_posthoc_defers_on_the_token_level_rule(server, local, tiers) -> None:
+    """Without a confidence, cascade-posthoc escalates on the router's deferral rule over the answer's tokens."""
+    rule = DifficultyRouter.load(tiers["router"]).deferral
+    answer = local["small"].generate([SHORT], [SamplingParams(max_tokens=4)])[0]
+    score = float(rule.score([answer.token_logprobs])[0])
+    for model, tier in (("cascade-posthoc@fraction=1", "large"), ("cascade-posthoc@fraction=0", "small"),
+                        ("cascade-posthoc", "large" if score >= rule.threshold else "small")):
+        body = complete(server, model=model, prompt=SHORT, max_tokens=4, temperature=0).json()
+        assert body["routed_to"] == tier and body["escalated"] == (tier == "large"), model
+        assert body["difficulty"] == pytest.approx(score, abs=1e-9)
 
 
 def test_openai_client_plain_and_streamed(server) -> None:
