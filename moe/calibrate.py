@@ -81,7 +81,8 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "small": (str, None), "large": (str, None), "out": (str, None), "data": (str, None),
     "num_queries": (int, 256), "prompt_tokens": (int, 32), "continuation_tokens": (int, 16),
     "margin": (float, 0.1), "target_large_fraction": (float, 0.3), "holdout": (float, 0.3),
-    "posthoc_queries": (int, 64), "deferral_queries": (int, 1024), "router": (str, "auto"), "l2": (float, 1e-2), "batch_size": (int, 8), "seed": (int, 0),
+    "posthoc_queries": (int, 64), "deferral_queries": (int, 1024), "router": (str, "auto"), "l2": (float, 1e-2),
+    "batch_size": (int, 8), "seed": (int, 0),
     "device": (str, None),
 }
 
@@ -260,7 +261,8 @@ def routing_rows(to_large: list[torch.Tensor], nll_small: torch.Tensor, nll_larg
 def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, *, data: Optional[PathLike] = None,
               num_queries: int = 256, prompt_tokens: int = 32, continuation_tokens: int = 16, margin: float = 0.1,
               target_large_fraction: float = 0.3, holdout: float = 0.3, posthoc_queries: int = 64,
-              deferral_queries: int = 1024, router: str = "auto", l2: float = 1e-2, batch_size: int = 8, seed: int = 0, device: Optional[str] = None,
+              deferral_queries: int = 1024, router: str = "auto", l2: float = 1e-2, batch_size: int = 8,
+              seed: int = 0, device: Optional[str] = None,
               verbose: bool = True) -> dict[str, Any]:
     """Builds the calibration set, fits the router, writes router.json and calibration_report.json.
 

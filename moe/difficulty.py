@@ -921,7 +921,8 @@ def _columns(signals: torch.Tensor, names: Sequence[str], hidden_width: int = 0)
 
 __all__ = [
     "DEFERRAL_FEATURES", "POOLINGS", "SIGNAL_NAMES", "DeferralRule", "DifficultyRouter", "HiddenFeatures",
-    "answer_features", "cross_validated_ridge", "feature_row", "fit_probe", "pooled_hidden", "routing_apgr", "confidence_threshold_for_escalation", "escalate_posthoc",
+    "answer_features", "cross_validated_ridge", "feature_row", "fit_probe", "pooled_hidden", "routing_apgr",
+    "confidence_threshold_for_escalation", "escalate_posthoc",
     "prompt_signals", "signals_from_prefill", "threshold_for_budget", "threshold_for_count",
     "threshold_for_large_fraction", "tier_for_score",
 ]
