@@ -14,7 +14,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from moe.config import ACTIVATION_CHECKPOINTING, ModelConfig
+from moe.config import ACTIVATION_CHECKPOINTING, DISTILL_KINDS, ModelConfig
 
 from cluster.schema import (DTYPES, ENGINES, ClusterConfig, DebugConfig, LoggerConfig,  # noqa: F401 (re-exported)
                             ParallelConfig, TrainerConfig, WandbConfig, WorkerConfig)
@@ -152,6 +152,13 @@ def validate_train_config(cfg: DictConfig) -> None:
         _fail("parallel.ep", f"({p.ep}) must divide model.experts.num_experts ({model.experts.num_experts})")
     if t.engine == "deepspeed" and p.ep > 1 and model.experts.backend == "megablocks":
         _fail("model.experts.backend", "megablocks is not supported with trainer.engine=deepspeed")
+    d = t.distill
+    if not (isinstance(d.weight, (int, float)) and 0.0 <= d.weight <= 1.0):
+        _fail("trainer.distill.weight", f"must lie in [0, 1] (the share of the distillation loss), got {d.weight}")
+    if not (isinstance(d.temperature, (int, float)) and math.isfinite(d.temperature) and d.temperature > 0):
+        _fail("trainer.distill.temperature", f"must be a positive number, got {d.temperature}")
+    if d.kind not in DISTILL_KINDS:
+        _fail("trainer.distill.kind", f"must be one of {list(DISTILL_KINDS)}, got {d.kind!r}")
     if cfg.data.validation_fraction <= 0:
         _fail("data.validation_fraction", f"must be > 0: training evaluates the validation split at the end "
                                           f"(and every trainer.eval_every steps), got {cfg.data.validation_fraction}")

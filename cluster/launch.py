@@ -27,6 +27,7 @@ from cluster.checkpointing import latest_checkpoint, read_train_state, resolve_r
 from cluster.config import check_memory_plan, model_config_from, to_plain, validate_train_config
 from cluster.initial_weights import check_init_from, config_differences
 from cluster.schema import WorkerConfig
+from cluster.teacher import check_resume_teacher, check_teacher
 from cluster.metrics import read_metrics
 from cluster.reshard import Layout
 from cluster.worker import STATUS_FILE
@@ -79,7 +80,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model_config = model_config_from(cfg, vocab_size)
     check_memory_plan(cfg, model_config)
     check_data(cfg, data_dir)
-    resume_from, init_from = choose_start(cfg, run_dir / "checkpoints", model_config)
+    teacher, teacher_sha256 = None, None
+    if cfg.trainer.distill.teacher is not None:
+        teacher, teacher_sha256 = check_teacher(cfg.trainer.distill.teacher, data_dir, model_config)
+        cfg.trainer.distill.teacher = str(teacher)  # workers run in other directories
+    resume_from, init_from = choose_start(cfg, run_dir / "checkpoints", model_config, teacher, teacher_sha256)
 
     import ray
     import ray.train
@@ -104,7 +109,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model=model_config, logger=OmegaConf.to_object(cfg.logger), ep=cfg.parallel.ep, run_dir=str(run_dir),
         data_dir=str(data_dir), launch_id=uuid.uuid4().hex, resume_from=str(resume_from) if resume_from else None,
         init_from=str(init_from) if init_from else None,
-        resolved=to_plain(cfg))
+        resolved=to_plain(cfg), teacher_sha256=teacher_sha256)
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop,
         train_loop_config={"worker": worker_config},  # Ray Train wants a dict
@@ -168,7 +173,8 @@ def _fit_interruptibly(trainer: Any) -> None:
         raise outcome[0]
 
 
-def choose_start(cfg: DictConfig, checkpoint_root: Path, model_config: ModelConfig
+def choose_start(cfg: DictConfig, checkpoint_root: Path, model_config: ModelConfig,
+                 teacher: Optional[Path] = None, teacher_sha256: Optional[str] = None
                  ) -> tuple[Optional[Path], Optional[Path]]:
     """Where the workers start: (checkpoint to resume, weights of trainer.init_from), at most one of them.
 
@@ -184,6 +190,8 @@ def choose_start(cfg: DictConfig, checkpoint_root: Path, model_config: ModelConf
     init_from = None
     if cfg.trainer.init_from and resume_from is None:
         init_from = check_init_from(cfg.trainer.init_from, model_config)
+    if resume_from is not None:
+        check_resume_teacher(read_train_state(resume_from), resume_from, teacher, teacher_sha256)
     set_aside_newer(checkpoint_root, resume_from)
     if resume_from is not None:
         here = Layout(cfg.trainer.engine, cfg.parallel.ep, cfg.cluster.num_workers)

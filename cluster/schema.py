@@ -28,6 +28,23 @@ class DebugConfig:
 
 
 @dataclass
+class DistillConfig:
+    """`trainer.distill`: knowledge distillation from a frozen teacher (see moe/distill.py).
+
+    Attributes:
+        teacher: a moe checkpoint trained with the same tokenizer; None: no distillation.
+        weight: the loss is (1 - weight) * next-token loss + weight * distillation loss.
+        temperature: softens both distributions (the loss is scaled by its square).
+        kind: `forward_kl` (KL(teacher || student)) or `reverse_kl`.
+    """
+
+    teacher: Optional[str] = None
+    weight: float = 0.5
+    temperature: float = 1.0
+    kind: str = "forward_kl"
+
+
+@dataclass
 class TrainerConfig:
     """The `trainer` group.
 
@@ -60,6 +77,7 @@ class TrainerConfig:
             gradient norm matches all the experts' with 1/200 of their
             parameters in mixtral_tiny; see README "Does the MoE beat the dense model?").
         run_root: parent of the run directories.
+        distill: knowledge distillation from a teacher checkpoint (off by default).
     """
 
     max_steps: int = 200
@@ -88,6 +106,7 @@ class TrainerConfig:
     activation_checkpointing: str = "none"
     compile: bool = False
     run_root: str = "runs"
+    distill: DistillConfig = field(default_factory=DistillConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
@@ -157,6 +176,7 @@ class WorkerConfig:
             checkpoint (see `cluster.worker.start_checkpoint`).
         resume_from: the checkpoint the driver chose before Ray started, or None.
         init_from: the weights a run that does not resume starts from (validated by the driver), or None.
+        teacher_sha256: the sha256 of trainer.distill.teacher's weights (computed by the driver), or None.
         resolved: the whole resolved config as plain data (logged to wandb).
     """
 
@@ -172,3 +192,4 @@ class WorkerConfig:
     resume_from: Optional[str]
     init_from: Optional[str]
     resolved: dict[str, Any]
+    teacher_sha256: Optional[str] = None

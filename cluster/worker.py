@@ -24,6 +24,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from moe import MoETransformer
+from moe.distill import distillation_loss
 from moe.model import count_parameters, training_flops_per_token
 
 from cluster.checkpointing import (list_checkpoints, load_training_checkpoint, read_train_state_or_none,
@@ -37,6 +38,7 @@ from cluster.metrics import MetricsLogger
 from cluster.parallel_dims import ParallelDims
 from cluster.reshard import Layout, reshard_optimizer_state
 from cluster.schema import TrainerConfig, WorkerConfig
+from cluster.teacher import load_teacher, teacher_flops_per_token
 
 STATUS_FILE = "status.json"
 
@@ -87,6 +89,7 @@ class WorkerRun:
     loader: Any  # data_pipeline.loader.CurriculumLoader
     autocast: Any
     probe: Optional[RoutingProbe] = None  # trainer.diagnostics_every > 0 and the model has MoE layers
+    teacher: Optional[MoETransformer] = None  # trainer.distill.teacher, frozen
     step: int = 0
     bad_steps: int = 0
     tokens: int = 0
@@ -110,6 +113,7 @@ class StepStats:
 
     lm_loss: float
     aux_loss: float
+    kd_loss: float  # the distillation loss (0 without a teacher)
     grad_norm: float
     stepped: bool
     difficulty: float  # the curriculum pace of the step's batch
@@ -146,7 +150,9 @@ def setup(config: WorkerConfig) -> WorkerRun:
     probe = None
     if tcfg.diagnostics_every and model.config.first_k_dense < model.config.num_layers:
         probe = routing_probe(config, rank, world_size)
-    return WorkerRun(config, rank, world_size, device, dims, model, engine, loader, autocast, probe)
+    # The teacher is replicated on every worker and runs on that worker's micro-batches (no expert parallelism).
+    teacher = load_teacher(tcfg.distill.teacher, device) if tcfg.distill.teacher is not None else None
+    return WorkerRun(config, rank, world_size, device, dims, model, engine, loader, autocast, probe, teacher)
 
 
 PROBE_SEQUENCES = 8
@@ -216,18 +222,23 @@ def train_step(run: WorkerRun) -> StepStats:
     micro_batch = tcfg.global_batch_size // run.world_size // accum
     difficulty = run.loader.pace  # the curriculum pace of the batch about to be drawn
     batch = run.loader.next_batch()
-    losses = torch.zeros(2, device=run.device)  # lm, aux: summed over micro-batches
+    losses = torch.zeros(3, device=run.device)  # lm, aux, kd: summed over micro-batches
     layer_stats = []
     for micro in range(accum):
         rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
+        input_ids = batch["input_ids"][rows].to(run.device)
+        doc_ids, targets = batch["doc_ids"][rows].to(run.device), batch["targets"][rows].to(run.device)
         with run.autocast:
-            out = run.model(batch["input_ids"][rows].to(run.device), doc_ids=batch["doc_ids"][rows].to(run.device),
-                            targets=batch["targets"][rows].to(run.device))
-        loss = out.loss + out.aux_loss
+            out = run.model(input_ids, doc_ids=doc_ids, targets=targets)
+        loss, kd_loss = out.loss, torch.zeros((), device=run.device)
+        if run.teacher is not None:
+            kd_loss = distill_loss(run, input_ids, doc_ids, targets, out.logits)
+            loss = (1 - tcfg.distill.weight) * out.loss + tcfg.distill.weight * kd_loss
+        loss = loss + out.aux_loss
         if run.step in tcfg.debug.nan_loss_at_steps:
             loss = loss * float("nan")
         run.engine.backward(loss / accum, sync=micro == accum - 1)
-        losses += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()])
+        losses += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float(), kd_loss.detach().float()])
         layer_stats.append(out.router_stats)
     stats = _reduce_stats(losses / accum, layer_stats, run)
     grad_norm, stepped = run.engine.step(lr_at(run.step, tcfg),
@@ -237,6 +248,16 @@ def train_step(run: WorkerRun) -> StepStats:
     run.tokens += tcfg.global_batch_size * run.config.data.seq_len
     run.bad_steps += 0 if stepped else 1
     return stats
+
+
+def distill_loss(run: WorkerRun, input_ids: torch.Tensor, doc_ids: torch.Tensor, targets: torch.Tensor,
+                 student_logits: torch.Tensor) -> torch.Tensor:
+    """The distillation loss of one micro-batch: the frozen teacher's forward pass (dropless, no gradient)."""
+    distill = run.trainer.distill
+    with torch.no_grad(), run.autocast:
+        teacher_logits = run.teacher(input_ids, doc_ids=doc_ids, ignore_capacity=True).logits
+    return distillation_loss(student_logits, teacher_logits, targets, temperature=distill.temperature,
+                             kind=distill.kind)
 
 
 def _reduce_stats(losses: torch.Tensor, layer_stats: list[list[dict[str, torch.Tensor]]], run: WorkerRun
@@ -254,14 +275,15 @@ def _reduce_stats(losses: torch.Tensor, layer_stats: list[list[dict[str, torch.T
     entropy_L = per_layer("router_entropy", lambda t: t.mean())
     flat = torch.cat([losses.cpu(), tokens_LE.flatten().float().cpu(), dropped_L.float().cpu(),
                       entropy_L.float().cpu()]).to(run.device)
+    num_losses = len(losses)
     if run.world_size > 1:  # token counts are summed over ranks, the rest averaged
         dist.all_reduce(flat)
-        flat[:2] /= run.world_size
-        flat[2 + tokens_LE.numel():] /= run.world_size
+        flat[:num_losses] /= run.world_size
+        flat[num_losses + tokens_LE.numel():] /= run.world_size
     flat = flat.cpu()
-    sizes = [2, tokens_LE.numel(), num_layers, num_layers]
+    sizes = [num_losses, tokens_LE.numel(), num_layers, num_layers]
     losses, tokens, dropped, entropy = torch.split(flat, sizes)
-    return StepStats(float(losses[0]), float(losses[1]), float("nan"), False, 0.0,
+    return StepStats(float(losses[0]), float(losses[1]), float(losses[2]), float("nan"), False, 0.0,
                      tokens.view(num_layers, -1) if num_layers else tokens, dropped, entropy)
 
 
@@ -273,6 +295,7 @@ def train_record(run: WorkerRun, stats: StepStats, elapsed_s: float, flops_per_t
     mean_load = tokens_LE.mean(-1) if has_moe else tokens_LE
     max_load = tokens_LE.max(-1).values if has_moe else tokens_LE
     return {"kind": "train", "step": run.step, "loss": stats.lm_loss, "aux_loss": stats.aux_loss,
+            "kd_loss": stats.kd_loss if run.teacher is not None else None,
             "grad_norm": stats.grad_norm, "lr": lr_at(run.step - 1, run.trainer), "tokens": run.tokens,
             "tokens_per_s": step_tokens / elapsed_s, "step_time_s": elapsed_s, "skipped": not stats.stepped,
             "bad_steps": run.bad_steps, "difficulty": stats.difficulty,
@@ -293,7 +316,10 @@ def save_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
     full_state = gather_full_state_dict(run.model, run.dims, only_rank0=True)
     train_state = {"step": run.step, "bad_steps": run.bad_steps, "tokens": run.tokens,
                    "loader": run.loader.state_dict(), "world_size": run.world_size,
-                   "engine": tcfg.engine, "ep": run.dims.ep, "launch_id": run.config.launch_id}
+                   "engine": tcfg.engine, "ep": run.dims.ep, "launch_id": run.config.launch_id,
+                   "distill": ({"teacher": tcfg.distill.teacher, "teacher_sha256": run.config.teacher_sha256,
+                                "weight": tcfg.distill.weight, "temperature": tcfg.distill.temperature,
+                                "kind": tcfg.distill.kind} if run.teacher is not None else None)}
     save_training_checkpoint(run.checkpoint_root, run.step, run.rank,
                              full_model_state=full_state if run.rank == 0 else None,
                              model_config=run.model.config.to_dict(), optimizer_state=run.engine.optimizer_state(),
@@ -325,6 +351,8 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
         logger = MetricsLogger(run.run_dir, config.logger.wandb, config.name, config.resolved,
                                config.logger.ray_metrics, resume_step=run.step)
     flops_per_token = training_flops_per_token(run.model.config, config.data.seq_len)
+    if run.teacher is not None:  # the teacher's forward pass is work done for every token (tokens/s, MFU)
+        flops_per_token += teacher_flops_per_token(run.teacher.config, config.data.seq_len)
     status = {"status": "running"}
     consecutive_bad = 0
     run.model.train()

@@ -2,7 +2,7 @@
 
     python -m moe.calibrate small=runs/mixtral_tiny/checkpoints/step_00000300 \\
                             large=runs/mixtral_base/checkpoints/step_00000500 [out=DIR] [data=DIR] \\
-                            [num_queries=256] [prompt_tokens=32] [continuation_tokens=16] [margin=0.1] \\
+                            [num_queries=2048] [prompt_tokens=32] [continuation_tokens=16] [margin=0.1] \\
                             [target_large_fraction=0.3] [holdout=0.3] [posthoc_queries=64] [l2=0.01] \\
                             [batch_size=8] [seed=0] [device=cpu|cuda]
 
@@ -79,7 +79,7 @@ PathLike = Union[str, os.PathLike]
 # key: (type, default); None as default means optional without a value.
 OPTIONS: dict[str, tuple[type, Any]] = {
     "small": (str, None), "large": (str, None), "out": (str, None), "data": (str, None),
-    "num_queries": (int, 256), "prompt_tokens": (int, 32), "continuation_tokens": (int, 16),
+    "num_queries": (int, 2048), "prompt_tokens": (int, 32), "continuation_tokens": (int, 16),
     "margin": (float, 0.1), "target_large_fraction": (float, 0.3), "holdout": (float, 0.3),
     "posthoc_queries": (int, 64), "deferral_queries": (int, 1024), "router": (str, "auto"), "l2": (float, 1e-2),
     "batch_size": (int, 8), "seed": (int, 0),
@@ -259,7 +259,7 @@ def routing_rows(to_large: list[torch.Tensor], nll_small: torch.Tensor, nll_larg
 
 
 def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, *, data: Optional[PathLike] = None,
-              num_queries: int = 256, prompt_tokens: int = 32, continuation_tokens: int = 16, margin: float = 0.1,
+              num_queries: int = 2048, prompt_tokens: int = 32, continuation_tokens: int = 16, margin: float = 0.1,
               target_large_fraction: float = 0.3, holdout: float = 0.3, posthoc_queries: int = 64,
               deferral_queries: int = 1024, router: str = "auto", l2: float = 1e-2, batch_size: int = 8,
               seed: int = 0, device: Optional[str] = None,

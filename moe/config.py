@@ -39,6 +39,7 @@ def _check_choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{type(obj).__name__}.{name} must be one of {list(choices)}, got {value!r}")
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # MoETransformer.set_activation_checkpointing
+DISTILL_KINDS = ("forward_kl", "reverse_kl")  # moe/distill.py; here so that config checks need no torch
 
 
 @dataclass

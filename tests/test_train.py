@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,84 @@ def test_parallel_layouts_match_single_worker(one_worker_run, corpus, tmp_path, 
     assert len(norms["one"]) == len(norms["many"]) == 2
     for a_LE, b_LE in zip(norms["one"], norms["many"]):
         assert sum(a_LE, []) == pytest.approx(sum(b_LE, []), rel=1e-5)
+
+
+def test_distillation_matches_its_definition_and_refuses_another_teacher(one_worker_run, corpus, tmp_path) -> None:
+    """trainer.distill: the step-1 distillation loss is the KL of the frozen teacher's and the fresh student's
+    distributions on the first batch; train_state.json names the teacher by sha256; resuming with another
+    teacher (or none), or a teacher of another tokenizer, is refused before Ray runs anything."""
+    import hashlib
+
+    from data_pipeline.loader import CurriculumLoader
+    from moe import MoETransformer, load_checkpoint
+    from moe.checkpoint import read_model_config
+    from moe.distill import distillation_loss
+    from moe.model import training_flops_per_token
+
+    teacher = one_worker_run / "checkpoints" / "step_00000004"
+    distill = [f"trainer.distill.teacher={teacher}", "trainer.distill.weight=0.7", "trainer.distill.temperature=2",
+               "trainer.distill.kind=reverse_kl"]
+    cfg = make_cfg(corpus, tmp_path, "distilled", "trainer.max_steps=2", "trainer.checkpoint_every=2", *distill)
+    summary = train(cfg)
+    run_dir = tmp_path / "distilled"
+    records = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [1, 2] and all(r["kd_loss"] > 0 for r in records)
+
+    student_config = read_model_config(run_dir / "checkpoints" / "step_00000002")
+    torch.manual_seed(cfg.trainer.seed)  # the workers' initialisation
+    student = MoETransformer(student_config)
+    batch = next(iter(CurriculumLoader.from_config(cfg.data, global_batch_size=8, data_dir=corpus / "prepared")))
+    with torch.no_grad():
+        out = student(batch["input_ids"], doc_ids=batch["doc_ids"], targets=batch["targets"])
+        teacher_logits = load_checkpoint(teacher).eval()(batch["input_ids"], doc_ids=batch["doc_ids"],
+                                                          ignore_capacity=True).logits
+    expected = distillation_loss(out.logits, teacher_logits, batch["targets"], temperature=2.0, kind="reverse_kl")
+    assert records[0]["kd_loss"] == pytest.approx(expected.item(), rel=1e-4)
+    assert records[0]["loss"] == pytest.approx(out.loss.item(), rel=1e-4), "loss stays the next-token loss"
+    # The teacher's forward pass counts in the FLOPs per token (tokens/s and MFU).
+    flops = (training_flops_per_token(student_config, 32)
+             + training_flops_per_token(read_model_config(teacher), 32) / 3)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["flops_per_token"] == pytest.approx(flops) == records[0]["flops_per_token"]
+    assert summary["status"] == "finished"
+    state = json.loads((run_dir / "checkpoints" / "step_00000002" / "train_state.json").read_text())
+    assert state["distill"] == {"teacher": str(teacher), "weight": 0.7, "temperature": 2.0, "kind": "reverse_kl",
+                                "teacher_sha256": hashlib.sha256((teacher / "model.safetensors").read_bytes()
+                                                                 ).hexdigest()}
+
+    other = run_dir / "checkpoints" / "step_00000002"
+    for overrides, message in (
+            ([f"trainer.distill.teacher={other}"], "was trained with .*step_00000004.*this run has .*step_00000002"),
+            ([], "was trained with .*step_00000004.*this run has no teacher")):
+        resumed = make_cfg(corpus, tmp_path, "distilled", "trainer.max_steps=4", "trainer.resume=auto", *overrides)
+        with pytest.raises(ValueError, match=f"trainer.distill.teacher: .*{message}"):
+            train(resumed)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002"], "nothing changed"
+    foreign = tmp_path / "foreign_teacher"
+    shutil.copytree(teacher, foreign)
+    tokenizer = json.loads((foreign / "tokenizer.json").read_text())
+    tokenizer["added_tokens"][0]["content"] = "<|eos|>"
+    (foreign / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ValueError, match=f"{foreign / 'tokenizer.json'} differs from the prepared data's "
+                                         f"{corpus / 'prepared' / 'tokenizer.json'}"):
+        train(make_cfg(corpus, tmp_path, "foreign", f"trainer.distill.teacher={foreign}"))
+    assert not (tmp_path / "foreign").exists()
+
+
+@pytest.mark.extended
+def test_distillation_composes_with_parallel_layouts(one_worker_run, corpus, tmp_path) -> None:
+    """A distilled run on 2 expert-parallel FSDP2 workers (recomputed and compiled blocks) reproduces the
+    distilled single-worker run: the teacher runs on each worker's own micro-batch."""
+    teacher = f"trainer.distill.teacher={one_worker_run / 'checkpoints' / 'step_00000004'}"
+    train(make_cfg(corpus, tmp_path, "one", *LAYOUT_COMMON, teacher, "trainer.distill.kind=forward_kl"))
+    train(make_cfg(corpus, tmp_path, "many", *LAYOUT_COMMON, teacher, "trainer.distill.kind=forward_kl",
+                   "cluster.num_workers=2", "parallel.ep=2", "trainer.engine=fsdp",
+                   "trainer.activation_checkpointing=selective", "trainer.compile=true"))
+    records = {name: [r for r in read_metrics(tmp_path / name) if r["kind"] == "train"] for name in ("one", "many")}
+    assert len(records["one"]) == len(records["many"]) == 4
+    for a, b in zip(records["one"], records["many"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["kd_loss"] - b["kd_loss"]) < 1e-5, (a["step"], a, b)
+    assert train_losses(tmp_path / "one") != train_losses(one_worker_run), "the teacher changed the training"
 
 
 @pytest.mark.extended
