@@ -12,6 +12,11 @@
                                               # the same pair at half and a quarter of the width
     python benchmarks/train_compare.py sweep --lrs 1.5e-3 3e-3 6e-3 --steps 300
                                               # the learning rate of both models (--variants: another pair)
+    python benchmarks/train_compare.py quality --variants moe moe_distilled --steps 150 --seeds 3 \
+        --teacher runs/mixtral_base/checkpoints/step_00001000 --flops-matched
+                                              # mixtral_tiny distilled from the teacher vs from scratch at
+                                              # equal steps, and from scratch at the distilled run's total
+                                              # FLOPs (teacher forward passes counted)
 
 Every quality or sweep run is a real `python -m moe.train` process on the
 embedded default corpus, prepared once into RUN_ROOT/data with
@@ -76,8 +81,11 @@ VARIANTS = {
         "model.experts.num_experts=8", "model.experts.hidden_size=256", "model.router.top_k=2",
         "model.router.aux_loss_coef=0.0025", "model.router.z_loss_coef=0.00025", "model.router.bias_update_rate=0",
         "trainer.router_lr_scale=1.0"], "dense"),
-    # The routers at the experts' learning rate, mixtral_tiny's default before router_lr_scale 0.1 (README).
+    # The routers at the experts' learning rate, mixtral_tiny's default before router_lr_scale 0.1
+    # (docs/results/moe_vs_dense.md).
     "moe_fast_router": ("mixtral_tiny", lambda steps: ["trainer.router_lr_scale=1.0"], "moe"),
+    # mixtral_tiny distilled from --teacher (trainer.distill defaults: weight 0.5, temperature 1, forward KL).
+    "moe_distilled": ("mixtral_tiny", lambda steps: [], "moe"),
     # The same pair at a half and a quarter of the width (hidden 64 / 32, 4 heads): about 4x and 16x fewer
     # non-embedding parameters for the same tokens.
     **{f"{kind}_d{width}": (experiment, lambda steps, w=width, d=kind == "dense": at_width(w, d),
@@ -102,10 +110,35 @@ class RunSpec:
         return f"{self.variant}_s{self.steps}_seed{self.seed}"
 
 
-def quality_specs(steps_list: list[int], seeds: int, variants: list[str]) -> list[RunSpec]:
+def quality_specs(steps_list: list[int], seeds: int, variants: list[str],
+                  teacher: Optional[str] = None) -> list[RunSpec]:
     # seed-major: a partial suite still holds complete pairs
-    return [RunSpec(v, VARIANTS[v][0], steps, seed, VARIANTS[v][1](steps))
+    return [RunSpec(v, VARIANTS[v][0], steps, seed, VARIANTS[v][1](steps) + distill_overrides(v, teacher))
             for steps in steps_list for seed in range(seeds) for v in variants]
+
+
+def distill_overrides(variant: str, teacher: Optional[str]) -> list[str]:
+    if "distilled" not in variant:
+        return []
+    if teacher is None:
+        raise SystemExit(f"variant {variant} needs --teacher CKPT")
+    return [f"trainer.distill.teacher={Path(teacher).resolve()}"]
+
+
+def flops_matched_steps(steps: int, args: argparse.Namespace) -> int:
+    """The from-scratch steps of the distilled run's FLOPs: steps x (student training + teacher forward) /
+    student training, per token, from the composed configs."""
+    from cluster.config import model_config_from
+    from cluster.teacher import teacher_flops_per_token
+    from moe.checkpoint import read_model_config
+    from moe.model import training_flops_per_token
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(composed_config([f"+experiment={VARIANTS['moe'][0]}", *args.override]))
+    student = training_flops_per_token(model_config_from(cfg, args.vocab_size), cfg.data.seq_len)
+    teacher = teacher_flops_per_token(read_model_config(args.teacher), cfg.data.seq_len)
+    return round(steps * (student + teacher) / student)
 
 
 def sweep_specs(steps_list: list[int], seeds: int, lrs: list[float],
@@ -401,6 +434,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", choices=list(THROUGHPUT_RUNS), default=None,
                    help="throughput runs to measure (default: all)")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
+    p.add_argument("--teacher", default=None, help="the teacher checkpoint of the *_distilled variants")
+    p.add_argument("--flops-matched", action="store_true",
+                   help="also train `moe` for as many steps as the distilled runs' FLOPs, teacher counted")
+    p.add_argument("--vocab-size", type=int, default=8192, help="the prepared data's vocabulary (FLOPs only)")
     p.add_argument("--run-root", default=str(ROOT / "runs" / "bench"))
     p.add_argument("--dry-run", action="store_true", help="print the runs and their commands, train nothing")
     return p
@@ -429,8 +466,14 @@ def main() -> None:
         return throughput(args)
     if args.variants is None:
         args.variants = DEFAULT_VARIANTS if args.suite == "quality" else ["moe", "dense"]
-    specs = (quality_specs(args.steps, args.seeds, args.variants) if args.suite == "quality"
+    specs = (quality_specs(args.steps, args.seeds, args.variants, args.teacher) if args.suite == "quality"
              else sweep_specs(args.steps, args.seeds, args.lrs, tuple(args.variants)))
+    matched: dict[int, int] = {}
+    if args.flops_matched:
+        if args.teacher is None or "moe_distilled" not in args.variants:
+            raise SystemExit("--flops-matched needs --teacher and the moe_distilled variant")
+        matched = {steps: flops_matched_steps(steps, args) for steps in args.steps}
+        specs += quality_specs(sorted(set(matched.values()) - set(args.steps)), args.seeds, ["moe"])
     if args.dry_run:
         for spec in specs:
             print(" ".join(command(spec, args)))
@@ -439,6 +482,11 @@ def main() -> None:
     rows = [execute(spec, args) for spec in specs]
     if args.suite == "quality":
         comparisons = [c for v, b in compared_pairs(args.variants) for c in compare(rows, v, b)]
+        for steps, scratch_steps in matched.items():  # distilled at `steps` vs scratch at equal FLOPs
+            same_flops = [{**r, "steps": steps, "variant": "moe_flops_matched"} for r in rows
+                          if r["variant"] == "moe" and r["steps"] == scratch_steps]
+            for c in compare([*rows, *same_flops], "moe_distilled", "moe_flops_matched"):
+                comparisons.append({**c, "baseline_steps": scratch_steps})
     else:
         comparisons = [c for lr in args.lrs for v, b in compared_pairs(args.variants)
                        for c in compare(rows, f"{v}_lr{lr:g}", f"{b}_lr{lr:g}")]

@@ -75,7 +75,7 @@ class TrainerConfig:
         compile: compile each transformer block (`moe.MoETransformer.compile_blocks`).
         router_lr_scale: the routers' learning rate as a multiple of lr (their
             gradient norm matches all the experts' with 1/200 of their
-            parameters in mixtral_tiny; see README "Does the MoE beat the dense model?").
+            parameters in mixtral_tiny; see docs/results/moe_vs_dense.md).
         run_root: parent of the run directories.
         distill: knowledge distillation from a teacher checkpoint (off by default).
     """
