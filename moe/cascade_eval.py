@@ -76,7 +76,7 @@ from moe.model import MoETransformer, count_parameters
 USAGE = ("usage: python -m moe.cascade_eval small=CKPT large=CKPT output=DIR [data=DIR] [num_queries=N] "
          "[calibration_queries=N] "
          "[prompt_tokens=K] [continuation_tokens=M] [line_tokens=L] [margin=X] [l2=X] [bootstrap=N] "
-         "[batch_size=N] [seed=N] [device=D]")
+         "[batch_size=N] [seed=N] [device=D] [distilled=CKPT]")
 METRICS = ("loglik", "exact_match")
 CURVE_POINTS = 101  # large-call fractions 0, 0.01, ..., 1 in the JSON curves
 MIN_QUERIES = 10
@@ -89,7 +89,7 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "num_queries": (int, 1024), "calibration_queries": (int, 2048), "prompt_tokens": (int, 32),
     "continuation_tokens": (int, 16),
     "line_tokens": (int, 32), "margin": (float, None), "l2": (float, 1e-2), "bootstrap": (int, 200),
-    "batch_size": (int, 8), "seed": (int, 0), "device": (str, None),
+    "batch_size": (int, 8), "seed": (int, 0), "device": (str, None), "distilled": (str, None),
 }
 
 
@@ -289,7 +289,7 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
                      continuation_tokens: int = 16,
                      line_tokens: int = 32, margin: Optional[float] = None, l2: float = 1e-2, bootstrap: int = 200,
                      batch_size: int = 8, seed: int = 0, device: Optional[str] = None,
-                     verbose: bool = True) -> dict[str, Any]:
+                     distilled: Optional[PathLike] = None, verbose: bool = True) -> dict[str, Any]:
     """Measures every router of NOTE 4 on the test queries; writes cascade_eval.json and cascade_eval.png.
 
     Args:
@@ -309,6 +309,9 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         batch_size: sequences per forward pass and per decoding batch.
         seed: query lengths, bootstrap resamples.
         device: default cuda when available.
+        distilled: a third checkpoint with the pair's tokenizer (a small tier
+            trained with `trainer.distill`), scored alone on the test queries:
+            a point on the quality-cost frontier beside the routers.
         verbose: print the table.
     Returns:
         The report, as written to cascade_eval.json.
@@ -324,6 +327,9 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
     if output.exists() and not output.is_dir():
         raise ValueError(f"output: {output} exists and is not a directory")
     tokenizer_sha256, data_dir = check_pair_and_data(small, large, data)
+    if distilled is not None:
+        check_pair_and_data(small, Path(distilled), data_dir)
+        distilled = Path(distilled)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     small_model = load_checkpoint(small, device=device).eval()
     large_model = load_checkpoint(large, device=device).eval()
@@ -470,6 +476,9 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
             for tier, path, cfg, cost, answers in (("small", small, small_cfg, answer_small, answers_small),
                                                    ("large", large, large_cfg, answer_large, answers_large))},
         "router_prefill_flops_per_query": float(router_prefill.mean()),
+        "distilled": (None if distilled is None else
+                      _alone(distilled, [(q, r[:continuation_tokens]) for q, r in test_pairs],
+                             [len(a.token_ids) for a in answers_small], test, batch_size, device, cost_all_large)),
         "learned": {"weights": dict(zip(SIGNAL_NAMES, learned.weights)), "bias": learned.bias,
                     "regression_weights": dict(zip(SIGNAL_NAMES, ridge["weights"])),
                     "signal_directions": directions, "calibration_label_rate": float(labels.mean())},
@@ -491,6 +500,19 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
     if verbose:
         print(format_report(report, output))
     return report
+
+
+def _alone(checkpoint: Path, pairs: list[tuple[list[int], list[int]]], answer_lengths: list[int],
+           test: dict[str, torch.Tensor], batch_size: int, device: str, cost_all_large: float) -> dict[str, Any]:
+    """One more model answering every test query alone: its loglik, the share of the pair's gap it recovers,
+    its forward FLOPs per query as a share of all-large (answers as long as the small tier's, NOTE 5)."""
+    model = load_checkpoint(checkpoint, device=device).eval()
+    loglik = -continuation_nll(model, pairs, batch_size)
+    small, large = test["loglik_small"].mean(), test["loglik_large"].mean()
+    flops = sum(answer_flops(model.config, len(query), n) for (query, _), n in zip(pairs, answer_lengths))
+    return {"checkpoint": str(checkpoint.resolve()), "loglik": float(loglik.mean()),
+            "pgr": float((loglik.mean() - small) / (large - small)), "cost_fraction": flops / cost_all_large,
+            "active_params": count_parameters(model.config)["active"]}
 
 
 def charges_doc(charge: str) -> str:
@@ -528,6 +550,11 @@ def plot_curves(curves: dict[str, tuple[torch.Tensor, ...]], report: dict[str, A
         label = f"{name} (APGR {report['routers'][name]['apgr']:.3f})"
         by_calls.plot(fraction.numpy(), pgr.numpy(), label=label, linewidth=1.2, **style)
         by_cost.plot(cost.numpy(), pgr.numpy(), label=name, linewidth=1.2, **style)
+    if report.get("distilled") is not None:  # a model answering alone: one point of cost and quality
+        d = report["distilled"]
+        by_cost.plot([d["cost_fraction"]], [d["pgr"]], marker="*", markersize=12, linestyle="none",
+                     color="tab:red", label="distilled small alone")
+        by_cost.legend(fontsize=7, loc="lower right")
     by_calls.set(xlabel="large-model calls (fraction of queries)", ylabel="performance gap recovered (loglik)",
                  title=f"{report['num_test']} test queries")
     by_cost.set(xlabel="FLOPs per query (fraction of all-large)", ylabel="performance gap recovered (loglik)",
@@ -563,6 +590,10 @@ def format_report(report: dict[str, Any], output: Path) -> str:
         lines.append(f"{name:<24} {apgr:>13} {_fmt(entry['cpt50'], '.1%'):>9} {_fmt(entry['cpt80'], '.1%'):>9} "
                      f"{_fmt(entry['cost_cpt50'], '.1%'):>9} {_fmt(entry['cost_cpt80'], '.1%'):>9} "
                      f"{_fmt(em['apgr'] if em else None, '.3f'):>8}")
+    if report["distilled"] is not None:
+        d = report["distilled"]
+        lines.append(f"distilled small tier alone: loglik {d['loglik']:.4f}, {_fmt(d['pgr'], '.1%')} of the gap "
+                     f"recovered at {_fmt(d['cost_fraction'], '.1%')} of the all-large FLOPs ({d['checkpoint']})")
     lines.append(f"wrote {output / 'cascade_eval.json'} and {output / 'cascade_eval.png'}")
     return "\n".join(lines)
 

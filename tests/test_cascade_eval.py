@@ -86,7 +86,7 @@ def test_cli_reports_every_router_consistently(cascade_pair, capsys) -> None:
     out = cascade_pair["root"] / "cascade_eval"
     main([f"small={cascade_pair['small']}", f"large={cascade_pair['large']}", f"output={out}", "prompt_tokens=12",
           "continuation_tokens=8", "line_tokens=8", "num_queries=200", "calibration_queries=150", "bootstrap=20",
-          "device=cpu"])
+          "device=cpu", f"distilled={cascade_pair['large']}"])
     printed = capsys.readouterr().out
     assert "APGR" in printed and "cascade_eval.json" in printed
     report = json.loads((out / "cascade_eval.json").read_text())
@@ -129,6 +129,10 @@ def test_cli_reports_every_router_consistently(cascade_pair, capsys) -> None:
     assert tiers["large"]["loglik"] > tiers["small"]["loglik"], "the fixture's large tier is trained"
     queries = report["test_queries"]
     assert len(queries) == report["num_test"]
+    # A third model alone (here the large tier itself, so it recovers the whole gap at its own cost).
+    alone = report["distilled"]
+    assert alone["loglik"] == pytest.approx(tiers["large"]["loglik"], abs=1e-9)
+    assert alone["pgr"] == pytest.approx(1.0) and 0 < alone["cost_fraction"] <= 1.5
     for tier in ("small", "large"):
         assert 0 <= tiers[tier]["exact_match"] <= 1
         assert tiers[tier]["loglik"] == pytest.approx(sum(q[f"loglik_{tier}"] for q in queries) / len(queries))
