@@ -50,8 +50,8 @@ LARGE_TIER := runs/mixtral_base/checkpoints/step_00001000
 cascade: install
 	$(PY) -m moe.train +experiment=mixtral_tiny trainer.resume=auto
 	$(PY) -m moe.train +experiment=mixtral_base trainer.resume=auto
-	$(PY) -m moe.cascade_eval small=$(SMALL_TIER) large=$(LARGE_TIER) output=runs/cascade/eval
-	$(PY) -m moe.calibrate small=$(SMALL_TIER) large=$(LARGE_TIER) out=runs/cascade/tiny_base
+	$(PY) -m cascade.evaluate small=$(SMALL_TIER) large=$(LARGE_TIER) output=runs/cascade/eval
+	$(PY) -m cascade.calibrate small=$(SMALL_TIER) large=$(LARGE_TIER) out=runs/cascade/tiny_base
 
 bench: install
 	$(PY) benchmarks/moe_layer.py

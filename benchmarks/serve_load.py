@@ -209,7 +209,7 @@ def source_documents(options: Options, tokenizer: Any) -> tuple[list[list[int]],
     if options.text:
         text = Path(options.text).read_text(errors="replace")[:4_000_000]
         return [tokenizer.encode(text).ids], options.text
-    from moe.calibrate import data_dir_of, read_split_documents
+    from cascade.calibrate import data_dir_of, read_split_documents
 
     try:
         data_dir = data_dir_of(Path(options.small), options.data)

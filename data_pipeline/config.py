@@ -120,7 +120,7 @@ class DataConfig:
         validation_fraction: share of documents held out for validation (the
             training run's evaluation, and the cascade's test queries).
         calibration_fraction: share of documents held out for calibrating the
-            cascade's router (`moe.calibrate`); neither training nor
+            cascade's router (`cascade.calibrate`); neither training nor
             validation reads them.
         shard_max_bytes: bound on the size of one `*.arrow` shard.
         record_batch_bytes: target size of one record batch inside a shard.

@@ -13,7 +13,7 @@ signals of the small model's prefill, and sends a query to one tier. Post-hoc
 routing (FrugalGPT, AutoMix): the small model answers, and the query goes to
 the large model when the answer's mean token confidence is low
 (`escalate_posthoc`). Everything here is a plain function of tensors; the
-calibration that fits and evaluates the router is `moe.calibrate`.
+calibration that fits and evaluates the router is `cascade.calibrate`.
 
 A router may also read the small model's own prefill hidden states (a probe,
 `HiddenFeatures`): the residual stream after chosen blocks, at the prompt's
@@ -411,7 +411,7 @@ def tier_for_score(scores: torch.Tensor, thresholds: Sequence[float]) -> torch.T
 
 def _interpolate(table: list[list[float]], fraction: float, what: str) -> float:
     if not table:
-        raise ValueError(f"this router has no {what} table (it was not calibrated by moe.calibrate)")
+        raise ValueError(f"this router has no {what} table (it was not calibrated by cascade.calibrate)")
     _check_fraction(fraction)
     fractions = [row[0] for row in table]
     if fraction <= fractions[0]:
@@ -616,7 +616,7 @@ class DifficultyRouter:
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"router file {path} does not exist (write one with python -m moe.calibrate)")
+            raise FileNotFoundError(f"router file {path} does not exist (write one with python -m cascade.calibrate)")
         try:
             payload = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -653,7 +653,7 @@ def routing_apgr(scores: torch.Tensor, gain: torch.Tensor) -> float:
 
     RouteLLM's APGR for a routing order (random: 0.5 in expectation); NaN when
     the total gain is not positive. Ties are taken in index order: use it on
-    continuous scores (the cross-validation below), `moe.cascade_eval` for reports.
+    continuous scores (the cross-validation below), `cascade.evaluate` for reports.
     """
     gain = torch.as_tensor(gain, dtype=torch.float64).reshape(-1)
     total = float(gain.sum())

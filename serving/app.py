@@ -85,7 +85,7 @@ def router_file_for(cfg: DictConfig, facts: dict[str, Any]) -> Path:
         print(f"[moe.serve] router: {path} (cached calibration of this pair)", flush=True)
         return path.resolve()
     print(f"[moe.serve] no routing.router given: calibrating the pair into {out} (once; cached)", flush=True)
-    from moe.calibrate import calibrate
+    from cascade.calibrate import calibrate
 
     calibrate(small=facts["small"]["checkpoint"], large=facts["large"]["checkpoint"], out=str(out))
     return path.resolve()

@@ -59,7 +59,7 @@ class RoutingConfig:
     """How the cascade routes, and the request limits the ingress enforces.
 
     Attributes:
-        router: router.json written by `python -m moe.calibrate`; null: calibrate
+        router: router.json written by `python -m cascade.calibrate`; null: calibrate
             the pair on first start and cache it under `calibration_root`.
         target_large_fraction: when set, overrides the router's threshold with the
             one calibrated for this share of large-tier calls.

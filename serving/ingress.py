@@ -122,7 +122,7 @@ class CascadeIngress:
 
     Args:
         small, large: handles to the two `Tier` deployments.
-        router_file: router.json of `moe.calibrate`.
+        router_file: router.json of `cascade.calibrate`.
         tokenizer_file: the tiers' common tokenizer.json.
         max_seq_len: the shortest context of the two tiers.
         routing: the `routing` config as a dict.

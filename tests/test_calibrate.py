@@ -1,4 +1,4 @@
-"""`python -m moe.calibrate` on two tiny trained checkpoints and a tiny prepared corpus."""
+"""`python -m cascade.calibrate` on two tiny trained checkpoints and a tiny prepared corpus."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.calibrate import (REPORT_FRACTIONS, continuation_nll, main, make_queries, read_split_documents,
+from cascade.calibrate import (REPORT_FRACTIONS, continuation_nll, main, make_queries, read_split_documents,
                            roc_auc)
 from moe.difficulty import DifficultyRouter
 
@@ -114,7 +114,7 @@ def test_mismatched_tokenizers_are_refused(setup) -> None:
     tokenizer = json.loads((other / "tokenizer.json").read_text())
     tokenizer["added_tokens"][0]["content"] = "<|eos|>"
     (other / "tokenizer.json").write_text(json.dumps(tokenizer))
-    result = subprocess.run([sys.executable, "-m", "moe.calibrate", f"small={setup['small']}", f"large={other}",
+    result = subprocess.run([sys.executable, "-m", "cascade.calibrate", f"small={setup['small']}", f"large={other}",
                              f"out={setup['root'] / 'refused'}"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert str(setup["small"] / "tokenizer.json") in result.stderr and str(other / "tokenizer.json") in result.stderr

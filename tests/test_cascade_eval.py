@@ -1,4 +1,4 @@
-"""`python -m moe.cascade_eval`: curve arithmetic against brute force, FLOPs against a loop, and the CLI on
+"""`python -m cascade.evaluate`: curve arithmetic against brute force, FLOPs against a loop, and the CLI on
 two tiny trained tiers (the shared `cascade_pair` fixture)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe import ModelConfig, load_checkpoint
-from moe.cascade_eval import (answer_flops, area, first_crossing, forward_flops, gain_curve, main, pgr_curve,
+from cascade.evaluate import (answer_flops, area, first_crossing, forward_flops, gain_curve, main, pgr_curve,
                               router_summary)
+from moe import ModelConfig, load_checkpoint
 from moe.model import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +168,6 @@ def test_errors_name_the_argument(cascade_pair, capsys, tmp_path) -> None:
 
 
 def test_cli_process_exit_code(cascade_pair, tmp_path) -> None:
-    result = subprocess.run([sys.executable, "-m", "moe.cascade_eval", f"small={cascade_pair['small']}"],
+    result = subprocess.run([sys.executable, "-m", "cascade.evaluate", f"small={cascade_pair['small']}"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "large=CKPT is required" in result.stderr

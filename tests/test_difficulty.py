@@ -203,7 +203,7 @@ def test_load_refuses_non_json_and_missing(tmp_path) -> None:
     (tmp_path / "router.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
         DifficultyRouter.load(tmp_path / "router.json")
-    with pytest.raises(FileNotFoundError, match="moe.calibrate"):
+    with pytest.raises(FileNotFoundError, match="cascade.calibrate"):
         DifficultyRouter.load(tmp_path / "absent.json")
     with pytest.raises(ValueError, match="fraction_thresholds"):
         DifficultyRouter.fit(*synthetic(100, [1.0] * 5, 0.0)).threshold_for_fraction(0.3)

@@ -1,4 +1,4 @@
-"""What the `key=value` command lines of moe's tools share (`moe.calibrate`, `moe.cascade_eval`).
+"""What the `key=value` command lines of moe's tools share (`cascade.calibrate`, `cascade.evaluate`).
 
 Each tool declares its options as {key: (type, default)} and its required keys;
 `run` parses, fills the defaults, calls the tool and turns a bad input into one

@@ -1,6 +1,6 @@
-"""`python -m moe.calibrate small=CKPT large=CKPT`: fit and evaluate the cascade's difficulty router.
+"""`python -m cascade.calibrate small=CKPT large=CKPT`: fit and evaluate the cascade's difficulty router.
 
-    python -m moe.calibrate small=runs/mixtral_tiny/checkpoints/step_00000300 \\
+    python -m cascade.calibrate small=runs/mixtral_tiny/checkpoints/step_00000300 \\
                             large=runs/mixtral_base/checkpoints/step_00000500 [out=DIR] [data=DIR] \\
                             [num_queries=2048] [prompt_tokens=32] [continuation_tokens=16] [margin=0.1] \\
                             [target_large_fraction=0.3] [holdout=0.3] [posthoc_queries=64] [l2=0.01] \\
@@ -58,13 +58,14 @@ from typing import Any, Optional, Union
 import torch
 
 from moe.checkpoint import load_checkpoint, run_config_of
-from moe.cli import check_positive_ints, parse_key_values, run, write_json
 from moe.difficulty import (POOLINGS, SIGNAL_NAMES, DeferralRule, DifficultyRouter, HiddenFeatures,
                             confidence_threshold_for_escalation, fit_probe, prompt_signals, right_pad, routing_apgr,
                             threshold_for_large_fraction)
 from moe.model import MoETransformer
 
-USAGE = ("usage: python -m moe.calibrate small=CKPT large=CKPT [out=DIR] [data=DIR] [num_queries=N] "
+from cascade.cli import check_positive_ints, parse_key_values, run, write_json
+
+USAGE = ("usage: python -m cascade.calibrate small=CKPT large=CKPT [out=DIR] [data=DIR] [num_queries=N] "
          "[prompt_tokens=K] [continuation_tokens=M] [margin=X] [target_large_fraction=F] [holdout=F] "
          "[posthoc_queries=N] [deferral_queries=N] [router=auto|logistic|probe] [l2=X] [batch_size=N] [seed=N] "
          "[device=D]")

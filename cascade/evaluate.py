@@ -1,7 +1,7 @@
-"""`python -m moe.cascade_eval small=CKPT large=CKPT output=DIR`: how much of the large tier's quality each
+"""`python -m cascade.evaluate small=CKPT large=CKPT output=DIR`: how much of the large tier's quality each
 router buys, against the share of large-model calls and against real cost.
 
-    python -m moe.cascade_eval small=runs/mixtral_tiny/checkpoints/step_00000300 \\
+    python -m cascade.evaluate small=runs/mixtral_tiny/checkpoints/step_00000300 \\
                                large=runs/mixtral_base/checkpoints/step_00000500 output=runs/cascade/eval \\
                                [data=DIR] [num_queries=1024] [calibration_queries=2048] [prompt_tokens=32] \\
                                [continuation_tokens=16] \\
@@ -11,7 +11,7 @@ router buys, against the share of large-model calls and against real cost.
 Writes DIR/cascade_eval.json and DIR/cascade_eval.png, and prints a table.
 
 NOTE: what is measured.
-1. Queries are windows of held-out documents (`moe.calibrate.make_queries`):
+1. Queries are windows of held-out documents (`cascade.calibrate.make_queries`):
    a prompt of K tokens and the document's next W = max(continuation_tokens,
    line_tokens) tokens as its reference. The calibration set comes from the
    calibration split and the test set from the validation split of the
@@ -31,7 +31,7 @@ NOTE: what is measured.
    constant score is exactly random routing in expectation.
 4. Routers: `random`; each signal of `moe.difficulty.SIGNAL_NAMES` alone
    (its sign chosen on the calibration set); `learned` (the logistic router
-   `moe.calibrate` fits, label: the large tier's loglik better by more than
+   `cascade.calibrate` fits, label: the large tier's loglik better by more than
    `margin`, default the calibration set's median gain) and
    `learned_regression` (ridge regression of the gain); `probe` (ridge of the
    gain on the signals and the small tier's pooled prefill hidden states,
@@ -65,15 +65,16 @@ from typing import Any, Optional, Union
 
 import torch
 
-from moe.calibrate import check_pair_and_data, continuation_nll, query_windows, read_split_documents, roc_auc
 from moe.checkpoint import load_checkpoint
-from moe.cli import check_positive_ints, parse_key_values, run, write_json
 from moe.config import ModelConfig
 from moe.difficulty import (POOLINGS, SIGNAL_NAMES, DeferralRule, DifficultyRouter, HiddenFeatures, fit_probe,
                             prompt_signals)
 from moe.model import MoETransformer, count_parameters
 
-USAGE = ("usage: python -m moe.cascade_eval small=CKPT large=CKPT output=DIR [data=DIR] [num_queries=N] "
+from cascade.calibrate import check_pair_and_data, continuation_nll, query_windows, read_split_documents, roc_auc
+from cascade.cli import check_positive_ints, parse_key_values, run, write_json
+
+USAGE = ("usage: python -m cascade.evaluate small=CKPT large=CKPT output=DIR [data=DIR] [num_queries=N] "
          "[calibration_queries=N] "
          "[prompt_tokens=K] [continuation_tokens=M] [line_tokens=L] [margin=X] [l2=X] [bootstrap=N] "
          "[batch_size=N] [seed=N] [device=D] [distilled=CKPT]")
