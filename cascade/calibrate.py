@@ -48,7 +48,6 @@ NOTE: the calibration set and its labels.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import random
@@ -61,6 +60,7 @@ from moe.checkpoint import load_checkpoint, run_config_of
 from moe.difficulty import (POOLINGS, SIGNAL_NAMES, DeferralRule, DifficultyRouter, HiddenFeatures,
                             confidence_threshold_for_escalation, fit_probe, prompt_signals, right_pad, routing_apgr,
                             threshold_for_large_fraction)
+from moe.files import TOKENIZER_NAME, file_sha256
 from moe.model import MoETransformer
 
 from cascade.cli import check_positive_ints, parse_key_values, run, write_json
@@ -69,7 +69,6 @@ USAGE = ("usage: python -m cascade.calibrate small=CKPT large=CKPT [out=DIR] [da
          "[prompt_tokens=K] [continuation_tokens=M] [margin=X] [target_large_fraction=F] [holdout=F] "
          "[posthoc_queries=N] [deferral_queries=N] [router=auto|logistic|probe] [l2=X] [batch_size=N] [seed=N] "
          "[device=D]")
-TOKENIZER_FILE = "tokenizer.json"
 REPORT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TABLE_FRACTIONS = tuple(i / 100 for i in range(101))  # router.json's fraction -> threshold grid
 MIN_QUERIES = 10
@@ -98,10 +97,6 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
 
 # ---- inputs ------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def check_tokenizers(small: Path, large: Path) -> str:
     """Both checkpoints carry the same tokenizer.json; returns its sha256.
 
@@ -111,14 +106,14 @@ def check_tokenizers(small: Path, large: Path) -> str:
     """
     hashes = []
     for key, checkpoint in (("small", small), ("large", large)):
-        path = checkpoint / TOKENIZER_FILE
+        path = checkpoint / TOKENIZER_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{key}: {path} is missing (checkpoints of moe.train carry their data's "
                                     f"tokenizer)")
-        hashes.append(_sha256(path))
+        hashes.append(file_sha256(path))
     if hashes[0] != hashes[1]:
-        raise ValueError(f"small/large: the tokenizers differ: {small / TOKENIZER_FILE} (sha256 {hashes[0][:12]}...) "
-                         f"and {large / TOKENIZER_FILE} (sha256 {hashes[1][:12]}...); a cascade needs two models "
+        raise ValueError(f"small/large: the tokenizers differ: {small / TOKENIZER_NAME} (sha256 {hashes[0][:12]}...) "
+                         f"and {large / TOKENIZER_NAME} (sha256 {hashes[1][:12]}...); a cascade needs two models "
                          f"trained with the same tokenizer")
     return hashes[0]
 
@@ -133,9 +128,9 @@ def check_pair_and_data(small: Path, large: Path, data: Optional[PathLike]) -> t
     """
     tokenizer_sha256 = check_tokenizers(small, large)
     data_dir = data_dir_of(small, None if data is None else str(data))
-    data_tokenizer = data_dir / TOKENIZER_FILE
-    if not data_tokenizer.is_file() or _sha256(data_tokenizer) != tokenizer_sha256:
-        raise ValueError(f"data: {data_tokenizer} is missing or differs from {small / TOKENIZER_FILE}: the "
+    data_tokenizer = data_dir / TOKENIZER_NAME
+    if not data_tokenizer.is_file() or file_sha256(data_tokenizer) != tokenizer_sha256:
+        raise ValueError(f"data: {data_tokenizer} is missing or differs from {small / TOKENIZER_NAME}: the "
                          f"queries must be tokenized like the models' training data")
     return tokenizer_sha256, data_dir
 

@@ -43,12 +43,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe.checkpoint import WEIGHTS_NAME, write_model_state
+from moe.files import TOKENIZER_NAME
 
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAIN_STATE = "train_state.json"
-TOKENIZER_NAME = "tokenizer.json"
 SUPERSEDED_DIR = "superseded"
 _HASH_CHUNK = 8 << 20
 

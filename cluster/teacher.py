@@ -8,25 +8,16 @@ train_state.json, and a run resumes only with the teacher it was trained with.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from moe.checkpoint import WEIGHTS_NAME, load_checkpoint, read_model_config
+from moe.files import TOKENIZER_NAME, file_sha256
 from moe.config import ModelConfig
 from moe.model import MoETransformer, training_flops_per_token
 
-TOKENIZER_FILE = "tokenizer.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_teacher(teacher: str, data_dir: Path, student: ModelConfig) -> tuple[Path, str]:
@@ -45,19 +36,19 @@ def check_teacher(teacher: str, data_dir: Path, student: ModelConfig) -> tuple[P
         raise ValueError(f"{key}: {err} (a checkpoint written by moe.train, e.g. runs/NAME/checkpoints/step_N)") \
             from None
     weights = path / WEIGHTS_NAME
-    tokenizer = path / TOKENIZER_FILE
+    tokenizer = path / TOKENIZER_NAME
     if not weights.is_file():
         raise ValueError(f"{key}: {weights} is missing")
     if not tokenizer.is_file():
         raise ValueError(f"{key}: {tokenizer} is missing (checkpoints of moe.train carry their data's tokenizer)")
-    data_tokenizer = data_dir / TOKENIZER_FILE
-    if _sha256(tokenizer) != _sha256(data_tokenizer):
+    data_tokenizer = data_dir / TOKENIZER_NAME
+    if file_sha256(tokenizer) != file_sha256(data_tokenizer):
         raise ValueError(f"{key}: the teacher's tokenizer {tokenizer} differs from the prepared data's "
                          f"{data_tokenizer}: a teacher must be trained with the student's tokenizer")
     if config.vocab_size != student.vocab_size:
         raise ValueError(f"{key}: the teacher's vocabulary ({config.vocab_size} in {path / 'config.json'}) "
                          f"differs from the student's ({student.vocab_size})")
-    return path, _sha256(weights)
+    return path, file_sha256(weights)
 
 
 def check_resume_teacher(train_state: dict[str, Any], checkpoint: Path, teacher: Optional[Path],

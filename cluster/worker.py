@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from moe import MoETransformer
 from moe.distill import distillation_loss
+from moe.files import TOKENIZER_NAME
 from moe.model import count_parameters, training_flops_per_token
 
 from cluster.checkpointing import (list_checkpoints, load_training_checkpoint, read_train_state_or_none,
@@ -325,7 +326,7 @@ def save_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
                              model_config=run.model.config.to_dict(), optimizer_state=run.engine.optimizer_state(),
                              train_state=train_state, barrier=dist.barrier, gather=_all_gather_object,
                              keep_last=tcfg.keep_last,
-                             tokenizer_file=Path(run.config.data_dir) / "tokenizer.json")
+                             tokenizer_file=Path(run.config.data_dir) / TOKENIZER_NAME)
     # The checkpoint directory on disk is the one record of checkpoints (see cluster/checkpointing.py).
     ray.train.report(metrics)
 

@@ -22,7 +22,6 @@ so the output stays deterministic.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
@@ -30,7 +29,9 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-TOKENIZER_FILE = "tokenizer.json"
+from moe.files import TOKENIZER_NAME, file_sha256  # noqa: F401 (file_sha256 re-exported)
+
+TOKENIZER_FILE = TOKENIZER_NAME
 MAX_PIECE_CHARS = 1 << 20
 ENCODE_BATCH_CHARS = 4 << 20
 
@@ -79,10 +80,6 @@ def load_tokenizer_file(path: PathLike, *, eos_token: str) -> Tokenizer:
     if tokenizer.token_to_id(eos_token) is None:
         raise ValueError(f"data.tokenizer: {path} has no token data.eos_token={eos_token!r}")
     return tokenizer
-
-
-def file_sha256(path: PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_tokenizer(data_dir: PathLike) -> Tokenizer:

@@ -46,10 +46,11 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 
 from moe.difficulty import HiddenFeatures, check_prompt_ids, feature_row, right_pad
+from moe.files import TOKENIZER_NAME
 from moe.model import KVCache, MoETransformer
 
 EOS_TOKEN = "<|endoftext|>"
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = TOKENIZER_NAME
 _REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 character decodes to
 
 PathLike = Union[str, os.PathLike]

@@ -22,13 +22,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from moe.files import TOKENIZER_NAME, file_sha256
 from serving.config import INGRESS_CPUS, size_tiers, validate_serve_config
 
-TOKENIZER_FILE = "tokenizer.json"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def check_tiers(small: str, large: str) -> dict[str, Any]:
@@ -50,12 +46,12 @@ def check_tiers(small: str, large: str) -> dict[str, Any]:
             config = read_model_config(directory)
         except (FileNotFoundError, ValueError) as err:
             raise ValueError(f"invalid configuration: {key}: {err}") from None
-        tokenizer = directory / TOKENIZER_FILE
+        tokenizer = directory / TOKENIZER_NAME
         if not tokenizer.is_file():
             raise ValueError(f"invalid configuration: {key}: {tokenizer} is missing (checkpoints of moe.train carry "
                              f"their data's tokenizer)")
         facts[key] = {"checkpoint": str(directory.resolve()), "tokenizer": str(tokenizer.resolve()),
-                      "tokenizer_sha256": _sha256(tokenizer), "max_seq_len": config.max_seq_len,
+                      "tokenizer_sha256": file_sha256(tokenizer), "max_seq_len": config.max_seq_len,
                       "vocab_size": config.vocab_size, "active_params": count_parameters(config)["active"],
                       "num_layers": config.num_layers, "hidden_size": config.hidden_size}
     if facts["small"]["tokenizer_sha256"] != facts["large"]["tokenizer_sha256"]:
