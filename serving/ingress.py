@@ -199,19 +199,20 @@ class CascadeIngress:
         self._check_max_tokens(body.max_tokens, "max_tokens")
         if body.max_tokens == 0 and not body.echo:
             raise RequestError(400, "max_tokens: 0 is allowed only with echo (scoring the prompt)", "max_tokens")
-        if body.echo and body.stream:
-            raise RequestError(400, "echo: not supported with stream yet", "echo")
         if body.best_of is not None and body.best_of < body.n:
             raise RequestError(400, f"best_of: {body.best_of} is less than n={body.n}", "best_of")
         if body.stream and body.best_of is not None and body.best_of > body.n:
             raise RequestError(400, "best_of: more candidates than n cannot be streamed", "best_of")
-        self._check_options(mode, body.stream, body.stream_options, body.logprobs is not None, body.logit_bias)
+        self._check_options(mode, body.stream, body.stream_options, body.logit_bias)
         prompts = body.prompts()
         prompt_ids = [self._prompt_ids(prompt, index if len(prompts) > 1 else None, body.max_tokens)
                       for index, prompt in enumerate(prompts)]
         request = {**self._tier_request(body, body.max_tokens, body.stop_strings(), body.logprobs),
                    "echo": body.echo}
-        job = Job(mode, prompt_ids, request, body.n, body.best_of or body.n, body.seed)
+        job = Job(mode, prompt_ids, request, body.n, body.best_of or body.n, body.seed,
+                  logprobs=body.logprobs is not None,
+                  echo=[p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(prompts, prompt_ids)]
+                  if body.echo else None)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:
             return StreamingResponse(self._stream(job, meta, started, _include_usage(body), self._chunk),
@@ -250,7 +251,7 @@ class CascadeIngress:
         key = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         if asked is not None:
             self._check_max_tokens(asked, key)
-        self._check_options(mode, body.stream, body.stream_options, body.logprobs, body.logit_bias)
+        self._check_options(mode, body.stream, body.stream_options, body.logit_bias)
         try:
             text = self.chat_template.render([{"role": m.role, "content": m.text(), **({"name": m.name} if m.name
                                                else {})} for m in body.messages])
@@ -261,7 +262,7 @@ class CascadeIngress:
         stop = body.stop_strings() + tuple(s for s in self.chat["stop"] if s not in body.stop_strings())
         job = Job(mode, [prompt_ids], self._tier_request(body, max_tokens, stop,
                                                          (body.top_logprobs or 0) if body.logprobs else None),
-                  body.n, body.n, body.seed)
+                  body.n, body.n, body.seed, logprobs=body.logprobs)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:
             return StreamingResponse(self._stream(job, meta, started, _include_usage(body), self._chat_chunk),
@@ -347,11 +348,9 @@ class CascadeIngress:
             raise RequestError(400, f"{key}: {max_tokens} exceeds this server's limit of "
                                     f"{self.routing['max_tokens_limit']}", key)
 
-    def _check_options(self, mode: Mode, stream: bool, stream_options: Any, logprobs: bool,
+    def _check_options(self, mode: Mode, stream: bool, stream_options: Any,
                        logit_bias: Optional[dict[str, float]]) -> None:
         """What both APIs check before any tier: streaming options, logit_bias ids, the routing budget."""
-        if stream and logprobs:
-            raise RequestError(400, "logprobs: not supported with stream yet", "logprobs")
         if stream_options is not None and not stream:
             raise RequestError(400, "stream_options: only allowed with stream: true", "stream_options")
         vocab = self.tokenizer.get_vocab_size()
@@ -523,6 +522,14 @@ class CascadeIngress:
                 route = None if job.mode.kind == POSTHOC else await self._choose(job.mode, prompt_ids)
                 for j, request in enumerate(job.candidates(prompt_ids, job.n)):
                     index, first = i * job.n + j, True
+                    if job.logprobs or job.echo is not None:
+                        # Log-probabilities (and an echoed prompt) come with the whole answer: one chunk per
+                        # choice carries its text and logprobs, as a client concatenating chunks expects.
+                        answer = await self._answer(job.mode, request, route)
+                        yield self._whole_chunk(chunk, meta, job, i, index, answer)
+                        generated += answer["completion_tokens"]
+                        self._record(job.mode, answer, started)
+                        continue
                     async for routing, text, answer in self._stream_one(job.mode, request, route):
                         yield chunk(meta, routing, text, answer["finish_reason"] if answer else None, index, first)
                         first = False
@@ -587,20 +594,32 @@ class CascadeIngress:
             except StopAsyncIteration:
                 return
 
+    def _whole_chunk(self, chunk: Any, meta: dict[str, Any], job: "Job", prompt: int, index: int,
+                     answer: dict[str, Any]) -> str:
+        """One choice answered whole, as a single chunk of its API with the echoed prompt and logprobs."""
+        if chunk.__name__ == "_chunk":
+            echo = job.echo[prompt] if job.echo is not None else ""
+            logprobs = (self._logprobs(answer, job.prompts[prompt] if job.echo is not None else None).model_dump()
+                        if job.logprobs else None)
+            return chunk(meta, _routing(answer), echo + answer["text"], answer["finish_reason"], index, True,
+                         logprobs)
+        logprobs = self._chat_logprobs(answer).model_dump() if job.logprobs else None
+        return chunk(meta, _routing(answer), answer["text"], answer["finish_reason"], index, True, logprobs)
+
     @staticmethod
     def _chunk(meta: dict[str, Any], routing: dict[str, Any], text: str, finish_reason: Optional[str],
-               index: int = 0, first: bool = False) -> str:
+               index: int = 0, first: bool = False, logprobs: Optional[dict[str, Any]] = None) -> str:
         chunk = {**meta, "object": CHUNK_OBJECT["_chunk"],
-                 "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}],
+                 "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}],
                  **routing}
         return f"data: {json.dumps(chunk)}\n\n"
 
     @staticmethod
     def _chat_chunk(meta: dict[str, Any], routing: dict[str, Any], text: str, finish_reason: Optional[str],
-                    index: int = 0, first: bool = False) -> str:
+                    index: int = 0, first: bool = False, logprobs: Optional[dict[str, Any]] = None) -> str:
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         chunk = {**meta, "object": CHUNK_OBJECT["_chat_chunk"],
-                 "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
                  **routing}
         return f"data: {json.dumps(chunk)}\n\n"
 
@@ -615,6 +634,8 @@ class Job:
     n: int
     best_of: int
     seed: Optional[int]
+    logprobs: bool = False  # the client asked for log-probabilities
+    echo: Optional[list[str]] = None  # the completions API's echo: each prompt's text, returned before its answer
 
     def candidates(self, prompt_ids: list[int], count: int) -> list[dict[str, Any]]:
         """The tier requests of one prompt: `count` of them, seeds seed, seed + 1, ... when a seed is given."""

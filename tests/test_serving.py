@@ -272,6 +272,19 @@ def test_request_shapes_of_common_clients(server, local) -> None:
     small, large = local_completion("small", SHORT), local_completion("large", LONG)
     assert texts == {0: small.text, 1: small.text, 2: large.text, 3: large.text}
     assert usage["usage"]["completion_tokens"] == 2 * (len(small.token_ids) + len(large.token_ids))
+    # Streamed with echo and logprobs: each choice arrives whole in one chunk, as the plain request answers it.
+    request = {"model": "large", "prompt": [short_ids, long_ids], "max_tokens": 1, "temperature": 0, "logprobs": 1,
+               "echo": True}
+    plain = complete(server, **request).json()
+    streamed = requests.post(f"{server}/v1/completions", timeout=60, json={**request, "stream": True}).text
+    events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    assert [e["choices"][0]["index"] for e in events] == [0, 1] and streamed.endswith("data: [DONE]\n\n")
+    for event, choice in zip(events, plain["choices"]):
+        got = event["choices"][0]
+        assert got["text"] == choice["text"] and got["finish_reason"] == choice["finish_reason"]
+        assert got["logprobs"]["tokens"] == choice["logprobs"]["tokens"]
+        assert got["logprobs"]["token_logprobs"] == pytest.approx(choice["logprobs"]["token_logprobs"], abs=1e-6)
+        assert got["logprobs"]["text_offset"] == choice["logprobs"]["text_offset"]
 
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": LONG}]
@@ -316,13 +329,21 @@ def test_chat_completions_render_route_and_stream(server, local) -> None:
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == expected["large"].text
     assert events[-1]["choices"][0]["finish_reason"] == expected["large"].finish_reason
+    # Streamed with logprobs: the whole answer in one chunk with the chat format's logprobs.
+    streamed = requests.post(f"{server}/v1/chat/completions", timeout=60, json={
+        "model": "small", "messages": CHAT, "max_tokens": 4, "temperature": 0, "stream": True, "logprobs": True,
+        "top_logprobs": 2}).text
+    events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    assert len(events) == 1 and events[0]["choices"][0]["delta"] == {"role": "assistant",
+                                                                     "content": expected["small"].text}
+    content = events[0]["choices"][0]["logprobs"]["content"]
+    assert [c["logprob"] for c in content] == pytest.approx(expected["small"].token_logprobs, abs=1e-5)
     # What these tiers cannot do is refused, naming the field, before any tier.
     before = tier_calls()
     for payload, param in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                            ({"tool_choice": "required"}, "tool_choice"),
                            ({"response_format": {"type": "json_object"}}, "response_format"),
                            ({"top_logprobs": 2}, "top_logprobs"),
-                           ({"logprobs": True, "stream": True}, "logprobs"),
                            ({"max_tokens": 2, "max_completion_tokens": 2}, "max_tokens"),
                            ({"max_completion_tokens": 9}, "max_completion_tokens"),
                            ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
@@ -403,8 +424,6 @@ def test_failing_or_hanging_large_tier_degrades_to_small(server, local) -> None:
     ({"prompt": "x", "n": 3, "best_of": 2, "max_tokens": 2}, 400, "best_of"),
     ({"prompt": "x", "best_of": 3, "stream": True, "max_tokens": 2}, 400, "best_of"),
     ({"prompt": "x", "logprobs": 6}, 400, "logprobs"),
-    ({"prompt": "x", "logprobs": 1, "stream": True, "max_tokens": 2}, 400, "logprobs"),
-    ({"prompt": "x", "echo": True, "stream": True, "max_tokens": 2}, 400, "echo"),
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),             # 0 only with echo
     ({"prompt": "x", "stream_options": {"include_usage": True}, "max_tokens": 2}, 400, "stream_options"),
     ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
