@@ -54,6 +54,13 @@ NOTE: what is measured.
 6. Spread: APGR and CPT are recomputed on `bootstrap` resamples of the test
    queries (with replacement, the calibration fit fixed); the JSON carries
    their standard deviation.
+7. Wall time: `timing_queries` test queries are answered one at a time, in
+   this process, by each tier (greedy next line) and prefilled by the small
+   tier for the router, the three interleaved query by query; the mean
+   seconds per query give the same charges as NOTE 5 in seconds, and each
+   router's `time_cpt50`/`time_cpt80` (share of all-large wall time at PGR
+   50%/80%). Batch 1 on this machine, not through the service (see
+   benchmarks/serve_load.py for latency under load).
 """
 
 from __future__ import annotations
@@ -77,7 +84,7 @@ from cascade.cli import check_positive_ints, parse_key_values, run, write_json
 USAGE = ("usage: python -m cascade.evaluate small=CKPT large=CKPT output=DIR [data=DIR] [num_queries=N] "
          "[calibration_queries=N] "
          "[prompt_tokens=K] [continuation_tokens=M] [line_tokens=L] [margin=X] [l2=X] [bootstrap=N] "
-         "[batch_size=N] [seed=N] [device=D] [distilled=CKPT]")
+         "[batch_size=N] [seed=N] [device=D] [distilled=CKPT] [timing_queries=N]")
 METRICS = ("loglik", "exact_match")
 CURVE_POINTS = 101  # large-call fractions 0, 0.01, ..., 1 in the JSON curves
 MIN_QUERIES = 10
@@ -91,6 +98,7 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "continuation_tokens": (int, 16),
     "line_tokens": (int, 32), "margin": (float, None), "l2": (float, 1e-2), "bootstrap": (int, 200),
     "batch_size": (int, 8), "seed": (int, 0), "device": (str, None), "distilled": (str, None),
+    "timing_queries": (int, 64),
 }
 
 
@@ -290,7 +298,8 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
                      continuation_tokens: int = 16,
                      line_tokens: int = 32, margin: Optional[float] = None, l2: float = 1e-2, bootstrap: int = 200,
                      batch_size: int = 8, seed: int = 0, device: Optional[str] = None,
-                     distilled: Optional[PathLike] = None, verbose: bool = True) -> dict[str, Any]:
+                     distilled: Optional[PathLike] = None, timing_queries: int = 64,
+                     verbose: bool = True) -> dict[str, Any]:
     """Measures every router of NOTE 4 on the test queries; writes cascade_eval.json and cascade_eval.png.
 
     Args:
@@ -313,6 +322,8 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         distilled: a third checkpoint with the pair's tokenizer (a small tier
             trained with `trainer.distill`), scored alone on the test queries:
             a point on the quality-cost frontier beside the routers.
+        timing_queries: test queries answered one at a time by each tier to
+            measure wall time per query (NOTE 7); 0: no timing.
         verbose: print the table.
     Returns:
         The report, as written to cascade_eval.json.
@@ -322,7 +333,7 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
             or a large tier that is not better than the small one.
     """
     _check_options(num_queries=num_queries, calibration_queries=calibration_queries, prompt_tokens=prompt_tokens,
-                   continuation_tokens=continuation_tokens, line_tokens=line_tokens, margin=margin, l2=l2,
+                   timing_queries=timing_queries, continuation_tokens=continuation_tokens, line_tokens=line_tokens, margin=margin, l2=l2,
                    bootstrap=bootstrap, batch_size=batch_size)
     small, large, output = Path(small), Path(large), Path(output)
     if output.exists() and not output.is_dir():
@@ -428,6 +439,14 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
     routers["probe"] = (probe.score(test["features"][:, probe_columns]), "prefill")
     routers["posthoc"] = (-confidence, "posthoc")
     routers["deferral"] = (deferral.score([a.token_logprobs for a in answers_small]), "posthoc")
+    seconds = (measure_seconds(small_model, large_model, small, large, prompts[:timing_queries], line_tokens,
+                               probe.hidden, device) if timing_queries > 0 else None)
+    time_charges = None
+    if seconds is not None:  # the same charges in measured seconds per query, the same for every query
+        ones = torch.ones(len(prompts), dtype=torch.float64)
+        t_small, t_large, t_prefill = (seconds[k] * ones for k in ("small", "large", "router_prefill"))
+        time_charges = {"none": (t_small, t_large), "prefill": (t_small, t_prefill + t_large),
+                        "posthoc": (t_small, t_small + t_large)}
     oracle_scores = {"loglik": test_gain,
                      "exact_match": test["exact_match_large"] - test["exact_match_small"] + 1e-3 * test_gain}
 
@@ -447,6 +466,10 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
             fraction, pgr, cost = summary.pop("_curves")
             spread = _bootstrap(resamples, scores, q_small, q_large, charges[charge])
             summary.update(spread)
+            if time_charges is not None:
+                timed = router_summary(scores, q_small, q_large, *time_charges[charge],
+                                       float(time_charges["none"][1].sum()))
+                summary.update({"time_cpt50": timed["cost_cpt50"], "time_cpt80": timed["cost_cpt80"]})
             summary["curve"] = {"large_fraction": [round(float(x), 4) for x in torch.linspace(0, 1, CURVE_POINTS)],
                                 "pgr": _resample_points(fraction, pgr), "cost_fraction": _resample_points(fraction, cost)}
             if metric == "loglik":
@@ -454,7 +477,7 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
             entry[metric] = summary
         entry["charge"] = charges_doc(routers.get(name, (None, "none"))[1])
         loglik = entry["loglik"] or {}
-        for key in ("apgr", "cpt50", "cpt80", "cost_cpt50", "cost_cpt80"):  # loglik figures at the top level
+        for key in ("apgr", "cpt50", "cpt80", "cost_cpt50", "cost_cpt80", "time_cpt50", "time_cpt80"):  # loglik
             entry[key] = loglik.get(key)
         entry["auc"] = roc_auc(routers[name][0], test_gain > margin) if name in routers else None
         results[name] = entry
@@ -477,6 +500,7 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
             for tier, path, cfg, cost, answers in (("small", small, small_cfg, answer_small, answers_small),
                                                    ("large", large, large_cfg, answer_large, answers_large))},
         "router_prefill_flops_per_query": float(router_prefill.mean()),
+        "seconds_per_query": seconds,
         "distilled": (None if distilled is None else
                       _alone(distilled, [(q, r[:continuation_tokens]) for q, r in test_pairs],
                              [len(a.token_ids) for a in answers_small], test, batch_size, device, cost_all_large)),
@@ -501,6 +525,34 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
     if verbose:
         print(format_report(report, output))
     return report
+
+
+@torch.no_grad()
+def measure_seconds(small_model: MoETransformer, large_model: MoETransformer, small: Path, large: Path,
+                    prompts: list[list[int]], line_tokens: int, hidden: Optional[HiddenFeatures],
+                    device: str) -> dict[str, Any]:
+    """Mean wall seconds per query, one query at a time, of the small and the large tier's greedy answer and
+    of the router's prefill of the small tier (NOTE 7); the three interleaved query by query."""
+    import time
+
+    from moe.generate import Generator, SamplingParams, load_tokenizer
+
+    generators = {tier: Generator(model, load_tokenizer(checkpoint), max_batch_size=1, device=device,
+                                  prefill_memo=0)
+                  for tier, model, checkpoint in (("small", small_model, small), ("large", large_model, large))}
+    params = [SamplingParams(max_tokens=line_tokens, stop=("\n",))]
+    steps = {"small": lambda p: generators["small"].generate_ids([p], params),
+             "large": lambda p: generators["large"].generate_ids([p], params),
+             "router_prefill": lambda p: generators["small"].prefill_signals([p], hidden)}
+    totals = dict.fromkeys(steps, 0.0)
+    steps["small"](prompts[0])  # warm-up
+    for prompt in prompts:
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step(prompt)
+            totals[name] += time.perf_counter() - started
+    return {**{name: total / len(prompts) for name, total in totals.items()}, "queries": len(prompts),
+            "threads": torch.get_num_threads(), "device": device}
 
 
 def _alone(checkpoint: Path, pairs: list[tuple[list[int], list[int]]], answer_lengths: list[int],
@@ -582,7 +634,7 @@ def format_report(report: dict[str, Any], output: Path) -> str:
         f"exact match {tiers['large']['exact_match']:.3f}, {tiers['large']['flops_per_query'] / 1e9:.3f} GFLOP/query "
         f"| router prefill {report['router_prefill_flops_per_query'] / 1e9:.3f} GFLOP/query",
         f"{'router':<24} {'APGR':>13} {'CPT(50%)':>9} {'CPT(80%)':>9} {'cost@50%':>9} {'cost@80%':>9} "
-        f"{'EM APGR':>8}",
+        f"{'time@50%':>9} {'time@80%':>9} {'EM APGR':>8}",
     ]
     for name, entry in report["routers"].items():
         std = (entry["loglik"] or {}).get("apgr_std")
@@ -590,7 +642,13 @@ def format_report(report: dict[str, Any], output: Path) -> str:
         em = entry["exact_match"]
         lines.append(f"{name:<24} {apgr:>13} {_fmt(entry['cpt50'], '.1%'):>9} {_fmt(entry['cpt80'], '.1%'):>9} "
                      f"{_fmt(entry['cost_cpt50'], '.1%'):>9} {_fmt(entry['cost_cpt80'], '.1%'):>9} "
+                     f"{_fmt(entry.get('time_cpt50'), '.1%'):>9} {_fmt(entry.get('time_cpt80'), '.1%'):>9} "
                      f"{_fmt(em['apgr'] if em else None, '.3f'):>8}")
+    if report["seconds_per_query"] is not None:
+        t = report["seconds_per_query"]
+        lines.append(f"wall time per query ({t['queries']} queries one at a time, {t['threads']} threads): small "
+                     f"{t['small'] * 1e3:.1f} ms, large {t['large'] * 1e3:.1f} ms, router prefill "
+                     f"{t['router_prefill'] * 1e3:.1f} ms")
     if report["distilled"] is not None:
         d = report["distilled"]
         lines.append(f"distilled small tier alone: loglik {d['loglik']:.4f}, {_fmt(d['pgr'], '.1%')} of the gap "
@@ -606,6 +664,9 @@ def _fmt(value: Optional[float], spec: str) -> str:
 def _check_options(**options: Any) -> None:
     check_positive_ints(options, "num_queries", "calibration_queries", "prompt_tokens", "continuation_tokens",
                         "line_tokens", "batch_size")
+    timing = options["timing_queries"]
+    if not isinstance(timing, int) or isinstance(timing, bool) or timing < 0:
+        raise ValueError(f"timing_queries must be an integer >= 0, got {timing!r}")
     bootstrap = options["bootstrap"]
     if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or bootstrap < 0:
         raise ValueError(f"bootstrap must be an integer >= 0, got {bootstrap!r}")

@@ -86,7 +86,7 @@ def test_cli_reports_every_router_consistently(cascade_pair, capsys) -> None:
     out = cascade_pair["root"] / "cascade_eval"
     main([f"small={cascade_pair['small']}", f"large={cascade_pair['large']}", f"output={out}", "prompt_tokens=12",
           "continuation_tokens=8", "line_tokens=8", "num_queries=200", "calibration_queries=150", "bootstrap=20",
-          "device=cpu", f"distilled={cascade_pair['large']}"])
+          "device=cpu", f"distilled={cascade_pair['large']}", "timing_queries=5"])
     printed = capsys.readouterr().out
     assert "APGR" in printed and "cascade_eval.json" in printed
     report = json.loads((out / "cascade_eval.json").read_text())
@@ -125,6 +125,12 @@ def test_cli_reports_every_router_consistently(cascade_pair, capsys) -> None:
     assert routers["posthoc"]["loglik"]["cost_range"] == pytest.approx([small_share, 1 + small_share])
     assert routers["deferral"]["loglik"]["cost_range"] == pytest.approx([small_share, 1 + small_share])
     assert routers["probe"]["loglik"]["cost_range"] == routers["learned"]["loglik"]["cost_range"]
+    # Wall time per query, measured one query at a time: each router's share of all-large time at PGR 50%/80%.
+    seconds = report["seconds_per_query"]
+    assert seconds["queries"] == 5 and all(seconds[k] > 0 for k in ("small", "large", "router_prefill"))
+    assert routers["random"]["time_cpt50"] == pytest.approx(
+        (seconds["small"] + 0.5 * (seconds["large"] - seconds["small"])) / seconds["large"], rel=1e-6)
+    assert all(entry["time_cpt80"] is None or entry["time_cpt80"] > 0 for entry in routers.values())
     assert tiers["large"]["active_params"] > tiers["small"]["active_params"]
     assert tiers["large"]["loglik"] > tiers["small"]["loglik"], "the fixture's large tier is trained"
     queries = report["test_queries"]
