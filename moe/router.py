@@ -34,6 +34,27 @@ class RouterOutput:
     probs_TE: Optional[torch.Tensor] = None
 
 
+@dataclass(frozen=True)
+class ScoreFunction:
+    """How the gate's logits become expert scores, and the scores a distribution over experts.
+
+    Chosen once when the router is built (`SCORE_FUNCTIONS[config.score_func]`), so `forward` never branches
+    on the name.
+    """
+
+    scores: Callable[[torch.Tensor, torch.dtype], torch.Tensor]  # (logits_TE, dtype) -> scores_TE
+    distribution: Callable[[torch.Tensor], torch.Tensor]  # scores_TE -> probabilities summing to 1 per token
+    renormalize_topk: bool  # the top-k weights always sum to 1 (sigmoid scores do not otherwise)
+
+
+SCORE_FUNCTIONS = {
+    "softmax": ScoreFunction(lambda logits, dtype: torch.softmax(logits, dim=-1, dtype=dtype),
+                             lambda scores: scores, renormalize_topk=False),
+    "sigmoid": ScoreFunction(lambda logits, dtype: torch.sigmoid(logits.to(dtype)),
+                             lambda scores: scores / scores.sum(dim=-1, keepdim=True), renormalize_topk=True),
+}
+
+
 def switch_load_balancing_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
     """Switch/GShard auxiliary loss `E * sum_i f_i * P_i` (unweighted).
 
@@ -145,6 +166,7 @@ class Router(nn.Module):
         super().__init__()
         self.config = config
         self.num_experts = num_experts
+        self.score_function = SCORE_FUNCTIONS[config.score_func]
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
@@ -180,17 +202,14 @@ class Router(nn.Module):
         logits_TE = self.gate(x_TD)
         # Scores in at least float32, whatever the activation dtype.
         score_dtype = torch.promote_types(logits_TE.dtype, torch.float32)
-        if cfg.score_func == "softmax":
-            scores_TE = torch.softmax(logits_TE, dim=-1, dtype=score_dtype)
-        else:
-            scores_TE = torch.sigmoid(logits_TE.to(score_dtype))
+        scores_TE = self.score_function.scores(logits_TE, score_dtype)
 
         if cfg.bias_update_rate > 0:
             _, topk_ids_TK = torch.topk(scores_TE.detach() + self.expert_bias, cfg.top_k, dim=-1)
             topk_scores_TK = scores_TE.gather(1, topk_ids_TK)
         else:
             topk_scores_TK, topk_ids_TK = torch.topk(scores_TE, cfg.top_k, dim=-1)
-        if cfg.renormalize or cfg.score_func == "sigmoid":
+        if cfg.renormalize or self.score_function.renormalize_topk:
             topk_scores_TK = topk_scores_TK / topk_scores_TK.sum(dim=-1, keepdim=True)
         topk_weights_TK = topk_scores_TK * cfg.route_scale
 
@@ -209,8 +228,7 @@ class Router(nn.Module):
         aux_loss = torch.zeros((), device=x_BSD.device, dtype=score_dtype)
         losses: dict[str, torch.Tensor] = {}
         if cfg.aux_loss_coef > 0:
-            probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-            loss = switch_load_balancing_loss(probs_TE, topk_ids_TK)
+            loss = switch_load_balancing_loss(self.score_function.distribution(scores_TE), topk_ids_TK)
             aux_loss = aux_loss + cfg.aux_loss_coef * loss
             losses["load_balancing"] = loss.detach()
         if cfg.seq_aux_loss_coef > 0:
@@ -226,11 +244,7 @@ class Router(nn.Module):
         if self.training and cfg.bias_update_rate > 0 and not self.recomputing:
             with torch.no_grad():
                 self.tokens_per_expert += stats["tokens_per_expert"].to(self.tokens_per_expert.device)
-        probs_TE = None
-        if return_probs:
-            probs_TE = scores_TE.detach()
-            if cfg.score_func != "softmax":
-                probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
+        probs_TE = self.score_function.distribution(scores_TE.detach()) if return_probs else None
         return RouterOutput(routed_ids_TK, topk_weights_TK.to(x_BSD.dtype), aux_loss, losses, stats, probs_TE)
 
 
