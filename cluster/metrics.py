@@ -12,6 +12,16 @@ from cluster.schema import WandbConfig
 METRICS_FILE = "metrics.jsonl"
 
 
+class NullLogger:
+    """What ranks other than 0 log with: nothing (the records are the same on every rank)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self, summary: dict[str, Any]) -> None:
+        pass
+
+
 class MetricsLogger:
     """Writes one JSON line per step and mirrors it to wandb and `ray.util.metrics` gauges.
 

@@ -8,6 +8,8 @@ with the same hyperparameters.
 from __future__ import annotations
 
 
+import math
+
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -28,6 +30,16 @@ def build_adamw(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW
                                         "lr_scale": cfg.router_lr_scale if router else 1.0})
         group["params"].append(param)
     return torch.optim.AdamW(list(groups.values()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+def lr_at(step: int, cfg: TrainerConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps."""
+    lr, warmup, total = cfg.lr, cfg.warmup_steps, cfg.max_steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = lr * cfg.min_lr_ratio
+    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

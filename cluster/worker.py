@@ -35,23 +35,14 @@ from cluster.engine import TrainEngine, build_engine
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict
 from cluster.fsdp import reshard
 from cluster.initial_weights import read_initial_state
-from cluster.metrics import MetricsLogger
+from cluster.metrics import MetricsLogger, NullLogger
+from cluster.optim import lr_at
 from cluster.parallel_dims import ParallelDims
 from cluster.reshard import Layout, reshard_optimizer_state
 from cluster.schema import TrainerConfig, WorkerConfig
 from cluster.teacher import load_teacher, teacher_flops_per_token
 
 STATUS_FILE = "status.json"
-
-
-def lr_at(step: int, cfg: TrainerConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps."""
-    lr, warmup, total = cfg.lr, cfg.warmup_steps, cfg.max_steps
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    floor = lr * cfg.min_lr_ratio
-    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def start_checkpoint(checkpoint_root: Path, config: WorkerConfig) -> Optional[Path]:
@@ -241,10 +232,9 @@ def train_step(run: WorkerRun) -> StepStats:
         run.engine.backward(loss / accum, sync=micro == accum - 1)
         losses += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float(), kd_loss.detach().float()])
         layer_stats.append(out.router_stats)
-    stats = _reduce_stats(losses / accum, layer_stats, run)
-    grad_norm, stepped = run.engine.step(lr_at(run.step, tcfg),
-                                         math.isfinite(stats.lm_loss) and math.isfinite(stats.aux_loss))
-    stats.grad_norm, stats.stepped, stats.difficulty = grad_norm, stepped, difficulty
+    (lm_loss, aux_loss, kd_loss), tokens_LE, dropped_L, entropy_L = _reduce_stats(losses / accum, layer_stats, run)
+    grad_norm, stepped = run.engine.step(lr_at(run.step, tcfg), math.isfinite(lm_loss) and math.isfinite(aux_loss))
+    stats = StepStats(lm_loss, aux_loss, kd_loss, grad_norm, stepped, difficulty, tokens_LE, dropped_L, entropy_L)
     run.step += 1
     run.tokens += tcfg.global_batch_size * run.config.data.seq_len
     run.bad_steps += 0 if stepped else 1
@@ -262,8 +252,9 @@ def distill_loss(run: WorkerRun, input_ids: torch.Tensor, doc_ids: torch.Tensor,
 
 
 def _reduce_stats(losses: torch.Tensor, layer_stats: list[list[dict[str, torch.Tensor]]], run: WorkerRun
-                  ) -> StepStats:
-    """Everything logged in one collective: losses, and the load, drops and router entropy of every MoE layer."""
+                  ) -> tuple[list[float], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything logged in one collective: the losses, and per MoE layer the tokens per expert, the dropped
+    fraction and the router entropy (as `StepStats` holds them)."""
     num_layers = len(layer_stats[0])
 
     def per_layer(key: str, reduce) -> torch.Tensor:
@@ -284,8 +275,7 @@ def _reduce_stats(losses: torch.Tensor, layer_stats: list[list[dict[str, torch.T
     flat = flat.cpu()
     sizes = [num_losses, tokens_LE.numel(), num_layers, num_layers]
     losses, tokens, dropped, entropy = torch.split(flat, sizes)
-    return StepStats(float(losses[0]), float(losses[1]), float(losses[2]), float("nan"), False, 0.0,
-                     tokens.view(num_layers, -1) if num_layers else tokens, dropped, entropy)
+    return losses.tolist(), (tokens.view(num_layers, -1) if num_layers else tokens), dropped, entropy
 
 
 def train_record(run: WorkerRun, stats: StepStats, elapsed_s: float, flops_per_token: float) -> dict[str, Any]:
@@ -347,10 +337,8 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
     if start is not None and run.rank == 0:
         print(f"[moe.train] {start}", flush=True)
     tcfg = run.trainer
-    logger = None
-    if run.rank == 0:
-        logger = MetricsLogger(run.run_dir, config.logger.wandb, config.name, config.resolved,
-                               config.logger.ray_metrics, resume_step=run.step)
+    logger = (MetricsLogger(run.run_dir, config.logger.wandb, config.name, config.resolved,
+                            config.logger.ray_metrics, resume_step=run.step) if run.rank == 0 else NullLogger())
     flops_per_token = training_flops_per_token(run.model.config, config.data.seq_len)
     if run.teacher is not None:  # the teacher's forward pass is work done for every token (tokens/s, MFU)
         flops_per_token += teacher_flops_per_token(run.teacher.config, config.data.seq_len)
@@ -364,8 +352,7 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
         consecutive_bad = 0 if stats.stepped else consecutive_bad + 1
         now = time.perf_counter()
         elapsed, last_time = now - last_time, now
-        if logger is not None:
-            logger.log(train_record(run, stats, elapsed, flops_per_token))
+        logger.log(train_record(run, stats, elapsed, flops_per_token))
         if consecutive_bad >= tcfg.max_bad_steps:
             status = {"status": "diverged", "step": run.step,
                       "message": f"{consecutive_bad} consecutive steps had a NaN/inf loss or gradient "
@@ -375,27 +362,22 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
         if stats.stepped and (run.step % tcfg.checkpoint_every == 0 or run.step == tcfg.max_steps):
             save_checkpoint(run, {"step": run.step, "loss": stats.lm_loss})
         if tcfg.eval_every and run.step % tcfg.eval_every == 0 and run.step < tcfg.max_steps:
-            record = eval_record(run)
-            if logger is not None:
-                logger.log(record)
+            logger.log(eval_record(run))
             run.model.train()
         if run.probe is not None and run.step % tcfg.diagnostics_every == 0:
-            record = diagnose(run)
-            if logger is not None:
-                logger.log(record)
+            logger.log(diagnose(run))
 
     summary = dict(status)
     if status["status"] == "running":
         summary["status"] = "finished"
         record = eval_record(run)
         summary.update({key: record[key] for key in ("val_loss", "val_loss_stderr", "val_ppl")})
-        if logger is not None:
-            logger.log(record)
+        logger.log(record)
     summary.update({"final_step": run.step, "bad_steps": run.bad_steps, "world_size": run.world_size,
                     "flops_per_token": flops_per_token, "params": count_parameters(run.model.config)})
-    if logger is not None:
+    if run.rank == 0:
         (run.run_dir / STATUS_FILE).write_text(json.dumps(summary, indent=2))
-        logger.close(summary)
+    logger.close(summary)
 
 
 @torch.no_grad()
