@@ -2,7 +2,7 @@
 
     python -m cascade.calibrate small=runs/mixtral_tiny/checkpoints/step_00000300 \\
                             large=runs/mixtral_base/checkpoints/step_00000500 [out=DIR] [data=DIR] \\
-                            [num_queries=2048] [prompt_tokens=32] [continuation_tokens=16] [margin=0.1] \\
+                            [num_queries=2048] [prompt_tokens=32] [continuation_tokens=16] [margin=X] \\
                             [target_large_fraction=0.3] [holdout=0.3] [posthoc_queries=64] [l2=0.01] \\
                             [batch_size=8] [seed=0] [device=cpu|cuda]
 
@@ -25,7 +25,10 @@ NOTE: the calibration set and its labels.
    that model, teacher-forced (lower is better). It measures how well the
    model would answer without sampling noise.
 3. Label: 1 when nll_small - nll_large > margin (the large model's answer is
-   better by more than `margin` nats per token).
+   better by more than `margin` nats per token). The default margin is the
+   median gain of the fitted queries, so half the labels are 1: a fixed
+   margin below a large tier's typical gain labels nearly every query 1 and
+   leaves the router nothing to separate.
 4. Routers are fit on the queries of (1 - holdout) of the documents; the
    report evaluates them on the other documents' queries. Two candidates:
    `logistic` (logistic regression on the small model's prompt signals) and
@@ -80,7 +83,7 @@ PathLike = Union[str, os.PathLike]
 OPTIONS: dict[str, tuple[type, Any]] = {
     "small": (str, None), "large": (str, None), "out": (str, None), "data": (str, None),
     "num_queries": (int, 2048), "prompt_tokens": (int, 32), "continuation_tokens": (int, 16),
-    "margin": (float, 0.1), "target_large_fraction": (float, 0.3), "holdout": (float, 0.3),
+    "margin": (float, None), "target_large_fraction": (float, 0.3), "holdout": (float, 0.3),
     "posthoc_queries": (int, 64), "deferral_queries": (int, 1024), "router": (str, "auto"), "l2": (float, 1e-2),
     "batch_size": (int, 8), "seed": (int, 0),
     "device": (str, None),
@@ -255,7 +258,8 @@ def routing_rows(to_large: list[torch.Tensor], nll_small: torch.Tensor, nll_larg
 
 
 def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, *, data: Optional[PathLike] = None,
-              num_queries: int = 2048, prompt_tokens: int = 32, continuation_tokens: int = 16, margin: float = 0.1,
+              num_queries: int = 2048, prompt_tokens: int = 32, continuation_tokens: int = 16,
+              margin: Optional[float] = None,
               target_large_fraction: float = 0.3, holdout: float = 0.3, posthoc_queries: int = 64,
               deferral_queries: int = 1024, router: str = "auto", l2: float = 1e-2, batch_size: int = 8,
               seed: int = 0, device: Optional[str] = None,
@@ -325,10 +329,11 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
     nll_small = continuation_nll(small_model, pairs, batch_size)
     nll_large = continuation_nll(large_model, pairs, batch_size)
     gain = nll_small - nll_large
-    labels = (gain > margin).to(torch.float64)
 
     # Held-out documents (NOTE 4): no text is both fitted and scored.
     heldout, fit = _split_by_document(document_of, holdout, seed)
+    margin = float(gain[fit].median()) if margin is None else float(margin)  # NOTE 3
+    labels = (gain > margin).to(torch.float64)
     candidates: dict[str, tuple[DifficultyRouter, torch.Tensor]] = {}
     try:
         logistic = DifficultyRouter.fit(signals[fit], labels[fit], l2=l2)
@@ -512,6 +517,8 @@ def _name(checkpoint: Path) -> str:
 def _check_options(**options: Any) -> None:
     check_positive_ints(options, "num_queries", "prompt_tokens", "continuation_tokens", "posthoc_queries", "batch_size")
     for key in ("margin", "l2"):
+        if key == "margin" and options[key] is None:
+            continue
         if not isinstance(options[key], (int, float)) or not math.isfinite(options[key]):
             raise ValueError(f"{key} must be a finite number, got {options[key]!r}")
     if not options["l2"] > 0:
