@@ -493,46 +493,14 @@ class DifficultyRouter:
     deferral: Optional["DeferralRule"] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.deferral, dict):
-            known = {f.name for f in fields(DeferralRule)}
-            unknown = sorted(set(self.deferral) - known)
-            if unknown:
-                raise ValueError(f"DifficultyRouter.deferral: unknown field(s) {unknown}")
-            try:
-                self.deferral = DeferralRule(**self.deferral)
-            except TypeError as err:
-                raise ValueError(f"DifficultyRouter.deferral: {err}") from None
-        if self.deferral is not None and not isinstance(self.deferral, DeferralRule):
-            raise ValueError(f"DifficultyRouter.deferral must be a DeferralRule or null, got {self.deferral!r}")
-        if isinstance(self.hidden, dict):
-            unknown = sorted(set(self.hidden) - {"layers", "pooling", "hidden_size"})
-            if unknown:
-                raise ValueError(f"DifficultyRouter.hidden: unknown field(s) {unknown}")
-            try:
-                self.hidden = HiddenFeatures(**self.hidden)
-            except TypeError as err:
-                raise ValueError(f"DifficultyRouter.hidden: {err}") from None
-        if self.hidden is not None and not isinstance(self.hidden, HiddenFeatures):
-            raise ValueError(f"DifficultyRouter.hidden must be HiddenFeatures or null, got {self.hidden!r}")
+        self.deferral = _nested(self.deferral, DeferralRule, "DifficultyRouter.deferral")
+        self.hidden = _nested(self.hidden, HiddenFeatures, "DifficultyRouter.hidden")
         self.signal_names = tuple(self.signal_names)
         unknown = [n for n in self.signal_names if n not in SIGNAL_NAMES]
         if not self.signal_names or unknown or len(set(self.signal_names)) != len(self.signal_names):
             raise ValueError(f"DifficultyRouter.signal_names must be distinct names from {list(SIGNAL_NAMES)}, "
                              f"got {list(self.signal_names)}")
-        num_features = len(self.signal_names) + self.hidden_width
-        for name in ("mean", "std", "weights"):
-            values = getattr(self, name)
-            if (not isinstance(values, (list, tuple)) or len(values) != num_features
-                    or not all(_is_finite_number(v) for v in values)):
-                shown = values if not isinstance(values, (list, tuple)) or len(values) < 16 else f"{len(values)} values"
-                raise ValueError(f"DifficultyRouter.{name} must be {num_features} finite numbers "
-                                 f"(one per feature), got {shown!r}")
-            setattr(self, name, [float(v) for v in values])
-        if not all(v > 0 for v in self.std):
-            raise ValueError(f"DifficultyRouter.std must be positive, got {self.std}")
-        for name in ("bias", "threshold"):
-            if not _is_finite_number(getattr(self, name)):
-                raise ValueError(f"DifficultyRouter.{name} must be a finite number, got {getattr(self, name)!r}")
+        _check_linear_model(self, "DifficultyRouter", len(self.signal_names) + self.hidden_width, "one per feature")
         if self.posthoc_threshold is not None and not _is_finite_number(self.posthoc_threshold):
             raise ValueError(f"DifficultyRouter.posthoc_threshold must be a finite number or null, "
                              f"got {self.posthoc_threshold!r}")
@@ -840,18 +808,8 @@ class DeferralRule:
     fraction_thresholds: list[list[float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("mean", "std", "weights"):
-            values = getattr(self, name)
-            if (not isinstance(values, (list, tuple)) or len(values) != len(DEFERRAL_FEATURES)
-                    or not all(_is_finite_number(v) for v in values)):
-                raise ValueError(f"DeferralRule.{name} must be {len(DEFERRAL_FEATURES)} finite numbers (one per "
-                                 f"feature of {list(DEFERRAL_FEATURES)}), got {values!r}")
-            setattr(self, name, [float(v) for v in values])
-        if not all(v > 0 for v in self.std):
-            raise ValueError(f"DeferralRule.std must be positive, got {self.std}")
-        for name in ("bias", "threshold"):
-            if not _is_finite_number(getattr(self, name)):
-                raise ValueError(f"DeferralRule.{name} must be a finite number, got {getattr(self, name)!r}")
+        _check_linear_model(self, "DeferralRule", len(DEFERRAL_FEATURES),
+                            f"one per feature of {list(DEFERRAL_FEATURES)}")
         _check_table(self.fraction_thresholds, "DeferralRule.fraction_thresholds", increasing=False)
         self.fraction_thresholds = [[float(f), float(t)] for f, t in self.fraction_thresholds]
 
@@ -885,6 +843,38 @@ class DeferralRule:
         report = {"l2": best["l2"], "cv_apgr": best["cv_apgr"], "folds": folds,
                   "num_documents": best["num_documents"]}
         return cls(mean, std, weights, bias), report
+
+
+def _check_linear_model(record: Any, name: str, num_features: int, what: str) -> None:
+    """A standardised linear model's fields: mean, std (positive), weights of `num_features` finite numbers each
+    (stored as floats), and a finite bias and threshold; ValueError naming the field otherwise."""
+    for key in ("mean", "std", "weights"):
+        values = getattr(record, key)
+        if (not isinstance(values, (list, tuple)) or len(values) != num_features
+                or not all(_is_finite_number(v) for v in values)):
+            shown = values if not isinstance(values, (list, tuple)) or len(values) < 16 else f"{len(values)} values"
+            raise ValueError(f"{name}.{key} must be {num_features} finite numbers ({what}), got {shown!r}")
+        setattr(record, key, [float(v) for v in values])
+    if not all(v > 0 for v in record.std):
+        raise ValueError(f"{name}.std must be positive, got {record.std}")
+    for key in ("bias", "threshold"):
+        if not _is_finite_number(getattr(record, key)):
+            raise ValueError(f"{name}.{key} must be a finite number, got {getattr(record, key)!r}")
+
+
+def _nested(value: Any, cls: type, name: str) -> Any:
+    """A nested record of a router file: None, an instance of `cls`, or a dict of its fields (checked by name)."""
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{name}: unknown field(s) {unknown}")
+        try:
+            return cls(**value)
+        except TypeError as err:
+            raise ValueError(f"{name}: {err}") from None
+    if value is not None and not isinstance(value, cls):
+        raise ValueError(f"{name} must be a {cls.__name__} or null, got {value!r}")
+    return value
 
 
 def _is_finite_number(value: Any) -> bool:
