@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,9 +26,8 @@ from moe.files import TOKENIZER_NAME, file_sha256
 from serving.config import INGRESS_CPUS, size_tiers, validate_serve_config
 
 
-
-def check_tiers(small: str, large: str) -> dict[str, Any]:
-    """Both tiers are moe checkpoints with the same tokenizer; returns their facts.
+def check_tiers(small: str, large: Optional[str]) -> dict[str, Any]:
+    """Both tiers are moe checkpoints with the same tokenizer; returns their facts (large None: the small's only).
 
     Raises:
         ValueError: naming the key (`small`/`large`) and the file at fault.
@@ -38,6 +37,8 @@ def check_tiers(small: str, large: str) -> dict[str, Any]:
 
     facts: dict[str, Any] = {}
     for key, path in (("small", small), ("large", large)):
+        if path is None:
+            continue
         directory = Path(path)
         if not directory.is_dir():
             raise ValueError(f"invalid configuration: {key}: {path} is not a directory (a checkpoint written by "
@@ -54,10 +55,23 @@ def check_tiers(small: str, large: str) -> dict[str, Any]:
                       "tokenizer_sha256": file_sha256(tokenizer), "max_seq_len": config.max_seq_len,
                       "vocab_size": config.vocab_size, "active_params": count_parameters(config)["active"],
                       "num_layers": config.num_layers, "hidden_size": config.hidden_size}
-    if facts["small"]["tokenizer_sha256"] != facts["large"]["tokenizer_sha256"]:
+    if large is not None and facts["small"]["tokenizer_sha256"] != facts["large"]["tokenizer_sha256"]:
         raise ValueError(f"invalid configuration: small/large: the tiers' tokenizers differ: "
                          f"{facts['small']['tokenizer']} and {facts['large']['tokenizer']}; a cascade needs both "
                          f"tiers trained on the same prepared data")
+    return facts
+
+
+def tier_facts(cfg: DictConfig) -> dict[str, Any]:
+    """`check_tiers` of the two checkpoints; with an external large tier (`tiers.large.endpoint`), the small
+    checkpoint's facts and the endpoint's: its context is taken as the small tier's (which answers for it
+    when it fails), its cost per token is `routing.cost_ratio`'s."""
+    large = cfg.tiers.large
+    if large.endpoint is None:
+        return check_tiers(cfg.small, cfg.large)
+    facts = check_tiers(cfg.small, None)
+    facts["large"] = {"endpoint": large.endpoint, "model": large.model,
+                      "max_seq_len": facts["small"]["max_seq_len"], "active_params": None}
     return facts
 
 
@@ -74,6 +88,10 @@ def router_file_for(cfg: DictConfig, facts: dict[str, Any]) -> Path:
         except (OSError, ValueError) as err:
             raise ValueError(f"invalid configuration: routing.router: {err}") from None
         return path.resolve()
+    if "endpoint" in facts["large"]:
+        raise ValueError("invalid configuration: routing.router: an external large tier needs a router calibrated "
+                         "beforehand (python -m cascade.calibrate on the small tier and a checkpoint like the "
+                         "endpoint's model; docs/serving.md, External tiers)")
     pair = hashlib.sha256(f"{facts['small']['checkpoint']}|{facts['large']['checkpoint']}".encode()).hexdigest()[:12]
     out = Path(cfg.routing.calibration_root) / pair
     path = out / "router.json"
@@ -92,6 +110,7 @@ def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
     from ray import serve
 
     from moe.difficulty import DifficultyRouter
+    from serving.endpoint import EndpointTier
     from serving.ingress import IngressDeployment
     from serving.tier import Tier
 
@@ -108,6 +127,11 @@ def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
                                              "target_ongoing_requests": t.autoscaling.target_ongoing_requests}
         else:
             options["num_replicas"] = t.num_replicas
+        if t.endpoint is not None:
+            tiers[name] = serve.deployment(EndpointTier).options(**options).bind(
+                name, t.endpoint, t.model, facts["small"]["tokenizer"], timeout_s=t.timeout_s,
+                api_key_env=t.api_key_env, max_retries=t.max_retries)
+            continue
         deployment = serve.deployment(Tier).options(**options)
         tiers[name] = deployment.bind(name, facts[name]["checkpoint"], dtype=t.dtype,
                                       num_threads=max(1, int(t.num_cpus)), max_batch_size=t.max_batch_size,
@@ -117,9 +141,11 @@ def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
         name="ingress", ray_actor_options={"num_cpus": INGRESS_CPUS},
         max_ongoing_requests=cfg.ingress.max_ongoing_requests)
     routing = OmegaConf.to_container(cfg.routing, resolve=True)
+    cost_ratio = cfg.routing.cost_ratio
+    if cost_ratio is None and facts["large"]["active_params"] is not None:
+        cost_ratio = facts["small"]["active_params"] / facts["large"]["active_params"]
     return ingress.bind(tiers["small"], tiers["large"], str(router_file), facts["small"]["tokenizer"],
-                        min(facts["small"]["max_seq_len"], facts["large"]["max_seq_len"]), routing,
-                        facts["small"]["active_params"] / facts["large"]["active_params"],
+                        min(facts["small"]["max_seq_len"], facts["large"]["max_seq_len"]), routing, cost_ratio,
                         OmegaConf.to_container(cfg.chat, resolve=True))
 
 
@@ -136,7 +162,7 @@ def checked_app(cfg: DictConfig, resources: dict[str, float], *, check_fit: bool
     """
     validate_serve_config(cfg)
     size_tiers(cfg, resources, check_fit=check_fit)
-    facts = check_tiers(cfg.small, cfg.large)
+    facts = tier_facts(cfg)
     return build_app(cfg, facts, router_file_for(cfg, facts))
 
 

@@ -7,6 +7,7 @@ conf/serve.yaml extends `base_serve`, so a misspelt key fails at composition;
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,6 +37,13 @@ class TierConfig:
         max_batch_size / batch_wait_timeout_s: `@serve.batch` of generation and prefill.
         dtype: float32 or bfloat16 weights.
         fault: drills only: "error" makes every call fail, "hang" makes it never answer.
+        endpoint: an OpenAI-compatible API's base URL (http://HOST:PORT/v1) that answers for this tier
+            instead of a checkpoint (large tier only: serving/endpoint.py); its replicas only wait on HTTP
+            and reserve ENDPOINT_CPUS unless num_cpus is set.
+        model: the endpoint's model name.
+        timeout_s: one request to the endpoint.
+        api_key_env: the environment variable that holds the endpoint's API key (never the key itself).
+        max_retries: retries of an endpoint request that could not connect (doubling back-off).
     """
 
     num_replicas: int = 1
@@ -46,6 +54,11 @@ class TierConfig:
     batch_wait_timeout_s: float = 0.01
     dtype: str = "float32"
     fault: Optional[str] = None
+    endpoint: Optional[str] = None
+    model: Optional[str] = None
+    timeout_s: float = 60.0
+    api_key_env: Optional[str] = None
+    max_retries: int = 2
 
 
 @dataclass
@@ -73,6 +86,8 @@ class RoutingConfig:
         max_tokens_limit: the largest `max_tokens` a request may ask for.
         max_prompt_chars: longer prompts are refused before tokenizing.
         max_body_bytes: larger request bodies are refused (413).
+        cost_ratio: the small tier's cost per token over the large tier's, for `cost_budget` and `budget=`;
+            null: the ratio of their active parameters (an external large tier has none: set it).
     """
 
     router: Optional[str] = None
@@ -85,6 +100,7 @@ class RoutingConfig:
     max_tokens_limit: int = 256
     max_prompt_chars: int = 20000
     max_body_bytes: int = 1 << 20
+    cost_ratio: Optional[float] = None
 
 
 @dataclass
@@ -119,10 +135,11 @@ class ChatConfig:
 
 @dataclass
 class ServeConfig:
-    """`python -m moe.serve small=CKPT large=CKPT [host=...] [port=...]`."""
+    """`python -m moe.serve small=CKPT large=CKPT [host=...] [port=...]`, or the large tier an endpoint:
+    `large=` unset and `tiers.large.endpoint=URL tiers.large.model=NAME`."""
 
     small: str = MISSING
-    large: str = MISSING
+    large: Optional[str] = None  # a checkpoint; or tiers.large.endpoint
     host: str = "127.0.0.1"
     port: int = 8000
     address: Optional[str] = None  # None: a local Ray with its dashboard; "auto": join a cluster
@@ -164,6 +181,7 @@ def validate_serve_config(cfg: DictConfig) -> None:
             fail(f"{key}.dtype", f"must be float32 or bfloat16, got {tier.dtype!r}")
         if tier.fault not in (None, "error", "hang"):
             fail(f"{key}.fault", f"must be null, error or hang, got {tier.fault!r}")
+        _check_endpoint(cfg, name)
         scaling = tier.autoscaling
         if scaling.enabled and not 1 <= scaling.min_replicas <= scaling.max_replicas:
             fail(f"{key}.autoscaling", f"needs 1 <= min_replicas <= max_replicas, got {scaling.min_replicas}, "
@@ -182,6 +200,10 @@ def validate_serve_config(cfg: DictConfig) -> None:
     for key in ("large_timeout_s", "max_tokens_limit", "max_prompt_chars", "max_body_bytes"):
         if r[key] <= 0:
             fail(f"routing.{key}", f"must be positive, got {r[key]}")
+    if r.cost_ratio is not None and not 0.0 < r.cost_ratio <= 1.0:
+        fail("routing.cost_ratio", f"must lie in (0, 1] (the small tier's cost over the large's), got {r.cost_ratio}")
+    if r.cost_budget is not None and cfg.tiers.large.endpoint is not None and r.cost_ratio is None:
+        fail("routing.cost_ratio", "routing.cost_budget with an external large tier needs the tiers' cost ratio")
     from serving.chat import ChatTemplate, TemplateError
 
     try:
@@ -192,7 +214,42 @@ def validate_serve_config(cfg: DictConfig) -> None:
         fail("chat.stop", f"must be at most 4 non-empty strings, got {list(cfg.chat.stop)}")
 
 
+def _check_endpoint(cfg: DictConfig, name: str) -> None:
+    """A tier is a checkpoint (`small=`/`large=`) or, the large one only, an endpoint; never both or neither."""
+    tier, checkpoint = cfg.tiers[name], cfg.get(name)
+    key = f"tiers.{name}"
+    if tier.endpoint is None:
+        if checkpoint is None:
+            fail(name, f"missing: give the {name} tier's checkpoint ({name}=runs/NAME/checkpoints/step_N)"
+                       + (" or an OpenAI-compatible endpoint (tiers.large.endpoint=URL tiers.large.model=NAME)"
+                          if name == "large" else ""))
+        for field_name in ("model", "api_key_env"):
+            if tier[field_name] is not None:
+                fail(f"{key}.{field_name}", f"is for an endpoint tier; {key}.endpoint is not set")
+        return
+    if name == "small":
+        fail(f"{key}.endpoint", "the small tier must be a checkpoint: the router scores each prompt with the small "
+                                "tier's own prefill (signals an external endpoint cannot give)")
+    if checkpoint is not None:
+        fail(f"{key}.endpoint", f"the {name} tier is either a checkpoint ({name}={checkpoint}) or an endpoint, "
+                                f"not both")
+    if not str(tier.endpoint).startswith(("http://", "https://")):
+        fail(f"{key}.endpoint", f"must be an http(s) URL of an OpenAI-compatible API (http://HOST:PORT/v1), got "
+                                f"{tier.endpoint!r}")
+    if not tier.model:
+        fail(f"{key}.model", f"the model name that {tier.endpoint} serves is required with an endpoint")
+    if tier.timeout_s <= 0 or tier.max_retries < 0:
+        fail(f"{key}.timeout_s", f"must be > 0 (and max_retries >= 0), got {tier.timeout_s}, {tier.max_retries}")
+    if tier.api_key_env is not None and not os.environ.get(tier.api_key_env):
+        fail(f"{key}.api_key_env", f"the environment variable {tier.api_key_env} is not set (it holds the "
+                                   f"endpoint's API key; the key itself never goes in a config)")
+    for field_name, default in (("fault", None), ("dtype", "float32"), ("num_gpus", 0.0)):
+        if tier[field_name] != default:
+            fail(f"{key}.{field_name}", "does not apply to an endpoint tier")
+
+
 INGRESS_CPUS = 0.1  # the ingress deployment's reservation (serving.app.build_app)
+ENDPOINT_CPUS = 0.1  # an endpoint tier's replica only waits on HTTP
 TIER_NAMES = ("small", "large")
 
 
@@ -219,6 +276,9 @@ def size_tiers(cfg: DictConfig, resources: dict[str, float], *, check_fit: bool 
     """
     cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
     replicas = {name: starting_replicas(cfg.tiers[name]) for name in TIER_NAMES}
+    for name in TIER_NAMES:
+        if cfg.tiers[name].endpoint is not None and cfg.tiers[name].num_cpus is None:
+            cfg.tiers[name].num_cpus = ENDPOINT_CPUS
     unset = [name for name in TIER_NAMES if cfg.tiers[name].num_cpus is None]
     fixed = INGRESS_CPUS + sum(replicas[n] * cfg.tiers[n].num_cpus for n in TIER_NAMES if n not in unset)
     if unset:

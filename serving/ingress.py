@@ -126,12 +126,14 @@ class CascadeIngress:
         tokenizer_file: the tiers' common tokenizer.json.
         max_seq_len: the shortest context of the two tiers.
         routing: the `routing` config as a dict.
-        cost_ratio: the small tier's cost per token over the large tier's (active parameters).
+        cost_ratio: the small tier's cost per token over the large tier's (`routing.cost_ratio`, else their
+            active parameters; None for an external large tier without it: budgets are refused).
         chat: the `chat` config as a dict (template, stop); None: the defaults.
     """
 
     def __init__(self, small: Any, large: Any, router_file: str, tokenizer_file: str, max_seq_len: int,
-                 routing: dict[str, Any], cost_ratio: float = 1.0, chat: Optional[dict[str, Any]] = None) -> None:
+                 routing: dict[str, Any], cost_ratio: Optional[float] = 1.0,
+                 chat: Optional[dict[str, Any]] = None) -> None:
         from ray.serve.metrics import Counter, Histogram
         from tokenizers import Tokenizer
 
@@ -306,20 +308,24 @@ class CascadeIngress:
         top = []
         for alternatives in positions:
             entry: dict[str, float] = {}
-            for token, logprob in alternatives:  # most likely first
-                entry.setdefault(self.tokenizer.decode([token]), logprob)
+            for token, logprob in alternatives:  # most likely first; an external tier's are texts already
+                entry.setdefault(token if isinstance(token, str) else self.tokenizer.decode([token]), logprob)
             top.append(entry)
         return top
 
     def _logprobs(self, answer: dict[str, Any], echoed: Optional[list[int]] = None) -> LogProbs:
         """The completions API's logprobs: token texts, their log-probabilities, the most likely alternatives;
         with `echoed` (the prompt's ids, echo), the prompt's tokens first, the very first with none."""
-        ids, logprobs = answer["token_ids"], answer["token_logprobs"]
+        logprobs = answer["token_logprobs"]
         top: list[Optional[dict[str, float]]] = self._alternatives(answer["top_logprobs"])
         if echoed is not None:
-            ids = list(echoed) + ids
             logprobs = [None] + answer["prompt_logprobs"] + logprobs
             top = [None] + self._alternatives(answer["prompt_top_logprobs"]) + top
+        if "token_texts" in answer:  # an external tier: its own tokens, as texts
+            texts = (answer["prompt_token_texts"] if echoed is not None else []) + answer["token_texts"]
+            offsets = [sum(len(text) for text in texts[:k]) for k in range(len(texts))]
+            return LogProbs(tokens=texts, token_logprobs=logprobs, top_logprobs=top, text_offset=offsets)
+        ids = (list(echoed) if echoed is not None else []) + answer["token_ids"]
         return LogProbs(tokens=[self.tokenizer.decode([token]) for token in ids], token_logprobs=logprobs,
                         top_logprobs=top, text_offset=[len(self.tokenizer.decode(ids[:k])) for k in range(len(ids))])
 
@@ -329,9 +335,9 @@ class CascadeIngress:
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
         content = []
-        for token, logprob, top in zip(answer["token_ids"], answer["token_logprobs"],
-                                       self._alternatives(answer["top_logprobs"])):
-            content.append(ChatTokenLogProb(**item(self.tokenizer.decode([token]), logprob),
+        texts = answer.get("token_texts") or [self.tokenizer.decode([token]) for token in answer["token_ids"]]
+        for text, logprob, top in zip(texts, answer["token_logprobs"], self._alternatives(answer["top_logprobs"])):
+            content.append(ChatTokenLogProb(**item(text, logprob),
                                             top_logprobs=[item(t, v) for t, v in top.items()]))
         return ChatLogProbs(content=content)
 
@@ -404,6 +410,9 @@ class CascadeIngress:
         """Budget: mean cost per query as a share of all-large; costs are the tiers' active parameters."""
         from moe.difficulty import large_fraction_for_budget
 
+        if self.cost_ratio is None:
+            raise RequestError(400, "model: a budget needs the tiers' cost ratio, which an external large tier does "
+                                    "not give: set routing.cost_ratio", "model")
         if budget < self.cost_ratio:
             raise RequestError(400, f"model: budget={budget} is below the small tier's cost "
                                     f"({self.cost_ratio:.3f} of the large tier's): not even all-small fits", "model")

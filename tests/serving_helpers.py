@@ -82,3 +82,78 @@ def serve_config_app(tiers: dict[str, Path]) -> dict:
     app["args"].update({"small": str(tiers["small"]), "large": str(tiers["large"]),
                         "routing.router": str(tiers["router"])})
     return app
+
+
+class TcpForwarder:
+    """A TCP forwarder on its own port in a background thread: the address an external tier is given.
+
+    `stop()` closes its port and resets every open connection, as the endpoint's
+    machine going away looks to a client (connections refused and reset);
+    `start()` brings it back on the same port.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        import asyncio
+        import socket
+        import threading
+
+        self.target_port = target_port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = None
+        self.writers: set = set()
+
+    def _call(self, coroutine):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
+
+    async def _pipe(self, reader, writer) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, client_reader, client_writer) -> None:
+        import asyncio
+
+        try:
+            target_reader, target_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_writer.close()
+            return
+        self.writers |= {client_writer, target_writer}
+        await asyncio.gather(self._pipe(client_reader, target_writer), self._pipe(target_reader, client_writer))
+        self.writers -= {client_writer, target_writer}
+
+    async def _start(self) -> None:
+        import asyncio
+
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _stop(self) -> None:
+        self.server.close()
+        for writer in list(self.writers):
+            writer.transport.abort()  # a reset, not a clean close: the machine is gone
+        self.writers.clear()
+        await self.server.wait_closed()
+
+    def start(self) -> "TcpForwarder":
+        self._call(self._start())
+        return self
+
+    def stop(self) -> None:
+        self._call(self._stop())
+
+    def close(self) -> None:
+        if self.server is not None and self.server.is_serving():
+            self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)

@@ -109,8 +109,46 @@ def test_foreign_tokenizer_is_refused_naming_both_files(app, tiers) -> None:
 def test_args_must_be_a_mapping_with_both_checkpoints() -> None:
     with pytest.raises(ValueError, match="^invalid configuration: args: "):
         app_builder(["small=a"])
-    with pytest.raises(ValueError, match="^invalid configuration: small/large: required"):
+    with pytest.raises(ValueError, match="^invalid configuration: small: required"):
         app_builder({})
+    with pytest.raises(ValueError, match="^invalid configuration: large: missing: .* or an OpenAI-compatible "
+                                         "endpoint"):
+        app_builder({"small": "a"})
+
+
+ENDPOINT = {"large": None, "tiers.large.endpoint": "http://127.0.0.1:9/v1", "tiers.large.model": "big"}
+
+
+@pytest.mark.parametrize("change,key,words", [
+    ({"tiers.small.endpoint": "http://h/v1"}, "tiers.small.endpoint", "small tier must be a checkpoint"),
+    ({"large": "/some/checkpoint"}, "tiers.large.endpoint", "not both"),
+    ({"tiers.large.endpoint": "127.0.0.1:9/v1"}, "tiers.large.endpoint", "http(s) URL"),
+    ({"tiers.large.model": None}, "tiers.large.model", "required"),
+    ({"tiers.large.timeout_s": 0}, "tiers.large.timeout_s", "> 0"),
+    ({"tiers.large.api_key_env": "MOE_TEST_KEY_THAT_IS_NOT_SET"}, "tiers.large.api_key_env", "is not set"),
+    ({"tiers.large.dtype": "bfloat16"}, "tiers.large.dtype", "endpoint tier"),
+    ({"routing.cost_budget": 0.5}, "routing.cost_ratio", "external large tier"),
+    ({"routing.router": None}, "routing.router", "calibrated beforehand"),
+])
+def test_endpoint_tier_refusals_name_the_key(app, change, key, words) -> None:
+    with pytest.raises(ValueError, match=rf"^invalid configuration: {key}: ") as err:
+        app_builder({**app["args"], **ENDPOINT, **change})
+    assert words in str(err.value)
+    with pytest.raises(ValueError, match=r"^invalid configuration: tiers.large.model: is for an endpoint tier"):
+        app_builder({**app["args"], "tiers.large.model": "big"})
+
+
+def test_endpoint_tier_is_built_in_place_of_the_large_checkpoint(app, monkeypatch) -> None:
+    from serving.endpoint import EndpointTier
+
+    monkeypatch.setenv("MOE_TEST_ENDPOINT_KEY", "secret")
+    built = build_app(app_builder({**app["args"], **ENDPOINT, "tiers.large.api_key_env": "MOE_TEST_ENDPOINT_KEY",
+                                   "routing.cost_ratio": 0.25}), name=app["name"])
+    large = next(d for d in built.deployments if d.name == "large")
+    assert large.func_or_class is EndpointTier
+    assert large.ray_actor_options["num_cpus"] == 0.1  # it only waits on HTTP
+    assert "secret" not in repr(large.init_args) + repr(large.init_kwargs)  # the variable's name travels, not the key
+    assert large.init_kwargs["api_key_env"] == "MOE_TEST_ENDPOINT_KEY"
 
 
 @pytest.mark.parametrize("cpus,expected", [(2, 0.95), (3, 1.0), (16, 1.0)])

@@ -32,9 +32,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 import moe  # noqa: E402
 from moe.difficulty import SIGNAL_NAMES, DifficultyRouter, prompt_signals  # noqa: E402
 from moe.generate import Generator, SamplingParams, load_tokenizer  # noqa: E402
-from serving.app import build_app, check_tiers  # noqa: E402
+from serving.app import build_app, check_tiers, tier_facts  # noqa: E402
 from serving.config import register_configs  # noqa: E402
-from serving_helpers import LENGTH_SPLIT, LONG, SHORT, make_tiers, serve_config_app  # noqa: E402
+from serving_helpers import LENGTH_SPLIT, LONG, SHORT, TcpForwarder, make_tiers, serve_config_app  # noqa: E402
 from train_helpers import ROOT, prometheus_lines  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -62,17 +62,36 @@ def tiers(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def forwarder(server):
+    """The address of the `external` app's large tier: a TCP forwarder to the `cascade` app's port."""
+    return server.forwarder
+
+
+@pytest.fixture(scope="module")
 def server(tiers, ray_cluster):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    forwarder = TcpForwarder(port).start()
     apps = {"cascade": ("/", []), "broken": ("/broken", ["tiers.large.fault=error"]),
-            "hanging": ("/hanging", ["tiers.large.fault=hang", "routing.large_timeout_s=1"])}
+            "hanging": ("/hanging", ["tiers.large.fault=hang", "routing.large_timeout_s=1"]),
+            # The large tier an external OpenAI-compatible endpoint: the cascade app's own large tier, reached
+            # over HTTP through the forwarder (which a test shuts to lose the endpoint).
+            "external": ("/external", ["large=null", f"tiers.large.endpoint=http://127.0.0.1:{forwarder.port}/v1",
+                                       "tiers.large.model=large", "tiers.large.num_cpus=0.1",
+                                       "tiers.large.max_retries=1"])}
     for name, (prefix, overrides) in apps.items():
         cfg = serve_cfg(tiers["small"], tiers["large"], tiers["router"], *overrides)
-        facts = check_tiers(cfg.small, cfg.large)
+        facts = tier_facts(cfg)
         serve.run(build_app(cfg, facts, tiers["router"]), name=name, route_prefix=prefix)
-    yield f"http://127.0.0.1:{port}"
+    url = URL(f"http://127.0.0.1:{port}")
+    url.forwarder = forwarder
+    yield url
+    forwarder.close()
     serve.shutdown()
+
+
+class URL(str):
+    """The server's address, carrying the external app's forwarder."""
 
 
 @pytest.fixture(scope="module")
@@ -410,6 +429,78 @@ def test_failing_or_hanging_large_tier_degrades_to_small(server, local) -> None:
         assert events[-1]["degraded"] and events[-1]["routed_to"] == "small"
         if prefix == "/hanging":
             assert time.monotonic() - started < 30, "the time-out (1 s) bounds each degraded answer"
+
+
+def test_external_tier_answers_as_its_endpoint_does(server) -> None:
+    """The `external` app's large tier is an OpenAI-compatible endpoint (the `cascade` app's large tier over
+    HTTP): its answers, logprobs and echo equal the endpoint's own; the cascade routes to it."""
+    external = f"{server}/external"
+    assert requests.get(f"{external}/healthz", timeout=10).json() == {"status": "ok"}
+    for body in ({"prompt": SHORT, "max_tokens": 6, "logprobs": 2},
+                 {"prompt": [SHORT, LONG], "max_tokens": 1, "echo": True, "logprobs": 1},  # lm-eval's loglikelihood
+                 {"prompt": SHORT, "max_tokens": 0, "echo": True, "logprobs": 0}):
+        direct = complete(server, model="large", temperature=0, **body).json()
+        through = complete(external, model="large", temperature=0, **body).json()
+        assert [c["routed_to"] for c in through["choices"]] == ["large"] * len(direct["choices"]), through
+        assert not through["degraded"] and through["usage"] == direct["usage"]
+        for mine, theirs in zip(through["choices"], direct["choices"]):
+            assert mine["text"] == theirs["text"] and mine["finish_reason"] == theirs["finish_reason"]
+            assert mine["logprobs"]["tokens"] == theirs["logprobs"]["tokens"]
+            assert mine["logprobs"]["text_offset"] == theirs["logprobs"]["text_offset"]
+            assert mine["logprobs"]["top_logprobs"] == theirs["logprobs"]["top_logprobs"]
+            assert mine["logprobs"]["token_logprobs"] == pytest.approx(theirs["logprobs"]["token_logprobs"],
+                                                                       abs=1e-6)
+    # Streamed through the endpoint's own stream, and chosen by the cascade for a long prompt.
+    expected = complete(server, model="large", prompt=LONG, max_tokens=6, temperature=0).json()["choices"][0]["text"]
+    streamed = requests.post(f"{external}/v1/completions", json={"model": "cascade", "prompt": LONG, "max_tokens": 6,
+                             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}},
+                             timeout=60).text
+    events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == expected
+    assert events[0]["routed_to"] == "large" and not events[-1].get("degraded")
+    assert events[-1]["usage"]["completion_tokens"] > 0
+    # Token ids of the cascade's vocabulary mean nothing to an endpoint: the small tier answers, degraded.
+    body = complete(external, model="large", prompt=SHORT, max_tokens=2, logit_bias={"5": 1}).json()
+    assert body["routed_to"] == "small" and body["degraded"], body
+
+
+def test_external_tier_lost_under_load_degrades_without_5xx(server, forwarder) -> None:
+    """16 clients ask the external tier while its endpoint goes away (port shut, connections reset) and comes
+    back: every answer 200, degraded while it is gone, from the endpoint again once it is back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    external = f"{server}/external"
+    results: list[tuple[float, int, dict]] = []
+    lost_at: list[float] = []
+
+    def client(until: float) -> None:
+        while time.monotonic() < until:
+            response = complete(external, model="large", prompt=SHORT, max_tokens=4, temperature=0)
+            results.append((time.monotonic(), response.status_code, response.json()))
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(client, start + 6) for _ in range(16)]
+        time.sleep(2)
+        lost_at.append(time.monotonic())
+        forwarder.stop()
+        for future in futures:
+            future.result()
+    retries = serve.get_deployment_handle("large", app_name="external").retries.remote().result()
+    forwarder.start()
+    statuses = [status for _, status, _ in results]
+    assert statuses.count(200) == len(statuses), sorted(set(statuses))
+    before = [body for at, _, body in results if at < lost_at[0]]
+    after = [body for at, _, body in results if at > lost_at[0] + 1]
+    assert before and all(b["routed_to"] == "large" and not b["degraded"] for b in before)
+    assert after and all(b["routed_to"] == "small" and b["degraded"] for b in after)
+    assert retries > 0  # connection refused: retried with back-off before giving up
+    deadline = time.monotonic() + 30
+    while True:  # back: the endpoint answers again (a fresh connection per attempt)
+        body = complete(external, model="large", prompt=SHORT, max_tokens=4, temperature=0).json()
+        if not body["degraded"] or time.monotonic() > deadline:
+            break
+    assert body["routed_to"] == "large" and not body["degraded"], body
 
 
 @pytest.mark.parametrize("payload,status,param", [
