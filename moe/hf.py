@@ -52,6 +52,7 @@ from safetensors.torch import load_file, save_file
 
 from moe.checkpoint import load_checkpoint, save_checkpoint, write_directory_atomically
 from moe.config import EXPERT_BACKENDS, ModelConfig
+from moe.files import TOKENIZER_NAME
 from moe.model import MoETransformer
 
 PathLike = Union[str, os.PathLike]
@@ -59,6 +60,8 @@ PathLike = Union[str, os.PathLike]
 HF_CONFIG_NAME = "config.json"
 HF_WEIGHTS_NAME = "model.safetensors"
 HF_INDEX_NAME = "model.safetensors.index.json"
+HF_TOKENIZER_CONFIG_NAME = "tokenizer_config.json"  # what AutoTokenizer reads beside tokenizer.json
+EXPORTED_BY = "moe.hf"  # marks the tokenizer_config.json of an export, which a later export may replace
 EXTRA_CONFIG_KEY = "moe_extra_config"
 
 # ModelConfig fields that Mixtral's config cannot hold but that do not change
@@ -335,7 +338,8 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig) -
 
 
 def export_hf(model: MoETransformer, out_dir: PathLike, dtype: Optional[torch.dtype] = None,
-              fused_experts: bool = False) -> Path:
+              fused_experts: bool = False, tokenizer_file: Optional[PathLike] = None,
+              eos_token: str = "<|endoftext|>") -> Path:
     """Writes `model` as a Hugging Face Mixtral directory (replacing it atomically).
 
     Args:
@@ -344,6 +348,9 @@ def export_hf(model: MoETransformer, out_dir: PathLike, dtype: Optional[torch.dt
             exists it must be empty or a previous export (`is_hf_export`).
         dtype: dtype to store the weights in (default: the model's).
         fused_experts: see `to_hf_state_dict`.
+        tokenizer_file: the model's tokenizer.json (a checkpoint carries one): copied with a
+            tokenizer_config.json, so that `AutoTokenizer.from_pretrained(out_dir)` loads it.
+        eos_token: the tokenizer's end-of-sequence token (moe.generate.EOS_TOKEN).
     Returns:
         The directory, loadable with `MixtralForCausalLM.from_pretrained`.
     Raises:
@@ -353,23 +360,48 @@ def export_hf(model: MoETransformer, out_dir: PathLike, dtype: Optional[torch.dt
     state = to_hf_state_dict(model, fused_experts=fused_experts, dtype=dtype)
     hf_config = to_hf_config(model.config, dtype or model.embed_tokens.weight.dtype)
 
+    tokenizer = Path(tokenizer_file).read_text() if tokenizer_file is not None else None
+    if tokenizer is not None:
+        from tokenizers import Tokenizer
+
+        eos_id = Tokenizer.from_str(tokenizer).token_to_id(eos_token)
+        if eos_id is None:
+            raise ValueError(f"tokenizer_file: {tokenizer_file} has no EOS token {eos_token!r}")
+        hf_config.update(eos_token_id=eos_id, bos_token_id=eos_id)
+
     def write(directory: Path) -> None:
         save_file(state, str(directory / HF_WEIGHTS_NAME), metadata={"format": "pt"})
         (directory / HF_CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:  # no BOS is added: training packs documents separated by EOS only
+            (directory / TOKENIZER_NAME).write_text(tokenizer)
+            tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token,
+                                "model_max_length": model.config.max_seq_len, "add_bos_token": False,
+                                "clean_up_tokenization_spaces": False, "exported_by": EXPORTED_BY}
+            (directory / HF_TOKENIZER_CONFIG_NAME).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
     return write_directory_atomically(Path(out_dir), write, replaceable=is_hf_export,
-                                      kind=f"a Hugging Face export ({HF_CONFIG_NAME} and *.safetensors only)")
+                                      kind=f"a Hugging Face export ({HF_CONFIG_NAME}, *.safetensors and its tokenizer files only)")
 
 
 def is_hf_export(path: Path) -> bool:
-    """Whether `path` looks like a directory `export_hf` wrote: a JSON config.json and safetensors, nothing else.
+    """Whether `path` looks like a directory `export_hf` wrote: a JSON config.json, safetensors and perhaps the
+    tokenizer files it writes, nothing else.
 
-    A model directory with anything more (a tokenizer, a README, a training
-    checkpoint's state) is not ours to replace.
+    A model directory with anything more (a README, a training checkpoint's
+    state) is not ours to replace.
     """
     names = {p.name for p in path.iterdir()}
     weights = {n for n in names if n.endswith(".safetensors")}
-    if HF_CONFIG_NAME not in names or not weights or names - weights - {HF_CONFIG_NAME, HF_INDEX_NAME}:
+    ours = {HF_CONFIG_NAME, HF_INDEX_NAME}
+    if names & {TOKENIZER_NAME, HF_TOKENIZER_CONFIG_NAME}:  # the tokenizer files export_hf writes, marked so
+        ours |= {TOKENIZER_NAME, HF_TOKENIZER_CONFIG_NAME}
+        try:
+            marked = json.loads((path / HF_TOKENIZER_CONFIG_NAME).read_text()).get("exported_by") == EXPORTED_BY
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            marked = False
+        if not marked:
+            return False
+    if HF_CONFIG_NAME not in names or not weights or names - weights - ours:
         return False
     try:
         return isinstance(json.loads((path / HF_CONFIG_NAME).read_text()), dict)
@@ -451,7 +483,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         if args.command == "export":
             model = load_checkpoint(args.checkpoint)
-            path = export_hf(model, args.out_dir, dtype=_parse_dtype(args.dtype), fused_experts=args.fused_experts)
+            tokenizer = Path(args.checkpoint) / TOKENIZER_NAME
+            path = export_hf(model, args.out_dir, dtype=_parse_dtype(args.dtype), fused_experts=args.fused_experts,
+                             tokenizer_file=tokenizer if tokenizer.is_file() else None)
         else:
             model = import_hf(args.hf_dir, dtype=_parse_dtype(args.dtype), backend=args.backend)
             path = save_checkpoint(model, args.out_checkpoint)

@@ -24,6 +24,7 @@ from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
 
 import moe  # noqa: E402
+from data_pipeline.tokenize import train_tokenizer  # noqa: E402
 from moe import ModelConfig, MoETransformer  # noqa: E402
 from moe import hf as moe_hf  # noqa: E402
 from moe.router import switch_load_balancing_loss  # noqa: E402
@@ -353,6 +354,14 @@ def test_export_replaces_only_a_previous_export_or_an_empty_directory(tmp_path) 
         with pytest.raises(ReplaceRefusedError, match=f"refusing to replace {target}"):
             moe_hf.export_hf(tiny_model(), target)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # An export with its tokenizer (from a checkpoint's tokenizer.json) is an export: replaced again.
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text(train_tokenizer(["the router sends tokens"] * 4, vocab_size=270,
+                                         eos_token="<|endoftext|>").to_str())
+    with_tokenizer = moe_hf.export_hf(tiny_model(), tmp_path / "hf_tok", tokenizer_file=tokenizer)
+    assert moe_hf.is_hf_export(with_tokenizer) and (with_tokenizer / "tokenizer.json").read_text() == \
+        tokenizer.read_text()
+    moe_hf.export_hf(tiny_model(), with_tokenizer, tokenizer_file=tokenizer)
     checkpoint = moe.save_checkpoint(tiny_model(), tmp_path / "ckpt")
     result = run_cli("export", checkpoint, tmp_path / "notes")
     assert result.returncode == 2 and result.stderr.startswith(f"error: refusing to replace {tmp_path / 'notes'}")

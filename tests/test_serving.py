@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -389,6 +390,91 @@ def test_langchain_clients_with_their_defaults(server, local) -> None:
     assert answer.content == expected.text
     assert "".join(chunk.content for chunk in chat_model.stream([("system", "Be brief."), ("human", LONG)])) == \
         expected.text
+
+
+LM_EVAL_TASKS = """
+task: moe_choice
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: "{root}/choice.jsonl"}}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list: [{{metric: acc}}]
+---
+task: moe_generate
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: "{root}/generate.jsonl"}}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs: {{until: ["\\n"], max_gen_toks: 6, do_sample: false}}
+metric_list: [{{metric: exact_match}}]
+"""
+
+
+def lm_eval_tasks(root: Path) -> Path:
+    """A loglikelihood (multiple-choice) task and a generate_until task on local files, no download."""
+    words = LONG.split() + SHORT.split() + "a mixture of experts model routes tokens".split()
+    with open(root / "choice.jsonl", "w") as f:
+        for k in range(8):
+            choices = [" ".join(words[(k + 3 * j) % len(words):][:3]) for j in range(3)]
+            f.write(json.dumps({"question": " ".join(words[k:k + 5]), "choices": choices, "answer": k % 3}) + "\n")
+    with open(root / "generate.jsonl", "w") as f:
+        for k in range(6):
+            f.write(json.dumps({"prompt": " ".join(words[k:k + 6]), "target": " ".join(words[k + 6:k + 8])}) + "\n")
+    for number, task in enumerate(LM_EVAL_TASKS.format(root=root).split("---")):
+        (root / f"task{number}.yaml").write_text(task)
+    return root
+
+
+def test_lm_evaluation_harness_api_matches_transformers(server, tiers, tmp_path, monkeypatch) -> None:
+    """lm-evaluation-harness's `local-completions` model (token-id prompt lists, echo + logprobs, stop strings)
+    against the service, and its `hf` model on the large tier exported with `python -m moe.hf export`: every
+    document's loglikelihood within 1e-4, the same generations, the same accuracy."""
+    pytest.importorskip("lm_eval")
+    transformers = pytest.importorskip("transformers")
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from moe.hf import main as moe_hf
+
+    export = tmp_path / "large_hf"
+    moe_hf(["export", str(tiers["large"]), str(export)])  # python -m moe.hf export CKPT DIR
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    assert tokenizer(LONG)["input_ids"] == load_tokenizer(tiers["large"]).encode(LONG).ids
+    # The API's per-token log-probabilities against transformers' on the same weights.
+    ids = tokenizer(LONG)["input_ids"]
+    scored = complete(server, model="large", prompt=ids, max_tokens=0, echo=True, logprobs=0).json()
+    with torch.no_grad():
+        logits = transformers.AutoModelForCausalLM.from_pretrained(export).eval()(torch.tensor([ids])).logits[0]
+    theirs = torch.log_softmax(logits.double(), -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert scored["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(theirs.tolist(), abs=1e-4)
+
+    tasks = TaskManager(include_path=str(lm_eval_tasks(tmp_path)))
+    common = {"tasks": ["moe_choice", "moe_generate"], "task_manager": tasks, "log_samples": True,
+              "random_seed": 0, "numpy_random_seed": 0, "torch_random_seed": 0}
+    api = lm_eval.simple_evaluate(model="local-completions", model_args=(
+        f"model=large,base_url={server}/v1/completions,tokenizer_backend=huggingface,tokenizer={export},"
+        f"tokenized_requests=True,num_concurrent=1,max_retries=1,max_length=96"), batch_size=4, **common)
+    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={export},dtype=float32,device=cpu,"
+                                                        f"max_length=96", batch_size=4, **common)
+    for task in ("moe_choice", "moe_generate"):
+        mine = sorted(api["samples"][task], key=lambda sample: sample["doc_id"])
+        reference = sorted(hf["samples"][task], key=lambda sample: sample["doc_id"])
+        assert len(mine) == len(reference) == (8 if task == "moe_choice" else 6)
+        for a, b in zip(mine, reference):
+            if task == "moe_choice":  # each choice's (loglikelihood, is greedy)
+                assert [r[0][0] for r in a["resps"]] == pytest.approx([r[0][0] for r in b["resps"]], abs=1e-4)
+            else:
+                assert a["resps"] == b["resps"], (a["resps"], b["resps"])
+    assert api["results"]["moe_choice"]["acc,none"] == hf["results"]["moe_choice"]["acc,none"]
+    assert api["results"]["moe_generate"]["exact_match,none"] == hf["results"]["moe_generate"]["exact_match,none"]
 
 
 def test_a_stop_string_before_the_first_token_answers_empty(server, local) -> None:
