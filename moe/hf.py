@@ -380,7 +380,8 @@ def export_hf(model: MoETransformer, out_dir: PathLike, dtype: Optional[torch.dt
             (directory / HF_TOKENIZER_CONFIG_NAME).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
     return write_directory_atomically(Path(out_dir), write, replaceable=is_hf_export,
-                                      kind=f"a Hugging Face export ({HF_CONFIG_NAME}, *.safetensors and its tokenizer files only)")
+                                      kind=f"a Hugging Face export ({HF_CONFIG_NAME}, *.safetensors and its "
+                                           f"tokenizer files only)")
 
 
 def is_hf_export(path: Path) -> bool:
