@@ -36,7 +36,8 @@ class TierConfig:
             the cluster's CPUs shared among the replicas that start, at most 1 each (`size_tiers`).
         max_batch_size / batch_wait_timeout_s: `@serve.batch` of generation and prefill.
         dtype: float32 or bfloat16 weights.
-        fault: drills only: "error" makes every call fail, "hang" makes it never answer.
+        fault: drills only: "error" makes every call fail, "hang" makes it never answer, "slow_start"
+            delays its start by 15 s (a large checkpoint loading).
         endpoint: an OpenAI-compatible API's base URL (http://HOST:PORT/v1) that answers for this tier
             instead of a checkpoint (large tier only: serving/endpoint.py); its replicas only wait on HTTP
             and reserve ENDPOINT_CPUS unless num_cpus is set.
@@ -179,8 +180,8 @@ def validate_serve_config(cfg: DictConfig) -> None:
             fail(f"{key}.max_batch_size", "must be >= 1 (and batch_wait_timeout_s >= 0)")
         if tier.dtype not in ("float32", "bfloat16"):
             fail(f"{key}.dtype", f"must be float32 or bfloat16, got {tier.dtype!r}")
-        if tier.fault not in (None, "error", "hang"):
-            fail(f"{key}.fault", f"must be null, error or hang, got {tier.fault!r}")
+        if tier.fault not in (None, "error", "hang", "slow_start"):
+            fail(f"{key}.fault", f"must be null, error, hang or slow_start, got {tier.fault!r}")
         _check_endpoint(cfg, name)
         scaling = tier.autoscaling
         if scaling.enabled and not 1 <= scaling.min_replicas <= scaling.max_replicas:

@@ -169,8 +169,9 @@ class CascadeIngress:
     @api.get("/healthz", responses={503: {"description": "No tier answers yet (starting) or any more."}})
     async def healthz(self):
         """`ok` when both tiers answer a ping within HEALTH_TIMEOUT_S; `degraded` (still 200: the other tier
-        answers for it) naming the one that does not; 503 `unavailable` when neither does, e.g. while the
-        replicas still start. Never waits longer than the ping's time-out."""
+        answers for it) naming the one that does not; 503 when neither does: `starting` while Serve still
+        starts a tier's replicas (loading its checkpoint), else `unavailable`. `starting` lists the tiers
+        whose replicas Serve is still starting. Never waits longer than the ping's time-out."""
         async def answers(tier: str) -> bool:
             response = self.tiers[tier].ping.remote()
             try:
@@ -186,9 +187,11 @@ class CascadeIngress:
         down = [tier for tier, ok in up.items() if not ok]
         if not down:
             return {"status": "ok"}
+        starting = await asyncio.to_thread(_starting_deployments, down)
         if len(down) == len(up):
-            return JSONResponse(status_code=503, content={"status": "unavailable", "not_answering": down})
-        return {"status": "degraded", "not_answering": down}
+            return JSONResponse(status_code=503, content={"status": "starting" if starting else "unavailable",
+                                                          "not_answering": down, "starting": starting})
+        return {"status": "degraded", "not_answering": down, "starting": starting}
 
     @api.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
@@ -650,6 +653,19 @@ class Job:
         """The tier requests of one prompt: `count` of them, seeds seed, seed + 1, ... when a seed is given."""
         return [{**self.request, "prompt_ids": prompt_ids,
                  "seed": None if self.seed is None else (self.seed + k) % 2 ** 63} for k in range(count)]
+
+
+def _starting_deployments(names: list[str]) -> list[str]:
+    """Which of this application's deployments Serve is still starting (status UPDATING, no replica running)."""
+    from ray.serve.schema import DeploymentStatus
+
+    try:
+        app = serve.status().applications[serve.get_replica_context().app_name]
+    except Exception:  # the controller is unreachable: nothing known to be starting
+        return []
+    return [name for name in names
+            if name in app.deployments and app.deployments[name].status == DeploymentStatus.UPDATING
+            and not app.deployments[name].replica_states.get("RUNNING")]
 
 
 def _include_usage(body: Any) -> bool:

@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Optional
 
 from ray import serve
 
+SLOW_START_S = 15.0  # the `slow_start` drill's delay
 
 def _params(request: dict[str, Any]):
     from moe.generate import SamplingParams
@@ -49,7 +50,8 @@ class Tier:
         checkpoint: a moe checkpoint directory with tokenizer.json.
         dtype: "float32" or "bfloat16".
         num_threads: torch threads (the replica's CPUs).
-        fault: drills only: "error" fails every call, "hang" never answers.
+        fault: drills only: "error" fails every call, "hang" never answers, "slow_start" takes
+            SLOW_START_S longer to start (a large checkpoint loading).
         hidden: the pooled hidden states `signals` adds after the signals (the
             router's `HiddenFeatures` as a dict), or None.
     """
@@ -63,6 +65,8 @@ class Tier:
         from moe.difficulty import HiddenFeatures
         from moe.generate import Generator, load_tokenizer
 
+        if fault == "slow_start":
+            time.sleep(SLOW_START_S)
         torch.set_num_threads(max(1, num_threads))
         self.name = name
         self.checkpoint = str(Path(checkpoint).resolve())

@@ -79,6 +79,7 @@ def server(tiers, ray_cluster):
             # over HTTP through the forwarder (which a test shuts to lose the endpoint).
             "external": ("/external", ["large=null", f"tiers.large.endpoint=http://127.0.0.1:{forwarder.port}/v1",
                                        "tiers.large.model=large", "tiers.large.num_cpus=0.1",
+                                       "tiers.small.num_cpus=0.1",  # 3.6 of the session's 4 CPUs in all
                                        "tiers.large.max_retries=1"])}
     for name, (prefix, overrides) in apps.items():
         cfg = serve_cfg(tiers["small"], tiers["large"], tiers["router"], *overrides)
@@ -118,7 +119,8 @@ def test_health_and_models(server) -> None:
     for prefix in ("/broken", "/hanging"):
         started = time.monotonic()
         response = requests.get(f"{server}{prefix}/healthz", timeout=10)
-        assert response.status_code == 200 and response.json() == {"status": "degraded", "not_answering": ["large"]}
+        assert response.status_code == 200 and response.json() == {"status": "degraded", "not_answering": ["large"],
+                                                                   "starting": []}
         assert time.monotonic() - started < 5
     ids = [m["id"] for m in requests.get(f"{server}/v1/models", timeout=10).json()["data"]]
     assert {"cascade", "cascade-posthoc", "small", "large"} <= set(ids)
@@ -759,6 +761,42 @@ def test_cli_serves_until_interrupted(tiers, server) -> None:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)
     assert proc.returncode == 0
+
+
+@pytest.mark.extended
+def test_healthz_answers_while_a_tier_starts(tiers, server) -> None:
+    """While Serve starts a tier's replicas (the `slow_start` drill: 15 s more, as a big checkpoint loading),
+    /healthz answers, naming that tier as starting; `ok` once it runs. (The module's
+    apps hold 3.6 of the session Ray's 4 CPUs; this one takes the 0.3 left.)"""
+    import threading
+
+    cfg = serve_cfg(tiers["small"], tiers["large"], tiers["router"], "tiers.large.fault=slow_start",
+                    "tiers.small.num_cpus=0.1", "tiers.large.num_cpus=0.1")
+    app = build_app(cfg, tier_facts(cfg), tiers["router"])
+    deploying = threading.Thread(target=serve.run, args=(app,), kwargs={"name": "starting",
+                                                                         "route_prefix": "/starting"})
+    deploying.start()
+    seen = []
+    try:
+        while deploying.is_alive():
+            started = time.monotonic()
+            try:  # Serve's proxy holds a request until the ingress replica itself runs (seconds), never longer
+                response = requests.get(f"{server}/starting/healthz", timeout=20)
+            except requests.Timeout:
+                pytest.fail("/healthz held for 20 s while the app started")
+            seen.append((response.status_code, response.json() if response.status_code != 404 else None,
+                         round(time.monotonic() - started, 1)))
+            time.sleep(0.5)
+        deploying.join()
+        body = requests.get(f"{server}/starting/healthz", timeout=10).json()
+        assert body == {"status": "ok"}, body
+        # Answered while the large tier was still starting, the small one already answering:
+        assert any(status == 200 and b["status"] == "degraded" and b["starting"] == ["large"]
+                   for status, b, _ in seen if b is not None), seen
+        assert all(status in (200, 404, 503) for status, _, _ in seen), seen
+    finally:
+        deploying.join(timeout=60)
+        serve.delete("starting")
 
 
 def test_cli_refuses_mismatched_tokenizers_before_ray(tiers) -> None:
