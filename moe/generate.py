@@ -77,6 +77,8 @@ class SamplingParams:
             before each draw (-100 in effect bans the token, 100 forces it).
         top_logprobs: also record, at each generated token, the ids and
             log-probabilities of the this many most likely tokens (0 to 20).
+        ignore_eos: keep generating past the EOS token until max_tokens or a
+            stop string (vLLM's extension; load tools ask for exact lengths).
     The penalties and biases change which token is drawn; the log-probabilities
     recorded are the model's own (before penalties, biases, temperature and top_p).
     """
@@ -90,6 +92,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     top_logprobs: int = 0
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -297,6 +300,8 @@ class _Request:
     def add(self, token: int, logprob: float, eos_id: Optional[int],
             top: Optional[list[tuple[int, float]]] = None) -> None:
         """Records one generated token and decides whether the request is finished."""
+        if self.finish_reason is not None:  # cancelled while its row was still in the decode step
+            return
         if token == eos_id:
             self._finish("stop")
             return
@@ -595,11 +600,13 @@ class Generator:
             top = [list(zip(i, v)) for i, v in zip(ids_BK.tolist(), values_BK.tolist())]
         for row, (request, token, logprob) in enumerate(zip(requests, tokens_B.tolist(), logprobs_B.tolist())):
             wanted = request.params.top_logprobs
-            request.add(token, logprob, self.eos_id, top[row][:wanted] if wanted else None)
+            request.add(token, logprob, None if request.params.ignore_eos else self.eos_id,
+                        top[row][:wanted] if wanted else None)
 
-    def _run(self, requests: list[_Request]) -> Iterator[None]:
-        """Decodes `requests` to the end (see the module NOTE); yields after every step."""
-        waiting = deque(requests)
+    def _run(self, requests: Union[list[_Request], "deque[_Request]"]) -> Iterator[None]:
+        """Decodes `requests` to the end (see the module NOTE); yields after every step. Given a deque, requests
+        appended to it while this runs join at the next admission (`LiveBatch`)."""
+        waiting = requests if isinstance(requests, deque) else deque(requests)
         running: list[_Request] = []
         cache: Optional[KVCache] = None
         while waiting or running:
@@ -617,6 +624,51 @@ class Generator:
                 running = [running[i] for i in keep]
                 cache = cache.select(keep) if keep else None
             yield
+
+
+class LiveBatch:
+    """Streams that join one continuous batch while it decodes: one decode step serves every live stream.
+
+    `add` checks and queues a request; `step` runs one step of the decoding loop
+    (an admission of the queued requests, or a decode step of the running ones;
+    see the module NOTE), after which each request's `pending` text and, once
+    `finish_reason` is set, its `completion()` are ready. `add` and `cancel` may
+    be called between steps from another thread than `step`'s (the queue is a
+    deque); `step` runs on one thread at a time.
+    """
+
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
+        self.waiting: deque[_Request] = deque()
+        self._steps: Optional[Iterator[None]] = None
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
+        """Queues one request (ValueError now for a bad one, as `Generator.stream_ids`)."""
+        [request] = self.generator._requests([prompt_ids], [params], stream=True)
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: _Request) -> None:
+        """Drops a request (its client left): at once if still queued, else after the next step."""
+        try:
+            self.waiting.remove(request)
+        except ValueError:
+            pass
+        if request.finish_reason is None:
+            request.finish_reason = "cancelled"
+
+    def step(self) -> bool:
+        """One step of the loop; False when no request is left (queued or running)."""
+        if self._steps is None:
+            if not self.waiting:
+                return False
+            self._steps = self.generator._run(self.waiting)
+        try:
+            next(self._steps)
+            return True
+        except StopIteration:
+            self._steps = None
+            return bool(self.waiting)
 
 
 def _is_number(value: Any) -> bool:

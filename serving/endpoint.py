@@ -118,6 +118,8 @@ class EndpointTier:
             body["stop"] = list(request["stop"])
         if request.get("seed") is not None:
             body["seed"] = request["seed"]
+        if request.get("ignore_eos"):  # vLLM's extension; sent only when asked, as other APIs refuse it
+            body["ignore_eos"] = True
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
         else:  # the answer's token log-probabilities (best_of ranks by them; logprobs and echo return them)

@@ -302,7 +302,7 @@ class CascadeIngress:
         """The fields of a tier's generate/stream request shared by every prompt and candidate of a job."""
         return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "stop": list(stop),
                 "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
-                "top_logprobs": top_logprobs or 0,
+                "top_logprobs": top_logprobs or 0, "ignore_eos": body.ignore_eos,
                 "logit_bias": {int(token): bias for token, bias in (body.logit_bias or {}).items()}}
 
     def _alternatives(self, positions: list[list[tuple[int, float]]]) -> list[dict[str, float]]:

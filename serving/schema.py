@@ -75,6 +75,8 @@ class CompletionRequest(BaseModel):
                                           "Not with stream.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate past the end-of-text token, up to "
+                                                "max_tokens (load tools such as guidellm ask for exact lengths).")
     logit_bias: Optional[dict[str, float]] = Field(None, description="Token id (as a string) -> bias in "
                                                                      "[-100, 100] added to its logit.")
     user: Optional[str] = None
@@ -230,6 +232,8 @@ class ChatCompletionRequest(BaseModel):
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate past the end-of-text token, up to "
+                                                "max_tokens (load tools such as guidellm ask for exact lengths).")
     logit_bias: Optional[dict[str, float]] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="Needs logprobs: true.")

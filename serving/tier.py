@@ -32,7 +32,8 @@ def _params(request: dict[str, Any]):
                           presence_penalty=request.get("presence_penalty", 0.0),
                           frequency_penalty=request.get("frequency_penalty", 0.0),
                           logit_bias=tuple(request.get("logit_bias", {}).items()),
-                          top_logprobs=request.get("top_logprobs", 0))
+                          top_logprobs=request.get("top_logprobs", 0),
+                          ignore_eos=request.get("ignore_eos", False))
 
 
 def _completion_dict(completion: Any) -> dict[str, Any]:
@@ -63,7 +64,7 @@ class Tier:
 
         import moe
         from moe.difficulty import HiddenFeatures
-        from moe.generate import Generator, load_tokenizer
+        from moe.generate import Generator, LiveBatch, load_tokenizer
 
         if fault == "slow_start":
             time.sleep(SLOW_START_S)
@@ -80,6 +81,9 @@ class Tier:
         self.fault = fault
         self.num_calls = 0
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tier-{name}")
+        self.streams = LiveBatch(self.generator)  # every live stream, decoded as one batch
+        self.listeners: dict[Any, asyncio.Queue] = {}
+        self.stepper: Optional[asyncio.Task] = None
         # @serve.batch sizes are fixed at decoration; set them per deployment from the config.
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -151,17 +155,47 @@ class Tier:
         return [row.tolist() for row in signals]
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yields {"text": delta} as tokens arrive, then {"done": True, ...the completion}."""
+        """Yields {"text": delta} as tokens arrive, then {"done": True, ...the completion}.
+
+        Every live stream of this replica decodes in one continuous batch
+        (`moe.generate.LiveBatch`): a stream joins at the next step, and one
+        decode step advances all of them."""
         await self._drill()
-        iterator = self.generator.stream_ids(request["prompt_ids"], _params(request))
-        sentinel = object()
+        live = self.streams.add(request["prompt_ids"], _params(request))
+        queue: asyncio.Queue = asyncio.Queue()
+        self.listeners[live] = queue
+        if self.stepper is None or self.stepper.done():
+            self.stepper = asyncio.create_task(self._step_streams())
+        done = False
+        try:
+            while not done:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                done = bool(item.get("done"))
+                yield item
+        finally:
+            if not done:  # the client went away: free the stream's row
+                self.streams.cancel(live)
+            self.listeners.pop(live, None)
+
+    async def _step_streams(self) -> None:
+        """Steps the live batch on the torch thread while any stream is queued or running; hands out text."""
         while True:
-            item = await self._run(next, iterator, sentinel)
-            if item is sentinel:
+            try:
+                more = await self._run(self.streams.step)
+            except Exception as err:  # a failed step fails every live stream, and the batch starts afresh
+                for queue in self.listeners.values():
+                    queue.put_nowait(err)
+                self.listeners.clear()
+                self.streams = type(self.streams)(self.generator)
                 return
-            delta, completion = item
-            if completion is not None:
-                yield {"done": True, **_completion_dict(completion)}
+            for live, queue in list(self.listeners.items()):
+                if live.pending:
+                    delta, live.pending = live.pending, ""
+                    queue.put_nowait({"text": delta})
+                if live.finish_reason is not None and live.finish_reason != "cancelled":
+                    queue.put_nowait({"done": True, **_completion_dict(live.completion())})
+                    del self.listeners[live]
+            if not more and not self.streams.waiting:  # no await since the check: a new stream restarts us
                 return
-            if delta:
-                yield {"text": delta}

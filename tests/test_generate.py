@@ -334,6 +334,10 @@ def test_finish_reasons_and_confidence(tokenizer, script) -> None:
     probs = [math.exp(lp) for lp in by_eos.token_logprobs]
     assert by_eos.mean_confidence == pytest.approx(sum(probs) / len(probs)) and 0 < by_eos.mean_confidence < 1
     assert Completion([1], [], "", "stop", []).mean_confidence == 1.0
+    # ignore_eos (vLLM's extension): the EOS token is generated like any other, up to max_tokens.
+    past = generator.generate_ids([script[:1]], [SamplingParams(max_tokens=len(script) + 2, ignore_eos=True)])[0]
+    assert past.finish_reason == "length" and len(past.token_ids) == len(script) + 2
+    assert past.token_ids[:len(script)] == script[1:] + [eos]
 
 
 @pytest.mark.parametrize("stop", [(), ("stop!",), ("mat; st",), ("€",)])
@@ -423,3 +427,39 @@ def test_generation_modules_import_only_torch() -> None:
             "('ray', 'hydra', 'tokenizers', 'pyarrow', 'data_pipeline', 'omegaconf')); print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_live_batch_streams_equal_each_request_alone(tokenizer) -> None:
+    """Streams that join a running batch at different steps (LiveBatch): each one's deltas concatenate to the
+    same completion as the request decoded alone; a cancelled stream leaves the others unchanged."""
+    from moe.generate import LiveBatch
+
+    generator = Generator(tiny_model(seed=3), tokenizer, max_batch_size=3)
+    prompts = [generator.encode(t) for t in ("the router", "experts of a mixture", "tokens", "a model routes")]
+    params = [SamplingParams(max_tokens=6), SamplingParams(max_tokens=9, temperature=0.8, seed=5),
+              SamplingParams(max_tokens=4, stop=("s",)), SamplingParams(max_tokens=7)]
+    alone = [generator.generate_ids([p], [q])[0] for p, q in zip(prompts, params)]
+    batch = LiveBatch(generator)
+    live, texts = [], []
+    cancelled = batch.add(prompts[0], SamplingParams(max_tokens=20))
+    for k, (prompt, param) in enumerate(zip(prompts, params)):
+        live.append(batch.add(prompt, param))
+        texts.append("")
+        for _ in range(k + 1):  # the next request joins while these decode
+            batch.step()
+            for i, request in enumerate(live):
+                texts[i], request.pending = texts[i] + request.pending, ""
+        if k == 1:
+            batch.cancel(cancelled)
+    while batch.step():
+        for i, request in enumerate(live):
+            texts[i], request.pending = texts[i] + request.pending, ""
+    for i, request in enumerate(live):
+        texts[i] += request.pending
+        completion = request.completion()
+        assert completion.token_ids == alone[i].token_ids and completion.text == alone[i].text == texts[i]
+        assert completion.finish_reason == alone[i].finish_reason
+        assert completion.token_logprobs == pytest.approx(alone[i].token_logprobs, abs=1e-5)
+    assert cancelled.finish_reason == "cancelled" and not batch.step()
+    with pytest.raises(ValueError, match="prompt"):
+        batch.add([], SamplingParams())

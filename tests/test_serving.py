@@ -127,6 +127,12 @@ def test_health_and_models(server) -> None:
 
 
 def test_tiers_answer_as_the_checkpoints_do(server, local) -> None:
+    # ignore_eos (vLLM's extension, sent by load tools): an EOS forced by logit_bias no longer ends the answer.
+    eos = str(local["small"].eos_id)
+    for ignore_eos, tokens in ((False, 0), (True, 5)):
+        body = complete(server, model="small", prompt=SHORT, max_tokens=5, logit_bias={eos: 100},
+                        ignore_eos=ignore_eos).json()
+        assert body["usage"]["completion_tokens"] == tokens, body
     for tier in ("small", "large"):
         body = complete(server, model=tier, prompt=SHORT, max_tokens=6, temperature=0).json()
         expected = local[tier].generate([SHORT], [SamplingParams(max_tokens=6)])[0]
@@ -211,6 +217,25 @@ def test_openai_client_plain_and_streamed(server) -> None:
     streamed = client.chat.completions.create(model="small", messages=messages, max_tokens=4, temperature=0,
                                               stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == plain.choices[0].message.content
+
+
+def test_concurrent_streams_decode_together_and_equal_plain_answers(server) -> None:
+    """Streams that overlap share the tier's live batch (LiveBatch): each still equals its plain answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [(SHORT, 8), (LONG[:40], 5), ("a mixture of experts", 7), ("grouped matrix", 3)] * 2
+
+    def streamed(prompt: str, max_tokens: int) -> str:
+        text = requests.post(f"{server}/v1/completions", json={"model": "small", "prompt": prompt, "max_tokens":
+                             max_tokens, "temperature": 0, "stream": True}, timeout=60).text
+        events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        return "".join(e["choices"][0]["text"] for e in events)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        texts = list(pool.map(lambda args: streamed(*args), prompts))
+    for (prompt, max_tokens), text in zip(prompts, texts):
+        plain = complete(server, model="small", prompt=prompt, max_tokens=max_tokens, temperature=0).json()
+        assert text == plain["choices"][0]["text"], (prompt, text, plain)
 
 
 def test_request_shapes_of_common_clients(server, local) -> None:
