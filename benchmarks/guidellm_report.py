@@ -28,8 +28,10 @@ def rows(report: dict, model: str) -> list[dict]:
         out.append({"model": model, "strategy": strategy["type_"], "rate_asked": strategy.get("rate"),
                     "req_per_s": stat("requests_per_second", "mean"),
                     "concurrency": stat("request_concurrency", "mean"),
-                    "ttft_ms_median": stat("time_to_first_token_ms"), "ttft_ms_p99": stat("time_to_first_token_ms", "p99"),
-                    "itl_ms_median": stat("inter_token_latency_ms"), "itl_ms_p99": stat("inter_token_latency_ms", "p99"),
+                    "ttft_ms_median": stat("time_to_first_token_ms"),
+                    "ttft_ms_p99": stat("time_to_first_token_ms", "p99"),
+                    "itl_ms_median": stat("inter_token_latency_ms"),
+                    "itl_ms_p99": stat("inter_token_latency_ms", "p99"),
                     "output_tok_per_s": stat("output_tokens_per_second", "mean"),
                     "completed": bench["request_totals"]["successful"], "errored": bench["request_totals"]["errored"],
                     "incomplete": bench["request_totals"]["incomplete"]})
@@ -51,8 +53,9 @@ def main() -> None:
     for r in table:
         asked = f"{r['rate_asked']:.2f}" if r["rate_asked"] else "-"
         print(f"{r['model']:<16} {r['strategy']:<12} {asked:>6} {r['req_per_s']:>6.2f} {r['concurrency']:>5.1f} "
-              f"{r['ttft_ms_median']:>9.1f} {r['ttft_ms_p99']:>9.1f} {r['itl_ms_median']:>8.1f} {r['itl_ms_p99']:>8.1f} "
-              f"{r['output_tok_per_s']:>9.1f} {r['completed']:>5} {r['errored']:>4} {r['incomplete']:>4}")
+              f"{r['ttft_ms_median']:>9.1f} {r['ttft_ms_p99']:>9.1f} {r['itl_ms_median']:>8.1f} "
+              f"{r['itl_ms_p99']:>8.1f} {r['output_tok_per_s']:>9.1f} {r['completed']:>5} {r['errored']:>4} "
+              f"{r['incomplete']:>4}")
     print(json.dumps({"guidellm": table}))
     if args.json is not None:
         args.json.write_text(json.dumps(table, indent=2) + "\n")
