@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from moe.atomic import (ReplaceRefusedError, check_replaceable, replace_directory,  # noqa: F401 (re-exported)
                         write_directory_atomically)
@@ -54,6 +53,8 @@ def write_model_state(state: dict[str, torch.Tensor], model_config: dict, direct
     """The one writer of the checkpoint format: `state` (a `model_state_for_saving` layout, e.g. gathered
     from a sharded model) and the model config into an existing directory (no atomicity). Returns the names
     of the files written."""
+    from safetensors.torch import save_file  # here, not at import: the GPU scripts import moe with torch alone
+
     save_file(state, str(directory / WEIGHTS_NAME),
               metadata={"format": "pt", "moe_format_version": str(FORMAT_VERSION)})
     payload = {"moe_format_version": FORMAT_VERSION, "model": model_config}
@@ -126,6 +127,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
     weights_file = path / WEIGHTS_NAME
     if not weights_file.is_file():
         raise FileNotFoundError(f"not a moe checkpoint: {weights_file} is missing")
+    from safetensors.torch import load_file
+
     state = load_file(str(weights_file), device="cpu")
     model = MoETransformer(config)
     expected = saved_names(model)

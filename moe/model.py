@@ -77,7 +77,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x_BHSHd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
-    return x_BHSHd * cos_SHd + _rotate_half(x_BHSHd) * sin_SHd
+    """Rotates in the wider of the two dtypes and returns x's: under bf16 autocast q and k stay bf16 like v
+    (float32 tables would promote them, and flex attention refuses mixed q/k/v dtypes)."""
+    return (x_BHSHd * cos_SHd + _rotate_half(x_BHSHd) * sin_SHd).to(x_BHSHd.dtype)
 
 
 def attention_mask(seq_len: int, device: torch.device, sliding_window: Optional[int],

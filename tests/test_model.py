@@ -397,3 +397,26 @@ def test_flex_attention_gradients_match_the_explicit_mask() -> None:
 def test_flex_backend_is_checked() -> None:
     with pytest.raises(ValueError, match="attention_backend"):
         ModelConfig(**FLEX_CONFIG, attention_backend="flash")
+
+
+def test_attention_inputs_share_one_dtype_under_bf16_autocast(monkeypatch) -> None:
+    """Under bf16 autocast (the GPU training default) q, k and v reach attention in one dtype: rope's float32
+    tables must not promote q and k (flex attention's backward refuses mixed dtypes)."""
+    import moe.model as model_module
+
+    seen = []
+    sdpa = model_module.F.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", recording)
+    from moe import ExpertsConfig
+
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                         max_seq_len=16, experts=ExpertsConfig(num_experts=4, hidden_size=32))
+    model = MoETransformer(config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 64, (2, 16))).logits.float().sum().backward()
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen
