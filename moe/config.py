@@ -198,6 +198,9 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
         _check_choice(self, "attention_backend", ATTENTION_BACKENDS)
+        if self.attention_backend == "flex" and self.head_dim < 16:
+            raise ValueError(f"ModelConfig.head_dim must be >= 16 with attention_backend='flex' (Triton's "
+                             f"FlexAttention kernels need it), got {self.head_dim}")
         if self.sliding_window is not None:
             _check_positive(self, "sliding_window")
         if not self.rope_theta > 0:

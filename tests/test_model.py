@@ -346,8 +346,8 @@ def test_compiled_blocks_train_like_eager_without_recompiling() -> None:
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
-FLEX_CONFIG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
-                   experts=dict(num_experts=4, hidden_size=16))
+FLEX_CONFIG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, max_seq_len=64,
+                   experts=dict(num_experts=4, hidden_size=16))  # head_dim 16: Triton's flex needs >= 16
 
 
 # `make test` compiles one block mask with both of its parts (a sliding window and documents); each compile
@@ -380,7 +380,9 @@ def test_flex_attention_matches_the_explicit_mask(window, use_docs, monkeypatch)
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="torch 2.13's FlexAttention has no CPU backward (NotImplementedError); runs on a GPU")
-def test_flex_attention_gradients_match_the_explicit_mask() -> None:
+@pytest.mark.parametrize("autocast", [False, True])
+def test_flex_attention_gradients_match_the_explicit_mask(autocast: bool) -> None:
+    """float32, and bf16 autocast (the GPU training default): flex's gradients against the explicit mask's."""
     torch.manual_seed(0)
     reference = MoETransformer(ModelConfig(**FLEX_CONFIG, sliding_window=10)).cuda()
     flex = MoETransformer(ModelConfig(**FLEX_CONFIG, sliding_window=10, attention_backend="flex")).cuda()
@@ -388,15 +390,24 @@ def test_flex_attention_gradients_match_the_explicit_mask() -> None:
     ids = torch.randint(0, 64, (3, 40), device="cuda")
     docs = torch.tensor([[0] * 7 + [1] * 20 + [2] * 13, [0] * 40, [0] * 33 + [1] * 7], device="cuda")
     for model in (reference, flex):
-        out = model(ids, doc_ids=docs, targets=ids)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, doc_ids=docs, targets=ids)
         (out.loss + out.aux_loss).backward()
     for (name, a), (_, b) in zip(reference.named_parameters(), flex.named_parameters()):
-        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+        if autocast:  # two bf16 attention kernels: equal up to bf16 rounding, so compare directions and norms
+            if not a.grad.any() and not b.grad.any():  # an expert no token chose
+                continue
+            cosine = torch.nn.functional.cosine_similarity(a.grad.flatten().double(), b.grad.flatten().double(), 0)
+            assert cosine > 0.999 and torch.allclose(a.grad.norm(), b.grad.norm(), rtol=2e-2), (name, cosine)
+        else:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
 
 
 def test_flex_backend_is_checked() -> None:
     with pytest.raises(ValueError, match="attention_backend"):
         ModelConfig(**FLEX_CONFIG, attention_backend="flash")
+    with pytest.raises(ValueError, match=r"head_dim must be >= 16 with attention_backend='flex'.*got 8"):
+        ModelConfig(**{**FLEX_CONFIG, "num_heads": 4, "num_kv_heads": 2}, attention_backend="flex")
 
 
 def test_attention_inputs_share_one_dtype_under_bf16_autocast(monkeypatch) -> None:
