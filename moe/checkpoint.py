@@ -24,6 +24,20 @@ from moe.config import ModelConfig
 from moe.model import MoETransformer
 
 WEIGHTS_NAME = "model.safetensors"
+
+
+# safetensors is imported when a checkpoint is read or written, not with `moe`: the GPU scripts import moe with
+# torch alone (benchmarks/gpu_suite.py on a machine without this project's dependencies).
+def save_file(state: dict[str, torch.Tensor], path: str, metadata: Optional[dict[str, str]] = None) -> None:
+    from safetensors.torch import save_file as write
+
+    write(state, path, metadata=metadata)
+
+
+def load_file(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file as read
+
+    return read(path, device=device)
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
 
@@ -53,8 +67,6 @@ def write_model_state(state: dict[str, torch.Tensor], model_config: dict, direct
     """The one writer of the checkpoint format: `state` (a `model_state_for_saving` layout, e.g. gathered
     from a sharded model) and the model config into an existing directory (no atomicity). Returns the names
     of the files written."""
-    from safetensors.torch import save_file  # here, not at import: the GPU scripts import moe with torch alone
-
     save_file(state, str(directory / WEIGHTS_NAME),
               metadata={"format": "pt", "moe_format_version": str(FORMAT_VERSION)})
     payload = {"moe_format_version": FORMAT_VERSION, "model": model_config}
@@ -127,8 +139,6 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
     weights_file = path / WEIGHTS_NAME
     if not weights_file.is_file():
         raise FileNotFoundError(f"not a moe checkpoint: {weights_file} is missing")
-    from safetensors.torch import load_file
-
     state = load_file(str(weights_file), device="cpu")
     model = MoETransformer(config)
     expected = saved_names(model)
