@@ -119,7 +119,8 @@ def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
     for name in ("small", "large"):
         t = cfg.tiers[name]
         options: dict[str, Any] = {"name": name, "ray_actor_options": {"num_cpus": t.num_cpus,
-                                                                       "num_gpus": t.num_gpus},
+                                                                       "num_gpus": t.num_gpus,
+                                                                       "resources": dict(t.resources)},
                                    "max_ongoing_requests": 4 * t.max_batch_size}
         if t.autoscaling.enabled:
             options["autoscaling_config"] = {"min_replicas": t.autoscaling.min_replicas,

@@ -38,6 +38,8 @@ class TierConfig:
         dtype: float32 or bfloat16 weights.
         fault: drills only: "error" makes every call fail, "hang" makes it never answer, "slow_start"
             delays its start by 15 s (a large checkpoint loading).
+        resources: custom Ray resources each replica asks for (e.g. {node_pool_large: 1}), which pins
+            the tier to the nodes that offer them (`ray start --resources`).
         endpoint: an OpenAI-compatible API's base URL (http://HOST:PORT/v1) that answers for this tier
             instead of a checkpoint (large tier only: serving/endpoint.py); its replicas only wait on HTTP
             and reserve ENDPOINT_CPUS unless num_cpus is set.
@@ -55,6 +57,7 @@ class TierConfig:
     batch_wait_timeout_s: float = 0.01
     dtype: str = "float32"
     fault: Optional[str] = None
+    resources: dict[str, float] = field(default_factory=dict)
     endpoint: Optional[str] = None
     model: Optional[str] = None
     timeout_s: float = 60.0
@@ -183,6 +186,10 @@ def validate_serve_config(cfg: DictConfig) -> None:
         if tier.fault not in (None, "error", "hang", "slow_start"):
             fail(f"{key}.fault", f"must be null, error, hang or slow_start, got {tier.fault!r}")
         _check_endpoint(cfg, name)
+        for resource, amount in tier.resources.items():
+            if resource in ("CPU", "GPU", "memory") or not amount > 0:
+                fail(f"{key}.resources", f"custom resources with positive amounts only (CPU and GPU are "
+                                         f"num_cpus/num_gpus), got {resource}: {amount}")
         scaling = tier.autoscaling
         if scaling.enabled and not 1 <= scaling.min_replicas <= scaling.max_replicas:
             fail(f"{key}.autoscaling", f"needs 1 <= min_replicas <= max_replicas, got {scaling.min_replicas}, "
@@ -300,6 +307,11 @@ def size_tiers(cfg: DictConfig, resources: dict[str, float], *, check_fit: bool 
         fail(f"tiers.{largest}.num_cpus", f"the replicas ask for {INGRESS_CPUS + sum(asked.values()):g} CPUs "
                                           f"({parts}, ingress {INGRESS_CPUS:g}) and the Ray cluster has {cpus:g}; "
                                           f"lower it, or leave tiers.*.num_cpus unset to share the cluster's CPUs")
+    for name in TIER_NAMES:
+        for resource, amount in cfg.tiers[name].resources.items():
+            if replicas[name] * amount > float(resources.get(resource, 0.0)) + 1e-9:
+                fail(f"tiers.{name}.resources", f"the replicas ask for {replicas[name] * amount:g} {resource} and "
+                                                f"the Ray cluster has {float(resources.get(resource, 0.0)):g}")
     asked_gpus = {n: replicas[n] * cfg.tiers[n].num_gpus for n in TIER_NAMES}
     if sum(asked_gpus.values()) > gpus + 1e-9:
         largest = max(TIER_NAMES, key=asked_gpus.get)

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from serving.config import fail, register_configs
@@ -40,13 +40,14 @@ SET_BY_SERVE_CONFIG = {
 }
 
 
-def _leaves(args: Mapping[Any, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) for every leaf: `{"routing": {"router": p}}` and `{"routing.router": p}` alike."""
+def _leaves(args: Mapping[Any, Any], prefix: str = "", mappings: frozenset = frozenset()) -> list[tuple[str, Any]]:
+    """(dotted key, value) for every leaf: `{"routing": {"router": p}}` and `{"routing.router": p}` alike. Keys
+    in `mappings` (fields whose value is a mapping, such as tiers.large.resources) are leaves."""
     leaves = []
     for key, value in args.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            leaves += _leaves(value, prefix=f"{dotted}.")
+        if isinstance(value, Mapping) and value and dotted not in mappings:
+            leaves += _leaves(value, prefix=f"{dotted}.", mappings=mappings)
         else:
             leaves.append((dotted, value))
     return leaves
@@ -81,8 +82,9 @@ def compose_serve_config(args: Mapping[str, Any]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="serve")
     known = _leaf_keys(cfg)
+    mappings = frozenset(key for key in known if isinstance(OmegaConf.select(cfg, key), DictConfig))
     seen: set[str] = set()
-    for key, value in _leaves(args):
+    for key, value in _leaves(args, mappings=mappings):
         top = key.split(".")[0]
         if top in SET_BY_SERVE_CONFIG:
             fail(key, f"not an application argument under Ray Serve; set by {SET_BY_SERVE_CONFIG[top]}")
@@ -90,7 +92,11 @@ def compose_serve_config(args: Mapping[str, Any]) -> DictConfig:
             fail(key, "given twice (once dotted, once nested)")
         seen.add(key)
         try:
-            OmegaConf.update(cfg, key, value, merge=True)
+            if key in mappings:  # a mapping field (resources) takes new keys
+                with open_dict(cfg):
+                    OmegaConf.update(cfg, key, value, merge=True)
+            else:
+                OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as err:
             reason = str(err).splitlines()[0]
             parent = next((k for k in known if key.startswith(f"{k}.")), None)

@@ -151,6 +151,14 @@ def test_endpoint_tier_is_built_in_place_of_the_large_checkpoint(app, monkeypatc
     assert large.init_kwargs["api_key_env"] == "MOE_TEST_ENDPOINT_KEY"
 
 
+def test_tier_resources_pin_replicas_to_nodes(app) -> None:
+    built = build_app(app_builder({**app["args"], "tiers.large.resources": {"pool_large": 1}}), name=app["name"])
+    large = next(d for d in built.deployments if d.name == "large")
+    assert large.ray_actor_options["resources"] == {"pool_large": 1}
+    with pytest.raises(ValueError, match="^invalid configuration: tiers.small.resources: custom resources"):
+        app_builder({**app["args"], "tiers.small.resources": {"GPU": 1}})
+
+
 @pytest.mark.parametrize("cpus,expected", [(2, 0.95), (3, 1.0), (16, 1.0)])
 def test_unset_tier_cpus_share_the_cluster(cpus: int, expected: float) -> None:
     cfg = compose_serve_config({"small": "a", "large": "b"})
@@ -170,6 +178,8 @@ def test_unset_tier_cpus_share_the_cluster(cpus: int, expected: float) -> None:
      "tiers.large.num_cpus", ("5.1", "large 2 x 2", "has 4")),
     ({"tiers.small.num_cpus": 2}, {"CPU": 2}, "tiers.large.num_cpus", ("no CPU left",)),
     ({"tiers.large.num_gpus": 1}, {"CPU": 8, "GPU": 0}, "tiers.large.num_gpus", ("ask for 1 GPUs", "has 0")),
+    ({"tiers.large.resources": {"pool_large": 1}}, {"CPU": 8}, "tiers.large.resources",
+     ("ask for 1 pool_large", "has 0")),
 ])
 def test_replicas_that_do_not_fit_are_refused_naming_the_key(args, resources, key, numbers) -> None:
     cfg = compose_serve_config({"small": "a", "large": "b", **args})
