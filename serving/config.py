@@ -87,6 +87,8 @@ class RoutingConfig:
         posthoc_confidence: the small answer's mean token probability below which
             `cascade-posthoc` escalates; null: the calibrated one.
         large_timeout_s: a large-tier call slower than this is answered by the small tier (degraded).
+        breaker_cooldown_s: after a tier fails or times out, its requests go straight to the other tier
+            (degraded) for this long, then one request probes it; 0: every request tries it.
         max_tokens_limit: the largest `max_tokens` a request may ask for.
         max_prompt_chars: longer prompts are refused before tokenizing.
         max_body_bytes: larger request bodies are refused (413).
@@ -101,6 +103,7 @@ class RoutingConfig:
     cost_budget: Optional[float] = None
     posthoc_confidence: Optional[float] = None
     large_timeout_s: float = 60.0
+    breaker_cooldown_s: float = 5.0
     max_tokens_limit: int = 256
     max_prompt_chars: int = 20000
     max_body_bytes: int = 1 << 20
@@ -208,6 +211,8 @@ def validate_serve_config(cfg: DictConfig) -> None:
     for key in ("large_timeout_s", "max_tokens_limit", "max_prompt_chars", "max_body_bytes"):
         if r[key] <= 0:
             fail(f"routing.{key}", f"must be positive, got {r[key]}")
+    if r.breaker_cooldown_s < 0:
+        fail("routing.breaker_cooldown_s", f"must be >= 0, got {r.breaker_cooldown_s}")
     if r.cost_ratio is not None and not 0.0 < r.cost_ratio <= 1.0:
         fail("routing.cost_ratio", f"must lie in (0, 1] (the small tier's cost over the large's), got {r.cost_ratio}")
     if r.cost_budget is not None and cfg.tiers.large.endpoint is not None and r.cost_ratio is None:

@@ -108,8 +108,8 @@ class EndpointTier:
         return True
 
     def _body(self, request: dict[str, Any], stream: bool) -> dict[str, Any]:
-        if request.get("logit_bias"):
-            raise EndpointError("logit_bias: token ids of the cascade's vocabulary mean nothing to an external tier")
+        if request.get("logit_bias"):  # a refusal of this request (ValueError), not a failure of the endpoint
+            raise ValueError("logit_bias: token ids of the cascade's vocabulary mean nothing to an external tier")
         body = {"model": self.model, "prompt": self.tokenizer.decode(request["prompt_ids"]),
                 "max_tokens": request["max_tokens"], "temperature": request["temperature"],
                 "top_p": request["top_p"], "presence_penalty": request.get("presence_penalty", 0.0),

@@ -117,6 +117,37 @@ class TierFailed(Exception):
     """A tier raised, or did not answer in time."""
 
 
+@dataclass
+class Breaker:
+    """A circuit breaker per tier: a tier that just failed is skipped for `cooldown_s`, so its requests degrade
+    at once instead of each waiting out the time-out of a tier that is gone (a lost node); after the cooldown
+    one request at a time probes it, and the first success closes the breaker again."""
+
+    cooldown_s: float
+    open_until: float = 0.0  # 0: closed
+    probing: bool = False
+
+    def allow(self) -> bool:
+        if self.open_until == 0.0:
+            return True
+        if time.monotonic() < self.open_until or self.probing:
+            return False
+        self.probing = True  # half-open: this request probes the tier
+        return True
+
+    def failed(self) -> None:
+        self.probing = False
+        if self.cooldown_s > 0:
+            self.open_until = time.monotonic() + self.cooldown_s
+
+    def succeeded(self) -> None:
+        self.probing, self.open_until = False, 0.0
+
+    def release(self) -> None:
+        """The request ended without telling whether the tier works (a refused request, a cancelled one)."""
+        self.probing = False
+
+
 class CascadeIngress:
     """The ingress deployment class (wrapped with `serve.deployment` and `serve.ingress` in `serving.app`).
 
@@ -142,6 +173,7 @@ class CascadeIngress:
         from serving.chat import DEFAULT_STOP, DEFAULT_TEMPLATE
 
         self.tiers = {"small": small, "large": large}
+        self.breakers = {name: Breaker(routing.get("breaker_cooldown_s", 0.0)) for name in self.tiers}
         self.router = DifficultyRouter.load(router_file)
         # Checked by serving.app before deployment: a post-hoc threshold from the router or the config.
         self.posthoc_threshold = self.router.posthoc_threshold
@@ -445,15 +477,29 @@ class CascadeIngress:
         return escalate_posthoc(answer["confidence"], threshold), None
 
     async def _call(self, tier: str, method: str, *args: Any) -> Any:
+        """One call of a tier's method; TierFailed when it fails, times out, or its breaker is open."""
+        breaker = self.breakers[tier]
+        if not breaker.allow():
+            raise TierFailed(f"{tier} tier skipped: it failed less than routing.breaker_cooldown_s ago")
         timeout = self.routing["large_timeout_s"] if tier == "large" else None
         response = getattr(self.tiers[tier], method).remote(*args)
         try:
-            return await asyncio.wait_for(response, timeout)
+            result = await asyncio.wait_for(response, timeout)
         except asyncio.TimeoutError:
             response.cancel()
+            breaker.failed()
             raise TierFailed(f"{tier} tier timed out after {timeout} s") from None
+        except ValueError as err:  # the tier refused this request (it works): no reason to skip it for others
+            breaker.release()
+            raise TierFailed(f"{tier} tier refused the request: {str(err)[:200]}") from err
         except Exception as err:  # a replica's exception, a dead actor, ...
+            breaker.failed()
             raise TierFailed(f"{tier} tier failed: {type(err).__name__}: {str(err)[:200]}") from err
+        except BaseException:  # cancelled (the client left)
+            breaker.release()
+            raise
+        breaker.succeeded()
+        return result
 
     async def _difficulty(self, prompt_ids: list[int]) -> float:
         import torch
@@ -577,14 +623,24 @@ class CascadeIngress:
 
     async def _stream_tier(self, tier: str, request: dict[str, Any], routing: dict[str, Any]):
         """Yields ("text", delta, routing), then ("done", completion, routing); degrades before the first token."""
-        generator = self.tiers[tier].options(stream=True).stream.remote(request)
+        breaker = self.breakers[tier]
         timeout = self.routing["large_timeout_s"] if tier == "large" else None
+        generator = self.tiers[tier].options(stream=True).stream.remote(request) if breaker.allow() else None
         try:
+            if generator is None:
+                raise TierFailed(f"{tier} tier skipped: it failed less than routing.breaker_cooldown_s ago")
             first = await asyncio.wait_for(generator.__anext__(), timeout)
+            breaker.succeeded()
         except StopAsyncIteration:
+            breaker.succeeded()
             return
         except Exception as err:  # failure or time-out before any token: the other tier answers
-            generator.cancel()
+            if generator is not None:
+                generator.cancel()
+                if isinstance(err, ValueError):
+                    breaker.release()
+                else:
+                    breaker.failed()
             fallback = "small" if tier == "large" else "large"
             if routing.get("degraded"):
                 raise RequestError(503, f"no tier could answer: {type(err).__name__}", None, "server_error") from None

@@ -80,7 +80,7 @@ def server(tiers, ray_cluster):
             "external": ("/external", ["large=null", f"tiers.large.endpoint=http://127.0.0.1:{forwarder.port}/v1",
                                        "tiers.large.model=large", "tiers.large.num_cpus=0.1",
                                        "tiers.small.num_cpus=0.1",  # 3.6 of the session's 4 CPUs in all
-                                       "tiers.large.max_retries=1"])}
+                                       "tiers.large.max_retries=1", "routing.breaker_cooldown_s=1"])}
     for name, (prefix, overrides) in apps.items():
         cfg = serve_cfg(tiers["small"], tiers["large"], tiers["router"], *overrides)
         facts = tier_facts(cfg)
@@ -542,6 +542,11 @@ def test_failing_or_hanging_large_tier_degrades_to_small(server, local) -> None:
         assert events[-1]["degraded"] and events[-1]["routed_to"] == "small"
         if prefix == "/hanging":
             assert time.monotonic() - started < 30, "the time-out (1 s) bounds each degraded answer"
+            # The breaker: right after a time-out the hanging tier is skipped, its answers degrade at once.
+            complete(server + prefix, model="large", prompt=LONG, max_tokens=1)
+            started = time.monotonic()
+            body = complete(server + prefix, model="large", prompt=LONG, max_tokens=1).json()
+            assert body["degraded"] and time.monotonic() - started < 0.9, "skipped, not waited for (1 s)"
 
 
 def test_external_tier_answers_as_its_endpoint_does(server) -> None:
@@ -607,7 +612,7 @@ def test_external_tier_lost_under_load_degrades_without_5xx(server, forwarder) -
     after = [body for at, _, body in results if at > lost_at[0] + 1]
     assert before and all(b["routed_to"] == "large" and not b["degraded"] for b in before)
     assert after and all(b["routed_to"] == "small" and b["degraded"] for b in after)
-    assert retries > 0  # connection refused: retried with back-off before giving up
+    assert retries > 0  # connection refused (a probe after each 1 s cooldown): retried with back-off, then given up
     deadline = time.monotonic() + 30
     while True:  # back: the endpoint answers again (a fresh connection per attempt)
         body = complete(external, model="large", prompt=SHORT, max_tokens=4, temperature=0).json()
