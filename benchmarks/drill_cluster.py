@@ -29,7 +29,6 @@ import json
 import socket
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -147,7 +146,8 @@ def serving_case(seconds: float, concurrency: int) -> dict:
         back = [at for at, kind in outcomes if kind == "large" and at > events["added_at"]]
         result.update({
             "requests": len(outcomes), "answered_by_large": kinds.count("large"),
-            "degraded": kinds.count("degraded"), "5xx": kinds.count("5xx"), "connection_errors": kinds.count("connection"),
+            "degraded": kinds.count("degraded"), "5xx": kinds.count("5xx"),
+            "connection_errors": kinds.count("connection"),
             "other": sorted({k for k in kinds if k not in ("large", "degraded", "5xx", "connection", "small")}),
             "removed_at_s": round(events["removed_at"], 1), "added_at_s": round(events["added_at"], 1),
             "degraded_before_removal": sum(1 for at, k in outcomes if k == "degraded" and at < events["removed_at"]),
@@ -159,8 +159,8 @@ def serving_case(seconds: float, concurrency: int) -> dict:
                                           for k in ("large", "degraded", "5xx", "connection")}}
                          for w in range(0, int(seconds), 2)],
         })
-        result["ok"] = (result["5xx"] == 0 and large_pids and result["connection_errors"] == 0 and result["large_back_after_s"] is not None
-                        and not result["removed_node_processes_left"])
+        result["ok"] = bool(result["5xx"] == 0 and large_pids and result["connection_errors"] == 0
+                            and result["large_back_after_s"] is not None and not result["removed_node_processes_left"])
     finally:
         serve.shutdown()
         ray.shutdown()
