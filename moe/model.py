@@ -567,10 +567,17 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6.0 * count_parameters(config)["active_non_embedding"] + attention
 
 
-# Peak dense bf16 TFLOP/s (no sparsity) for model FLOPs utilisation, by device name.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+# Peak dense bf16 TFLOP/s (no sparsity) for model FLOPs utilisation, by device name (NVIDIA's data sheets).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "A100": 312.0,
+                    "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10": 125.0}
 
 
 def peak_bf16_tflops(device_name: str) -> Optional[float]:
-    """The peak of `PEAK_BF16_TFLOPS` whose key the device name contains; None when unknown."""
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+    """The peak of the longest `PEAK_BF16_TFLOPS` key that the device name holds as whole words ("L4" is not
+    found in "L40S", "H100 PCIe" wins over "H100"); None when unknown."""
+    import re
+
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name):
+            return PEAK_BF16_TFLOPS[key]
+    return None

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from moe.config import RouterConfig
 
@@ -199,8 +200,11 @@ class Router(nn.Module):
         if self.training and cfg.jitter_eps > 0:
             noise = torch.empty_like(x_TD).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
             x_TD = x_TD * noise
-        logits_TE = self.gate(x_TD)
-        # Scores in at least float32, whatever the activation dtype.
+        # The gate GEMM and the scores in at least float32, whatever the activation dtype and autocast (as
+        # Megatron and torchtitan route): bf16 logits would flip near-tied expert choices.
+        gate_dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.to(gate_dtype), self.gate.weight.to(gate_dtype))
         score_dtype = torch.promote_types(logits_TE.dtype, torch.float32)
         scores_TE = self.score_function.scores(logits_TE, score_dtype)
 

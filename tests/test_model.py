@@ -431,3 +431,13 @@ def test_attention_inputs_share_one_dtype_under_bf16_autocast(monkeypatch) -> No
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, 64, (2, 16))).logits.float().sum().backward()
     assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                       ("NVIDIA H100 NVL", 835.0), ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0),
+                                       ("NVIDIA L4", 121.0), ("NVIDIA A10", 125.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                       ("NVIDIA H200", 989.0), ("Tesla T4", None)])
+def test_peak_tflops_lookup_matches_whole_names(name: str, peak) -> None:
+    from moe.model import peak_bf16_tflops
+
+    assert peak_bf16_tflops(name) == peak

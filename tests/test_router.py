@@ -167,3 +167,15 @@ def test_router_stats() -> None:
 def test_router_config_errors_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"RouterConfig.{field}"):
         RouterConfig(**kwargs)
+
+
+def test_gate_runs_in_float32_under_bf16_autocast() -> None:
+    """Under bf16 autocast (GPU training) the gate GEMM stays float32: the routing equals the float32 one."""
+    router = make_router(top_k=2).float()
+    x = torch.randn(2, 64, 8)
+    reference = router(x, return_probs=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = router(x, return_probs=True)
+    assert mixed.probs_TE.dtype == torch.float32
+    torch.testing.assert_close(mixed.probs_TE, reference.probs_TE, rtol=1e-6, atol=1e-7)
+    assert torch.equal(mixed.topk_ids_TK, reference.topk_ids_TK)
