@@ -51,3 +51,16 @@ def test_gpu_scripts_import_with_torch_alone() -> None:
         "print('imported')\n")
     result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-2000:]
+
+
+def test_gpu_check_smoke_run_on_the_cpu(tmp_path) -> None:
+    """benchmarks/gpu_check.py, what the first session with a GPU runs, on the CPU: every check that the CPU can
+    run passes (flex forward, bf16 grouped GEMM with an empty expert, rope dtypes); the GPU-only parts say so."""
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--out",
+                             str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["grouped_mm"]["empty_expert_grad_max"] == 0.0
+    assert report["flex"]["forward_max_abs_diff"] < 1e-4 and "skipped" in report["flex"]["backward"]
+    assert report["rope_dtypes"]["qkv_dtypes"] == ["torch.bfloat16"] * 3
