@@ -262,9 +262,10 @@ def test_tiers_for_more_than_two_models() -> None:
 def test_router_probs_are_the_gate_distribution(score_func: str) -> None:
     """MoEOutput.router_probs: softmax of the gate logits, or sigmoid scores normalised to sum 1."""
     model = tiny_model(router=dict(top_k=2, score_func=score_func, bias_update_rate=0.01))
-    gate_logits = []
-    hooks = [layer.ffn.router.gate.register_forward_hook(lambda m, args, out: gate_logits.append(out))
-             for layer in model.layers if layer.is_moe]
+    gate_logits = []  # each router's input through its gate (the router computes the GEMM itself, in float32+)
+    hooks = [layer.ffn.router.register_forward_pre_hook(
+        lambda router, args, kwargs: gate_logits.append(router.gate(args[0].reshape(-1, args[0].shape[-1]))),
+        with_kwargs=True) for layer in model.layers if layer.is_moe]
     out = model(torch.tensor([PROMPTS[0]]), return_router_probs=True)
     for hook in hooks:
         hook.remove()
