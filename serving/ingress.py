@@ -32,6 +32,7 @@ import json
 import logging
 import time
 import uuid
+from itertools import accumulate
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
@@ -358,7 +359,7 @@ class CascadeIngress:
             top = [None] + self._alternatives(answer["prompt_top_logprobs"]) + top
         if "token_texts" in answer:  # an external tier: its own tokens, as texts
             texts = (answer["prompt_token_texts"] if echoed is not None else []) + answer["token_texts"]
-            offsets = [sum(len(text) for text in texts[:k]) for k in range(len(texts))]
+            offsets = list(accumulate((len(text) for text in texts[:-1]), initial=0)) if texts else []
             return LogProbs(tokens=texts, token_logprobs=logprobs, top_logprobs=top, text_offset=offsets)
         ids = (list(echoed) if echoed is not None else []) + answer["token_ids"]
         return LogProbs(tokens=[self.tokenizer.decode([token]) for token in ids], token_logprobs=logprobs,
