@@ -6,6 +6,12 @@
                             [target_large_fraction=0.3] [holdout=0.3] [posthoc_queries=64] [l2=0.01] \\
                             [batch_size=8] [seed=0] [device=cpu|cuda]
 
+With an external large tier (`tiers.large.endpoint` of moe.serve), the large
+tier's labels come from that endpoint instead of a checkpoint:
+
+    python -m cascade.calibrate small=CKPT large_endpoint=http://HOST:PORT/v1 large_model=NAME \\
+                            [large_api_key_env=VAR] [large_timeout_s=60] ...
+
 Writes out/router.json (`moe.difficulty.DifficultyRouter`, with per-fraction
 thresholds for `cascade@0.2` style requests and the post-hoc confidence
 threshold) and out/calibration_report.json, and prints a table.
@@ -23,9 +29,11 @@ NOTE: the calibration set and its labels.
    second window, ...) until `num_queries`.
 2. Quality of a tier on a query: the mean NLL of the true continuation under
    that model, teacher-forced (lower is better). It measures how well the
-   model would answer without sampling noise.
+   model would answer without sampling noise. In nats per token for two
+   checkpoints; in nats per character with `large_endpoint`, whose tokens are
+   not the cascade's (`cascade.endpoint`, NOTE 3).
 3. Label: 1 when nll_small - nll_large > margin (the large model's answer is
-   better by more than `margin` nats per token). The default margin is the
+   better by more than `margin` nats per token, or per character). The default margin is the
    median gain of the fitted queries, so half the labels are 1: a fixed
    margin below a large tier's typical gain labels nearly every query 1 and
    leaves the router nothing to separate.
@@ -68,7 +76,8 @@ from moe.model import MoETransformer
 
 from cascade.cli import check_positive_ints, parse_key_values, run, write_json
 
-USAGE = ("usage: python -m cascade.calibrate small=CKPT large=CKPT [out=DIR] [data=DIR] [num_queries=N] "
+USAGE = ("usage: python -m cascade.calibrate small=CKPT (large=CKPT | large_endpoint=URL large_model=NAME "
+         "[large_api_key_env=VAR] [large_timeout_s=S]) [out=DIR] [data=DIR] [num_queries=N] "
          "[prompt_tokens=K] [continuation_tokens=M] [margin=X] [target_large_fraction=F] [holdout=F] "
          "[posthoc_queries=N] [deferral_queries=N] [router=auto|logistic|probe] [l2=X] [batch_size=N] [seed=N] "
          "[device=D]")
@@ -87,10 +96,12 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "posthoc_queries": (int, 64), "deferral_queries": (int, 1024), "router": (str, "auto"), "l2": (float, 1e-2),
     "batch_size": (int, 8), "seed": (int, 0),
     "device": (str, None),
+    "large_endpoint": (str, None), "large_model": (str, None), "large_api_key_env": (str, None),
+    "large_timeout_s": (float, 60.0),
 }
 
 
-REQUIRED = {"small": "CKPT", "large": "CKPT"}
+REQUIRED = {"small": "CKPT"}  # and one of large=CKPT / large_endpoint=URL (checked by `calibrate`)
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
@@ -100,8 +111,8 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
 
 # ---- inputs ------------------------------------------------------------------------------
 
-def check_tokenizers(small: Path, large: Path) -> str:
-    """Both checkpoints carry the same tokenizer.json; returns its sha256.
+def check_tokenizers(small: Path, large: Optional[Path]) -> str:
+    """Both checkpoints (or the small one alone) carry the same tokenizer.json; returns its sha256.
 
     Raises:
         FileNotFoundError: a checkpoint without tokenizer.json.
@@ -109,19 +120,21 @@ def check_tokenizers(small: Path, large: Path) -> str:
     """
     hashes = []
     for key, checkpoint in (("small", small), ("large", large)):
+        if checkpoint is None:
+            continue
         path = checkpoint / TOKENIZER_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{key}: {path} is missing (checkpoints of moe.train carry their data's "
                                     f"tokenizer)")
         hashes.append(file_sha256(path))
-    if hashes[0] != hashes[1]:
+    if len(hashes) == 2 and hashes[0] != hashes[1]:
         raise ValueError(f"small/large: the tokenizers differ: {small / TOKENIZER_NAME} (sha256 {hashes[0][:12]}...) "
                          f"and {large / TOKENIZER_NAME} (sha256 {hashes[1][:12]}...); a cascade needs two models "
                          f"trained with the same tokenizer")
     return hashes[0]
 
 
-def check_pair_and_data(small: Path, large: Path, data: Optional[PathLike]) -> tuple[str, Path]:
+def check_pair_and_data(small: Path, large: Optional[Path], data: Optional[PathLike]) -> tuple[str, Path]:
     """The pair shares one tokenizer and `data` (default the small run's data) was tokenized with it.
 
     Returns:
@@ -201,8 +214,11 @@ def query_windows(documents: list[list[int]], prompt_tokens: int, continuation_t
 
 @torch.no_grad()
 def continuation_nll(model: MoETransformer, pairs: list[tuple[list[int], list[int]]],
-                     batch_size: int) -> torch.Tensor:
-    """Mean NLL (nats/token) of each continuation given its query, teacher-forced; (N,) float64."""
+                     batch_size: int, reduction: str = "mean") -> torch.Tensor:
+    """NLL of each continuation given its query, teacher-forced; (N,) float64.
+
+    reduction: `mean` (nats/token) or `sum` (nats over the continuation).
+    """
     device = model.embed_tokens.weight.device
     out = torch.empty(len(pairs), dtype=torch.float64)
     for start in range(0, len(pairs), batch_size):
@@ -213,7 +229,8 @@ def continuation_nll(model: MoETransformer, pairs: list[tuple[list[int], list[in
             positions = slice(len(query) - 1, len(query) - 1 + len(continuation))
             logp = torch.log_softmax(logits[row, positions].to(torch.float64), dim=-1)
             targets = torch.tensor(continuation, device=device).unsqueeze(1)
-            out[start + row] = -logp.gather(1, targets).mean()
+            nll = -logp.gather(1, targets)
+            out[start + row] = nll.sum() if reduction == "sum" else nll.mean()
     return out
 
 
@@ -257,17 +274,20 @@ def routing_rows(to_large: list[torch.Tensor], nll_small: torch.Tensor, nll_larg
     return rows
 
 
-def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, *, data: Optional[PathLike] = None,
+def calibrate(small: PathLike, large: Optional[PathLike] = None, out: Optional[PathLike] = None, *,
+              data: Optional[PathLike] = None,
               num_queries: int = 2048, prompt_tokens: int = 32, continuation_tokens: int = 16,
               margin: Optional[float] = None,
               target_large_fraction: float = 0.3, holdout: float = 0.3, posthoc_queries: int = 64,
               deferral_queries: int = 1024, router: str = "auto", l2: float = 1e-2, batch_size: int = 8,
-              seed: int = 0, device: Optional[str] = None,
-              verbose: bool = True) -> dict[str, Any]:
+              seed: int = 0, device: Optional[str] = None, large_endpoint: Optional[str] = None,
+              large_model: Optional[str] = None, large_api_key_env: Optional[str] = None,
+              large_timeout_s: float = 60.0, verbose: bool = True) -> dict[str, Any]:
     """Builds the calibration set, fits the router, writes router.json and calibration_report.json.
 
     Args:
-        small, large: checkpoint directories (with tokenizer.json).
+        small, large: checkpoint directories (with tokenizer.json); `large`
+            None when `large_endpoint` labels the queries instead.
         out: output directory; default calibration/<small>__<large> in the
             working directory.
         data: the prepared data directory; default the small run's data.output.
@@ -285,6 +305,11 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
         batch_size: sequences per forward pass.
         seed: query lengths and the held-out split.
         device: default cuda when available.
+        large_endpoint, large_model: an OpenAI-compatible completions API
+            (base URL ending in /v1) and its model, in place of `large`
+            (`cascade.endpoint`); qualities are then in nats per character.
+        large_api_key_env: the environment variable with the endpoint's key.
+        large_timeout_s: one request's time-out.
         verbose: print the table.
     Returns:
         The report (as written to calibration_report.json).
@@ -298,14 +323,25 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
                    posthoc_queries=posthoc_queries, deferral_queries=deferral_queries, router=router, l2=l2,
                    batch_size=batch_size)
     router_kind = router
-    small, large = Path(small), Path(large)
+    _check_large(large, large_endpoint, large_model, large_api_key_env, large_timeout_s)
+    small, large = Path(small), None if large is None else Path(large)
     tokenizer_sha256, data_dir = check_pair_and_data(small, large, data)
-    out = Path(out) if out is not None else Path("calibration") / f"{_name(small)}__{_name(large)}"
+    scorer = None
+    if large_endpoint is not None:  # it answers and serves the model, before any work
+        from cascade.endpoint import EndpointScorer
+
+        scorer = EndpointScorer(large_endpoint, large_model, timeout_s=large_timeout_s,
+                                api_key_env=large_api_key_env, batch_size=batch_size)
+        scorer.check()
+    large_name = _name(large) if large is not None else large_model
+    large_label = str(large.resolve()) if large is not None else f"{scorer.endpoint} ({large_model})"
+    out = Path(out) if out is not None else Path("calibration") / f"{_name(small)}__{large_name}"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     small_model = load_checkpoint(small, device=device).eval()
-    large_model = load_checkpoint(large, device=device).eval()
-    max_len = min(small_model.config.max_seq_len, large_model.config.max_seq_len)
+    large_tier = load_checkpoint(large, device=device).eval() if large is not None else None
+    max_len = min(small_model.config.max_seq_len,
+                  large_tier.config.max_seq_len if large_tier is not None else small_model.config.max_seq_len)
     if prompt_tokens + continuation_tokens > max_len:
         raise ValueError(f"prompt_tokens: prompt_tokens ({prompt_tokens}) + continuation_tokens "
                          f"({continuation_tokens}) exceed the models' max_seq_len ({max_len})")
@@ -316,6 +352,12 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
                          f"prompt_tokens={prompt_tokens} + continuation_tokens={continuation_tokens} from "
                          f"{len(documents)} documents; at least {MIN_QUERIES} queries from 2 documents are needed "
                          f"(prepare the data with a larger data.calibration_fraction)")
+    unscored = 0
+    if scorer is not None:  # the endpoint's NLL per character; queries it cannot score are left out (cascade.endpoint)
+        windows, endpoint_nll, num_chars, unscored = _score_on_endpoint(scorer, small, windows)
+        if len(windows) < MIN_QUERIES or len({document for _, document in windows}) < 2:
+            raise ValueError(f"large_endpoint: only {len(windows)} queries could be scored on {scorer.endpoint} "
+                             f"({unscored} left out: their echoed tokens do not spell the prompt text)")
     pairs = [pair for pair, _ in windows]
     document_of = torch.tensor([document for _, document in windows])
     queries = [query for query, _ in pairs]
@@ -326,8 +368,14 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
     features = prompt_signals(small_model, queries, batch_size=batch_size,
                               hidden=None if router_kind == "logistic" else full)
     signals = features[:, :len(SIGNAL_NAMES)]
-    nll_small = continuation_nll(small_model, pairs, batch_size)
-    nll_large = continuation_nll(large_model, pairs, batch_size)
+    if scorer is None:
+        nll_small = continuation_nll(small_model, pairs, batch_size)
+        nll_large = continuation_nll(large_tier, pairs, batch_size)
+        unit = "nats/token"
+    else:  # both per character of the continuation (cascade.endpoint, NOTE 3)
+        nll_small = continuation_nll(small_model, pairs, batch_size, reduction="sum") / num_chars
+        nll_large = endpoint_nll
+        unit = "nats/character"
     gain = nll_small - nll_large
 
     # Held-out documents (NOTE 4): no text is both fitted and scored.
@@ -373,13 +421,15 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
     router.posthoc_threshold = router.posthoc_threshold_for_fraction(target_large_fraction)
     if router.deferral is not None:
         router.deferral.threshold = router.deferral.threshold_for_fraction(target_large_fraction)
-    router.metadata = {"small": str(small.resolve()), "large": str(large.resolve()), "data": str(data_dir.resolve()),
+    router.metadata = {"small": str(small.resolve()), "large": large_label, "data": str(data_dir.resolve()),
                        "tokenizer_sha256": tokenizer_sha256, "num_queries": len(pairs), "margin": margin,
-                       "target_large_fraction": target_large_fraction}
+                       "target_large_fraction": target_large_fraction, "quality_unit": unit}
 
     report = {
-        "small": str(small.resolve()), "large": str(large.resolve()), "data": str(data_dir.resolve()),
+        "small": str(small.resolve()), "large": large_label, "data": str(data_dir.resolve()),
         "tokenizer_sha256": tokenizer_sha256,
+        "large_endpoint": None if scorer is None else {"endpoint": scorer.endpoint, "model": large_model,
+                                                       "unscored_queries": unscored},
         "settings": {"num_queries": num_queries, "prompt_tokens": prompt_tokens,
                      "continuation_tokens": continuation_tokens, "margin": margin, "holdout": holdout,
                      "target_large_fraction": target_large_fraction, "posthoc_queries": posthoc_queries,
@@ -388,7 +438,7 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
         "num_documents": len(documents), "num_heldout_documents": len(torch.unique(document_of[heldout])),
         "label_rate": float(labels.mean()), "heldout_label_rate": float(h_labels.mean()),
         "auc_heldout": roc_auc(h_scores, h_labels), "auc_fit": roc_auc(scores[fit], labels[fit]),
-        "quality": {"metric": "mean continuation NLL (nats/token, lower is better), held-out",
+        "quality": {"metric": f"mean continuation NLL ({unit}, lower is better), held-out", "unit": unit,
                     "all_small": float(h_small.mean()), "all_large": float(h_large.mean()),
                     "oracle_best": float(torch.minimum(h_small, h_large).mean())},
         "router": {"kind": chosen, "weights": dict(zip(SIGNAL_NAMES, router.weights)), "bias": router.bias,
@@ -400,7 +450,7 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
         "probe": probe_report,
         "fractions": rows,
         "posthoc": posthoc,
-        "heldout_queries": [{"prompt_tokens": len(queries[i]), "nll_small": float(nll_small[i]),
+        "heldout_queries": [{"index": i, "prompt_tokens": len(queries[i]), "nll_small": float(nll_small[i]),
                              "nll_large": float(nll_large[i]), "score": float(scores[i]), "label": int(labels[i])}
                             for i in heldout.tolist()],
     }
@@ -410,6 +460,45 @@ def calibrate(small: PathLike, large: PathLike, out: Optional[PathLike] = None, 
     if verbose:
         print(format_report(report, out))
     return report
+
+
+def _check_large(large: Optional[PathLike], endpoint: Optional[str], model: Optional[str],
+                 api_key_env: Optional[str], timeout_s: float) -> None:
+    """Exactly one of a large checkpoint and an endpoint, and the endpoint's keys only with an endpoint."""
+    if (large is None) == (endpoint is None):
+        raise ValueError("large: give either large=CKPT (a checkpoint) or large_endpoint=URL large_model=NAME (an "
+                         "OpenAI-compatible endpoint), not " + ("both" if large is not None else "neither"))
+    if endpoint is None:
+        for key, value in (("large_model", model), ("large_api_key_env", api_key_env)):
+            if value is not None:
+                raise ValueError(f"{key}: only with large_endpoint=URL (large={large} is a checkpoint)")
+        return
+    if not endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"large_endpoint: expected an http(s) URL ending in /v1, got {endpoint!r}")
+    if not model:
+        raise ValueError("large_model=NAME is required with large_endpoint (the model the endpoint serves)")
+    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"large_timeout_s must be a positive number, got {timeout_s!r}")
+
+
+def _score_on_endpoint(scorer, small: Path, windows: list) -> tuple[list, torch.Tensor, torch.Tensor, int]:
+    """The windows the endpoint could score, its NLL per character of each, the small tier's characters, the
+    number left out (`cascade.endpoint`, NOTE 1-4)."""
+    from moe.generate import load_tokenizer
+
+    tokenizer = load_tokenizer(small)
+    texts, candidates = [], []
+    for window in windows:
+        (query, continuation), _ = window
+        prompt, full = tokenizer.decode(query), tokenizer.decode(query + continuation)
+        if full.startswith(prompt) and len(full) > len(prompt):
+            texts.append((prompt, full))
+            candidates.append(window)
+    scored = scorer.score(texts)
+    kept = [i for i, entry in enumerate(scored) if entry.nll is not None and entry.num_chars > 0]
+    nll = torch.tensor([scored[i].nll / scored[i].num_chars for i in kept], dtype=torch.float64)
+    num_chars = torch.tensor([len(texts[i][1]) - len(texts[i][0]) for i in kept], dtype=torch.float64)
+    return [candidates[i] for i in kept], nll, num_chars, len(windows) - len(kept)
 
 
 def _split_by_document(document_of: torch.Tensor, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -470,7 +559,8 @@ def format_report(report: dict[str, Any], out: Path) -> str:
     auc = report["auc_heldout"]
     lines = [
         f"calibration: {report['num_queries']} queries ({report['num_fit']} fit, {report['num_heldout']} held out); "
-        f"label rate {report['label_rate']:.2f} (large better by > {report['settings']['margin']} nats/token); "
+        f"label rate {report['label_rate']:.2f} (large better by > {report['settings']['margin']} "
+        f"{quality['unit']}); "
         f"held-out AUC {'n/a' if auc is None else f'{auc:.3f}'}",
         f"held-out mean continuation NLL: all-small {quality['all_small']:.4f}, all-large {quality['all_large']:.4f}, "
         f"per-query best {quality['oracle_best']:.4f}",

@@ -88,11 +88,9 @@ def router_file_for(cfg: DictConfig, facts: dict[str, Any]) -> Path:
         except (OSError, ValueError) as err:
             raise ValueError(f"invalid configuration: routing.router: {err}") from None
         return path.resolve()
-    if "endpoint" in facts["large"]:
-        raise ValueError("invalid configuration: routing.router: an external large tier needs a router calibrated "
-                         "beforehand (python -m cascade.calibrate on the small tier and a checkpoint like the "
-                         "endpoint's model; docs/serving.md, External tiers)")
-    pair = hashlib.sha256(f"{facts['small']['checkpoint']}|{facts['large']['checkpoint']}".encode()).hexdigest()[:12]
+    large = facts["large"]
+    large_key = large["checkpoint"] if "endpoint" not in large else f"{large['endpoint']}|{large['model']}"
+    pair = hashlib.sha256(f"{facts['small']['checkpoint']}|{large_key}".encode()).hexdigest()[:12]
     out = Path(cfg.routing.calibration_root) / pair
     path = out / "router.json"
     if path.is_file():
@@ -101,7 +99,17 @@ def router_file_for(cfg: DictConfig, facts: dict[str, Any]) -> Path:
     print(f"[moe.serve] no routing.router given: calibrating the pair into {out} (once; cached)", flush=True)
     from cascade.calibrate import calibrate
 
-    calibrate(small=facts["small"]["checkpoint"], large=facts["large"]["checkpoint"], out=str(out))
+    if "endpoint" not in large:
+        calibrate(small=facts["small"]["checkpoint"], large=large["checkpoint"], out=str(out))
+        return path.resolve()
+    try:  # the endpoint's own log-probabilities label the queries (cascade.endpoint)
+        calibrate(small=facts["small"]["checkpoint"], large_endpoint=large["endpoint"], large_model=large["model"],
+                  large_api_key_env=cfg.tiers.large.api_key_env, large_timeout_s=cfg.tiers.large.timeout_s,
+                  out=str(out))
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"invalid configuration: routing.router: not given, and calibrating the small tier against "
+                         f"the endpoint failed ({err}); pass a router.json of python -m cascade.calibrate "
+                         f"(docs/serving.md, External tiers)") from None
     return path.resolve()
 
 

@@ -123,7 +123,19 @@ def test_mismatched_tokenizers_are_refused(setup) -> None:
 
 def test_argument_and_input_errors(setup, capsys) -> None:
     cases = [
-        ([f"small={setup['small']}"], "large=CKPT is required"),
+        ([f"small={setup['small']}"], "large: give either large=CKPT .* not neither"),
+        ([f"small={setup['small']}", f"large={setup['large']}", "large_endpoint=http://127.0.0.1:9/v1"],
+         "not both"),
+        ([f"small={setup['small']}", f"large={setup['large']}", "large_model=big"], "large_model: only with"),
+        ([f"small={setup['small']}", "large_endpoint=127.0.0.1:9/v1", "large_model=big"], "large_endpoint: .*URL"),
+        ([f"small={setup['small']}", "large_endpoint=http://127.0.0.1:9/v1"], "large_model=NAME is required"),
+        ([f"small={setup['small']}", "large_endpoint=http://127.0.0.1:9/v1", "large_model=big",
+          "large_timeout_s=0"], "large_timeout_s"),
+        ([f"small={setup['small']}", "large_endpoint=http://127.0.0.1:9/v1", "large_model=big",
+          "large_api_key_env=MOE_TEST_KEY_THAT_IS_NOT_SET"], "large_api_key_env: .*MOE_TEST_KEY_THAT_IS_NOT_SET"),
+        # Nothing listens on port 9: refused, naming the key, after the retries and before any model loads.
+        ([f"small={setup['small']}", "large_endpoint=http://127.0.0.1:9/v1", "large_model=big"],
+         "large_endpoint: http://127.0.0.1:9/v1/models: ConnectError after 3 attempts"),
         ([f"small={setup['small']}", f"large={setup['large']}", "num_queries=many"], "num_queries: expected an integer"),
         ([f"small={setup['small']}", f"large={setup['large']}", "margn=0.1"], "unknown argument 'margn=0.1'"),
         ([f"small={setup['small']}", f"large={setup['large']}", "holdout=1.0"], "holdout"),

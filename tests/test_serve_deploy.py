@@ -128,7 +128,9 @@ ENDPOINT = {"large": None, "tiers.large.endpoint": "http://127.0.0.1:9/v1", "tie
     ({"tiers.large.api_key_env": "MOE_TEST_KEY_THAT_IS_NOT_SET"}, "tiers.large.api_key_env", "is not set"),
     ({"tiers.large.dtype": "bfloat16"}, "tiers.large.dtype", "endpoint tier"),
     ({"routing.cost_budget": 0.5}, "routing.cost_ratio", "external large tier"),
-    ({"routing.router": None}, "routing.router", "calibrated beforehand"),
+    # Without a router the small tier is calibrated against the endpoint (here none answers, and the small
+    # checkpoint is not in a training run that names its data): refused, naming the key, before deploying.
+    ({"routing.router": None}, "routing.router", "calibrating the small tier against the endpoint failed"),
 ])
 def test_endpoint_tier_refusals_name_the_key(app, change, key, words) -> None:
     with pytest.raises(ValueError, match=rf"^invalid configuration: {key}: ") as err:

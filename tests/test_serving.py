@@ -621,6 +621,81 @@ def test_external_tier_lost_under_load_degrades_without_5xx(server, forwarder) -
     assert body["routed_to"] == "large" and not body["degraded"], body
 
 
+@pytest.fixture(scope="module")
+def served_data(tiers, tmp_path_factory) -> Path:
+    """A small prepared corpus tokenized with the served tiers' tokenizer (its calibration split for the router)."""
+    from data_pipeline.prepare import prepare
+    from data_pipeline.testing import make_corpus, tiny_data_config
+
+    root = tmp_path_factory.mktemp("served_data")
+    make_corpus(root / "corpus", num_text=30, num_jsonl=4, num_parquet=4)
+    return prepare(tiny_data_config(root / "corpus", root / "prepared", validation_fraction=0.1,
+                                    tokenizer=str(tiers["small"] / "tokenizer.json"), calibration_fraction=0.5))
+
+
+def test_calibration_labels_with_an_endpoints_logprobs(server, tiers, served_data, tmp_path) -> None:
+    """`cascade.calibrate large_endpoint=... large_model=large` against the served large tier: its per-character
+    NLL of every continuation equals the large checkpoint's own (where the endpoint re-tokenizes the text into
+    the same ids), and the router is fitted on those labels."""
+    from cascade.calibrate import calibrate, continuation_nll, query_windows, read_split_documents
+
+    k, m, num_queries = 10, 8, 120
+    report = calibrate(tiers["small"], large_endpoint=f"{server}/v1", large_model="large", data=served_data,
+                       out=tmp_path / "router", num_queries=num_queries, prompt_tokens=k, continuation_tokens=m,
+                       posthoc_queries=8, deferral_queries=24, router="logistic", device="cpu", verbose=False)
+    assert report["large_endpoint"] == {"endpoint": f"{server}/v1", "model": "large", "unscored_queries": 0}
+    assert report["quality"]["unit"] == "nats/character"
+    router = DifficultyRouter.load(tmp_path / "router" / "router.json")
+    assert router.metadata["quality_unit"] == "nats/character" and router.metadata["large"].startswith(server)
+
+    # The reference: the large checkpoint in this process, per character of the continuation.
+    tokenizer = load_tokenizer(tiers["small"])
+    documents = read_split_documents(served_data, "calibration", num_queries, m + 1)
+    windows = query_windows(documents, k, m, 0, num_queries)
+    assert report["num_queries"] == len(windows)  # none left out: every continuation scored
+    large, small = moe.load_checkpoint(tiers["large"]).eval(), moe.load_checkpoint(tiers["small"]).eval()
+    compared = 0
+    for query in report["heldout_queries"]:
+        (prompt_ids, continuation_ids), _ = windows[query["index"]]
+        prompt, full = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + continuation_ids)
+        chars = len(full) - len(prompt)
+        small_nll = continuation_nll(small, [(prompt_ids, continuation_ids)], 1, reduction="sum")[0] / chars
+        assert query["nll_small"] == pytest.approx(float(small_nll), abs=1e-5)  # batched vs alone (fp32)
+        if tokenizer.encode(full).ids == prompt_ids + continuation_ids:  # the endpoint sees the same tokens
+            large_nll = continuation_nll(large, [(prompt_ids, continuation_ids)], 1, reduction="sum")[0] / chars
+            assert query["nll_large"] == pytest.approx(float(large_nll), abs=1e-4)
+            compared += 1
+        assert query["label"] == int(query["nll_small"] - query["nll_large"] > report["settings"]["margin"])
+    assert compared >= len(report["heldout_queries"]) // 2 > 0
+    assert 0 < report["label_rate"] < 1
+    with pytest.raises(ValueError, match=r"^large_model: .* does not serve 'gpt-4'"):  # checked before any work
+        calibrate(tiers["small"], large_endpoint=f"{server}/v1", large_model="gpt-4", data=served_data,
+                  out=tmp_path / "refused", device="cpu")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_serving_an_external_tier_without_a_router_calibrates_against_it(server, tiers, served_data,
+                                                                          tmp_path, capsys) -> None:
+    """No `routing.router` with an external large tier: the small tier is calibrated against the endpoint on first
+    start (cached under routing.calibration_root), as a checkpoint pair is."""
+    import shutil
+
+    from serving.app import router_file_for
+
+    small = tmp_path / "runs" / "small" / "checkpoints" / "step_00000001"
+    shutil.copytree(tiers["small"], small)
+    (small.parent.parent / "config.yaml").write_text(f"data:\n  output: {served_data}\n")
+    cfg = serve_cfg(small, tiers["large"], tiers["router"], "routing.router=null", "large=null",
+                    f"tiers.large.endpoint={server}/v1", "tiers.large.model=large",
+                    f"routing.calibration_root={tmp_path / 'calibration'}")
+    facts = tier_facts(cfg)
+    path = router_file_for(cfg, facts)
+    router = DifficultyRouter.load(path)
+    assert path.parent.parent == tmp_path / "calibration"
+    assert router.metadata["large"] == f"{server}/v1 (large)" and router.metadata["quality_unit"] == "nats/character"
+    assert router_file_for(cfg, facts) == path and "cached calibration" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("payload,status,param", [
     (b"{not json", 400, None),
     ({"max_tokens": 2}, 400, "prompt"),
