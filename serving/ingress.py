@@ -34,7 +34,7 @@ import time
 import uuid
 from itertools import accumulate
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -56,7 +56,10 @@ CHUNK_OBJECT = {"_chunk": "text_completion", "_chat_chunk": "chat.completion.chu
 HEALTH_TIMEOUT_S = 2.0  # /healthz's ping of each tier
 # The error answers of the generation routes, for the OpenAPI document.
 ERROR_RESPONSES: dict = {status: {"model": ErrorResponse} for status in (400, 404, 413, 503)}
-# The ingress sets this from its config in __init__ (one ingress instance per replica process).
+OTHER_TIER = {"small": "large", "large": "small"}  # who answers when a tier fails
+# The body limit of this replica process, set once by its CascadeIngress from routing.max_body_bytes. Not the
+# app's `state`: Serve unpickles its own copy of `api` after the ingress's __init__, so __init__ cannot reach the
+# app that serves; the middleware, a function of this module, reads this module's globals in the replica.
 _LIMITS = {"max_body_bytes": 1 << 20}
 
 
@@ -103,14 +106,14 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
 @api.middleware("http")
 async def _limit_body(request: Request, call_next):
     declared = request.headers.get("content-length")
+    limit = _LIMITS["max_body_bytes"]
     if declared is not None:
         try:
-            too_big = int(declared) > _LIMITS["max_body_bytes"]
+            too_big = int(declared) > limit
         except ValueError:
             return _error(400, "invalid Content-Length header")
         if too_big:
-            return _error(413, f"request body of {declared} bytes exceeds the limit of "
-                               f"{_LIMITS['max_body_bytes']} bytes")
+            return _error(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     return await call_next(request)
 
 
@@ -479,21 +482,35 @@ class CascadeIngress:
 
     async def _call(self, tier: str, method: str, *args: Any) -> Any:
         """One call of a tier's method; TierFailed when it fails, times out, or its breaker is open."""
+        return await self._guarded(tier, lambda: getattr(self.tiers[tier], method).remote(*args), lambda r: r)
+
+    async def _guarded(self, tier: str, start: Callable[[], Any], first: Callable[[Any], Awaitable[Any]]) -> Any:
+        """`first(start())` awaited under the tier's breaker and time-out (`_call`'s answer, a stream's first item).
+
+        Raises:
+            TierFailed: the breaker is open, or the tier failed, timed out or refused the request.
+            StopAsyncIteration: a stream that ended before any item (the tier works).
+        """
         breaker = self.breakers[tier]
         if not breaker.allow():
             raise TierFailed(f"{tier} tier skipped: it failed less than routing.breaker_cooldown_s ago")
         timeout = self.routing["large_timeout_s"] if tier == "large" else None
-        response = getattr(self.tiers[tier], method).remote(*args)
+        response = start()
         try:
-            result = await asyncio.wait_for(response, timeout)
+            result = await asyncio.wait_for(first(response), timeout)
         except asyncio.TimeoutError:
             response.cancel()
             breaker.failed()
             raise TierFailed(f"{tier} tier timed out after {timeout} s") from None
+        except StopAsyncIteration:
+            breaker.succeeded()
+            raise
         except ValueError as err:  # the tier refused this request (it works): no reason to skip it for others
+            response.cancel()
             breaker.release()
             raise TierFailed(f"{tier} tier refused the request: {str(err)[:200]}") from err
         except Exception as err:  # a replica's exception, a dead actor, ...
+            response.cancel()
             breaker.failed()
             raise TierFailed(f"{tier} tier failed: {type(err).__name__}: {str(err)[:200]}") from err
         except BaseException:  # cancelled (the client left)
@@ -501,6 +518,27 @@ class CascadeIngress:
             raise
         breaker.succeeded()
         return result
+
+    def _degrade(self, err: TierFailed, fallback: str) -> None:
+        """The one place a failed tier is logged and counted before `fallback` answers for it."""
+        log.warning("%s; answering with the %s tier", err, fallback)
+        self.degraded.inc(tags={"failed_tier": OTHER_TIER[fallback]})
+
+    async def _generate(self, tier: str, request: dict[str, Any]) -> tuple[dict[str, Any], str, bool]:
+        """(answer, the tier that gave it, degraded?): `tier`'s answer, or when it fails the other tier's.
+
+        Raises:
+            RequestError: 503, when neither tier answers.
+        """
+        try:
+            return await self._call(tier, "generate", request), tier, False
+        except TierFailed as err:
+            fallback = OTHER_TIER[tier]
+            self._degrade(err, fallback)
+            try:
+                return await self._call(fallback, "generate", request), fallback, True
+            except TierFailed as second:
+                raise RequestError(503, f"no tier could answer: {err}; {second}", None, "server_error") from None
 
     async def _difficulty(self, prompt_ids: list[int]) -> float:
         import torch
@@ -525,38 +563,21 @@ class CascadeIngress:
         if mode.kind == POSTHOC:
             return await self._answer_posthoc(mode, request)
         tier, difficulty = route or await self._choose(mode, request["prompt_ids"])
-        try:
-            answer = await self._call(tier, "generate", request)
-            return {**answer, "tier": tier, "difficulty": difficulty}
-        except TierFailed as err:
-            fallback = "small" if tier == "large" else "large"
-            log.warning("%s; answering with the %s tier", err, fallback)
-            self.degraded.inc(tags={"failed_tier": tier})
-            try:
-                answer = await self._call(fallback, "generate", request)
-            except TierFailed as second:
-                raise RequestError(503, f"no tier could answer: {err}; {second}", None, "server_error") from None
-            return {**answer, "tier": fallback, "difficulty": difficulty, "degraded": True}
+        answer, answered_by, degraded = await self._generate(tier, request)
+        return {**answer, "tier": answered_by, "difficulty": difficulty, **({"degraded": True} if degraded else {})}
 
     async def _answer_posthoc(self, mode: Mode, request: dict[str, Any]) -> dict[str, Any]:
-        try:
-            first = await self._call("small", "generate", request)
-        except TierFailed as err:
-            self.degraded.inc(tags={"failed_tier": "small"})
-            try:
-                answer = await self._call("large", "generate", request)
-            except TierFailed as second:
-                raise RequestError(503, f"no tier could answer: {err}; {second}", None, "server_error") from None
-            return {**answer, "tier": "large", "degraded": True}
+        first, answered_by, degraded = await self._generate("small", request)
+        if degraded:  # the large tier answered for a failed small one: nothing left to escalate to
+            return {**first, "tier": answered_by, "degraded": True}
         escalate, difficulty = self._posthoc_decision(mode, first)
         if not escalate:
             return {**first, "tier": "small", "difficulty": difficulty}
         self.escalations.inc()
         try:
             answer = await self._call("large", "generate", request)
-        except TierFailed as err:
-            log.warning("%s; returning the small tier's answer", err)
-            self.degraded.inc(tags={"failed_tier": "large"})
+        except TierFailed as err:  # post-hoc keeps the small answer it already has
+            self._degrade(err, "small")
             return {**first, "tier": "small", "escalated": True, "degraded": True, "difficulty": difficulty}
         return {**answer, "tier": "large", "escalated": True, "confidence": first["confidence"],
                 "difficulty": difficulty}
@@ -624,34 +645,26 @@ class CascadeIngress:
 
     async def _stream_tier(self, tier: str, request: dict[str, Any], routing: dict[str, Any]):
         """Yields ("text", delta, routing), then ("done", completion, routing); degrades before the first token."""
-        breaker = self.breakers[tier]
-        timeout = self.routing["large_timeout_s"] if tier == "large" else None
-        generator = self.tiers[tier].options(stream=True).stream.remote(request) if breaker.allow() else None
+        streams: list[Any] = []
+
+        def start() -> Any:
+            streams.append(self.tiers[tier].options(stream=True).stream.remote(request))
+            return streams[-1]
+
         try:
-            if generator is None:
-                raise TierFailed(f"{tier} tier skipped: it failed less than routing.breaker_cooldown_s ago")
-            first = await asyncio.wait_for(generator.__anext__(), timeout)
-            breaker.succeeded()
+            first = await self._guarded(tier, start, lambda stream: stream.__anext__())
         except StopAsyncIteration:
-            breaker.succeeded()
             return
-        except Exception as err:  # failure or time-out before any token: the other tier answers
-            if generator is not None:
-                generator.cancel()
-                if isinstance(err, ValueError):
-                    breaker.release()
-                else:
-                    breaker.failed()
-            fallback = "small" if tier == "large" else "large"
+        except TierFailed as err:  # failure or time-out before any token: the other tier answers
             if routing.get("degraded"):
-                raise RequestError(503, f"no tier could answer: {type(err).__name__}", None, "server_error") from None
-            log.warning("%s tier failed before streaming (%s); streaming from the %s tier", tier,
-                        type(err).__name__, fallback)
-            self.degraded.inc(tags={"failed_tier": tier})
+                raise RequestError(503, f"no tier could answer: {err}", None, "server_error") from None
+            fallback = OTHER_TIER[tier]
+            self._degrade(err, fallback)
             async for item in self._stream_tier(fallback, request,
                                                 {**routing, "routed_to": fallback, "degraded": True}):
                 yield item
             return
+        generator = streams[0]
         item = first
         while True:
             if item.get("done"):
