@@ -4,7 +4,7 @@
                             large=runs/mixtral_base/checkpoints/step_00000500 [out=DIR] [data=DIR] \\
                             [num_queries=2048] [prompt_tokens=32] [continuation_tokens=16] [margin=X] \\
                             [target_large_fraction=0.3] [holdout=0.3] [posthoc_queries=64] [l2=0.01] \\
-                            [batch_size=8] [seed=0] [device=cpu|cuda]
+                            [batch_size=8] [seed=0] [metric=loglik|next_token] [device=cpu|cuda]
 
 With an external large tier (`tiers.large.endpoint` of moe.serve), the large
 tier's labels come from that endpoint instead of a checkpoint:
@@ -31,7 +31,11 @@ NOTE: the calibration set and its labels.
    that model, teacher-forced (lower is better). It measures how well the
    model would answer without sampling noise. In nats per token for two
    checkpoints; in nats per character with `large_endpoint`, whose tokens are
-   not the cascade's (`cascade.endpoint`, NOTE 3).
+   not the cascade's (`cascade.endpoint`, NOTE 3). With `metric=next_token`
+   the quality is binary instead: the error of the tier's greedy next token
+   (0 when it is the continuation's first token, else 1; checkpoints only),
+   the metric on which the routers separate the tiers best
+   (docs/results/cascade_tiny_base.md).
 3. Label: 1 when nll_small - nll_large > margin (the large model's answer is
    better by more than `margin` nats per token, or per character). The default margin is the
    median gain of the fitted queries, so half the labels are 1: a fixed
@@ -80,7 +84,8 @@ USAGE = ("usage: python -m cascade.calibrate small=CKPT (large=CKPT | large_endp
          "[large_api_key_env=VAR] [large_timeout_s=S]) [out=DIR] [data=DIR] [num_queries=N] "
          "[prompt_tokens=K] [continuation_tokens=M] [margin=X] [target_large_fraction=F] [holdout=F] "
          "[posthoc_queries=N] [deferral_queries=N] [router=auto|logistic|probe] [l2=X] [batch_size=N] [seed=N] "
-         "[device=D]")
+         "[metric=loglik|next_token] [device=D]")
+METRICS = ("loglik", "next_token")
 REPORT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TABLE_FRACTIONS = tuple(i / 100 for i in range(101))  # router.json's fraction -> threshold grid
 MIN_QUERIES = 10
@@ -97,7 +102,7 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "batch_size": (int, 8), "seed": (int, 0),
     "device": (str, None),
     "large_endpoint": (str, None), "large_model": (str, None), "large_api_key_env": (str, None),
-    "large_timeout_s": (float, 60.0),
+    "large_timeout_s": (float, 60.0), "metric": (str, "loglik"),
 }
 
 
@@ -234,6 +239,24 @@ def continuation_nll(model: MoETransformer, pairs: list[tuple[list[int], list[in
     return out
 
 
+@torch.no_grad()
+def next_token_correct(model: MoETransformer, pairs: list[tuple[list[int], list[int]]],
+                       batch_size: int) -> torch.Tensor:
+    """1.0 where the model's likeliest next token after the query is the continuation's first token; (N,) float64.
+
+    The greedy answer's first token, read from one prefill of the query: a
+    binary outcome per query (`cascade.evaluate` metric `next_token`).
+    """
+    device = model.embed_tokens.weight.device
+    out = torch.empty(len(pairs), dtype=torch.float64)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        logits = model(right_pad([query for query, _ in chunk], device), ignore_capacity=True).logits
+        for row, (query, continuation) in enumerate(chunk):
+            out[start + row] = float(int(logits[row, len(query) - 1].argmax()) == continuation[0])
+    return out
+
+
 # ---- evaluation --------------------------------------------------------------------------
 
 def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
@@ -282,7 +305,7 @@ def calibrate(small: PathLike, large: Optional[PathLike] = None, out: Optional[P
               deferral_queries: int = 1024, router: str = "auto", l2: float = 1e-2, batch_size: int = 8,
               seed: int = 0, device: Optional[str] = None, large_endpoint: Optional[str] = None,
               large_model: Optional[str] = None, large_api_key_env: Optional[str] = None,
-              large_timeout_s: float = 60.0, verbose: bool = True) -> dict[str, Any]:
+              large_timeout_s: float = 60.0, metric: str = "loglik", verbose: bool = True) -> dict[str, Any]:
     """Builds the calibration set, fits the router, writes router.json and calibration_report.json.
 
     Args:
@@ -310,6 +333,8 @@ def calibrate(small: PathLike, large: Optional[PathLike] = None, out: Optional[P
             (`cascade.endpoint`); qualities are then in nats per character.
         large_api_key_env: the environment variable with the endpoint's key.
         large_timeout_s: one request's time-out.
+        metric: `loglik` (continuation NLL) or `next_token` (greedy next-token
+            error, binary; two checkpoints only): the quality labels are gains of.
         verbose: print the table.
     Returns:
         The report (as written to calibration_report.json).
@@ -321,7 +346,10 @@ def calibrate(small: PathLike, large: Optional[PathLike] = None, out: Optional[P
     _check_options(num_queries=num_queries, prompt_tokens=prompt_tokens, continuation_tokens=continuation_tokens,
                    margin=margin, target_large_fraction=target_large_fraction, holdout=holdout,
                    posthoc_queries=posthoc_queries, deferral_queries=deferral_queries, router=router, l2=l2,
-                   batch_size=batch_size)
+                   batch_size=batch_size, metric=metric)
+    if metric == "next_token" and large_endpoint is not None:
+        raise ValueError("metric: next_token compares the tiers' own next tokens, which an endpoint's tokenizer does "
+                         "not share; use metric=loglik with large_endpoint")
     router_kind = router
     _check_large(large, large_endpoint, large_model, large_api_key_env, large_timeout_s)
     small, large = Path(small), None if large is None else Path(large)
@@ -368,7 +396,11 @@ def calibrate(small: PathLike, large: Optional[PathLike] = None, out: Optional[P
     features = prompt_signals(small_model, queries, batch_size=batch_size,
                               hidden=None if router_kind == "logistic" else full)
     signals = features[:, :len(SIGNAL_NAMES)]
-    if scorer is None:
+    if metric == "next_token":  # quality as an error: 1 - (greedy next token is right)
+        nll_small = 1 - next_token_correct(small_model, pairs, batch_size)
+        nll_large = 1 - next_token_correct(large_tier, pairs, batch_size)
+        unit = "next-token error"
+    elif scorer is None:
         nll_small = continuation_nll(small_model, pairs, batch_size)
         nll_large = continuation_nll(large_tier, pairs, batch_size)
         unit = "nats/token"
@@ -433,12 +465,14 @@ def calibrate(small: PathLike, large: Optional[PathLike] = None, out: Optional[P
         "settings": {"num_queries": num_queries, "prompt_tokens": prompt_tokens,
                      "continuation_tokens": continuation_tokens, "margin": margin, "holdout": holdout,
                      "target_large_fraction": target_large_fraction, "posthoc_queries": posthoc_queries,
-                     "deferral_queries": deferral_queries, "router": router_kind, "l2": l2, "seed": seed},
+                     "deferral_queries": deferral_queries, "router": router_kind, "l2": l2, "seed": seed,
+                     "metric": metric},
         "num_queries": len(pairs), "num_fit": len(fit), "num_heldout": len(heldout),
         "num_documents": len(documents), "num_heldout_documents": len(torch.unique(document_of[heldout])),
         "label_rate": float(labels.mean()), "heldout_label_rate": float(h_labels.mean()),
         "auc_heldout": roc_auc(h_scores, h_labels), "auc_fit": roc_auc(scores[fit], labels[fit]),
-        "quality": {"metric": f"mean continuation NLL ({unit}, lower is better), held-out", "unit": unit,
+        "quality": {"metric": ("mean greedy next-token error (lower is better), held-out" if metric == "next_token"
+                               else f"mean continuation NLL ({unit}, lower is better), held-out"), "unit": unit,
                     "all_small": float(h_small.mean()), "all_large": float(h_large.mean()),
                     "oracle_best": float(torch.minimum(h_small, h_large).mean())},
         "router": {"kind": chosen, "weights": dict(zip(SIGNAL_NAMES, router.weights)), "bias": router.bias,
@@ -617,6 +651,8 @@ def _check_options(**options: Any) -> None:
         raise ValueError(f"target_large_fraction must be in [0, 1], got {options['target_large_fraction']!r}")
     if not 0 < options["holdout"] < 1:
         raise ValueError(f"holdout must be in (0, 1), got {options['holdout']!r}")
+    if options["metric"] not in METRICS:
+        raise ValueError(f"metric must be one of {list(METRICS)}, got {options['metric']!r}")
     if options["router"] not in ROUTER_KINDS:
         raise ValueError(f"router must be one of {list(ROUTER_KINDS)}, got {options['router']!r}")
     deferral_queries = options["deferral_queries"]

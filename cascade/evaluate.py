@@ -6,7 +6,7 @@ router buys, against the share of large-model calls and against real cost.
                                [data=DIR] [num_queries=1024] [calibration_queries=2048] [prompt_tokens=32] \\
                                [continuation_tokens=16] \\
                                [line_tokens=32] [margin=X] [l2=0.01] [bootstrap=200] [batch_size=8] [seed=0] \\
-                               [device=cpu|cuda]
+                               [metric=loglik|next_token] [device=cpu|cuda]
 
 Writes DIR/cascade_eval.json and DIR/cascade_eval.png, and prints a table.
 
@@ -17,10 +17,15 @@ NOTE: what is measured.
    calibration split and the test set from the validation split of the
    prepared data: whole documents that training never read, and no document
    in both.
-2. Quality of a tier on a query, two metrics: `loglik`, the mean log-likelihood
-   (nats/token) of the first `continuation_tokens` reference tokens,
-   teacher-forced; `exact_match`, 1 when the tier's greedy next line (stop at
-   a newline, at most `line_tokens` tokens) equals the reference's next line.
+2. Quality of a tier on a query, three metrics: `loglik`, the mean
+   log-likelihood (nats/token) of the first `continuation_tokens` reference
+   tokens, teacher-forced; `exact_match`, 1 when the tier's greedy next line
+   (stop at a newline, at most `line_tokens` tokens) equals the reference's
+   next line; `next_token`, 1 when the tier's greedy next token is the
+   reference's (a binary outcome on which the tiers differ for ~15% of
+   queries, where whole lines rarely match for either). `metric` picks the one
+   the routers are fitted on (their label: its calibration gain) and the
+   summary columns report; every metric's curves are in the JSON.
 3. A router is a score per query (higher: send to large). Routing the k
    highest-scoring of N test queries to the large tier gives quality q(k);
    PGR(k) = (q(k) - q(0)) / (q(N) - q(0)), the performance gap recovered.
@@ -31,8 +36,8 @@ NOTE: what is measured.
    constant score is exactly random routing in expectation.
 4. Routers: `random`; each signal of `moe.difficulty.SIGNAL_NAMES` alone
    (its sign chosen on the calibration set); `learned` (the logistic router
-   `cascade.calibrate` fits, label: the large tier's loglik better by more than
-   `margin`, default the calibration set's median gain) and
+   `cascade.calibrate` fits, label: the large tier better on `metric` by more
+   than `margin`, default the calibration set's median gain) and
    `learned_regression` (ridge regression of the gain); `probe` (ridge of the
    gain on the signals and the small tier's pooled prefill hidden states,
    layers and penalty chosen by cross-validation over calibration documents:
@@ -78,14 +83,16 @@ from moe.difficulty import (POOLINGS, SIGNAL_NAMES, DeferralRule, DifficultyRout
                             prompt_signals)
 from moe.model import MoETransformer, count_parameters
 
-from cascade.calibrate import check_pair_and_data, continuation_nll, query_windows, read_split_documents, roc_auc
+from cascade.calibrate import (check_pair_and_data, continuation_nll, next_token_correct, query_windows,
+                               read_split_documents, roc_auc)
 from cascade.cli import check_positive_ints, parse_key_values, run, write_json
 
 USAGE = ("usage: python -m cascade.evaluate small=CKPT large=CKPT output=DIR [data=DIR] [num_queries=N] "
          "[calibration_queries=N] "
          "[prompt_tokens=K] [continuation_tokens=M] [line_tokens=L] [margin=X] [l2=X] [bootstrap=N] "
-         "[batch_size=N] [seed=N] [device=D] [distilled=CKPT] [timing_queries=N]")
-METRICS = ("loglik", "exact_match")
+         "[batch_size=N] [seed=N] [device=D] [distilled=CKPT] [timing_queries=N] [metric=loglik|next_token]")
+METRICS = ("loglik", "exact_match", "next_token")
+FIT_METRICS = ("loglik", "next_token")  # measured on the calibration queries too (no generation needed)
 CURVE_POINTS = 101  # large-call fractions 0, 0.01, ..., 1 in the JSON curves
 MIN_QUERIES = 10
 
@@ -98,7 +105,7 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "continuation_tokens": (int, 16),
     "line_tokens": (int, 32), "margin": (float, None), "l2": (float, 1e-2), "bootstrap": (int, 200),
     "batch_size": (int, 8), "seed": (int, 0), "device": (str, None), "distilled": (str, None),
-    "timing_queries": (int, 64),
+    "timing_queries": (int, 64), "metric": (str, "loglik"),
 }
 
 
@@ -298,7 +305,7 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
                      continuation_tokens: int = 16,
                      line_tokens: int = 32, margin: Optional[float] = None, l2: float = 1e-2, bootstrap: int = 200,
                      batch_size: int = 8, seed: int = 0, device: Optional[str] = None,
-                     distilled: Optional[PathLike] = None, timing_queries: int = 64,
+                     distilled: Optional[PathLike] = None, timing_queries: int = 64, metric: str = "loglik",
                      verbose: bool = True) -> dict[str, Any]:
     """Measures every router of NOTE 4 on the test queries; writes cascade_eval.json and cascade_eval.png.
 
@@ -324,6 +331,8 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
             a point on the quality-cost frontier beside the routers.
         timing_queries: test queries answered one at a time by each tier to
             measure wall time per query (NOTE 7); 0: no timing.
+        metric: `loglik` or `next_token`: what the routers are fitted on and
+            the summary columns report (NOTE 2).
         verbose: print the table.
     Returns:
         The report, as written to cascade_eval.json.
@@ -333,8 +342,8 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
             or a large tier that is not better than the small one.
     """
     _check_options(num_queries=num_queries, calibration_queries=calibration_queries, prompt_tokens=prompt_tokens,
-                   timing_queries=timing_queries, continuation_tokens=continuation_tokens, line_tokens=line_tokens, margin=margin, l2=l2,
-                   bootstrap=bootstrap, batch_size=batch_size)
+                   timing_queries=timing_queries, continuation_tokens=continuation_tokens, line_tokens=line_tokens,
+                   margin=margin, l2=l2, bootstrap=bootstrap, batch_size=batch_size, metric=metric)
     small, large, output = Path(small), Path(large), Path(output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"output: {output} exists and is not a directory")
@@ -378,6 +387,8 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
             "signals": features[:, :len(SIGNAL_NAMES)],
             "loglik_small": -continuation_nll(small_model, scored, batch_size),
             "loglik_large": -continuation_nll(large_model, scored, batch_size),
+            "next_token_small": next_token_correct(small_model, pairs, batch_size),
+            "next_token_large": next_token_correct(large_model, pairs, batch_size),
         }
     cal, test = measured["calibration"], measured["test"]
     gap = float(test["loglik_large"].mean() - test["loglik_small"].mean())
@@ -412,14 +423,15 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         "posthoc": (answer_small, answer_small + answer_large),
     }
 
-    # Routers (NOTE 4): scores on the test queries, fitted on the calibration queries only.
-    cal_gain = cal["loglik_large"] - cal["loglik_small"]
+    # Routers (NOTE 4): scores on the test queries, fitted on the calibration queries' gain on `metric` only.
+    cal_gain = cal[f"{metric}_large"] - cal[f"{metric}_small"]
     margin = float(cal_gain.median()) if margin is None else float(margin)
     labels = (cal_gain > margin).to(torch.float64)
     try:
         learned = DifficultyRouter.fit(cal["signals"], labels, l2=l2)
     except ValueError as err:
-        raise ValueError(f"margin: {err} (the large tier beats the small one by more than margin={margin} on "
+        raise ValueError(f"margin: {err} (the large tier beats the small one on {metric} by more than "
+                         f"margin={margin} on "
                          f"{int(labels.sum())} of {len(labels)} calibration queries)") from None
     ridge = fit_ridge(cal["signals"], cal_gain, l2)
     directions = signal_directions(cal["signals"], cal_gain)
@@ -429,7 +441,8 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
     deferral, deferral_report = DeferralRule.fit([a.token_logprobs for a in calibration_answers], cal_gain,
                                                  calibration_documents, margin=margin, seed=seed)
     probe_columns = list(range(len(SIGNAL_NAMES))) + [len(SIGNAL_NAMES) + i for i in probe.hidden.columns_in(full)]
-    test_gain = test["loglik_large"] - test["loglik_small"]
+    test_gain = test[f"{metric}_large"] - test[f"{metric}_small"]
+    loglik_gain = test["loglik_large"] - test["loglik_small"]
     n_test = len(test_pairs)
     routers: dict[str, tuple[torch.Tensor, str]] = {"random": (torch.zeros(n_test, dtype=torch.float64), "none")}
     for column, name in enumerate(SIGNAL_NAMES):
@@ -447,8 +460,9 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         t_small, t_large, t_prefill = (seconds[k] * ones for k in ("small", "large", "router_prefill"))
         time_charges = {"none": (t_small, t_large), "prefill": (t_small, t_prefill + t_large),
                         "posthoc": (t_small, t_small + t_large)}
-    oracle_scores = {"loglik": test_gain,
-                     "exact_match": test["exact_match_large"] - test["exact_match_small"] + 1e-3 * test_gain}
+    oracle_scores = {"loglik": loglik_gain,  # a binary metric's ties broken by the loglik gain
+                     "exact_match": test["exact_match_large"] - test["exact_match_small"] + 1e-3 * loglik_gain,
+                     "next_token": test["next_token_large"] - test["next_token_small"] + 1e-3 * loglik_gain}
 
     results: dict[str, Any] = {}
     curves: dict[str, tuple[torch.Tensor, ...]] = {}
@@ -456,11 +470,11 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
     resamples = [torch.randint(n_test, (n_test,), generator=generator_rng) for _ in range(bootstrap)]
     for name in [*routers, "oracle"]:
         entry: dict[str, Any] = {}
-        for metric in METRICS:
-            scores, charge = routers.get(name, (oracle_scores[metric], "none"))
-            q_small, q_large = test[f"{metric}_small"], test[f"{metric}_large"]
+        for shown in METRICS:
+            scores, charge = routers.get(name, (oracle_scores[shown], "none"))
+            q_small, q_large = test[f"{shown}_small"], test[f"{shown}_large"]
             if not float(q_large.sum() - q_small.sum()) > 0:
-                entry[metric] = None  # no gap to recover on this metric (e.g. no exact match by either tier)
+                entry[shown] = None  # no gap to recover on this metric (e.g. no exact match by either tier)
                 continue
             summary = router_summary(scores, q_small, q_large, *charges[charge], cost_all_large)
             fraction, pgr, cost = summary.pop("_curves")
@@ -471,14 +485,15 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
                                        float(time_charges["none"][1].sum()))
                 summary.update({"time_cpt50": timed["cost_cpt50"], "time_cpt80": timed["cost_cpt80"]})
             summary["curve"] = {"large_fraction": [round(float(x), 4) for x in torch.linspace(0, 1, CURVE_POINTS)],
-                                "pgr": _resample_points(fraction, pgr), "cost_fraction": _resample_points(fraction, cost)}
-            if metric == "loglik":
+                                "pgr": _resample_points(fraction, pgr),
+                                "cost_fraction": _resample_points(fraction, cost)}
+            if shown == metric:
                 curves[name] = (fraction, pgr, cost)
-            entry[metric] = summary
+            entry[shown] = summary
         entry["charge"] = charges_doc(routers.get(name, (None, "none"))[1])
-        loglik = entry["loglik"] or {}
-        for key in ("apgr", "cpt50", "cpt80", "cost_cpt50", "cost_cpt80", "time_cpt50", "time_cpt80"):  # loglik
-            entry[key] = loglik.get(key)
+        fitted = entry[metric] or {}
+        for key in ("apgr", "apgr_std", "cpt50", "cpt80", "cost_cpt50", "cost_cpt80", "time_cpt50", "time_cpt80"):
+            entry[key] = fitted.get(key)  # the summary columns: on `metric`
         entry["auc"] = roc_auc(routers[name][0], test_gain > margin) if name in routers else None
         results[name] = entry
 
@@ -487,7 +502,8 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         "tokenizer_sha256": tokenizer_sha256,
         "settings": {"num_queries": num_queries, "calibration_queries": calibration_queries,
                      "prompt_tokens": prompt_tokens, "continuation_tokens": continuation_tokens,
-                     "line_tokens": line_tokens, "margin": margin, "l2": l2, "bootstrap": bootstrap, "seed": seed},
+                     "line_tokens": line_tokens, "margin": margin, "l2": l2, "bootstrap": bootstrap, "seed": seed,
+                     "metric": metric},
         "num_calibration": len(sets["calibration"]), "num_test": n_test,
         # Every document read has a first window, and the first turn takes them all (make_queries).
         "documents": {name: min(len(documents[name]), len(pairs)) for name, pairs in sets.items()},
@@ -495,6 +511,7 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
             tier: {"checkpoint": str(path.resolve()), "active_params": count_parameters(cfg)["active"],
                    "loglik": float(test[f"loglik_{tier}"].mean()),
                    "exact_match": float(test[f"exact_match_{tier}"].mean()),
+                   "next_token": float(test[f"next_token_{tier}"].mean()),
                    "flops_per_query": float(cost.mean()),
                    "mean_answer_tokens": sum(len(a.token_ids) for a in answers) / n_test}
             for tier, path, cfg, cost, answers in (("small", small, small_cfg, answer_small, answers_small),
@@ -516,6 +533,7 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
             {"prompt_tokens": len(prompts[i]), "loglik_small": float(test["loglik_small"][i]),
              "loglik_large": float(test["loglik_large"][i]), "exact_match_small": int(test["exact_match_small"][i]),
              "exact_match_large": int(test["exact_match_large"][i]), "confidence_small": float(confidence[i]),
+             "next_token_small": int(test["next_token_small"][i]), "next_token_large": int(test["next_token_large"][i]),
              "signals": dict(zip(SIGNAL_NAMES, test["signals"][i].tolist()))}
             for i in range(n_test)],
     }
@@ -590,12 +608,13 @@ def _bootstrap(resamples: list[torch.Tensor], scores: torch.Tensor, q_small: tor
 
 
 def plot_curves(curves: dict[str, tuple[torch.Tensor, ...]], report: dict[str, Any], path: Path) -> None:
-    """PGR (loglik) against the large-call fraction and against the cost fraction, one line per router."""
+    """PGR on the report's `metric` against the large-call and the cost fraction, one line per router."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = report["settings"]["metric"]
     figure, (by_calls, by_cost) = plt.subplots(1, 2, figsize=(12, 5))
     for name, (fraction, pgr, cost) in curves.items():
         style = {"random": dict(color="grey", linestyle="--"), "oracle": dict(color="black", linestyle=":")}.get(
@@ -608,9 +627,9 @@ def plot_curves(curves: dict[str, tuple[torch.Tensor, ...]], report: dict[str, A
         by_cost.plot([d["cost_fraction"]], [d["pgr"]], marker="*", markersize=12, linestyle="none",
                      color="tab:red", label="distilled small alone")
         by_cost.legend(fontsize=7, loc="lower right")
-    by_calls.set(xlabel="large-model calls (fraction of queries)", ylabel="performance gap recovered (loglik)",
+    by_calls.set(xlabel="large-model calls (fraction of queries)", ylabel=f"performance gap recovered ({metric})",
                  title=f"{report['num_test']} test queries")
-    by_cost.set(xlabel="FLOPs per query (fraction of all-large)", ylabel="performance gap recovered (loglik)",
+    by_cost.set(xlabel="FLOPs per query (fraction of all-large)", ylabel=f"performance gap recovered ({metric})",
                 title="cost includes the router's own prefill")
     for axes in (by_calls, by_cost):
         axes.axhline(0.5, color="lightgrey", linewidth=0.8)
@@ -630,14 +649,16 @@ def format_report(report: dict[str, Any], output: Path) -> str:
         f"fitted on {report['num_calibration']} calibration queries ({report['documents']['calibration']} other "
         f"documents)",
         f"small: loglik {tiers['small']['loglik']:.4f}, exact match {tiers['small']['exact_match']:.3f}, "
-        f"{tiers['small']['flops_per_query'] / 1e9:.3f} GFLOP/query | large: loglik {tiers['large']['loglik']:.4f}, "
-        f"exact match {tiers['large']['exact_match']:.3f}, {tiers['large']['flops_per_query'] / 1e9:.3f} GFLOP/query "
+        f"next token {tiers['small']['next_token']:.3f}, {tiers['small']['flops_per_query'] / 1e9:.3f} GFLOP/query",
+        f"large: loglik {tiers['large']['loglik']:.4f}, exact match {tiers['large']['exact_match']:.3f}, "
+        f"next token {tiers['large']['next_token']:.3f}, {tiers['large']['flops_per_query'] / 1e9:.3f} GFLOP/query "
         f"| router prefill {report['router_prefill_flops_per_query'] / 1e9:.3f} GFLOP/query",
+        f"routers fitted on, and columns APGR..time@80% on: {report['settings']['metric']}",
         f"{'router':<24} {'APGR':>13} {'CPT(50%)':>9} {'CPT(80%)':>9} {'cost@50%':>9} {'cost@80%':>9} "
         f"{'time@50%':>9} {'time@80%':>9} {'EM APGR':>8}",
     ]
     for name, entry in report["routers"].items():
-        std = (entry["loglik"] or {}).get("apgr_std")
+        std = entry["apgr_std"]
         apgr = _fmt(entry["apgr"], ".3f") + ("" if std is None else f" ±{std:.3f}")
         em = entry["exact_match"]
         lines.append(f"{name:<24} {apgr:>13} {_fmt(entry['cpt50'], '.1%'):>9} {_fmt(entry['cpt80'], '.1%'):>9} "
@@ -676,6 +697,9 @@ def _check_options(**options: Any) -> None:
     l2 = options["l2"]
     if not isinstance(l2, (int, float)) or not math.isfinite(l2) or not l2 > 0:
         raise ValueError(f"l2 must be a positive number, got {l2!r}")
+    if options["metric"] not in FIT_METRICS:
+        raise ValueError(f"metric must be one of {list(FIT_METRICS)} (exact_match needs generated answers, which "
+                         f"the calibration queries do not get), got {options['metric']!r}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

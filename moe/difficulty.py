@@ -35,7 +35,8 @@ import torch
 
 from moe.model import MoETransformer
 
-SIGNAL_NAMES = ("mean_nll", "max_nll", "mean_entropy", "prompt_tokens", "router_entropy")
+SIGNAL_NAMES = ("mean_nll", "max_nll", "mean_entropy", "prompt_tokens", "router_entropy", "next_confidence",
+                "next_margin", "next_entropy")
 POOLINGS = ("last", "mean")
 ROUTER_FORMAT = "moe.difficulty_router"
 ROUTER_VERSION = 1
@@ -166,6 +167,11 @@ def signals_from_prefill(logits_BSV: torch.Tensor, router_probs: list[torch.Tens
         router_entropy: entropy (nats) of each MoE router's distribution over
             experts, averaged over the prompt's tokens and the MoE layers
             (0 for a dense model): how unsure the model's routers are.
+        next_confidence, next_margin, next_entropy: of the next-token
+            distribution at the last position (the first answer token's): its
+            top probability, top minus second probability, and entropy (nats).
+            Where the small model is unsure of what comes next, a better model
+            most often gets it right (docs/results/cascade_tiny_base.md).
 
     Args:
         logits_BSV: logits of the prefill, row b holding prompt b.
@@ -193,7 +199,11 @@ def signals_from_prefill(logits_BSV: torch.Tensor, router_probs: list[torch.Tens
         if router_probs:
             per_layer = [float(torch.special.entr(p[b, :n].to(torch.float64)).sum(-1).mean()) for p in router_probs]
             router_entropy = sum(per_layer) / len(per_layer)
-        rows.append([mean_nll, max_nll, entropy_sum / n, float(n), router_entropy])
+        next_p = torch.softmax(logits_BSV[b, n - 1].to(torch.float64), dim=-1)
+        top2 = next_p.topk(min(2, next_p.numel())).values
+        next_margin = float(top2[0] - top2[1]) if top2.numel() == 2 else 1.0
+        rows.append([mean_nll, max_nll, entropy_sum / n, float(n), router_entropy, float(top2[0]), next_margin,
+                     float(torch.special.entr(next_p).sum())])
     return torch.tensor(rows, dtype=torch.float64)
 
 

@@ -108,6 +108,25 @@ def test_cli_writes_a_consistent_report(setup, capsys) -> None:
     assert deferral["num_fit_answers"] == report["num_fit"] and 0 <= deferral["heldout_apgr"] <= 1
 
 
+def test_next_token_metric_labels_the_greedy_next_tokens_gain(setup) -> None:
+    """metric=next_token: each query's quality is the tier's greedy next-token error (0 or 1), the labels its gain."""
+    from cascade.calibrate import calibrate, next_token_correct, query_windows
+    from moe import load_checkpoint
+
+    report = calibrate(setup["small"], setup["large"], setup["root"] / "next_token", prompt_tokens=K,
+                       continuation_tokens=M, num_queries=120, posthoc_queries=8, deferral_queries=0,
+                       router="logistic", metric="next_token", device="cpu", verbose=False)
+    assert report["quality"]["unit"] == "next-token error" and report["settings"]["metric"] == "next_token"
+    windows = query_windows(read_split_documents(setup["data"], "calibration", 120, M + 1), K, M, 0, 120)
+    pairs = [windows[q["index"]][0] for q in report["heldout_queries"]]
+    for tier in ("small", "large"):
+        right = next_token_correct(load_checkpoint(setup[tier]).eval(), pairs, batch_size=4)
+        assert [q[f"nll_{tier}"] for q in report["heldout_queries"]] == (1 - right).tolist()
+    margin = report["settings"]["margin"]
+    assert all(q["label"] == int(q["nll_small"] - q["nll_large"] > margin) for q in report["heldout_queries"])
+    assert 0 < report["label_rate"] < 1
+
+
 def test_mismatched_tokenizers_are_refused(setup) -> None:
     other = setup["root"] / "other_large"
     shutil.copytree(setup["large"], other)
@@ -147,6 +166,9 @@ def test_argument_and_input_errors(setup, capsys) -> None:
          "data: .*tokenizer.json"),
         ([f"small={setup['small']}", f"large={setup['large']}", "margin=50"], "margin: labels are all 0"),
         ([f"small={setup['small']}", f"large={setup['large']}", "router=mlp"], "router must be one of"),
+        ([f"small={setup['small']}", f"large={setup['large']}", "metric=exact_match"], "metric must be one of"),
+        ([f"small={setup['small']}", "large_endpoint=http://127.0.0.1:9/v1", "large_model=big",
+          "metric=next_token"], "metric: next_token compares"),
         ([f"small={setup['small']}", f"large={setup['large']}", "deferral_queries=-1"], "deferral_queries"),
     ]
     for argv, message in cases:

@@ -17,6 +17,7 @@ import torch
 from cascade.evaluate import (answer_flops, area, first_crossing, forward_flops, gain_curve, main, pgr_curve,
                               router_summary)
 from moe import ModelConfig, load_checkpoint
+from moe.difficulty import SIGNAL_NAMES
 from moe.model import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,11 +83,28 @@ def test_pgr_apgr_and_cpt() -> None:
         pgr_curve(torch.zeros(4), q_large, q_small)
 
 
+def test_next_token_metric_matches_each_query_alone(cascade_pair) -> None:
+    """`next_token_correct` (batched, right-padded) against each query's own prefill and argmax."""
+    from cascade.calibrate import make_queries, next_token_correct, read_split_documents
+
+    model = load_checkpoint(cascade_pair["large"]).eval()
+    pairs = make_queries(read_split_documents(cascade_pair["data"], "validation", 64, 9), 12, 8, seed=0,
+                         num_queries=40)
+    expected = []
+    with torch.no_grad():
+        for query, continuation in pairs:
+            logits = model(torch.tensor([query]), ignore_capacity=True).logits[0, -1]
+            expected.append(float(int(logits.argmax()) == continuation[0]))
+    got = next_token_correct(model, pairs, batch_size=8)
+    assert got.tolist() == expected and 0 < sum(expected) < len(expected)
+
+
 def test_cli_reports_every_router_consistently(cascade_pair, capsys) -> None:
+    """One run with the routers fitted on `next_token` (metric=next_token); every metric's curves reported."""
     out = cascade_pair["root"] / "cascade_eval"
     main([f"small={cascade_pair['small']}", f"large={cascade_pair['large']}", f"output={out}", "prompt_tokens=12",
           "continuation_tokens=8", "line_tokens=8", "num_queries=200", "calibration_queries=150", "bootstrap=20",
-          "device=cpu", f"distilled={cascade_pair['large']}", "timing_queries=5"])
+          "device=cpu", f"distilled={cascade_pair['large']}", "timing_queries=5", "metric=next_token"])
     printed = capsys.readouterr().out
     assert "APGR" in printed and "cascade_eval.json" in printed
     report = json.loads((out / "cascade_eval.json").read_text())
@@ -98,9 +116,9 @@ def test_cli_reports_every_router_consistently(cascade_pair, capsys) -> None:
     assert report["documents"] == {"calibration": manifest["splits"]["calibration"]["num_documents"],
                                    "test": manifest["splits"]["validation"]["num_documents"]}
     routers = report["routers"]
-    expected = {"random", "learned", "learned_regression", "probe", "posthoc", "deferral", "oracle", "signal:mean_nll",
-                "signal:max_nll", "signal:mean_entropy", "signal:prompt_tokens", "signal:router_entropy"}
-    assert set(routers) == expected
+    expected = {"random", "learned", "learned_regression", "probe", "posthoc", "deferral", "oracle",
+                *(f"signal:{name}" for name in SIGNAL_NAMES)}
+    assert set(routers) == expected and report["settings"]["metric"] == "next_token"
     # The probe chose one of its candidates (each layer of the small tier, or all) by cross-validation.
     probe = report["probe"]
     layers = list(range(load_checkpoint(cascade_pair["small"]).config.num_layers))
@@ -115,6 +133,8 @@ def test_cli_reports_every_router_consistently(cascade_pair, capsys) -> None:
         assert curve["pgr"][0] == pytest.approx(0) and curve["pgr"][-1] == pytest.approx(1)
         assert len(curve["large_fraction"]) == len(curve["pgr"]) == len(curve["cost_fraction"]) == 101
         assert entry["loglik"]["apgr_std"] is not None and entry["loglik"]["apgr_std"] >= 0
+        # The summary columns are the fitted metric's.
+        assert entry["apgr"] == entry["next_token"]["apgr"] and entry["cpt80"] == entry["next_token"]["cpt80"]
     # Costs: random pays no router, so its all-large end is exactly the large tier's cost; a pre-generation
     # router pays the prefill on top, post-hoc pays the small answer on every query.
     tiers = report["tiers"]
@@ -141,8 +161,11 @@ def test_cli_reports_every_router_consistently(cascade_pair, capsys) -> None:
     assert alone["pgr"] == pytest.approx(1.0) and 0 < alone["cost_fraction"] <= 1.5
     for tier in ("small", "large"):
         assert 0 <= tiers[tier]["exact_match"] <= 1
-        assert tiers[tier]["loglik"] == pytest.approx(sum(q[f"loglik_{tier}"] for q in queries) / len(queries))
-        assert tiers[tier]["exact_match"] == pytest.approx(sum(q[f"exact_match_{tier}"] for q in queries) / len(queries))
+        for metric in ("loglik", "exact_match", "next_token"):
+            assert tiers[tier][metric] == pytest.approx(sum(q[f"{metric}_{tier}"] for q in queries) / len(queries))
+    # The learned router's labels are the calibration queries' next-token gains above the margin (their median).
+    assert report["settings"]["margin"] in (-1.0, 0.0, 1.0)
+    assert 0 < report["learned"]["calibration_label_rate"] < 1
 
 
 def test_errors_name_the_argument(cascade_pair, capsys, tmp_path) -> None:
@@ -159,6 +182,8 @@ def test_errors_name_the_argument(cascade_pair, capsys, tmp_path) -> None:
         ([f"small={small}", f"large={large}", f"output={tmp_path / 'o'}", "bootstrap=-1"], "bootstrap"),
         ([f"small={small}", f"large={large}", f"output={tmp_path / 'o'}", "line_tokens=60"], "prompt_tokens"),
         ([f"small={small}", f"large={large}", f"output={a_file}"], "output: .* not a directory"),
+        ([f"small={small}", f"large={large}", f"output={tmp_path / 'o'}", "metric=exact_match"],
+         "metric must be one of"),
         ([f"small={small}", f"large={other}", f"output={tmp_path / 'o'}"], re.escape(str(other / "tokenizer.json"))),
         # The large tier must be better: an untrained model as both tiers has no gap to recover.
         ([f"small={small}", f"large={small}", f"output={tmp_path / 'o'}", "prompt_tokens=12",

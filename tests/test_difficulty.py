@@ -41,8 +41,10 @@ def reference_signals(model: MoETransformer, ids: list[int]) -> list[float]:
             for layer_probs in out.router_probs:
                 router_entropies.append(-sum(p * math.log(p) for p in layer_probs[0, -1].tolist() if p > 0))
     num_moe = model.config.num_moe_layers
+    first, second = sorted(probs, reverse=True)[:2]  # the last position's next-token distribution
     return [sum(nll) / len(nll) if nll else 0.0, max(nll) if nll else 0.0, sum(entropies) / len(ids),
-            float(len(ids)), sum(router_entropies) / (len(ids) * num_moe) if num_moe else 0.0]
+            float(len(ids)), sum(router_entropies) / (len(ids) * num_moe) if num_moe else 0.0,
+            first, first - second, entropies[-1]]
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(router=dict(top_k=2, score_func="sigmoid", capacity_factor=0.5)),
@@ -75,8 +77,9 @@ def test_signals_are_padding_invariant() -> None:
 def synthetic(num: int, weights: list[float], bias: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Signals on very different scales; labels drawn from a logistic model of the standardised signals."""
     generator = torch.Generator().manual_seed(seed)
-    scales = torch.tensor([1.0, 3.0, 0.1, 100.0, 0.5], dtype=torch.float64)
-    signals = torch.randn(num, 5, generator=generator, dtype=torch.float64) * scales + 2 * scales
+    weights = list(weights) + [0.0] * (len(SIGNAL_NAMES) - len(weights))  # the signals not named weigh nothing
+    scales = torch.tensor([1.0, 3.0, 0.1, 100.0, 0.5, 0.2, 0.05, 2.0], dtype=torch.float64)
+    signals = torch.randn(num, len(SIGNAL_NAMES), generator=generator, dtype=torch.float64) * scales + 2 * scales
     z = (signals - signals.mean(0)) / signals.std(0, unbiased=False)
     p = torch.sigmoid(z @ torch.tensor(weights, dtype=torch.float64) + bias)
     labels = (torch.rand(num, generator=generator, dtype=torch.float64) < p).to(torch.float64)
@@ -101,7 +104,8 @@ def test_logistic_regression_recovers_weights_and_matches_reference() -> None:
     signals, labels = synthetic(20000, true_weights, true_bias)
     router = DifficultyRouter.fit(signals, labels, l2=1e-6)
     assert router.signal_names == SIGNAL_NAMES
-    torch.testing.assert_close(torch.tensor(router.weights), torch.tensor(true_weights), atol=0.1, rtol=0)
+    torch.testing.assert_close(torch.tensor(router.weights),
+                               torch.tensor(true_weights + [0.0] * (len(SIGNAL_NAMES) - 5)), atol=0.1, rtol=0)
     assert router.bias == pytest.approx(true_bias, abs=0.1)
 
     signals, labels = synthetic(300, true_weights, true_bias, seed=1)
@@ -168,6 +172,18 @@ def test_json_round_trip(tmp_path) -> None:
     assert loaded.posthoc_threshold_for_fraction(0.25) == pytest.approx(0.4)
     payload = json.loads((tmp_path / "router.json").read_text())
     assert payload["format"] == "moe.difficulty_router" and payload["signal_names"] == list(SIGNAL_NAMES)
+
+
+def test_a_router_of_the_first_five_signals_still_scores_todays_rows(tmp_path) -> None:
+    """router.json names its signals: one written before the next-token signals existed (the first five) loads
+    and scores today's wider `prompt_signals` rows on its own columns."""
+    signals, labels = synthetic(300, [1.0, -1.0, 0.5, 0.2, 0.3], 0.1)
+    DifficultyRouter.fit(signals, labels, signal_names=SIGNAL_NAMES[:5]).save(tmp_path / "old.json")
+    loaded = DifficultyRouter.load(tmp_path / "old.json")
+    assert loaded.signal_names == SIGNAL_NAMES[:5] and len(loaded.weights) == 5
+    mean, std, weights = (torch.tensor(v, dtype=torch.float64) for v in (loaded.mean, loaded.std, loaded.weights))
+    expected = torch.sigmoid((signals[:, :5] - mean) / std @ weights + loaded.bias)
+    torch.testing.assert_close(loaded.score(signals), expected, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -357,7 +373,7 @@ def test_probe_finds_the_informative_layer_and_generalises(tmp_path) -> None:
     assert ((scores > 0) & (scores < 1)).all()
     oracle = routing_apgr(test_gain, test_gain)
     assert routing_apgr(scores, test_gain) > 0.95 * oracle
-    with pytest.raises(ValueError, match="signals must be \\(N, 21\\) rows"):
+    with pytest.raises(ValueError, match=rf"signals must be \(N, {len(SIGNAL_NAMES) + 16}\) rows"):
         router.score(test_features)
     router.save(tmp_path / "probe.json")
     loaded = DifficultyRouter.load(tmp_path / "probe.json")
