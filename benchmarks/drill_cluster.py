@@ -1,6 +1,7 @@
 """Node loss on a simulated multi-node Ray cluster, on one machine: what a lost node costs the cascade service.
 
-    python benchmarks/drill_cluster.py [--seconds 60] [--concurrency 16] [--out runs/drill_cluster.json]
+    python benchmarks/drill_cluster.py [--cases training,serving] [--seconds 60] [--concurrency 16]
+                                       [--steps 30] [--out runs/drill_cluster.json]
 
 `ray.cluster_utils.Cluster` starts a head and two worker nodes on this machine,
 each with its own raylet and object store, and custom resources that pin the
@@ -16,8 +17,21 @@ kills its raylet and every process on it); after two thirds a node offering
 connection errors), whether any process of the removed node is left running,
 and how long after the node came back the large tier answered again.
 
-Not built yet (issue 20): the training case (a node of a 2-worker `parallel.ep=2`
-run removed mid-run) and the Ray Data preparation case.
+Case `training`: head plus two worker nodes, each offering one `drill_trainer`
+resource; a 2-worker `parallel.ep=2` run of a tiny mixtral_tiny asks for one
+per worker (`cluster.worker_resources`), so its ranks sit on different nodes,
+and may restart its worker group (`cluster.max_failures=2`). The same command
+first runs uninterrupted (the reference). Then, once the run has written a
+checkpoint and gone a few steps past it, one worker node is removed; a few
+seconds later a replacement node offering `drill_trainer` is added. Ray Train
+restarts the group from the newest checkpoint (`cluster.worker.start_checkpoint`)
+and the run reaches `--steps`. Reported: the steps repeated, whether every
+step's loss and the final validation loss equal the reference's, whether every
+checkpoint on disk matches its recorded sha256, the seconds from the removal
+to the first step trained again, what the driver printed about it, and
+whether any process of the removed node is left running.
+
+Not built yet (issue 20): the Ray Data preparation case.
 
 One JSON line per case, then a summary line.
 """
@@ -78,6 +92,118 @@ def node_processes(node_id: str) -> list[int]:
 
     return [w.pid for w in list_workers(filters=[("node_id", "=", node_id)], limit=1000, raise_on_missing_output=False)
             if w.pid]
+
+
+# A tiny mixtral_tiny (tests/train_helpers.py's sizes): two ranks of ep=2 train it in well under a second a step.
+TRAIN_OVERRIDES = [
+    "+experiment=mixtral_tiny", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+    "model.num_kv_heads=1", "model.max_seq_len=32", "model.experts.num_experts=4", "model.experts.hidden_size=32",
+    "data.seq_len=32", "data.vocab_size=320", "data.validation_fraction=0.1", "data.prefetch=1",
+    "data.text_column=content",
+    "trainer.global_batch_size=8", "trainer.warmup_steps=2", "trainer.lr=0.01", "trainer.eval_batches=2",
+    "logger.wandb.mode=disabled", "logger.ray_metrics=false", "logger.progress_bar=false",
+    "cluster.num_workers=2", "parallel.ep=2", "cluster.cpus_per_worker=1", "cluster.max_failures=2",
+    "+cluster.worker_resources.drill_trainer=1", "trainer.keep_last=100",
+]
+
+
+def training_case(steps: int, checkpoint_every: int = 10) -> dict:
+    import os
+    import re
+    import subprocess
+
+    import psutil
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cluster.checkpointing import list_checkpoints, verify_checkpoint
+    from cluster.metrics import read_metrics
+    from data_pipeline.testing import make_corpus
+
+    root = Path(tempfile.mkdtemp(prefix="drill_training_"))
+    make_corpus(root / "corpus", num_text=40)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = [cluster.add_node(num_cpus=1, resources={"drill_trainer": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)  # the drill's own view (state API), not the run's
+    result: dict = {"case": "training", "steps": steps, "checkpoint_every": checkpoint_every}
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, "-m", "moe.train", *TRAIN_OVERRIDES, f"data.sources=[{root / 'corpus'}]",
+                f"data.output={root / 'prepared'}", f"trainer.run_root={root / 'runs'}", f"name={name}",
+                f"trainer.max_steps={steps}", f"trainer.checkpoint_every={checkpoint_every}",
+                f"cluster.address={cluster.address}"]
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    try:
+        started = time.monotonic()
+        reference = subprocess.run(command("reference"), cwd=root, env=env, capture_output=True, text=True,
+                                   timeout=900)
+        result["reference_s"] = round(time.monotonic() - started, 1)
+        if reference.returncode != 0:
+            result.update(ok=False, error="the reference run failed", stderr_tail=reference.stderr[-3000:])
+            return result
+        run_dir = root / "runs" / "drill"
+        log = open(root / "drill.log", "w")
+        proc = subprocess.Popen(command("drill"), cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        remove_at_step = checkpoint_every + 3  # past a checkpoint: the steps since are trained again
+        while not any(r["kind"] == "train" and r["step"] >= remove_at_step for r in read_metrics(run_dir)):
+            if proc.poll() is not None or time.monotonic() - started > 900:
+                raise RuntimeError(f"the drill run ended or stalled before step {remove_at_step}")
+            time.sleep(0.1)
+        lost = nodes[1]
+        lost_pids = node_processes(lost.node_id)
+        last_step = max(r["step"] for r in read_metrics(run_dir) if r["kind"] == "train")
+        removed_at = time.monotonic()
+        cluster.remove_node(lost)  # its raylet and every process on it are killed
+        time.sleep(3)
+        cluster.add_node(num_cpus=1, resources={"drill_trainer": 1})
+        added_at = time.monotonic()
+        resumed_step = recovered_at = None
+        while proc.poll() is None:  # the restarted group logs where it resumed, then trains the next step again
+            if resumed_step is None:
+                found = re.search(r"resumed from \S+ at step (\d+)", (root / "drill.log").read_text())
+                resumed_step = int(found.group(1)) if found else None
+            elif recovered_at is None and any(r["kind"] == "train" and r["step"] == resumed_step + 1
+                                              for r in read_metrics(run_dir)):
+                recovered_at = time.monotonic()
+            time.sleep(0.1)
+        log.close()
+        output = (root / "drill.log").read_text()
+        ref_dir = root / "runs" / "reference"
+        ref_losses = {r["step"]: r["loss"] for r in read_metrics(ref_dir) if r["kind"] == "train"}
+        losses = {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}  # the last of each
+        ref_val = [r["val_loss"] for r in read_metrics(ref_dir) if r["kind"] == "eval"]
+        val = [r["val_loss"] for r in read_metrics(run_dir) if r["kind"] == "eval"]
+        checkpoints = list_checkpoints(run_dir / "checkpoints")
+        damaged = {c.name: problem for c in checkpoints if (problem := verify_checkpoint(c)) is not None}
+        # What the head's terminal said: Ray Train names the dead node, starts a new group, the workers resume.
+        restart_lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in output.splitlines()
+                         if any(words in line for words in ("node has died", "Attempting to start training worker",
+                                                            "resumed from"))]
+        result.update({
+            "exit_code": proc.returncode, "removed_node": lost.node_id, "removed_after_step": last_step,
+            "resumed_from_step": resumed_step, "steps_repeated": None if resumed_step is None
+            else last_step - resumed_step,
+            "recovery_s": None if recovered_at is None else round(recovered_at - removed_at, 1),
+            "replacement_added_after_s": round(added_at - removed_at, 1),
+            "final_step": max(losses) if losses else None,
+            "losses_equal_reference": bool(losses) and losses == ref_losses,
+            "max_loss_diff": max((abs(losses[s] - ref_losses[s]) for s in ref_losses if s in losses), default=None),
+            "val_loss": val[-1] if val else None, "reference_val_loss": ref_val[-1] if ref_val else None,
+            "checkpoints": len(checkpoints), "checkpoints_damaged": damaged,
+            "removed_node_processes": len(lost_pids),
+            "removed_node_processes_left": [pid for pid in lost_pids if psutil.pid_exists(pid)],
+            "driver_lines": list(dict.fromkeys(restart_lines))[:8],
+        })
+        result["ok"] = bool(proc.returncode == 0 and result["losses_equal_reference"] and max(losses) == steps
+                            and not damaged and resumed_step is not None and lost_pids
+                            and not result["removed_node_processes_left"] and val == ref_val)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return result
 
 
 def serving_case(seconds: float, concurrency: int) -> dict:
@@ -172,13 +298,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="load duration of the serving case")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=30, help="max_steps of the training case")
+    parser.add_argument("--cases", default="training,serving", help="comma-separated: training, serving")
     parser.add_argument("--out", type=Path, default=None, help="also write the results here (JSON)")
     args = parser.parse_args()
-    results = [serving_case(args.seconds, args.concurrency)]
+    cases = {"training": lambda: training_case(args.steps), "serving": lambda: serving_case(args.seconds,
+                                                                                           args.concurrency)}
+    unknown = sorted(set(args.cases.split(",")) - set(cases))
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; choose from {sorted(cases)}")
+    results = [cases[name]() for name in args.cases.split(",")]
     for result in results:
         print(json.dumps(result), flush=True)
     summary = {"summary": True, "cases": [r["case"] for r in results], "ok": all(r["ok"] for r in results),
-               "not_built": ["training", "data"]}
+               "not_built": ["data"]}
     print(json.dumps(summary))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -131,6 +131,12 @@ def validate_train_config(cfg: DictConfig) -> None:
         _fail("cluster.num_workers", f"must be positive, got {c.num_workers}")
     if c.cpus_per_worker <= 0:
         _fail("cluster.cpus_per_worker", f"must be positive, got {c.cpus_per_worker}")
+    for name, amount in c.worker_resources.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            _fail(f"cluster.worker_resources.{name}", "custom resources only: CPU and GPU are set by "
+                  "cluster.cpus_per_worker and cluster.use_gpu")
+        if not (isinstance(amount, (int, float)) and math.isfinite(amount) and amount > 0):
+            _fail(f"cluster.worker_resources.{name}", f"must be a positive number, got {amount!r}")
     if c.max_failures < 0:
         _fail("cluster.max_failures", f"must be non-negative, got {c.max_failures}")
     if c.num_cpus is not None and c.num_cpus <= 0:

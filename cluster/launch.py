@@ -115,7 +115,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         train_loop_config={"worker": worker_config},  # Ray Train wants a dict
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.cluster.cpus_per_worker,
+                                                                     **cfg.cluster.worker_resources}),
         # Ray Train's own run state lives in run_dir/ray_train and never lists
         # checkpoints (the workers report metrics only): which checkpoint to
         # resume from is decided above, from the disk.
@@ -261,6 +262,11 @@ def check_local_resources(cfg: DictConfig, resources: dict[str, float]) -> None:
         raise ValueError(f"invalid configuration: cluster.cpus_per_worker: {c.num_workers} workers x "
                          f"{c.cpus_per_worker} CPUs exceed the {cpus:g} CPUs of the local Ray; lower "
                          f"cluster.cpus_per_worker or cluster.num_workers")
+    for name in c.worker_resources:  # a local Ray offers none: the workers would never be placed
+        if name not in resources:
+            raise ValueError(f"invalid configuration: cluster.worker_resources.{name}: the local Ray offers no "
+                             f"{name!r} resource; custom resources are for a cluster whose nodes declare them "
+                             f"(cluster.address)")
     if c.use_gpu and c.num_workers > gpus:
         raise ValueError(f"invalid configuration: cluster.use_gpu: {c.num_workers} workers need one GPU each and "
                          f"the local Ray has {gpus:g}")

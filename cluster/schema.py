@@ -127,6 +127,10 @@ class ClusterConfig:
         num_workers: Ray Train workers (one process, one GPU each on GPU).
         use_gpu: one GPU per worker and NCCL; otherwise CPU and gloo.
         cpus_per_worker: CPUs reserved per worker.
+        worker_resources: custom Ray resources each worker also reserves, e.g.
+            {trainer_slot: 1} on a cluster whose nodes offer one `trainer_slot`
+            each: one worker per such node (placement across nodes). CPU and
+            GPU come from cpus_per_worker and use_gpu.
         max_failures: worker-group restarts Ray Train may make (FailureConfig).
         dashboard_port: port of the local dashboard.
         num_cpus: CPUs of a local Ray (None: all of the machine).
@@ -139,6 +143,7 @@ class ClusterConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    worker_resources: dict[str, float] = field(default_factory=dict)
     max_failures: int = 0
     dashboard_port: int = 8265
     num_cpus: Optional[int] = None

@@ -75,11 +75,26 @@ def test_preset_sizes() -> None:
     (["trainer.global_batch_size=15", "cluster.num_workers=2"], "trainer.global_batch_size"),
     (["model.num_heads=3"], "num_heads"),
     (["data.seq_len=512"], "data.seq_len"),
+    (["+cluster.worker_resources.CPU=1"], "cluster.worker_resources.CPU"),
+    (["+cluster.worker_resources.trainer_slot=0"], "cluster.worker_resources.trainer_slot"),
 ])
 def test_invalid_config_names_the_key(overrides: list[str], key: str) -> None:
     cfg = compose_cfg(["+experiment=mixtral_tiny", *overrides])
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         validate_train_config(cfg)
+
+
+def test_worker_resources_are_checked_and_a_local_ray_refuses_them() -> None:
+    """Custom resources per worker place workers on the nodes that offer them (benchmarks/drill_cluster.py);
+    a local Ray offers none, so the workers would wait forever: refused, naming the key."""
+    from cluster.launch import check_local_resources
+
+    cfg = compose_cfg(["+experiment=mixtral_tiny", "+cluster.worker_resources.trainer_slot=1"])
+    validate_train_config(cfg)
+    assert dict(cfg.cluster.worker_resources) == {"trainer_slot": 1}
+    with pytest.raises(ValueError, match=r"cluster\.worker_resources\.trainer_slot: the local Ray offers no"):
+        check_local_resources(cfg, {"CPU": 2.0, "GPU": 0.0})
+    check_local_resources(cfg, {"CPU": 2.0, "GPU": 0.0, "trainer_slot": 2.0})
 
 
 def test_typo_fails_at_composition() -> None:

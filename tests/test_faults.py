@@ -298,3 +298,24 @@ def test_bad_prepared_data_is_refused_before_ray(world) -> None:
     code, _, err, run = run_cli(world, "bad_data", "data.output=" + str(copy), timeout_s=120)
     assert_refused(code, err, "tokenizer")
     assert guarded(world, world["prepared"]) == before
+
+
+# 8. A whole node lost mid-run (issue 20), on a simulated 3-node Ray cluster: benchmarks/drill_cluster.py's case.
+@pytest.mark.extended
+def test_a_lost_node_costs_no_step_and_no_checkpoint(tmp_path) -> None:
+    """A 2-worker ep=2 run, one worker per node (`cluster.worker_resources`); one node removed past a checkpoint
+    and a replacement added: the run resumes from the newest checkpoint and ends with the reference's losses.
+    Run as its own process: it starts its own Ray cluster, which must not meet another local Ray."""
+    out = tmp_path / "drill.json"
+    result = subprocess.run([sys.executable, "benchmarks/drill_cluster.py", "--cases", "training", "--steps", "24",
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.is_file(), result.stdout[-2000:] + result.stderr[-3000:]
+    (case,) = json.loads(out.read_text())["results"]
+    assert case["ok"], case
+    assert case["exit_code"] == 0 and case["final_step"] == 24 and case["losses_equal_reference"]
+    assert case["val_loss"] == case["reference_val_loss"] and not case["checkpoints_damaged"]
+    assert case["resumed_from_step"] % 10 == 0 and case["resumed_from_step"] <= case["removed_after_step"]
+    assert case["removed_node_processes"] > 0 and not case["removed_node_processes_left"]
+    assert any(case["removed_node"] in line for line in case["driver_lines"]), "the terminal names the lost node"
+    assert any("resumed from" in line for line in case["driver_lines"])
