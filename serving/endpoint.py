@@ -31,6 +31,8 @@ import os
 import time
 from typing import Any, AsyncIterator, Optional
 
+from serving.records import StreamDelta, TierAnswer, TierRequest
+
 RETRY_BACKOFF_S = 0.2  # the first retry's wait; each later one waits twice as long
 PING_TIMEOUT_S = 5.0
 
@@ -107,24 +109,23 @@ class EndpointTier:
             raise EndpointError(f"{self.endpoint} does not serve {self.model!r} (it serves {names})")
         return True
 
-    def _body(self, request: dict[str, Any], stream: bool) -> dict[str, Any]:
-        if request.get("logit_bias"):  # a refusal of this request (ValueError), not a failure of the endpoint
+    def _body(self, request: TierRequest, stream: bool) -> dict[str, Any]:
+        if request.logit_bias:  # a refusal of this request (ValueError), not a failure of the endpoint
             raise ValueError("logit_bias: token ids of the cascade's vocabulary mean nothing to an external tier")
-        body = {"model": self.model, "prompt": self.tokenizer.decode(request["prompt_ids"]),
-                "max_tokens": request["max_tokens"], "temperature": request["temperature"],
-                "top_p": request["top_p"], "presence_penalty": request.get("presence_penalty", 0.0),
-                "frequency_penalty": request.get("frequency_penalty", 0.0)}
-        if request.get("stop"):
-            body["stop"] = list(request["stop"])
-        if request.get("seed") is not None:
-            body["seed"] = request["seed"]
-        if request.get("ignore_eos"):  # vLLM's extension; sent only when asked, as other APIs refuse it
+        body = {"model": self.model, "prompt": self.tokenizer.decode(request.prompt_ids),
+                "max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
+                "presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty}
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.ignore_eos:  # vLLM's extension; sent only when asked, as other APIs refuse it
             body["ignore_eos"] = True
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
         else:  # the answer's token log-probabilities (best_of ranks by them; logprobs and echo return them)
-            body["logprobs"] = request.get("top_logprobs", 0)
-            if request.get("echo"):
+            body["logprobs"] = request.top_logprobs
+            if request.echo:
                 body["echo"] = True
         return body
 
@@ -153,7 +154,7 @@ class EndpointTier:
             raise EndpointError(f"{url}: HTTP {response.status_code}: {detail}")
         return response
 
-    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, request: TierRequest) -> TierAnswer:
         """One completion, as `Tier.generate` answers it; token texts and log-probabilities are the endpoint's."""
         self.num_calls += 1
         started = time.perf_counter()
@@ -165,26 +166,26 @@ class EndpointTier:
         except (KeyError, TypeError, ValueError) as err:
             raise EndpointError(f"{self.endpoint}: not an OpenAI completion ({type(err).__name__}: {err})") from None
         text = choice["text"]
-        result = {"finish_reason": choice.get("finish_reason") or "stop", "prompt_tokens": usage["prompt_tokens"],
-                  "completion_tokens": usage["completion_tokens"], "token_ids": []}
-        if request.get("echo"):  # the prompt's tokens come first, then the answer's
-            prompt = self.tokenizer.decode(request["prompt_ids"])
+        echoed: dict[str, Any] = {}
+        if request.echo:  # the prompt's tokens come first, then the answer's
+            prompt = self.tokenizer.decode(request.prompt_ids)
             if not text.startswith(prompt):
                 raise EndpointError(f"{self.endpoint}: echo did not return the prompt")
             text = text[len(prompt):]
             split = len(texts) - usage["completion_tokens"]
-            result.update(prompt_token_texts=texts[:split], prompt_logprobs=logprobs[1:split],
-                          prompt_top_logprobs=top[1:split])
+            echoed = {"prompt_token_texts": texts[:split], "prompt_logprobs": logprobs[1:split],
+                      "prompt_top_logprobs": top[1:split]}
             texts, logprobs, top = texts[split:], logprobs[split:], top[split:]
         if usage["completion_tokens"] and not logprobs:
             raise EndpointError(f"{self.endpoint}: the answer carries no token log-probabilities")
         confidence = math.exp(sum(logprobs) / len(logprobs)) if logprobs else 1.0
-        result.update(text=text, token_texts=texts, token_logprobs=logprobs, top_logprobs=top,
-                      confidence=confidence, latency_s=time.perf_counter() - started)
-        return result
+        return TierAnswer(text=text, finish_reason=choice.get("finish_reason") or "stop",
+                          prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
+                          confidence=confidence, token_logprobs=logprobs, top_logprobs=top, token_texts=texts,
+                          latency_s=time.perf_counter() - started, **echoed)
 
-    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yields {"text": delta} as the endpoint streams, then {"done": True, ...} as `Tier.stream` does."""
+    async def stream(self, request: TierRequest) -> AsyncIterator[Any]:
+        """Yields a `StreamDelta` as the endpoint streams, then the `TierAnswer`, as `Tier.stream` does."""
         self.num_calls += 1
         response = await self._post(self._body(request, stream=True), stream=True)
         text, finish_reason, usage = [], None, None
@@ -203,12 +204,11 @@ class EndpointTier:
                     finish_reason = choice.get("finish_reason") or finish_reason
                     if choice.get("text"):
                         text.append(choice["text"])
-                        yield {"text": choice["text"]}
+                        yield StreamDelta(choice["text"])
         finally:
             await response.aclose()
         whole = "".join(text)
         completion_tokens = usage["completion_tokens"] if usage else len(self.tokenizer.encode(whole).ids)
-        prompt_tokens = usage["prompt_tokens"] if usage else len(request["prompt_ids"])
-        yield {"done": True, "text": whole, "finish_reason": finish_reason or "stop", "prompt_tokens": prompt_tokens,
-               "completion_tokens": completion_tokens, "confidence": 1.0, "token_ids": [], "token_texts": [],
-               "token_logprobs": [], "top_logprobs": []}
+        prompt_tokens = usage["prompt_tokens"] if usage else len(request.prompt_ids)
+        yield TierAnswer(text=whole, finish_reason=finish_reason or "stop", prompt_tokens=prompt_tokens,
+                         completion_tokens=completion_tokens, confidence=1.0, token_texts=[])

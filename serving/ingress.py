@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.modes import CASCADE, POSTHOC, Mode, UnknownModelError, available_models, parse_model
 from serving.chat import ChatTemplate, TemplateError
+from serving.records import Routed, StreamDelta, TierAnswer, TierRequest
 from serving.schema import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                             ChatLogProbs, ChatTokenLogProb, CompletionChoice, CompletionRequest, CompletionResponse,
                             ErrorResponse, LogProbs, ModelCard, ModelList, Usage)
@@ -248,9 +249,8 @@ class CascadeIngress:
         prompts = body.prompts()
         prompt_ids = [self._prompt_ids(prompt, index if len(prompts) > 1 else None, body.max_tokens)
                       for index, prompt in enumerate(prompts)]
-        request = {**self._tier_request(body, body.max_tokens, body.stop_strings(), body.logprobs),
-                   "echo": body.echo}
-        job = Job(mode, prompt_ids, request, body.n, body.best_of or body.n, body.seed,
+        fields = {**self._tier_fields(body, body.max_tokens, body.stop_strings(), body.logprobs), "echo": body.echo}
+        job = Job(mode, prompt_ids, fields, body.n, body.best_of or body.n, body.seed,
                   logprobs=body.logprobs is not None,
                   echo=[p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(prompts, prompt_ids)]
                   if body.echo else None)
@@ -260,15 +260,15 @@ class CascadeIngress:
                                      media_type="text/event-stream")
         results = await self._run(job, started)
         choices = []
-        for index, answer in _indexed(results, job.n):
+        for index, routed in _indexed(results, job.n):
             prompt = index // job.n
             echoed = (prompts[prompt] if isinstance(prompts[prompt], str) else
                       self.tokenizer.decode(job.prompts[prompt])) if body.echo else ""
             logprobs = None
             if body.logprobs is not None:
-                logprobs = self._logprobs(answer, job.prompts[prompt] if body.echo else None)
-            choices.append(CompletionChoice(text=echoed + answer["text"], index=index, logprobs=logprobs,
-                                            finish_reason=answer["finish_reason"], **_routing(answer)))
+                logprobs = self._logprobs(routed.answer, job.prompts[prompt] if body.echo else None)
+            choices.append(CompletionChoice(text=echoed + routed.answer.text, index=index, logprobs=logprobs,
+                                            finish_reason=routed.answer.finish_reason, **routed.routing()))
         return CompletionResponse(**meta, choices=choices, **_summary(job, results))
 
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
@@ -301,42 +301,43 @@ class CascadeIngress:
         prompt_ids = self._prompt_ids(text, None, asked or 1, name="messages")  # room for at least 1 token
         max_tokens = asked or min(self.routing["max_tokens_limit"], self.max_seq_len - len(prompt_ids))
         stop = body.stop_strings() + tuple(s for s in self.chat["stop"] if s not in body.stop_strings())
-        job = Job(mode, [prompt_ids], self._tier_request(body, max_tokens, stop,
-                                                         (body.top_logprobs or 0) if body.logprobs else None),
+        job = Job(mode, [prompt_ids], self._tier_fields(body, max_tokens, stop,
+                                                        (body.top_logprobs or 0) if body.logprobs else None),
                   body.n, body.n, body.seed, logprobs=body.logprobs)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:
             return StreamingResponse(self._stream(job, meta, started, _include_usage(body), self._chat_chunk),
                                      media_type="text/event-stream")
         results = await self._run(job, started)
-        choices = [ChatChoice(index=index, message=AssistantMessage(content=answer["text"]),
-                              finish_reason=answer["finish_reason"],
-                              logprobs=self._chat_logprobs(answer) if body.logprobs else None, **_routing(answer))
-                   for index, answer in _indexed(results, job.n)]
+        choices = [ChatChoice(index=index, message=AssistantMessage(content=routed.answer.text),
+                              finish_reason=routed.answer.finish_reason,
+                              logprobs=self._chat_logprobs(routed.answer) if body.logprobs else None,
+                              **routed.routing())
+                   for index, routed in _indexed(results, job.n)]
         return ChatCompletionResponse(**meta, choices=choices, **_summary(job, results))
 
-    async def _run(self, job: "Job", started: float) -> list[tuple[list[dict[str, Any]], int]]:
+    async def _run(self, job: "Job", started: float) -> list[tuple[list[Routed], int]]:
         """Per prompt: its `n` answers and the tokens generated for it (all candidates)."""
         results = await asyncio.gather(*(self._answer_prompt(job, ids) for ids in job.prompts))
         for answers, _ in results:
-            for answer in answers:
-                self._record(job.mode, answer, started)
+            for routed in answers:
+                self._record(job.mode, routed, started)
         return list(results)
 
-    async def _answer_prompt(self, job: "Job", prompt_ids: list[int]) -> tuple[list[dict[str, Any]], int]:
+    async def _answer_prompt(self, job: "Job", prompt_ids: list[int]) -> tuple[list[Routed], int]:
         """The `n` answers of one prompt (one routing decision for all) and the tokens generated for it."""
         route = None if job.mode.kind == POSTHOC else await self._choose(job.mode, prompt_ids)
         answers = await asyncio.gather(*(self._answer(job.mode, request, route)
                                          for request in job.candidates(prompt_ids, job.best_of)))
-        generated = sum(a["completion_tokens"] for a in answers)
+        generated = sum(routed.answer.completion_tokens for routed in answers)
         if len(answers) > job.n:
-            answers = sorted(answers, key=_mean_logprob, reverse=True)[:job.n]
+            answers = sorted(answers, key=lambda routed: routed.answer.mean_logprob, reverse=True)[:job.n]
         return list(answers), generated
 
-    def _tier_request(self, body: Any, max_tokens: int, stop: tuple[str, ...],
-                      top_logprobs: Optional[int]) -> dict[str, Any]:
-        """The fields of a tier's generate/stream request shared by every prompt and candidate of a job."""
-        return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "stop": list(stop),
+    def _tier_fields(self, body: Any, max_tokens: int, stop: tuple[str, ...],
+                     top_logprobs: Optional[int]) -> dict[str, Any]:
+        """The `TierRequest` fields shared by every prompt and candidate of a job."""
+        return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "stop": tuple(stop),
                 "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
                 "top_logprobs": top_logprobs or 0, "ignore_eos": body.ignore_eos,
                 "logit_bias": {int(token): bias for token, bias in (body.logit_bias or {}).items()}}
@@ -352,30 +353,30 @@ class CascadeIngress:
             top.append(entry)
         return top
 
-    def _logprobs(self, answer: dict[str, Any], echoed: Optional[list[int]] = None) -> LogProbs:
+    def _logprobs(self, answer: TierAnswer, echoed: Optional[list[int]] = None) -> LogProbs:
         """The completions API's logprobs: token texts, their log-probabilities, the most likely alternatives;
         with `echoed` (the prompt's ids, echo), the prompt's tokens first, the very first with none."""
-        logprobs = answer["token_logprobs"]
-        top: list[Optional[dict[str, float]]] = self._alternatives(answer["top_logprobs"])
+        logprobs: list[Optional[float]] = list(answer.token_logprobs)
+        top: list[Optional[dict[str, float]]] = self._alternatives(answer.top_logprobs)
         if echoed is not None:
-            logprobs = [None] + answer["prompt_logprobs"] + logprobs
-            top = [None] + self._alternatives(answer["prompt_top_logprobs"]) + top
-        if "token_texts" in answer:  # an external tier: its own tokens, as texts
-            texts = (answer["prompt_token_texts"] if echoed is not None else []) + answer["token_texts"]
+            logprobs = [None] + list(answer.prompt_logprobs or []) + logprobs
+            top = [None] + self._alternatives(answer.prompt_top_logprobs or []) + top
+        if answer.token_texts is not None:  # an external tier: its own tokens, as texts
+            texts = (list(answer.prompt_token_texts or []) if echoed is not None else []) + answer.token_texts
             offsets = list(accumulate((len(text) for text in texts[:-1]), initial=0)) if texts else []
             return LogProbs(tokens=texts, token_logprobs=logprobs, top_logprobs=top, text_offset=offsets)
-        ids = (list(echoed) if echoed is not None else []) + answer["token_ids"]
+        ids = (list(echoed) if echoed is not None else []) + answer.token_ids
         return LogProbs(tokens=[self.tokenizer.decode([token]) for token in ids], token_logprobs=logprobs,
                         top_logprobs=top, text_offset=[len(self.tokenizer.decode(ids[:k])) for k in range(len(ids))])
 
-    def _chat_logprobs(self, answer: dict[str, Any]) -> ChatLogProbs:
+    def _chat_logprobs(self, answer: TierAnswer) -> ChatLogProbs:
         """The chat API's logprobs: per token its text, log-probability, UTF-8 bytes and top alternatives."""
         def item(text: str, logprob: float) -> dict[str, Any]:
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
         content = []
-        texts = answer.get("token_texts") or [self.tokenizer.decode([token]) for token in answer["token_ids"]]
-        for text, logprob, top in zip(texts, answer["token_logprobs"], self._alternatives(answer["top_logprobs"])):
+        texts = answer.token_texts or [self.tokenizer.decode([token]) for token in answer.token_ids]
+        for text, logprob, top in zip(texts, answer.token_logprobs, self._alternatives(answer.top_logprobs)):
             content.append(ChatTokenLogProb(**item(text, logprob),
                                             top_logprobs=[item(t, v) for t, v in top.items()]))
         return ChatLogProbs(content=content)
@@ -457,7 +458,7 @@ class CascadeIngress:
                                     f"({self.cost_ratio:.3f} of the large tier's): not even all-small fits", "model")
         return self.router.threshold_for_fraction(large_fraction_for_budget(self.cost_ratio, 1.0, budget))
 
-    def _posthoc_decision(self, mode: Mode, answer: dict[str, Any]) -> tuple[bool, Optional[float]]:
+    def _posthoc_decision(self, mode: Mode, answer: TierAnswer) -> tuple[bool, Optional[float]]:
         """(escalate?, the deferral rule's score or None) for the small tier's answer.
 
         An explicit confidence (the request's or `routing.posthoc_confidence`)
@@ -467,18 +468,18 @@ class CascadeIngress:
         from moe.difficulty import escalate_posthoc
 
         if mode.option == "confidence":
-            return escalate_posthoc(answer["confidence"], mode.value), None
+            return escalate_posthoc(answer.confidence, mode.value), None
         if self.routing.get("posthoc_confidence") is not None and mode.option is None:
-            return escalate_posthoc(answer["confidence"], self.routing["posthoc_confidence"]), None
+            return escalate_posthoc(answer.confidence, self.routing["posthoc_confidence"]), None
         deferral = self.router.deferral
         if deferral is not None:
-            score = float(deferral.score([answer["token_logprobs"]])[0])
+            score = float(deferral.score([answer.token_logprobs])[0])
             threshold = deferral.threshold_for_fraction(mode.value) if mode.option == "fraction" else \
                 deferral.threshold
             return score >= threshold, score
         threshold = (self.router.posthoc_threshold_for_fraction(mode.value) if mode.option == "fraction"
                      else self.posthoc_threshold)
-        return escalate_posthoc(answer["confidence"], threshold), None
+        return escalate_posthoc(answer.confidence, threshold), None
 
     async def _call(self, tier: str, method: str, *args: Any) -> Any:
         """One call of a tier's method; TierFailed when it fails, times out, or its breaker is open."""
@@ -524,7 +525,7 @@ class CascadeIngress:
         log.warning("%s; answering with the %s tier", err, fallback)
         self.degraded.inc(tags={"failed_tier": OTHER_TIER[fallback]})
 
-    async def _generate(self, tier: str, request: dict[str, Any]) -> tuple[dict[str, Any], str, bool]:
+    async def _generate(self, tier: str, request: TierRequest) -> tuple[TierAnswer, str, bool]:
         """(answer, the tier that gave it, degraded?): `tier`'s answer, or when it fails the other tier's.
 
         Raises:
@@ -557,37 +558,36 @@ class CascadeIngress:
             return "large", None
         return ("large" if difficulty >= self._threshold(mode) else "small"), difficulty
 
-    async def _answer(self, mode: Mode, request: dict[str, Any],
-                      route: Optional[tuple[str, Optional[float]]] = None) -> dict[str, Any]:
+    async def _answer(self, mode: Mode, request: TierRequest,
+                      route: Optional[tuple[str, Optional[float]]] = None) -> Routed:
         """One tier request answered; `route` is the prompt's (tier, difficulty) when already chosen."""
         if mode.kind == POSTHOC:
             return await self._answer_posthoc(mode, request)
-        tier, difficulty = route or await self._choose(mode, request["prompt_ids"])
+        tier, difficulty = route or await self._choose(mode, request.prompt_ids)
         answer, answered_by, degraded = await self._generate(tier, request)
-        return {**answer, "tier": answered_by, "difficulty": difficulty, **({"degraded": True} if degraded else {})}
+        return Routed(answer, answered_by, difficulty=difficulty, degraded=degraded)
 
-    async def _answer_posthoc(self, mode: Mode, request: dict[str, Any]) -> dict[str, Any]:
+    async def _answer_posthoc(self, mode: Mode, request: TierRequest) -> Routed:
         first, answered_by, degraded = await self._generate("small", request)
         if degraded:  # the large tier answered for a failed small one: nothing left to escalate to
-            return {**first, "tier": answered_by, "degraded": True}
+            return Routed(first, answered_by, degraded=True)
         escalate, difficulty = self._posthoc_decision(mode, first)
         if not escalate:
-            return {**first, "tier": "small", "difficulty": difficulty}
+            return Routed(first, "small", difficulty=difficulty)
         self.escalations.inc()
         try:
             answer = await self._call("large", "generate", request)
         except TierFailed as err:  # post-hoc keeps the small answer it already has
             self._degrade(err, "small")
-            return {**first, "tier": "small", "escalated": True, "degraded": True, "difficulty": difficulty}
-        return {**answer, "tier": "large", "escalated": True, "confidence": first["confidence"],
-                "difficulty": difficulty}
+            return Routed(first, "small", difficulty=difficulty, degraded=True, escalated=True)
+        return Routed(answer, "large", difficulty=difficulty, escalated=True, confidence=first.confidence)
 
-    def _record(self, mode: Mode, answer: dict[str, Any], started: float) -> None:
-        tier = answer["tier"]
+    def _record(self, mode: Mode, routed: Routed, started: float) -> None:
+        tier = routed.tier
         self.requests.inc(tags={"tier": tier, "mode": mode.kind})
         # A stop string can end a completion before its first token, and Ray's counters refuse an increment of 0.
-        if answer["completion_tokens"]:
-            self.tokens.inc(answer["completion_tokens"], tags={"tier": tier})
+        if routed.answer.completion_tokens:
+            self.tokens.inc(routed.answer.completion_tokens, tags={"tier": tier})
         self.latency.observe(time.perf_counter() - started, tags={"tier": tier})
 
     # ---- streaming -------------------------------------------------------------
@@ -605,17 +605,17 @@ class CascadeIngress:
                     if job.logprobs or job.echo is not None:
                         # Log-probabilities (and an echoed prompt) come with the whole answer: one chunk per
                         # choice carries its text and logprobs, as a client concatenating chunks expects.
-                        answer = await self._answer(job.mode, request, route)
-                        yield self._whole_chunk(chunk, meta, job, i, index, answer)
-                        generated += answer["completion_tokens"]
-                        self._record(job.mode, answer, started)
+                        routed = await self._answer(job.mode, request, route)
+                        yield self._whole_chunk(chunk, meta, job, i, index, routed)
+                        generated += routed.answer.completion_tokens
+                        self._record(job.mode, routed, started)
                         continue
-                    async for routing, text, answer in self._stream_one(job.mode, request, route):
-                        yield chunk(meta, routing, text, answer["finish_reason"] if answer else None, index, first)
+                    async for routing, text, done in self._stream_one(job.mode, request, route):
+                        yield chunk(meta, routing, text, done.answer.finish_reason if done else None, index, first)
                         first = False
-                        if answer is not None:
-                            generated += answer["completion_tokens"]
-                            self._record(job.mode, answer, started)
+                        if done is not None:
+                            generated += done.answer.completion_tokens
+                            self._record(job.mode, done, started)
         except RequestError as err:
             yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.error_type}})}\n\n"
         if include_usage:
@@ -626,25 +626,25 @@ class CascadeIngress:
             yield f"data: {json.dumps(last)}\n\n"
         yield "data: [DONE]\n\n"
 
-    async def _stream_one(self, mode: Mode, request: dict[str, Any], route: Optional[tuple[str, Optional[float]]]):
-        """Yields (routing, text delta, None) and last (routing, "", the completion) for one choice."""
+    async def _stream_one(self, mode: Mode, request: TierRequest, route: Optional[tuple[str, Optional[float]]]):
+        """Yields (routing, text delta, None) and last (routing, "", the routed answer) for one choice."""
         if mode.kind == POSTHOC:  # the decision needs the whole small answer: send it as one chunk
-            answer = await self._answer_posthoc(mode, request)
-            routing = {"routed_to": answer["tier"], "escalated": answer.get("escalated", False),
-                       "degraded": answer.get("degraded", False)}
-            yield routing, answer["text"], None
-            yield routing, "", answer
+            routed = await self._answer_posthoc(mode, request)
+            routing = {"routed_to": routed.tier, "escalated": routed.escalated, "degraded": routed.degraded}
+            yield routing, routed.answer.text, None
+            yield routing, "", routed
             return
         tier, difficulty = route
         routing = {"routed_to": tier, "difficulty": difficulty, "escalated": False, "degraded": False}
-        async for kind, payload, routing in self._stream_tier(tier, request, routing):
-            if kind == "text":
-                yield routing, payload, None
+        async for item, routing in self._stream_tier(tier, request, routing):
+            if isinstance(item, StreamDelta):
+                yield routing, item.text, None
             else:
-                yield routing, "", {**payload, "tier": routing["routed_to"]}
+                yield routing, "", Routed(item, routing["routed_to"], difficulty=difficulty,
+                                          degraded=routing["degraded"])
 
-    async def _stream_tier(self, tier: str, request: dict[str, Any], routing: dict[str, Any]):
-        """Yields ("text", delta, routing), then ("done", completion, routing); degrades before the first token."""
+    async def _stream_tier(self, tier: str, request: TierRequest, routing: dict[str, Any]):
+        """Yields (StreamDelta, routing)s, then (TierAnswer, routing); degrades before the first token."""
         streams: list[Any] = []
 
         def start() -> Any:
@@ -667,26 +667,25 @@ class CascadeIngress:
         generator = streams[0]
         item = first
         while True:
-            if item.get("done"):
-                yield "done", item, routing
+            yield item, routing
+            if isinstance(item, TierAnswer):
                 return
-            yield "text", item["text"], routing
             try:
                 item = await generator.__anext__()
             except StopAsyncIteration:
                 return
 
     def _whole_chunk(self, chunk: Any, meta: dict[str, Any], job: "Job", prompt: int, index: int,
-                     answer: dict[str, Any]) -> str:
+                     routed: Routed) -> str:
         """One choice answered whole, as a single chunk of its API with the echoed prompt and logprobs."""
+        answer = routed.answer
         if chunk.__name__ == "_chunk":
             echo = job.echo[prompt] if job.echo is not None else ""
             logprobs = (self._logprobs(answer, job.prompts[prompt] if job.echo is not None else None).model_dump()
                         if job.logprobs else None)
-            return chunk(meta, _routing(answer), echo + answer["text"], answer["finish_reason"], index, True,
-                         logprobs)
+            return chunk(meta, routed.routing(), echo + answer.text, answer.finish_reason, index, True, logprobs)
         logprobs = self._chat_logprobs(answer).model_dump() if job.logprobs else None
-        return chunk(meta, _routing(answer), answer["text"], answer["finish_reason"], index, True, logprobs)
+        return chunk(meta, routed.routing(), answer.text, answer.finish_reason, index, True, logprobs)
 
     @staticmethod
     def _chunk(meta: dict[str, Any], routing: dict[str, Any], text: str, finish_reason: Optional[str],
@@ -712,17 +711,17 @@ class Job:
 
     mode: Mode
     prompts: list[list[int]]
-    request: dict[str, Any]
+    fields: dict[str, Any]  # the TierRequest fields every prompt and candidate share
     n: int
     best_of: int
     seed: Optional[int]
     logprobs: bool = False  # the client asked for log-probabilities
     echo: Optional[list[str]] = None  # the completions API's echo: each prompt's text, returned before its answer
 
-    def candidates(self, prompt_ids: list[int], count: int) -> list[dict[str, Any]]:
+    def candidates(self, prompt_ids: list[int], count: int) -> list[TierRequest]:
         """The tier requests of one prompt: `count` of them, seeds seed, seed + 1, ... when a seed is given."""
-        return [{**self.request, "prompt_ids": prompt_ids,
-                 "seed": None if self.seed is None else (self.seed + k) % 2 ** 63} for k in range(count)]
+        return [TierRequest(prompt_ids=prompt_ids, seed=None if self.seed is None else (self.seed + k) % 2 ** 63,
+                            **self.fields) for k in range(count)]
 
 
 def _starting_deployments(names: list[str]) -> list[str]:
@@ -742,33 +741,23 @@ def _include_usage(body: Any) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
-def _indexed(results: list[tuple[list[dict[str, Any]], int]], n: int) -> list[tuple[int, dict[str, Any]]]:
+def _indexed(results: list[tuple[list[Routed], int]], n: int) -> list[tuple[int, Routed]]:
     """(choice index, answer): prompt i's k-th answer is choice i * n + k, as OpenAI numbers them."""
     return [(i * n + k, answer) for i, (answers, _) in enumerate(results) for k, answer in enumerate(answers)]
 
 
-def _routing(answer: dict[str, Any]) -> dict[str, Any]:
-    return {"routed_to": answer["tier"], "difficulty": answer.get("difficulty"),
-            "escalated": answer.get("escalated", False), "degraded": answer.get("degraded", False)}
-
-
-def _summary(job: Job, results: list[tuple[list[dict[str, Any]], int]]) -> dict[str, Any]:
+def _summary(job: Job, results: list[tuple[list[Routed], int]]) -> dict[str, Any]:
     """The response's usage (prompts counted once, every generated candidate counted) and routing fields."""
     answers = [answer for answers, _ in results for answer in answers]
     prompt_tokens = sum(len(ids) for ids in job.prompts)
     generated = sum(tokens for _, tokens in results)
-    tiers = {answer["tier"] for answer in answers}
+    tiers = {routed.tier for routed in answers}
     return {"usage": Usage(prompt_tokens=prompt_tokens, completion_tokens=generated,
                            total_tokens=prompt_tokens + generated),
-            "routed_to": tiers.pop() if len(tiers) == 1 else "mixed", "difficulty": answers[0].get("difficulty"),
-            "escalated": any(a.get("escalated", False) for a in answers),
-            "degraded": any(a.get("degraded", False) for a in answers), "confidence": answers[0].get("confidence")}
-
-
-def _mean_logprob(answer: dict[str, Any]) -> float:
-    """best_of's ranking: the mean log-probability of the answer's tokens (0, i.e. certain, when empty)."""
-    logprobs = answer["token_logprobs"]
-    return sum(logprobs) / len(logprobs) if logprobs else 0.0
+            "routed_to": tiers.pop() if len(tiers) == 1 else "mixed", "difficulty": answers[0].difficulty,
+            "escalated": any(routed.escalated for routed in answers),
+            "degraded": any(routed.degraded for routed in answers),
+            "confidence": answers[0].confidence if answers[0].confidence is not None else answers[0].answer.confidence}
 
 
 # The FastAPI routes of the class become bound to the replica here, once per process:

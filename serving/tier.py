@@ -9,7 +9,8 @@ difficulty prefill of a prompt is kept for its generation when the cascade
 routes it to this tier (`Generator.prefill_signals`).
 
 The ingress sends token ids (it tokenizes once, to check prompt length); all
-tiers share one tokenizer, which `serving.app.check_tiers` enforces.
+tiers share one tokenizer, which `serving.app.check_tiers` enforces. Requests
+and answers are the records of `serving.records`.
 """
 
 from __future__ import annotations
@@ -22,25 +23,17 @@ from typing import Any, AsyncIterator, Optional
 
 from ray import serve
 
+from serving.records import StreamDelta, TierAnswer, TierRequest
+
 SLOW_START_S = 15.0  # the `slow_start` drill's delay
 
-def _params(request: dict[str, Any]):
-    from moe.generate import SamplingParams
 
-    return SamplingParams(max_tokens=request["max_tokens"], temperature=request["temperature"],
-                          top_p=request["top_p"], seed=request.get("seed"), stop=tuple(request.get("stop", ())),
-                          presence_penalty=request.get("presence_penalty", 0.0),
-                          frequency_penalty=request.get("frequency_penalty", 0.0),
-                          logit_bias=tuple(request.get("logit_bias", {}).items()),
-                          top_logprobs=request.get("top_logprobs", 0),
-                          ignore_eos=request.get("ignore_eos", False))
-
-
-def _completion_dict(completion: Any) -> dict[str, Any]:
-    return {"text": completion.text, "finish_reason": completion.finish_reason,
-            "prompt_tokens": len(completion.prompt_token_ids), "completion_tokens": len(completion.token_ids),
-            "confidence": completion.mean_confidence, "token_ids": completion.token_ids,
-            "token_logprobs": completion.token_logprobs, "top_logprobs": completion.top_logprobs}
+def _answer(completion: Any) -> TierAnswer:
+    """A `moe.generate.Completion` as the record the ingress receives."""
+    return TierAnswer(text=completion.text, finish_reason=completion.finish_reason,
+                      prompt_tokens=len(completion.prompt_token_ids), completion_tokens=len(completion.token_ids),
+                      confidence=completion.mean_confidence, token_ids=list(completion.token_ids),
+                      token_logprobs=list(completion.token_logprobs), top_logprobs=list(completion.top_logprobs))
 
 
 class Tier:
@@ -117,31 +110,27 @@ class Tier:
         return {"name": self.name, "checkpoint": self.checkpoint, "max_seq_len": config.max_seq_len,
                 "vocab_size": config.vocab_size}
 
-    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One completion: {"prompt_ids", "max_tokens", "temperature", "top_p", "seed", "stop", penalties,
-        "logit_bias", "top_logprobs", "echo"} -> dict (text, token ids and log-probabilities, counts; with
-        "echo", the prompt's own log-probabilities too; max_tokens 0 generates nothing)."""
+    async def generate(self, request: TierRequest) -> TierAnswer:
+        """One completion (with `echo`, the prompt's own log-probabilities too; max_tokens 0 generates nothing)."""
         await self._drill()
         started = time.perf_counter()
-        if request["max_tokens"] == 0:  # echo only: score the prompt, generate nothing
-            result = {"text": "", "finish_reason": "length", "prompt_tokens": len(request["prompt_ids"]),
-                      "completion_tokens": 0, "confidence": 1.0, "token_ids": [], "token_logprobs": [],
-                      "top_logprobs": []}
+        if request.max_tokens == 0:  # echo only: score the prompt, generate nothing
+            result = TierAnswer(text="", finish_reason="length", prompt_tokens=len(request.prompt_ids),
+                                completion_tokens=0, confidence=1.0)
         else:
             result = await self.generate_batch(request)
-        if request.get("echo"):
-            [(logprobs, top)] = await self._run(self.generator.prompt_logprobs, [request["prompt_ids"]],
-                                                request.get("top_logprobs", 0))
-            result.update(prompt_logprobs=logprobs, prompt_top_logprobs=top)
-        result["latency_s"] = time.perf_counter() - started
+        if request.echo:
+            [(logprobs, top)] = await self._run(self.generator.prompt_logprobs, [request.prompt_ids],
+                                                request.top_logprobs)
+            result.prompt_logprobs, result.prompt_top_logprobs = logprobs, top
+        result.latency_s = time.perf_counter() - started
         return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        prompt_ids = [r["prompt_ids"] for r in requests]
-        params = [_params(r) for r in requests]
-        completions = await self._run(self.generator.generate_ids, prompt_ids, params)
-        return [_completion_dict(c) for c in completions]
+    async def generate_batch(self, requests: list[TierRequest]) -> list[TierAnswer]:
+        completions = await self._run(self.generator.generate_ids, [r.prompt_ids for r in requests],
+                                      [r.sampling_params() for r in requests])
+        return [_answer(c) for c in completions]
 
     async def signals(self, prompt_ids: list[int]) -> list[float]:
         """The pre-generation difficulty signals of one prompt (moe.difficulty.SIGNAL_NAMES order), then the
@@ -154,14 +143,14 @@ class Tier:
         signals = await self._run(self.generator.prefill_signals, prompts, self.hidden)
         return [row.tolist() for row in signals]
 
-    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yields {"text": delta} as tokens arrive, then {"done": True, ...the completion}.
+    async def stream(self, request: TierRequest) -> AsyncIterator[Any]:
+        """Yields a `StreamDelta` as tokens arrive, then the `TierAnswer`.
 
         Every live stream of this replica decodes in one continuous batch
         (`moe.generate.LiveBatch`): a stream joins at the next step, and one
         decode step advances all of them."""
         await self._drill()
-        live = self.streams.add(request["prompt_ids"], _params(request))
+        live = self.streams.add(request.prompt_ids, request.sampling_params())
         queue: asyncio.Queue = asyncio.Queue()
         self.listeners[live] = queue
         if self.stepper is None or self.stepper.done():
@@ -172,7 +161,7 @@ class Tier:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                done = bool(item.get("done"))
+                done = isinstance(item, TierAnswer)
                 yield item
         finally:
             if not done:  # the client went away: free the stream's row
@@ -193,9 +182,9 @@ class Tier:
             for live, queue in list(self.listeners.items()):
                 if live.pending:
                     delta, live.pending = live.pending, ""
-                    queue.put_nowait({"text": delta})
+                    queue.put_nowait(StreamDelta(delta))
                 if live.finish_reason is not None and live.finish_reason != "cancelled":
-                    queue.put_nowait({"done": True, **_completion_dict(live.completion())})
+                    queue.put_nowait(_answer(live.completion()))
                     del self.listeners[live]
             if not more and not self.streams.waiting:  # no await since the check: a new stream restarts us
                 return
