@@ -59,31 +59,10 @@ def free_port() -> int:
 
 def tiny_tiers(root: Path) -> dict[str, Path]:
     """Two random-weight tiers over one trained tokenizer, and a router that sends long prompts to large."""
-    import torch
-
-    import moe
-    from data_pipeline.tokenize import train_tokenizer
-    from moe.difficulty import SIGNAL_NAMES, DifficultyRouter
+    from serving.testing import tiny_pair
 
     texts = ["the expert router sends each token to two of eight experts", "a mixture of experts model"] * 20
-    tokenizer = train_tokenizer(texts, vocab_size=300, eos_token="<|endoftext|>").to_str()
-    paths = {}
-    for name, hidden, seed in (("small", 16, 1), ("large", 32, 2)):
-        torch.manual_seed(seed)
-        config = moe.ModelConfig(vocab_size=300, hidden_size=hidden, num_layers=2, num_heads=2, num_kv_heads=1,
-                                 max_seq_len=96, experts=moe.ExpertsConfig(num_experts=4, hidden_size=hidden))
-        moe.save_checkpoint(moe.MoETransformer(config), root / name)
-        (root / name / "tokenizer.json").write_text(tokenizer)
-        paths[name] = root / name
-    width = len(SIGNAL_NAMES)
-    weights = [0.0] * width
-    weights[SIGNAL_NAMES.index("prompt_tokens")] = 1.0
-    router = DifficultyRouter(signal_names=tuple(SIGNAL_NAMES), mean=[0.0] * width, std=[1.0] * width,
-                              weights=weights, bias=-12.5, threshold=0.5, fraction_thresholds=[[0.0, 1.0], [1.0, 0.0]],
-                              posthoc_threshold=0.5)
-    router.save(root / "router.json")
-    paths["router"] = root / "router.json"
-    return paths
+    return tiny_pair(root, texts, split=12)
 
 
 def node_processes(node_id: str) -> list[int]:

@@ -300,6 +300,120 @@ def tier_answers(model: MoETransformer, checkpoint: Path, prompts: list[list[int
     return generator.generate_ids(prompts, params), generator
 
 
+def _query_sets(data_dir: Path, prompt_tokens: int, reference_tokens: int, seed: int, calibration_queries: int,
+                num_queries: int) -> tuple[dict[str, list], dict[str, list], list[int]]:
+    """(calibration and test query pairs, their documents, each calibration query's document) (NOTE 1)."""
+    documents = {name: read_split_documents(data_dir, split, 1 << 30, reference_tokens + 1)
+                 for name, split in (("calibration", "calibration"), ("test", "validation"))}
+    windows = {"calibration": query_windows(documents["calibration"], prompt_tokens, reference_tokens, seed,
+                                            calibration_queries),
+               "test": query_windows(documents["test"], prompt_tokens, reference_tokens, seed + 1, num_queries)}
+    sets = {name: [pair for pair, _ in found] for name, found in windows.items()}
+    calibration_documents = [document for _, document in windows["calibration"]]
+    for name, pairs in sets.items():
+        if len(pairs) < MIN_QUERIES:
+            split = "calibration" if name == "calibration" else "validation"
+            raise ValueError(f"data: the {split} split of {data_dir} gives only {len(pairs)} {name} queries of "
+                             f"prompt_tokens={prompt_tokens} + {reference_tokens} reference tokens from "
+                             f"{len(documents[name])} documents; at least {MIN_QUERIES} are needed (prepare it "
+                             f"with a larger data.{split}_fraction)")
+    return sets, documents, calibration_documents
+
+
+def _measure(small_model: MoETransformer, large_model: MoETransformer, pairs: list, full: HiddenFeatures,
+             continuation_tokens: int, batch_size: int) -> dict[str, torch.Tensor]:
+    """The small tier's prefill features and both tiers' loglik and next-token quality on the queries (NOTE 2)."""
+    scored = [(query, reference[:continuation_tokens]) for query, reference in pairs]
+    features = prompt_signals(small_model, [query for query, _ in pairs], batch_size=batch_size, hidden=full)
+    return {
+        "features": features,
+        "signals": features[:, :len(SIGNAL_NAMES)],
+        "loglik_small": -continuation_nll(small_model, scored, batch_size),
+        "loglik_large": -continuation_nll(large_model, scored, batch_size),
+        "next_token_small": next_token_correct(small_model, pairs, batch_size),
+        "next_token_large": next_token_correct(large_model, pairs, batch_size),
+    }
+
+
+def _fit_routers(cal: dict[str, torch.Tensor], test: dict[str, torch.Tensor], full: HiddenFeatures,
+                 calibration_documents: list[int], calibration_answers: list, answers_small: list,
+                 confidence: torch.Tensor, metric: str, margin: Optional[float], l2: float,
+                 seed: int) -> tuple[dict[str, tuple[torch.Tensor, str]], dict[str, Any]]:
+    """Every router of NOTE 4 fitted on the calibration queries' gain on `metric`: ({name: (test scores, charge)},
+    the fitted parts the report describes)."""
+    cal_gain = cal[f"{metric}_large"] - cal[f"{metric}_small"]
+    margin = float(cal_gain.median()) if margin is None else float(margin)
+    labels = (cal_gain > margin).to(torch.float64)
+    try:
+        learned = DifficultyRouter.fit(cal["signals"], labels, l2=l2)
+    except ValueError as err:
+        raise ValueError(f"margin: {err} (the large tier beats the small one on {metric} by more than "
+                         f"margin={margin} on {int(labels.sum())} of {len(labels)} calibration queries)") from None
+    ridge = fit_ridge(cal["signals"], cal_gain, l2)
+    directions = signal_directions(cal["signals"], cal_gain)
+    candidates = [HiddenFeatures((layer,), POOLINGS, full.hidden_size) for layer in full.layers] + [full]
+    probe, probe_report = fit_probe(cal["features"], cal_gain, calibration_documents, full, candidates,
+                                    margin=margin, seed=seed)
+    deferral, deferral_report = DeferralRule.fit([a.token_logprobs for a in calibration_answers], cal_gain,
+                                                 calibration_documents, margin=margin, seed=seed)
+    probe_columns = list(range(len(SIGNAL_NAMES))) + [len(SIGNAL_NAMES) + i for i in probe.hidden.columns_in(full)]
+    n_test = len(confidence)
+    routers: dict[str, tuple[torch.Tensor, str]] = {"random": (torch.zeros(n_test, dtype=torch.float64), "none")}
+    for column, name in enumerate(SIGNAL_NAMES):
+        routers[f"signal:{name}"] = (directions[name] * test["signals"][:, column], "prefill")
+    routers["learned"] = (learned.score(test["signals"]), "prefill")
+    routers["learned_regression"] = (ridge_scores(ridge, test["signals"]), "prefill")
+    routers["probe"] = (probe.score(test["features"][:, probe_columns]), "prefill")
+    routers["posthoc"] = (-confidence, "posthoc")
+    routers["deferral"] = (deferral.score([a.token_logprobs for a in answers_small]), "posthoc")
+    fitted = {"margin": margin, "labels": labels, "learned": learned, "ridge": ridge, "directions": directions,
+              "probe": probe, "probe_report": probe_report, "deferral_report": deferral_report}
+    return routers, fitted
+
+
+def _summarize_routers(routers: dict[str, tuple[torch.Tensor, str]], oracle_scores: dict[str, torch.Tensor],
+                       test: dict[str, torch.Tensor], charges: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                       time_charges: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]], cost_all_large: float,
+                       metric: str, bootstrap: int, seed: int,
+                       labels: torch.Tensor) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, ...]]]:
+    """Per router (and the oracle), per metric: APGR, CPT, costs, bootstrap spread and curves (NOTE 3, 5, 6)."""
+    n_test = len(labels)
+    results: dict[str, Any] = {}
+    curves: dict[str, tuple[torch.Tensor, ...]] = {}
+    generator_rng = torch.Generator().manual_seed(seed)
+    resamples = [torch.randint(n_test, (n_test,), generator=generator_rng) for _ in range(bootstrap)]
+    for name in [*routers, "oracle"]:
+        entry: dict[str, Any] = {}
+        for shown in METRICS:
+            scores, charge = routers.get(name, (oracle_scores[shown], "none"))
+            q_small, q_large = test[f"{shown}_small"], test[f"{shown}_large"]
+            if not float(q_large.sum() - q_small.sum()) > 0:
+                entry[shown] = None  # no gap to recover on this metric (e.g. no exact match by either tier)
+                continue
+            summary = router_summary(scores, q_small, q_large, *charges[charge], cost_all_large)
+            fraction, pgr, cost = summary.pop("_curves")
+            spread = _bootstrap(resamples, scores, q_small, q_large, charges[charge])
+            summary.update(spread)
+            if time_charges is not None:
+                timed = router_summary(scores, q_small, q_large, *time_charges[charge],
+                                       float(time_charges["none"][1].sum()))
+                summary.update({"time_cpt50": timed["cost_cpt50"], "time_cpt80": timed["cost_cpt80"]})
+            summary["curve"] = {"large_fraction": [round(float(x), 4) for x in torch.linspace(0, 1, CURVE_POINTS)],
+                                "pgr": _resample_points(fraction, pgr),
+                                "cost_fraction": _resample_points(fraction, cost)}
+            if shown == metric:
+                curves[name] = (fraction, pgr, cost)
+            entry[shown] = summary
+        entry["charge"] = charges_doc(routers.get(name, (None, "none"))[1])
+        fitted = entry[metric] or {}
+        for key in ("apgr", "apgr_std", "cpt50", "cpt80", "cost_cpt50", "cost_cpt80", "time_cpt50", "time_cpt80"):
+            entry[key] = fitted.get(key)  # the summary columns: on `metric`
+        entry["auc"] = roc_auc(routers[name][0], labels) if name in routers else None
+        results[name] = entry
+
+    return results, curves
+
+
 def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data: Optional[PathLike] = None,
                      num_queries: int = 1024, calibration_queries: int = 2048, prompt_tokens: int = 32,
                      continuation_tokens: int = 16,
@@ -360,36 +474,13 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         raise ValueError(f"prompt_tokens: prompt_tokens ({prompt_tokens}) + max(continuation_tokens, line_tokens) "
                          f"({reference_tokens}) exceed the models' max_seq_len ({max_len})")
 
-    # Calibration and test queries from the two held-out splits (NOTE 1).
-    documents = {name: read_split_documents(data_dir, split, 1 << 30, reference_tokens + 1)
-                 for name, split in (("calibration", "calibration"), ("test", "validation"))}
-    windows = {"calibration": query_windows(documents["calibration"], prompt_tokens, reference_tokens, seed,
-                                            calibration_queries),
-               "test": query_windows(documents["test"], prompt_tokens, reference_tokens, seed + 1, num_queries)}
-    sets = {name: [pair for pair, _ in found] for name, found in windows.items()}
-    calibration_documents = [document for _, document in windows["calibration"]]
-    for name, pairs in sets.items():
-        if len(pairs) < MIN_QUERIES:
-            split = "calibration" if name == "calibration" else "validation"
-            raise ValueError(f"data: the {split} split of {data_dir} gives only {len(pairs)} {name} queries of "
-                             f"prompt_tokens={prompt_tokens} + {reference_tokens} reference tokens from "
-                             f"{len(documents[name])} documents; at least {MIN_QUERIES} are needed (prepare it "
-                             f"with a larger data.{split}_fraction)")
+    sets, documents, calibration_documents = _query_sets(data_dir, prompt_tokens, reference_tokens, seed,
+                                                         calibration_queries, num_queries)
     # Every layer of the small tier, both poolings: the probe's candidates are subsets (NOTE 4).
     small_cfg = small_model.config
     full = HiddenFeatures(tuple(range(small_cfg.num_layers)), POOLINGS, small_cfg.hidden_size)
-    measured = {}
-    for name, pairs in sets.items():
-        scored = [(query, reference[:continuation_tokens]) for query, reference in pairs]
-        features = prompt_signals(small_model, [query for query, _ in pairs], batch_size=batch_size, hidden=full)
-        measured[name] = {
-            "features": features,
-            "signals": features[:, :len(SIGNAL_NAMES)],
-            "loglik_small": -continuation_nll(small_model, scored, batch_size),
-            "loglik_large": -continuation_nll(large_model, scored, batch_size),
-            "next_token_small": next_token_correct(small_model, pairs, batch_size),
-            "next_token_large": next_token_correct(large_model, pairs, batch_size),
-        }
+    measured = {name: _measure(small_model, large_model, pairs, full, continuation_tokens, batch_size)
+                for name, pairs in sets.items()}
     cal, test = measured["calibration"], measured["test"]
     gap = float(test["loglik_large"].mean() - test["loglik_small"].mean())
     if not gap > 0:
@@ -424,34 +515,12 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
     }
 
     # Routers (NOTE 4): scores on the test queries, fitted on the calibration queries' gain on `metric` only.
-    cal_gain = cal[f"{metric}_large"] - cal[f"{metric}_small"]
-    margin = float(cal_gain.median()) if margin is None else float(margin)
-    labels = (cal_gain > margin).to(torch.float64)
-    try:
-        learned = DifficultyRouter.fit(cal["signals"], labels, l2=l2)
-    except ValueError as err:
-        raise ValueError(f"margin: {err} (the large tier beats the small one on {metric} by more than "
-                         f"margin={margin} on "
-                         f"{int(labels.sum())} of {len(labels)} calibration queries)") from None
-    ridge = fit_ridge(cal["signals"], cal_gain, l2)
-    directions = signal_directions(cal["signals"], cal_gain)
-    candidates = [HiddenFeatures((layer,), POOLINGS, full.hidden_size) for layer in full.layers] + [full]
-    probe, probe_report = fit_probe(cal["features"], cal_gain, calibration_documents, full, candidates,
-                                    margin=margin, seed=seed)
-    deferral, deferral_report = DeferralRule.fit([a.token_logprobs for a in calibration_answers], cal_gain,
-                                                 calibration_documents, margin=margin, seed=seed)
-    probe_columns = list(range(len(SIGNAL_NAMES))) + [len(SIGNAL_NAMES) + i for i in probe.hidden.columns_in(full)]
+    routers, fitted = _fit_routers(cal, test, full, calibration_documents, calibration_answers, answers_small,
+                                   confidence, metric, margin, l2, seed)
+    margin, probe = fitted["margin"], fitted["probe"]
     test_gain = test[f"{metric}_large"] - test[f"{metric}_small"]
     loglik_gain = test["loglik_large"] - test["loglik_small"]
     n_test = len(test_pairs)
-    routers: dict[str, tuple[torch.Tensor, str]] = {"random": (torch.zeros(n_test, dtype=torch.float64), "none")}
-    for column, name in enumerate(SIGNAL_NAMES):
-        routers[f"signal:{name}"] = (directions[name] * test["signals"][:, column], "prefill")
-    routers["learned"] = (learned.score(test["signals"]), "prefill")
-    routers["learned_regression"] = (ridge_scores(ridge, test["signals"]), "prefill")
-    routers["probe"] = (probe.score(test["features"][:, probe_columns]), "prefill")
-    routers["posthoc"] = (-confidence, "posthoc")
-    routers["deferral"] = (deferral.score([a.token_logprobs for a in answers_small]), "posthoc")
     seconds = (measure_seconds(small_model, large_model, small, large, prompts[:timing_queries], line_tokens,
                                probe.hidden, device) if timing_queries > 0 else None)
     time_charges = None
@@ -464,38 +533,8 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
                      "exact_match": test["exact_match_large"] - test["exact_match_small"] + 1e-3 * loglik_gain,
                      "next_token": test["next_token_large"] - test["next_token_small"] + 1e-3 * loglik_gain}
 
-    results: dict[str, Any] = {}
-    curves: dict[str, tuple[torch.Tensor, ...]] = {}
-    generator_rng = torch.Generator().manual_seed(seed)
-    resamples = [torch.randint(n_test, (n_test,), generator=generator_rng) for _ in range(bootstrap)]
-    for name in [*routers, "oracle"]:
-        entry: dict[str, Any] = {}
-        for shown in METRICS:
-            scores, charge = routers.get(name, (oracle_scores[shown], "none"))
-            q_small, q_large = test[f"{shown}_small"], test[f"{shown}_large"]
-            if not float(q_large.sum() - q_small.sum()) > 0:
-                entry[shown] = None  # no gap to recover on this metric (e.g. no exact match by either tier)
-                continue
-            summary = router_summary(scores, q_small, q_large, *charges[charge], cost_all_large)
-            fraction, pgr, cost = summary.pop("_curves")
-            spread = _bootstrap(resamples, scores, q_small, q_large, charges[charge])
-            summary.update(spread)
-            if time_charges is not None:
-                timed = router_summary(scores, q_small, q_large, *time_charges[charge],
-                                       float(time_charges["none"][1].sum()))
-                summary.update({"time_cpt50": timed["cost_cpt50"], "time_cpt80": timed["cost_cpt80"]})
-            summary["curve"] = {"large_fraction": [round(float(x), 4) for x in torch.linspace(0, 1, CURVE_POINTS)],
-                                "pgr": _resample_points(fraction, pgr),
-                                "cost_fraction": _resample_points(fraction, cost)}
-            if shown == metric:
-                curves[name] = (fraction, pgr, cost)
-            entry[shown] = summary
-        entry["charge"] = charges_doc(routers.get(name, (None, "none"))[1])
-        fitted = entry[metric] or {}
-        for key in ("apgr", "apgr_std", "cpt50", "cpt80", "cost_cpt50", "cost_cpt80", "time_cpt50", "time_cpt80"):
-            entry[key] = fitted.get(key)  # the summary columns: on `metric`
-        entry["auc"] = roc_auc(routers[name][0], test_gain > margin) if name in routers else None
-        results[name] = entry
+    results, curves = _summarize_routers(routers, oracle_scores, test, charges, time_charges, cost_all_large,
+                                         metric, bootstrap, seed, test_gain > margin)
 
     report = {
         "small": str(small.resolve()), "large": str(large.resolve()), "data": str(data_dir.resolve()),
@@ -521,11 +560,12 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         "distilled": (None if distilled is None else
                       _alone(distilled, [(q, r[:continuation_tokens]) for q, r in test_pairs],
                              [len(a.token_ids) for a in answers_small], test, batch_size, device, cost_all_large)),
-        "learned": {"weights": dict(zip(SIGNAL_NAMES, learned.weights)), "bias": learned.bias,
-                    "regression_weights": dict(zip(SIGNAL_NAMES, ridge["weights"])),
-                    "signal_directions": directions, "calibration_label_rate": float(labels.mean())},
-        "probe": probe_report,
-        "deferral": deferral_report,
+        "learned": {"weights": dict(zip(SIGNAL_NAMES, fitted["learned"].weights)), "bias": fitted["learned"].bias,
+                    "regression_weights": dict(zip(SIGNAL_NAMES, fitted["ridge"]["weights"])),
+                    "signal_directions": fitted["directions"],
+                    "calibration_label_rate": float(fitted["labels"].mean())},
+        "probe": fitted["probe_report"],
+        "deferral": fitted["deferral_report"],
         "gain_correlation": {name: _pearson(_ranks(test["signals"][:, i]), _ranks(test_gain))
                              for i, name in enumerate(SIGNAL_NAMES)},
         "routers": results,

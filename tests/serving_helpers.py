@@ -7,14 +7,13 @@ every prompt is known: more than LENGTH_SPLIT tokens goes to the large tier.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
 import yaml
 
-import moe
-from moe.difficulty import DEFERRAL_FEATURES, SIGNAL_NAMES, DeferralRule, DifficultyRouter, HiddenFeatures
+from moe.difficulty import DEFERRAL_FEATURES, DeferralRule, HiddenFeatures
+from serving.testing import length_router as serving_length_router
+from serving.testing import make_tier
 
 SERVE_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "serve_config.yaml"
 SERVE_CONFIG_PATHS = ("small", "large", "routing.router")  # the args a user edits to point at their files
@@ -24,40 +23,20 @@ LONG = " ".join(["the expert router sends each token to two of eight experts"] *
 LENGTH_SPLIT = 12  # prompts with more tokens than this go to the large tier
 
 
-def make_tier(directory: Path, tokenizer_json: str, hidden: int, seed: int) -> Path:
-    torch.manual_seed(seed)
-    tokenizer_size = json.loads(tokenizer_json)["model"]["vocab"]
-    config = moe.ModelConfig(vocab_size=len(tokenizer_size), hidden_size=hidden, num_layers=2, num_heads=2,
-                             num_kv_heads=1, max_seq_len=96, router=moe.RouterConfig(top_k=2),
-                             experts=moe.ExpertsConfig(num_experts=4, hidden_size=hidden))
-    moe.save_checkpoint(moe.MoETransformer(config), directory)
-    (directory / "tokenizer.json").write_text(tokenizer_json)
-    return directory
-
-
 def length_router(path: Path) -> Path:
-    """A router that scores by prompt length: P(large) >= 0.5 exactly when tokens > LENGTH_SPLIT.
+    """`serving.testing.length_router` at LENGTH_SPLIT, as a probe and with a token-level deferral rule.
 
-    It is also a probe: the small tier's last-layer state at the prompt's last
-    token adds a little to the score (too little to change a decision, enough
-    to show in `difficulty`), so the served scores prove the hidden states
-    reach the ingress. Its token-level deferral rule scores the small answer
-    by its length; its table escalates every answer at fraction 1 and none at 0.
+    The small tier's last-layer state at the prompt's last token adds a little
+    to the score (too little to change a decision, enough to show in
+    `difficulty`), so the served scores prove the hidden states reach the
+    ingress. Its deferral rule scores the small answer by its length; its table
+    escalates every answer at fraction 1 and none at 0.
     """
-    index = SIGNAL_NAMES.index("prompt_tokens")
-    hidden = HiddenFeatures(layers=(1,), pooling=("last",), hidden_size=16)
-    weights = [0.0] * len(SIGNAL_NAMES) + [1.0] * hidden.width  # random-init states are small: a shift of ~0.1
-    weights[index] = 1.0
-    width = len(weights)
     deferral = DeferralRule(mean=[0.0] * len(DEFERRAL_FEATURES), std=[1.0] * len(DEFERRAL_FEATURES),
                             weights=[0.0] * (len(DEFERRAL_FEATURES) - 1) + [0.5], bias=-1.0, threshold=0.5,
                             fraction_thresholds=[[0.0, 1.0], [1.0, 0.0]])
-    router = DifficultyRouter(signal_names=tuple(SIGNAL_NAMES), mean=[0.0] * width, std=[1.0] * width,
-                              weights=weights, bias=-(LENGTH_SPLIT + 0.5), threshold=0.5,
-                              fraction_thresholds=[[0.0, 1.0], [1.0, 0.0]], posthoc_threshold=0.5, hidden=hidden,
-                              deferral=deferral)
-    router.save(path)
-    return path
+    return serving_length_router(path, LENGTH_SPLIT, hidden=HiddenFeatures(layers=(1,), pooling=("last",),
+                                                                           hidden_size=16), deferral=deferral)
 
 
 def make_tiers(root: Path) -> dict[str, Path]:
