@@ -31,6 +31,12 @@ import torch.distributed as dist
 from moe.router import count_per_expert
 
 
+def host_ints(counts: torch.Tensor) -> list[int]:
+    """`counts` as Python ints: the one device-to-host sync of an expert-parallel MoE layer (the all-to-all's
+    split sizes must be on the host). One named place, so tests count it (tests/test_expert_parallel.py)."""
+    return counts.tolist()
+
+
 @dataclass
 class DispatchState:
     """What `combine` needs to undo `dispatch`."""
@@ -67,11 +73,11 @@ class LocalDispatcher:
             assignment_index_N = torch.argsort(flat_ids_A, stable=True)
             tokens_per_expert = count_per_expert(flat_ids_A, self.num_experts)
         else:
-            # Dropped assignments get id E: they sort last and are cut off.
+            # Dropped assignments get id E: they sort last and are cut off. How many rows remain sizes the
+            # output, so the capacity mode costs one device-to-host sync (dropless costs none).
+            tokens_per_expert = count_per_expert(flat_ids_A, self.num_experts)
             flat_ids_A = torch.where(flat_ids_A < 0, self.num_experts, flat_ids_A)
-            counts = torch.bincount(flat_ids_A, minlength=self.num_experts + 1)
-            tokens_per_expert = counts[:self.num_experts]
-            num_routed = flat_ids_A.numel() - int(counts[self.num_experts])
+            num_routed = int(tokens_per_expert.sum())
             assignment_index_N = torch.argsort(flat_ids_A, stable=True)[:num_routed]
         token_index_N = assignment_index_N // top_k
         x_ND = x_TD.index_select(0, token_index_N)
@@ -231,17 +237,18 @@ class AllToAllDispatcher:
         num_ranks, num_local = self.ep_size, self.num_local_experts
         top_k = topk_ids_TK.shape[1]
 
-        # 1. Sort by global expert; dropped assignments get id E and sort last.
+        # 1. Sort by global expert; dropped assignments get id E and sort last. (A scatter-add count:
+        # `bincount` would cost a device-to-host sync of its own on CUDA.)
         flat_ids_A = topk_ids_TK.reshape(-1)
+        send_counts_E = count_per_expert(flat_ids_A, self.num_experts)
         flat_ids_A = torch.where(flat_ids_A < 0, self.num_experts, flat_ids_A)
-        send_counts_E = torch.bincount(flat_ids_A, minlength=self.num_experts + 1)[:self.num_experts]
         order_A = torch.argsort(flat_ids_A, stable=True)
 
         # 2. Exchange counts: block r of send_counts_E goes to rank r.
         recv_counts_E = torch.empty_like(send_counts_E)
         dist.all_to_all_single(recv_counts_E, send_counts_E, group=self.ep_group)
         recv_counts_RL = recv_counts_E.view(num_ranks, num_local)
-        splits = torch.cat([send_counts_E.view(num_ranks, num_local).sum(1), recv_counts_RL.sum(1)]).tolist()
+        splits = host_ints(torch.cat([send_counts_E.view(num_ranks, num_local).sum(1), recv_counts_RL.sum(1)]))
         send_splits, recv_splits = splits[:num_ranks], splits[num_ranks:]
 
         assignment_index_N = order_A[:sum(send_splits)]

@@ -113,7 +113,7 @@ def capacity_keep_mask(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
         priority_order = torch.arange(flat_ids.numel(), device=flat_ids.device)
     by_expert = torch.argsort(flat_ids[priority_order], stable=True)
     order = priority_order[by_expert]
-    counts_E = torch.bincount(flat_ids, minlength=num_experts)
+    counts_E = count_per_expert(flat_ids, num_experts)  # not bincount: no device-to-host sync
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_sorted = torch.arange(order.numel(), device=flat_ids.device) - starts_E[flat_ids[order]]
     keep = torch.empty_like(flat_ids, dtype=torch.bool)

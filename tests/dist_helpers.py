@@ -41,3 +41,57 @@ def run_distributed(world_size: int, fn: Callable, *args, preload: Sequence[str]
     mp.set_forkserver_preload(["torch", "torch.distributed", *preload])
     mp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True,
                        start_method="forkserver")
+
+
+# aten ops that wait for the device on CUDA: a value read to the host, or an output whose size depends on the
+# values (so the host must learn it). On the CPU they run without waiting, but a dispatch mode sees them all.
+HOST_SYNC_OPS = ("aten._local_scalar_dense", "aten.bincount", "aten.nonzero", "aten._unique2", "aten.unique_dim",
+                 "aten.unique_consecutive", "aten.masked_select", "aten.argwhere")
+
+
+class HostSyncCounter:
+    """Counts the device-to-host syncs of the code run inside it: the aten ops of HOST_SYNC_OPS (plus
+    repeat_interleave with tensor repeats and no output_size), and calls of `moe.dispatch.host_ints`, the
+    expert-parallel layer's named split-size read (a `.tolist()`, which no dispatch mode sees)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = str(func.overloadpacket)
+                if name in HOST_SYNC_OPS or (name == "aten.repeat_interleave" and len(args) > 1
+                                             and isinstance(args[1], torch.Tensor)
+                                             and kwargs.get("output_size") is None):
+                    counter.ops.append(name)
+                return func(*args, **kwargs)
+
+        self.ops: list[str] = []
+        self.host_ints = 0
+        self._mode = _Mode()
+
+    def __enter__(self) -> "HostSyncCounter":
+        import moe.dispatch
+
+        self._original = moe.dispatch.host_ints
+
+        def counted(counts):
+            self.host_ints += 1
+            return self._original(counts)
+
+        moe.dispatch.host_ints = counted
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import moe.dispatch
+
+        self._mode.__exit__(*exc)
+        moe.dispatch.host_ints = self._original
+
+    @property
+    def total(self) -> int:
+        return len(self.ops) + self.host_ints

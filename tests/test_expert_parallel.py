@@ -33,7 +33,7 @@ from cluster.expert_parallel import (apply_expert_parallel, expert_bias_all_redu
 from cluster.optim import optimizer_tensors
 from cluster.parallel_dims import ParallelDims
 from cluster.reshard import Layout, reshard_optimizer_state
-from dist_helpers import run_distributed
+from dist_helpers import HostSyncCounter, run_distributed
 
 # Named tiny sizes for tests (never the real ones).
 DEBUG_MODEL = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=16)
@@ -89,12 +89,15 @@ def _compare_layer(rank: int, world_size: int, dims: ParallelDims) -> None:
 
         x = x_global[_rows(rank)].clone().requires_grad_()
         events = []
-        with _recording_all_to_all(events), _shared_expert_events(layer.shared_experts, events):
+        with _recording_all_to_all(events), _shared_expert_events(layer.shared_experts, events), \
+                HostSyncCounter() as syncs:
             out, routing = layer(x)
             if shared and ep > 1:  # the shared experts run while the combine exchange is in flight
                 assert events[-3:] == ["start async", "shared experts", "wait"], events
             events.clear()
             (out * cotangent[_rows(rank)]).sum().backward()
+        # Issue 18, S1: one device-to-host sync per MoE layer under EP (the split sizes), forward and backward.
+        assert syncs.ops == [] and syncs.host_ints == 1, (backend, capacity_factor, syncs.ops, syncs.host_ints)
         if ep > 1:  # and their backward while its gradients travel back; the dispatch exchange reverses last
             expected = ["start async", "shared experts backward", "wait", "start"] if shared else ["start", "start"]
             assert events == expected, events

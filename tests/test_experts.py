@@ -171,6 +171,22 @@ def test_single_expert_moe_equals_dense_ffn() -> None:
     torch.testing.assert_close(out, dense(x), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("router,expected", [(dict(), []), (dict(score_func="sigmoid", top_k=2), []),
+                                             (dict(capacity_factor=0.5), ["aten._local_scalar_dense"])],
+                         ids=["dropless", "dropless_sigmoid", "capacity"])
+def test_host_syncs_of_a_moe_layer_forward_and_backward(router: dict, expected: list) -> None:
+    """Issue 18, S1: on one device a dropless MoE layer never waits for the device (no value read to the host,
+    no value-sized output), forward and backward; the capacity mode reads one number, the rows kept."""
+    from dist_helpers import HostSyncCounter
+
+    layer = MoELayer(tiny_moe_config(router=router, experts=dict(backend="grouped_mm")))
+    x = torch.randn(2, 9, 8, requires_grad=True)
+    with HostSyncCounter() as syncs:
+        out, _ = layer(x)
+        out.square().sum().backward()
+    assert syncs.ops == expected and syncs.host_ints == 0
+
+
 def test_dropless_equals_capacity_moe_when_nothing_dropped() -> None:
     torch.manual_seed(0)
     dropless = MoELayer(tiny_moe_config(experts=dict(backend="grouped_mm")))
