@@ -254,6 +254,10 @@ class AllToAllDispatcher:
         assignment_index_N = order_A[:sum(send_splits)]
         token_index_N = assignment_index_N // top_k
         x_ND = x_TD.index_select(0, token_index_N)
+        if torch.is_autocast_enabled(x_TD.device.type):
+            # The experts cast their input to the autocast dtype first thing (`GroupedExperts.forward`): cast
+            # before the exchange instead, and the rows (and their gradients) cross the network in half the bytes.
+            x_ND = x_ND.to(torch.get_autocast_dtype(x_TD.device.type))
 
         # 3. Exchange rows, then regroup from (source rank, local expert) to (local expert, source rank).
         x_MD = _AllToAll.apply(x_ND, recv_splits, send_splits, self.ep_group)

@@ -224,6 +224,33 @@ def _dispatch_edge_worker(rank: int, world_size: int) -> None:
             for name, param in layer.experts.named_parameters():  # dp = 1: no reduction needed
                 assert_close(param.grad, getattr(ref.experts, name).grad[dims.expert_shard(NUM_EXPERTS)], msg=msg)
 
+    # Issue 18, S2: under bf16 autocast the rows cross the network in bf16 (the experts' GEMMs cast them to it
+    # anyway): half the bytes of float32, out and back, forward and backward; the answer is the local layer's.
+    torch.manual_seed(0)
+    ref = MoELayer(debug_config("grouped_mm"))
+    layer = apply_expert_parallel(copy.deepcopy(ref), dims)
+    x_global = torch.randn(world_size * 2, SEQ_LEN, 32, generator=gen)
+    x = x_global[rank * 2:(rank + 1) * 2].clone().requires_grad_()
+    sent: list[tuple[torch.dtype, int]] = []
+    original = dist.all_to_all_single
+
+    def recording(output, input, *args, **kwargs):
+        sent.append((input.dtype, input.numel() * input.element_size()))
+        return original(output, input, *args, **kwargs)
+
+    dist.all_to_all_single = recording
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = layer(x)
+            out.float().square().sum().backward()
+    finally:
+        dist.all_to_all_single = original
+    rows_sent = [(dtype, size) for dtype, size in sent if dtype != torch.int64]  # the counts exchange aside
+    assert [dtype for dtype, _ in rows_sent] == [torch.bfloat16] * 4, sent  # dispatch, combine, and back
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ref, _ = ref(x_global[rank * 2:(rank + 1) * 2])
+    assert_close(out.float(), out_ref.float(), atol=1e-2, rtol=1e-2)
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
