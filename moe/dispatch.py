@@ -85,10 +85,17 @@ class LocalDispatcher:
 
     def combine(self, y_ND: torch.Tensor, topk_weights_TK: torch.Tensor, state: DispatchState,
                 overlap: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
-        """Weights each row by its gate and sums the rows of each token, plus `overlap()` when given."""
+        """Weights each row by its gate and sums the rows of each token, plus `overlap()` when given.
+
+        The gates stay in their own precision (float32: the router computes in it) and the top-k sum accumulates
+        in it, as Megatron's unpermute does: under bf16 autocast the expert outputs are bf16, and casting the
+        gates down and summing in bf16 would round twice more per token (issue 18, W3).
+        """
         weights_N = topk_weights_TK.reshape(-1).index_select(0, state.assignment_index_N)
-        weighted_ND = y_ND * weights_N.unsqueeze(-1).to(y_ND.dtype)
-        out_TD = y_ND.new_zeros(state.num_tokens, y_ND.shape[-1]).index_add(0, state.token_index_N, weighted_ND)
+        dtype = torch.promote_types(y_ND.dtype, weights_N.dtype)
+        weighted_ND = y_ND.to(dtype) * weights_N.unsqueeze(-1).to(dtype)
+        out_TD = weighted_ND.new_zeros(state.num_tokens, y_ND.shape[-1]).index_add(0, state.token_index_N,
+                                                                                  weighted_ND)
         return out_TD if overlap is None else out_TD + overlap()
 
 

@@ -243,3 +243,27 @@ def test_experts_follow_autocast(backend: str) -> None:
         out, _ = layer(x)
         assert layer.experts(x_ND, torch.tensor([2, 0, 3, 0])).dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
+
+
+def test_combine_keeps_the_gates_and_the_top_k_sum_in_float32() -> None:
+    """Issue 18, W3: bf16 expert outputs (as under autocast) weighted by float32 gates and summed per token equal
+    a float64 sum of the same values to float32 precision; casting the gates to bf16 and summing in bf16 (what
+    combine did) is off by about bf16's epsilon."""
+    from moe.dispatch import LocalDispatcher
+
+    torch.manual_seed(0)
+    tokens, top_k, experts, hidden = 64, 4, 8, 32
+    ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    gates = torch.softmax(torch.randn(tokens, top_k), -1)
+    dispatcher = LocalDispatcher(experts)
+    x_ND, _, state = dispatcher.dispatch(torch.randn(tokens, hidden), ids)
+    y_ND = torch.randn(x_ND.shape).to(torch.bfloat16)
+    out = dispatcher.combine(y_ND, gates, state)
+    assert out.dtype == torch.float32
+    weights = gates.reshape(-1)[state.assignment_index_N].double().unsqueeze(-1)
+    reference = torch.zeros(tokens, hidden, dtype=torch.float64).index_add(0, state.token_index_N,
+                                                                          y_ND.double() * weights)
+    assert (out.double() - reference).abs().max() < 1e-6
+    old_way = torch.zeros(tokens, hidden, dtype=torch.bfloat16).index_add(0, state.token_index_N,
+                                                                          y_ND * weights.to(torch.bfloat16))
+    assert (old_way.double() - reference).abs().max() > 1e-3
