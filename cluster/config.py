@@ -158,6 +158,10 @@ def validate_train_config(cfg: DictConfig) -> None:
         _fail("parallel.ep", f"({p.ep}) must divide model.experts.num_experts ({model.experts.num_experts})")
     if t.engine == "deepspeed" and p.ep > 1 and model.experts.backend == "megablocks":
         _fail("model.experts.backend", "megablocks is not supported with trainer.engine=deepspeed")
+    if model.experts.backend == "megablocks" and t.dtype != "bfloat16":
+        _fail("model.experts.backend", f"megablocks' grouped GEMM (gmm) runs in bfloat16 only: set "
+                                       f"trainer.dtype=bfloat16, or use model.experts.backend=grouped_mm "
+                                       f"(trainer.dtype is {t.dtype})")
     d = t.distill
     if not (isinstance(d.weight, (int, float)) and 0.0 <= d.weight <= 1.0):
         _fail("trainer.distill.weight", f"must lie in [0, 1] (the share of the distillation loss), got {d.weight}")

@@ -77,6 +77,7 @@ def test_preset_sizes() -> None:
     (["data.seq_len=512"], "data.seq_len"),
     (["+cluster.worker_resources.CPU=1"], "cluster.worker_resources.CPU"),
     (["+cluster.worker_resources.trainer_slot=0"], "cluster.worker_resources.trainer_slot"),
+    (["model.experts.backend=megablocks"], "megablocks' grouped GEMM \\(gmm\\) runs in bfloat16 only"),  # issue 18, C6
 ])
 def test_invalid_config_names_the_key(overrides: list[str], key: str) -> None:
     cfg = compose_cfg(["+experiment=mixtral_tiny", *overrides])
