@@ -57,7 +57,7 @@ def memory_plan(cfg: DictConfig, model_config: ModelConfig):
     return plan_memory(model_config, micro_batch=t.global_batch_size // c.num_workers // t.grad_accum_steps,
                        seq_len=cfg.data.seq_len, world_size=c.num_workers, ep=cfg.parallel.ep,
                        activation_checkpointing=t.activation_checkpointing, bf16=t.dtype == "bfloat16",
-                       engine=t.engine, zero_stage=t.zero_stage)
+                       engine=t.engine, zero_stage=t.zero_stage, loss_chunk_tokens=t.loss_chunk_tokens or None)
 
 
 def gpu_memory_bytes(cfg: DictConfig) -> Optional[float]:
@@ -122,6 +122,11 @@ def validate_train_config(cfg: DictConfig) -> None:
     for key in ("warmup_steps", "eval_every", "diagnostics_every"):
         if not isinstance(t[key], int) or t[key] < 0:
             _fail(f"trainer.{key}", f"must be a non-negative integer, got {t[key]!r}")
+    if not isinstance(t.loss_chunk_tokens, int) or t.loss_chunk_tokens < 0:
+        _fail("trainer.loss_chunk_tokens", f"must be a non-negative integer (0 = off), got {t.loss_chunk_tokens!r}")
+    if t.loss_chunk_tokens and t.distill.teacher is not None:
+        _fail("trainer.loss_chunk_tokens", "distillation (trainer.distill.teacher) needs the student's whole "
+                                           "logits: set trainer.loss_chunk_tokens=0")
     if t.zero_stage not in (1, 2):
         _fail("trainer.zero_stage", f"must be 1 or 2, got {t.zero_stage}")
     if t.activation_checkpointing not in ACTIVATION_CHECKPOINTING:

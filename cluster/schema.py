@@ -68,6 +68,11 @@ class TrainerConfig:
         diagnostics_every: period of the MoE diagnostics records (expert
             weight norms, routing fluctuation; see cluster/diagnostics.py); 0 = off.
         max_bad_steps: consecutive NaN/inf steps before the run stops.
+        loss_chunk_tokens: compute the cross entropy over this many tokens at
+            a time (`moe.model.chunked_cross_entropy`): the logits of a
+            micro-batch and their gradients are never held whole (GiBs for a
+            large vocabulary); 0 = off. Not with distillation, which needs the
+            student's whole logits.
         zero_stage: ZeRO stage for engine=deepspeed (1 or 2).
         activation_checkpointing: "none", "full" (every block recomputes its
             activations in the backward pass) or "selective" (every other block);
@@ -102,6 +107,7 @@ class TrainerConfig:
     eval_batches: int = 8
     diagnostics_every: int = 50
     max_bad_steps: int = 5
+    loss_chunk_tokens: int = 0
     zero_stage: int = 1
     activation_checkpointing: str = "none"
     compile: bool = False

@@ -221,7 +221,8 @@ def train_step(run: WorkerRun) -> StepStats:
         input_ids = batch["input_ids"][rows].to(run.device)
         doc_ids, targets = batch["doc_ids"][rows].to(run.device), batch["targets"][rows].to(run.device)
         with run.autocast:
-            out = run.model(input_ids, doc_ids=doc_ids, targets=targets)
+            out = run.model(input_ids, doc_ids=doc_ids, targets=targets,
+                            loss_chunk_tokens=tcfg.loss_chunk_tokens or None)
         loss, kd_loss = out.loss, torch.zeros((), device=run.device)
         if run.teacher is not None:
             kd_loss = distill_loss(run, input_ids, doc_ids, targets, out.logits)
@@ -397,7 +398,7 @@ def evaluate(model: torch.nn.Module, config: WorkerConfig, rank: int, world_size
     for _, batch in zip(range(tcfg.eval_batches), loader):
         with autocast:
             out = model(batch["input_ids"].to(device), doc_ids=batch["doc_ids"].to(device),
-                        targets=batch["targets"].to(device))
+                        targets=batch["targets"].to(device), loss_chunk_tokens=tcfg.loss_chunk_tokens or None)
         tokens = float(batch["input_ids"].numel())
         sums_N2.append(torch.stack([out.loss.float() * tokens, torch.tensor(tokens, device=device)]))
     totals_N2 = torch.stack(sums_N2) if sums_N2 else torch.zeros(0, 2, device=device)

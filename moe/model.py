@@ -309,7 +309,8 @@ class MoEOutput:
     """Result of `MoETransformer.forward`.
 
     Attributes:
-        logits: (B, S, V).
+        logits: (B, S, V); None when the loss was computed in chunks
+            (`loss_chunk_tokens`), which never holds them whole.
         aux_loss: weighted balancing losses, summed over MoE layers (scalar;
             0 for a dense model): each layer adds its own, as in Switch,
             ST-MoE and Megatron-LM, so a coefficient means the same at any
@@ -323,7 +324,7 @@ class MoEOutput:
             each block, one (B, S, D) tensor per layer (before the final norm).
     """
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     aux_loss: torch.Tensor
     router_stats: list[dict[str, torch.Tensor]] = field(default_factory=list)
     loss: Optional[torch.Tensor] = None
@@ -411,7 +412,8 @@ class MoETransformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
                 targets: Optional[torch.Tensor] = None, *, cache: Optional[KVCache] = None,
                 input_lengths: Optional[list[int]] = None, ignore_capacity: bool = False,
-                return_router_probs: bool = False, return_hidden_states: bool = False) -> MoEOutput:
+                return_router_probs: bool = False, return_hidden_states: bool = False,
+                loss_chunk_tokens: Optional[int] = None) -> MoEOutput:
         """Args:
             input_ids: (B, S) token ids.
             doc_ids: optional (B, S) document ids of packed sequences; tokens
@@ -428,8 +430,14 @@ class MoETransformer(nn.Module):
                 the rest of the batch (inference; always on with a cache).
             return_router_probs: fill `MoEOutput.router_probs`.
             return_hidden_states: fill `MoEOutput.hidden_states`.
+            loss_chunk_tokens: with targets, compute the loss over this many
+                tokens at a time (`chunked_cross_entropy`): the (B, S, V)
+                logits and their gradients are never held whole, and
+                `MoEOutput.logits` is None.
         """
         self._check_inputs(input_ids, doc_ids, targets)
+        if loss_chunk_tokens is not None and (targets is None or loss_chunk_tokens < 1):
+            raise ValueError(f"loss_chunk_tokens: needs targets and a positive count, got {loss_chunk_tokens!r}")
         if cache is not None:
             if doc_ids is not None or targets is not None:
                 raise ValueError("doc_ids and targets are not supported with a cache (incremental decoding)")
@@ -458,11 +466,16 @@ class MoETransformer(nn.Module):
                 router_stats.append(routing.stats)
                 for name, value in routing.losses.items():
                     losses.setdefault(name, []).append(value)
-        logits = self.lm_head(self.norm(x_BSD))
-        aux_loss = torch.stack(aux_losses).sum() if aux_losses else logits.new_zeros((), dtype=torch.float32)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else x_BSD.new_zeros((), dtype=torch.float32)
+        if loss_chunk_tokens is not None:
+            h_TD = self.norm(x_BSD).reshape(-1, x_BSD.shape[-1])
+            logits, loss = None, chunked_cross_entropy(h_TD, self.lm_head, targets.reshape(-1), loss_chunk_tokens)
+        else:
+            logits = self.lm_head(self.norm(x_BSD))
+            loss = None
+            if targets is not None:
+                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                       ignore_index=-100)
         return MoEOutput(logits, aux_loss, router_stats, loss,
                          {name: torch.stack(values).mean() for name, values in losses.items()}, router_probs,
                          hidden_states)
@@ -525,6 +538,31 @@ class MoETransformer(nn.Module):
     def num_parameters(self) -> dict[str, int]:
         """Total parameters and parameters active per token (non-embedding included)."""
         return count_parameters(self.config)
+
+
+def chunked_cross_entropy(h_TD: torch.Tensor, head: nn.Module, targets_T: torch.Tensor,
+                          chunk_tokens: int) -> torch.Tensor:
+    """Mean next-token cross entropy of `head(h_TD)` (targets -100 ignored), `chunk_tokens` rows at a time.
+
+    Each chunk's logits are computed, reduced to its summed loss and dropped
+    (activation checkpointing per chunk: the backward recomputes them), so at
+    most one chunk's logits and their gradients exist at once instead of
+    T x V of each (issue 18, S6: about 6 GiB per rank for mixtral_small).
+    The price is one more output-head matmul per chunk in the backward.
+    Equal to `F.cross_entropy(head(h).float(), targets)` up to the order of
+    the float32 sum (tests/test_model.py).
+    """
+    def chunk_loss(h_CD: torch.Tensor, targets_C: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h_CD).float(), targets_C, ignore_index=-100, reduction="sum")
+
+    total = h_TD.new_zeros((), dtype=torch.float32)
+    for start in range(0, h_TD.shape[0], chunk_tokens):
+        h_CD, targets_C = h_TD[start:start + chunk_tokens], targets_T[start:start + chunk_tokens]
+        if torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, h_CD, targets_C, use_reentrant=False)
+        else:
+            total = total + chunk_loss(h_CD, targets_C)
+    return total / (targets_T != -100).sum()
 
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:

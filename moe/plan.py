@@ -115,7 +115,7 @@ def _block_units(config: ModelConfig, seq_len: int, masked: bool, moe: bool) -> 
 
 def plan_memory(config: ModelConfig, *, micro_batch: int, seq_len: int, world_size: int = 1, ep: int = 1,
                 activation_checkpointing: str = "none", bf16: bool = False, documents: bool = True,
-                engine: str = "native", zero_stage: int = 1) -> MemoryPlan:
+                engine: str = "native", zero_stage: int = 1, loss_chunk_tokens: Optional[int] = None) -> MemoryPlan:
     """The memory plan of one rank (see the module docstring).
 
     Args:
@@ -128,6 +128,9 @@ def plan_memory(config: ModelConfig, *, micro_batch: int, seq_len: int, world_si
         documents: batches carry document ids (packed data), so SDPA gets an
             explicit mask; FlexAttention and plain causal attention build none.
         engine, zero_stage: "native", "fsdp", or "deepspeed" with ZeRO stage 1 or 2.
+        loss_chunk_tokens: the loss computed that many tokens at a time
+            (`moe.model.chunked_cross_entropy`): no logits are saved, and the
+            logits' transients are one chunk's.
     """
     if activation_checkpointing not in CHECKPOINTING:
         raise ValueError(f"activation_checkpointing must be one of {list(CHECKPOINTING)}, "
@@ -160,13 +163,20 @@ def plan_memory(config: ModelConfig, *, micro_batch: int, seq_len: int, world_si
         f32, mm = _block_units(config, seq_len, masked, config.is_moe_layer(layer))
         blocks.append(tokens * (4 * f32 + mm_bytes * mm))
     block_input = 4 * tokens * config.hidden_size
-    # final norm; log-softmax output (float32); the logits the caller holds (float32, or bfloat16 logits)
-    head = tokens * (4 * (3 * config.hidden_size + 1) + 4 * config.vocab_size + mm_bytes * config.vocab_size)
+    # final norm; log-softmax output (float32); the logits the caller holds (float32, or bfloat16 logits).
+    # In chunks, only the final norm's are saved: a chunk's logits live during its recomputation in the backward.
+    logit_tokens = tokens if loss_chunk_tokens is None else min(tokens, loss_chunk_tokens)
+    head = tokens * 4 * (3 * config.hidden_size + 1)
+    head_logits = logit_tokens * (4 * config.vocab_size + mm_bytes * config.vocab_size)
+    if loss_chunk_tokens is None:
+        head += head_logits
     kept = {"none": blocks,
             "full": [block_input] * len(blocks),
             "selective": [b if i % 2 == 0 else block_input for i, b in enumerate(blocks)]}
     by_mode = {mode: sum(saved) + head for mode, saved in kept.items()}
-    logits_grad = 2 * 4 * tokens * config.vocab_size  # the gradients of the log-softmax and of the logits
+    logits_grad = 2 * 4 * logit_tokens * config.vocab_size  # the gradients of the log-softmax and of the logits
+    if loss_chunk_tokens is not None:
+        logits_grad += head_logits  # the recomputed chunk
     activations = by_mode[activation_checkpointing]
     # Two candidate peaks: the start of the backward pass (every activation saved, no gradient yet), and for
     # checkpointing the backward pass of the largest recomputed block (all gradients, the blocks' inputs).

@@ -77,6 +77,8 @@ def test_preset_sizes() -> None:
     (["data.seq_len=512"], "data.seq_len"),
     (["+cluster.worker_resources.CPU=1"], "cluster.worker_resources.CPU"),
     (["+cluster.worker_resources.trainer_slot=0"], "cluster.worker_resources.trainer_slot"),
+    (["trainer.loss_chunk_tokens=-1"], "trainer.loss_chunk_tokens"),
+    (["trainer.loss_chunk_tokens=64", "trainer.distill.teacher=/some/teacher"], "trainer.loss_chunk_tokens"),
     (["model.experts.backend=megablocks"], "megablocks' grouped GEMM \\(gmm\\) runs in bfloat16 only"),  # issue 18, C6
 ])
 def test_invalid_config_names_the_key(overrides: list[str], key: str) -> None:

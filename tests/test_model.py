@@ -132,6 +132,50 @@ def test_output_fields_and_training_step() -> None:
     assert not missing, f"parameters without gradient: {missing}"
 
 
+@pytest.mark.parametrize("chunk", [7, 16, 1000])
+def test_chunked_loss_equals_the_full_cross_entropy(chunk: int) -> None:
+    """Issue 18, S6: `loss_chunk_tokens` gives the full loss and the same gradients (ignored targets included,
+    chunks that do not divide the tokens), and holds no (B, S, V) logits."""
+    torch.manual_seed(0)
+    config = debug_config(vocab_size=64, tie_embeddings=False)
+    full, chunked = MoETransformer(config), MoETransformer(config)
+    chunked.load_state_dict(full.state_dict())
+    ids = torch.randint(0, 64, (3, 17))
+    targets = ids[:, 1:].clone()
+    targets[0, :5] = -100
+    out_full = full(ids[:, :-1], targets=targets)
+    out_chunked = chunked(ids[:, :-1], targets=targets, loss_chunk_tokens=chunk)
+    assert out_chunked.logits is None
+    torch.testing.assert_close(out_chunked.loss, out_full.loss, atol=1e-6, rtol=1e-6)
+    (out_full.loss + out_full.aux_loss).backward()
+    (out_chunked.loss + out_chunked.aux_loss).backward()
+    for (name, a), b in zip(full.named_parameters(), chunked.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    with pytest.raises(ValueError, match="loss_chunk_tokens"):
+        full(ids[:, :-1], loss_chunk_tokens=8)
+
+
+def test_chunked_loss_holds_one_chunk_of_logits() -> None:
+    """The peak memory of a training step with a large vocabulary, measured by torch's MemTracker: chunks of 256
+    tokens save most of the (tokens x vocabulary) float32 logits, their log-softmax and their gradients."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    config = debug_config(vocab_size=8192, hidden_size=32, tie_embeddings=False, max_seq_len=256)
+    ids = torch.randint(0, 8192, (4, 257))
+    peaks = {}
+    for chunk in (None, 256):
+        torch.manual_seed(0)
+        model = MoETransformer(config)
+        tracker = MemTracker()
+        tracker.track_external(model)
+        with tracker:
+            out = model(ids[:, :-1], targets=ids[:, 1:], loss_chunk_tokens=chunk)
+            (out.loss + out.aux_loss).backward()
+        peaks[chunk] = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    logits_bytes = 4 * 1024 * 8192  # one float32 copy of the logits of the 1,024 tokens
+    assert peaks[None] - peaks[256] > 2 * logits_bytes, peaks
+
+
 def test_learns_a_simple_sequence() -> None:
     torch.manual_seed(0)
     model = MoETransformer(debug_config(experts=dict(num_experts=4, hidden_size=32, backend="grouped_mm")))

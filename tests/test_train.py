@@ -103,22 +103,23 @@ def one_worker_run(ray_session, corpus, tmp_path_factory) -> Path:
     return root / "one"
 
 
-@pytest.mark.parametrize("workers,ep,recompute,compiled,engine", [
-    (2, 2, "full", False, "native"),
-    pytest.param(2, 1, "none", True, "native", marks=pytest.mark.extended),
-    pytest.param(2, 2, "selective", True, "fsdp", marks=pytest.mark.extended)])
+@pytest.mark.parametrize("workers,ep,recompute,compiled,engine,chunk", [
+    (2, 2, "full", False, "native", 40),
+    pytest.param(2, 1, "none", True, "native", 0, marks=pytest.mark.extended),
+    pytest.param(2, 2, "selective", True, "fsdp", 0, marks=pytest.mark.extended)])
 def test_parallel_layouts_match_single_worker(one_worker_run, corpus, tmp_path, workers: int, ep: int,
-                                              recompute: str, compiled: bool, engine: str) -> None:
+                                              recompute: str, compiled: bool, engine: str, chunk: int) -> None:
     """2 workers (expert-parallel or not, FSDP2 or our all-reduce) reproduce 1 worker on the same global batch.
 
     The expert-parallel run also recomputes its activations
     (`trainer.activation_checkpointing`): the all-to-all runs again in the
-    backward pass and must change nothing; the other one compiles its blocks
-    (`trainer.compile`).
+    backward pass and must change nothing; and it computes its loss in chunks
+    of 40 tokens (`trainer.loss_chunk_tokens`, which do not divide a
+    micro-batch). The other one compiles its blocks (`trainer.compile`).
     """
     train(make_cfg(corpus, tmp_path, "many", *LAYOUT_COMMON, f"cluster.num_workers={workers}", f"parallel.ep={ep}",
                    f"trainer.activation_checkpointing={recompute}", f"trainer.compile={compiled}",
-                   f"trainer.engine={engine}"))
+                   f"trainer.engine={engine}", f"trainer.loss_chunk_tokens={chunk}"))
     one, many = train_losses(one_worker_run), train_losses(tmp_path / "many")
     assert one.keys() == many.keys() == {1, 2, 3, 4}
     for step in one:
