@@ -394,13 +394,20 @@ def evaluate(model: torch.nn.Module, config: WorkerConfig, rank: int, world_size
                                           rank=rank, world_size=world_size, split="validation",
                                           data_dir=config.data_dir)
     model.eval()
+    # The training micro-batch, whose activations the memory plan fits; not the whole per-rank batch (S7).
+    micro_batch = tcfg.global_batch_size // world_size // tcfg.grad_accum_steps
     sums_N2 = []  # per batch: summed token loss, tokens (this rank)
     for _, batch in zip(range(tcfg.eval_batches), loader):
-        with autocast:
-            out = model(batch["input_ids"].to(device), doc_ids=batch["doc_ids"].to(device),
-                        targets=batch["targets"].to(device), loss_chunk_tokens=tcfg.loss_chunk_tokens or None)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, batch["input_ids"].shape[0], micro_batch):
+            rows = slice(start, start + micro_batch)
+            with autocast:
+                out = model(batch["input_ids"][rows].to(device), doc_ids=batch["doc_ids"][rows].to(device),
+                            targets=batch["targets"][rows].to(device),
+                            loss_chunk_tokens=tcfg.loss_chunk_tokens or None)
+            total += out.loss.double() * batch["input_ids"][rows].numel()
         tokens = float(batch["input_ids"].numel())
-        sums_N2.append(torch.stack([out.loss.float() * tokens, torch.tensor(tokens, device=device)]))
+        sums_N2.append(torch.stack([total.float(), torch.tensor(tokens, device=device)]))
     totals_N2 = torch.stack(sums_N2) if sums_N2 else torch.zeros(0, 2, device=device)
     if world_size > 1:
         dist.all_reduce(totals_N2)
