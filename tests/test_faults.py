@@ -319,3 +319,18 @@ def test_a_lost_node_costs_no_step_and_no_checkpoint(tmp_path) -> None:
     assert case["removed_node_processes"] > 0 and not case["removed_node_processes_left"]
     assert any(case["removed_node"] in line for line in case["driver_lines"]), "the terminal names the lost node"
     assert any("resumed from" in line for line in case["driver_lines"])
+
+
+@pytest.mark.extended
+def test_a_lost_node_during_ray_data_preparation_changes_no_byte(tmp_path) -> None:
+    """data.engine=ray on a simulated 3-node cluster, a worker node removed while a task runs there: Ray Data
+    reruns it and the prepared directory is byte for byte the local engine's (benchmarks/drill_cluster.py)."""
+    out = tmp_path / "drill.json"
+    result = subprocess.run([sys.executable, "benchmarks/drill_cluster.py", "--cases", "data", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.is_file(), result.stdout[-2000:] + result.stderr[-3000:]
+    (case,) = json.loads(out.read_text())["results"]
+    assert case["ok"], case
+    assert case["node_removed"] and case["tasks_running_there"] > 0 and case["exit_code"] == 0
+    assert case["byte_identical_to_local"] and not case["removed_node_processes_left"]
