@@ -52,6 +52,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -110,7 +111,8 @@ def training_case(steps: int, checkpoint_every: int = 10) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = [cluster.add_node(num_cpus=1, resources={"drill_trainer": 1}) for _ in range(2)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)  # the drill's own view (state API), not the run's
+    context = ray.init(address=cluster.address, log_to_driver=False)  # the drill's own view (state API)
+    dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else None
     result: dict = {"case": "training", "steps": steps, "checkpoint_every": checkpoint_every}
 
     def command(name: str) -> list[str]:
@@ -145,7 +147,7 @@ def training_case(steps: int, checkpoint_every: int = 10) -> dict:
         time.sleep(3)
         cluster.add_node(num_cpus=1, resources={"drill_trainer": 1})
         added_at = time.monotonic()
-        resumed_step = recovered_at = None
+        resumed_step = recovered_at = dashboard_status = None
         while proc.poll() is None:  # the restarted group logs where it resumed, then trains the next step again
             if resumed_step is None:
                 found = re.search(r"resumed from \S+ at step (\d+)", (root / "drill.log").read_text())
@@ -153,6 +155,7 @@ def training_case(steps: int, checkpoint_every: int = 10) -> dict:
             elif recovered_at is None and any(r["kind"] == "train" and r["step"] == resumed_step + 1
                                               for r in read_metrics(run_dir)):
                 recovered_at = time.monotonic()
+                dashboard_status = _http_status(f"{dashboard}/api/version") if dashboard else None
             time.sleep(0.1)
         log.close()
         output = (root / "drill.log").read_text()
@@ -181,6 +184,7 @@ def training_case(steps: int, checkpoint_every: int = 10) -> dict:
             "removed_node_processes": len(lost_pids),
             "removed_node_processes_left": [pid for pid in lost_pids if psutil.pid_exists(pid)],
             "driver_lines": list(dict.fromkeys(restart_lines))[:8],
+            "dashboard": dashboard, "dashboard_status_after_recovery": dashboard_status,
         })
         result["ok"] = bool(proc.returncode == 0 and result["losses_equal_reference"] and max(losses) == steps
                             and not damaged and resumed_step is not None and lost_pids
@@ -265,6 +269,15 @@ def data_case() -> dict:
         ray.shutdown()
         cluster.shutdown()
     return result
+
+
+def _http_status(url: str) -> Optional[int]:
+    import requests
+
+    try:
+        return requests.get(url, timeout=10).status_code
+    except requests.RequestException:
+        return None
 
 
 def serving_case(seconds: float, concurrency: int) -> dict:

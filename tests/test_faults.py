@@ -319,6 +319,7 @@ def test_a_lost_node_costs_no_step_and_no_checkpoint(tmp_path) -> None:
     assert case["removed_node_processes"] > 0 and not case["removed_node_processes_left"]
     assert any(case["removed_node"] in line for line in case["driver_lines"]), "the terminal names the lost node"
     assert any("resumed from" in line for line in case["driver_lines"])
+    assert case["dashboard"] is None or case["dashboard_status_after_recovery"] == 200
 
 
 @pytest.mark.extended
