@@ -101,7 +101,9 @@ def test_worker_resources_are_checked_and_a_local_ray_refuses_them() -> None:
 
 
 def test_typo_fails_at_composition() -> None:
-    with pytest.raises(Exception, match="max_stepz"):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
         compose_cfg(["+experiment=mixtral_tiny", "trainer.max_stepz=3"])
 
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
 import data_pipeline.prepare as prepare_module
 from data_pipeline.config import DataConfig, register_configs
@@ -357,7 +358,7 @@ def test_config_rejects_unknown_keys_and_bad_values() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="data_prepare", overrides=["data.sources=[a,b]", "data.engine=ray"])
         assert DataConfig.from_any(cfg.data).sources == ["a", "b"]
-        with pytest.raises(Exception, match="vocab_sise"):
+        with pytest.raises(ConfigCompositionException, match="vocab_sise"):
             compose(config_name="data_prepare", overrides=["data.vocab_sise=3"])
 
 

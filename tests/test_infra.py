@@ -123,6 +123,7 @@ def test_every_manifest_enables_token_auth():
 
 def test_dashboard_never_reachable_without_token():
     launcher = load(LAUNCHER)
+    assert launcher_dashboard_hosts(launcher), f"{LAUNCHER.name}: no dashboard host found (the check would be empty)"
     for host in launcher_dashboard_hosts(launcher):
         assert host in LOOPBACK or launcher_token_auth(launcher), f"{LAUNCHER.name}: dashboard on {host} without token"
     for path in KUBERAY:
@@ -149,6 +150,7 @@ def test_launcher_token_comes_from_a_mounted_file():
 def test_kuberay_token_comes_from_a_secret(path):
     doc = load(path)
     spec = kuberay_cluster_spec(doc)
+    assert kuberay_pod_specs(spec), f"{path.name}: no pod spec found (the checks below would be empty)"
     for entry in env_entries(doc):
         if entry["name"] == "RAY_AUTH_TOKEN":
             assert "value" not in entry and "secretKeyRef" in entry.get("valueFrom", {}), entry
@@ -214,6 +216,7 @@ def test_dockerfile_exposes_only_commented_needed_ports():
         if keyword == "EXPOSE":
             for port in args.split():
                 exposed[int(port.split("/")[0])] = " ".join(comments)
+    assert exposed, "the Dockerfile exposes no port: the checks below would pass on nothing"
     for port, comment in exposed.items():
         assert comment, f"EXPOSE {port} has no comment saying why"
     if 6379 in exposed:

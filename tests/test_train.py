@@ -234,7 +234,9 @@ def test_resume_and_worker_failure_match_uninterrupted(ray_session, corpus, tmp_
     # A crash after step 3 with no restarts allowed fails the run (checkpoint at 2 kept);
     # the same command with trainer.resume=auto continues it.
     crash = ["trainer.debug.kill_rank_at_step=3", "cluster.max_failures=0"]
-    with pytest.raises(Exception):
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError, match="worker"):  # the killed rank's worker-group error
         train(make_cfg(corpus, tmp_path, "resumed", *common, *crash))
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step_00000002"]
     train(make_cfg(corpus, tmp_path, "resumed", *common, *crash, "trainer.resume=auto"))
@@ -330,7 +332,8 @@ def test_nan_steps_are_skipped_then_stop_the_run(ray_session, corpus, tmp_path) 
 
 
 @pytest.mark.extended
-@pytest.mark.parametrize("experiment", ["mixtral_small", "mixtral_base", "dense_tiny"])
+@pytest.mark.parametrize("experiment", sorted({p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
+                                              - {"mixtral_tiny"}))  # mixtral_tiny: every other test trains it
 def test_experiment_smoke(ray_session, corpus, tmp_path, experiment: str) -> None:
     """Each preset composes and trains one step with its size shrunk by overrides."""
     shrink = ["cluster.address=null", "cluster.num_workers=1", "cluster.use_gpu=false", "cluster.cpus_per_worker=1",
