@@ -83,7 +83,7 @@ def check_memory_plan(cfg: DictConfig, model_config: ModelConfig) -> None:
             f"{plan.optimizer / gib:.1f}, activations {plan.activations / gib:.1f}) and the GPU has "
             f"{memory / gib:.1f} GiB; raise parallel.ep, trainer.grad_accum_steps or "
             f"trainer.activation_checkpointing, or lower trainer.global_batch_size "
-            f"(python -m moe.plan prints the plan)")
+            f"(python -m cluster.plan prints the plan)")
 
 
 def validate_train_config(cfg: DictConfig) -> None:

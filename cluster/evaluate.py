@@ -1,4 +1,4 @@
-"""`python -m moe.evaluate checkpoint=PATH` (entry point in moe/evaluate.py): validation loss and perplexity
+"""`python -m cluster.evaluate checkpoint=PATH`: validation loss and perplexity
 of a checkpoint on the validation split of the data pipeline.
 
 PATH is a model checkpoint (`moe.save_checkpoint`) or a training checkpoint
@@ -23,7 +23,7 @@ import torch
 from data_pipeline.loader import CurriculumLoader
 from moe.checkpoint import load_checkpoint, run_config_of
 
-USAGE = "usage: python -m moe.evaluate checkpoint=PATH [data.output=DIR] [batches=N] [batch_size=N] [seq_len=N] [device=D]"
+USAGE = "usage: python -m cluster.evaluate checkpoint=PATH [data.output=DIR] [batches=N] [batch_size=N] [seq_len=N] [device=D]"
 KEYS = ("checkpoint", "data.output", "batches", "batch_size", "seq_len", "device")
 
 
@@ -78,3 +78,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

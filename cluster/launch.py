@@ -29,6 +29,7 @@ from cluster.initial_weights import check_init_from, config_differences
 from cluster.schema import WorkerConfig
 from cluster.teacher import check_resume_teacher, check_teacher
 from cluster.metrics import read_metrics
+from cluster.runtime import dashboard_url, start_reaper
 from cluster.reshard import Layout
 from cluster.worker import STATUS_FILE
 
@@ -219,21 +220,6 @@ def check_data(cfg: DictConfig, data_dir: Path) -> None:
                    need_validation=True, on_corrupt=cfg.data.on_corrupt)
 
 
-def start_reaper() -> None:
-    """Starts `cluster.reaper`, which stops this local Ray if the driver dies without shutting it down."""
-    import subprocess
-
-    read_end, write_end = os.pipe()
-    subprocess.Popen([sys.executable, "-m", "cluster.reaper", str(os.getpid())], stdin=read_end,
-                     start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
-    os.close(read_end)
-    os.set_inheritable(write_end, False)
-    _REAPER_PIPE.append(write_end)  # open until this process exits
-
-
-_REAPER_PIPE: list[int] = []
-
-
 def interrupted_message(cfg: DictConfig, overrides: list[str]) -> str:
     """What a user needs after Ctrl-C: the step reached, the latest checkpoint, the command that resumes."""
     run_dir = run_dir_of(cfg)
@@ -270,30 +256,6 @@ def check_local_resources(cfg: DictConfig, resources: dict[str, float]) -> None:
     if c.use_gpu and c.num_workers > gpus:
         raise ValueError(f"invalid configuration: cluster.use_gpu: {c.num_workers} workers need one GPU each and "
                          f"the local Ray has {gpus:g}")
-
-
-class _DropReinitNotice:
-    """A logging filter for ray.init's "called again" notice, which `dashboard_url` triggers on purpose."""
-
-    def filter(self, record) -> bool:
-        return "ray.init() again" not in record.getMessage()
-
-
-def dashboard_url() -> str:
-    """The connected Ray's dashboard address (public API: `ray.init` on a connected driver returns its
-    `RayContext` when asked to ignore the re-initialisation)."""
-    import logging
-
-    import ray
-
-    notice = _DropReinitNotice()
-    ray_logger = logging.getLogger("ray._private.worker")  # by name only: where ray.init logs its notice
-    ray_logger.addFilter(notice)
-    try:
-        url = ray.init(ignore_reinit_error=True).dashboard_url or ""
-    finally:
-        ray_logger.removeFilter(notice)
-    return url if not url or "://" in url else f"http://{url}"
 
 
 def _train_loop(config: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
-"""`python -m moe.plan +experiment=NAME [overrides]` (the command's body): the memory plan of a training config.
+"""`python -m cluster.plan +experiment=NAME [overrides]`: the memory plan of a training config.
 
-`moe/plan.py` holds the plan itself (torch only); this module composes the
-training config with Hydra, as moe.train does, and prints `moe.plan.format_plan`.
+`moe/plan.py` holds the plan itself (torch only, importing nothing above
+`moe/`); this command composes the training config with Hydra, as moe.train
+does, and prints `moe.plan.format_plan`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from cluster.config import gpu_memory_bytes, memory_plan, model_config_from, reg
 from moe.model import count_parameters
 from moe.plan import format_plan
 
-# An absolute path: Hydra resolves a relative one against the calling module, which is moe.plan under `python -m`.
+# An absolute path: Hydra resolves a relative one against the calling module.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 def main() -> None:
-    """`python -m moe.plan +experiment=NAME [overrides]`: the plan of a training config (Hydra, like moe.train)."""
+    """`python -m cluster.plan +experiment=NAME [overrides]`: the plan of a training config (Hydra, like moe.train)."""
     register_configs()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -48,3 +49,7 @@ def main() -> None:
             sys.exit(1)
 
     plan()
+
+
+if __name__ == "__main__":
+    main()

@@ -141,7 +141,7 @@ class ClusterConfig:
         dashboard_port: port of the local dashboard.
         num_cpus: CPUs of a local Ray (None: all of the machine).
         gpu_memory_gib: memory of each worker's GPU for the memory plan
-            (`python -m moe.plan`); None: the driver's first GPU when it has
+            (`python -m cluster.plan`); None: the driver's first GPU when it has
             one, else the plan is not checked.
     """
 

@@ -1,20 +1,15 @@
-"""`python -m moe.evaluate checkpoint=PATH [data.output=DIR] [batches=N] [batch_size=N] [seq_len=N] [device=D]`:
-validation loss and perplexity of a checkpoint.
-
-A thin entry point: the evaluation reads the data pipeline's validation split,
-so it lives in `cluster/evaluate.py` and is imported inside `main`; `import moe`
-stays torch-only.
-"""
+"""The checkpoint evaluation's command moved to `python -m cluster.evaluate checkpoint=PATH ...`: it reads the
+data pipeline's validation split, which lives above `moe/` (moe/ imports nothing above itself)."""
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    from cluster.evaluate import main as evaluate_main
-
-    evaluate_main(argv)
+def main() -> None:
+    print("error: the evaluation's command is `python -m cluster.evaluate checkpoint=PATH [data.output=DIR] "
+          "[batches=N] [batch_size=N] [seq_len=N] [device=D]`", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Memory plan of a training layout: what one rank holds at its peak, from the config alone.
 
-    python -m moe.plan +experiment=mixtral_small cluster.num_workers=8 parallel.ep=8 cluster.gpu_memory_gib=80
+    python -m cluster.plan +experiment=mixtral_small cluster.num_workers=8 parallel.ep=8 cluster.gpu_memory_gib=80
 
 prints parameters, gradients, optimizer state, activations (with and without
 activation checkpointing) and the estimated peak of one rank, and exits with
@@ -203,12 +203,12 @@ def format_plan(plan: MemoryPlan, gpu_memory_bytes: Optional[float] = None) -> s
 
 
 def main() -> None:
-    """`python -m moe.plan +experiment=NAME [overrides]`: a thin entry point. The command composes the training
-    config (Hydra, like moe.train), so it lives in `cluster/plan.py` and is imported here; `moe.plan`'s model
-    functions above stay torch-only and import nothing above `moe/`."""
-    from cluster.plan import main as plan_main
+    """The command moved to `python -m cluster.plan` (it composes the training config, which lives above `moe/`)."""
+    import sys
 
-    plan_main()
+    print("error: the memory plan's command is `python -m cluster.plan +experiment=NAME [overrides]` "
+          "(moe.plan holds the torch-only plan functions)", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from serving.config import register_configs
-
-register_configs()
-
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
-def main(cfg: DictConfig) -> None:
+def _serve(cfg: DictConfig) -> None:
     from serving.app import serve_forever
 
     # Ctrl-C stops the service even when the launching shell ignored SIGINT for us (a script's background job
@@ -30,6 +26,14 @@ def main(cfg: DictConfig) -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def main() -> None:
+    """Registers the serve config's schema (typos fail at composition), then runs the Hydra command."""
+    from serving.config import register_configs
+
+    register_configs()
+    _serve()
 
 
 if __name__ == "__main__":

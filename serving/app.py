@@ -193,7 +193,7 @@ def start(cfg: DictConfig, *, init_ray: bool = True) -> str:
         app = checked_app(cfg, resources)  # everything refused before a local Ray starts
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=cfg.dashboard_port,
                  num_cpus=int(resources["CPU"]))
-        from cluster.launch import start_reaper
+        from cluster.runtime import start_reaper
 
         start_reaper()
     else:
@@ -210,7 +210,7 @@ def serve_forever(cfg: DictConfig) -> None:
     import ray
     from ray import serve
 
-    from cluster.launch import dashboard_url
+    from cluster.runtime import dashboard_url
 
     url = start(cfg)
     print(f"[moe.serve] OpenAI-compatible API: {url}/v1/completions  (models: {url}/v1/models, health: "

@@ -136,12 +136,12 @@ def test_checkpointing_and_expert_parallelism_shrink_what_they_should() -> None:
 
 
 def test_cli_prints_the_plan_and_refuses_what_does_not_fit() -> None:
-    fits = subprocess.run([sys.executable, "-m", "moe.plan", "+experiment=mixtral_small"], capture_output=True,
+    fits = subprocess.run([sys.executable, "-m", "cluster.plan", "+experiment=mixtral_small"], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)
     assert fits.returncode == 0, fits.stderr
     for line in ("parameters", "gradients", "optimizer state", "activations", "peak", "GPU memory 80.0 GiB: fits"):
         assert line in fits.stdout, line
-    too_big = subprocess.run([sys.executable, "-m", "moe.plan", "+experiment=mixtral_small",
+    too_big = subprocess.run([sys.executable, "-m", "cluster.plan", "+experiment=mixtral_small",
                               "trainer.grad_accum_steps=1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert too_big.returncode == 1 and "DOES NOT FIT" in too_big.stdout
 

@@ -40,7 +40,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def test_single_worker_run_learns_and_writes_artifacts(ray_session, corpus, tmp_path) -> None:
     # Two micro-batches of 4 rows per step: the evaluation runs them one at a time too (issue 18, S7), and its
-    # loss still equals moe.evaluate's over whole batches of 8 (below).
+    # loss still equals cluster.evaluate's over whole batches of 8 (below).
     cfg = make_cfg(corpus, tmp_path, "single", "trainer.max_steps=30", "trainer.checkpoint_every=10",
                    "trainer.eval_every=15", "trainer.keep_last=2", "trainer.diagnostics_every=10",
                    "logger.wandb.mode=offline", "logger.ray_metrics=true", "trainer.grad_accum_steps=2")
@@ -79,8 +79,8 @@ def test_single_worker_run_learns_and_writes_artifacts(ray_session, corpus, tmp_
     assert sum(record["tokens_per_expert"][0]) == 8 * 32 * 2, "every token routed to top-2 experts"
     assert len(record["router_entropy"]) == 2 and all(0 < h <= math.log(4) + 1e-6 for h in record["router_entropy"])
 
-    # The final checkpoint is a plain moe checkpoint; moe.evaluate reads the run's data from its config.
-    out = subprocess.run([sys.executable, "-m", "moe.evaluate", f"checkpoint={run_dir / 'checkpoints' / 'step_00000030'}",
+    # The final checkpoint is a plain moe checkpoint; cluster.evaluate reads the run's data from its config.
+    out = subprocess.run([sys.executable, "-m", "cluster.evaluate", f"checkpoint={run_dir / 'checkpoints' / 'step_00000030'}",
                           "batches=2", "batch_size=8"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
