@@ -143,6 +143,9 @@ class DeepSpeedEngine:
             out[f"{name}::step"] = steps[self._group_index[id(param)]].detach().clone().cpu()
         return out
 
+    def end_inference(self) -> None:
+        pass  # ZeRO 1/2 shard optimizer state and gradients only: the weights are whole on every rank
+
     def load_model_state(self, full_state: dict[str, torch.Tensor]) -> None:
         """The weights, then ZeRO's float32 master partition (a copy made at initialisation that
         `load_full_state_dict` does not reach; the next step would otherwise restore the old weights)."""

@@ -28,7 +28,7 @@ from moe.router import discard_expert_counts
 
 from cluster.diagnostics import GROUPS, grad_square_sums
 from cluster.expert_parallel import expert_bias_all_reduce, load_full_state_dict, reduce_gradients
-from cluster.fsdp import apply_fsdp, local_part, set_gradient_sync
+from cluster.fsdp import apply_fsdp, local_part, reshard, set_gradient_sync
 from cluster.optim import build_adamw, load_optimizer_tensors, optimizer_tensors, set_learning_rate
 from cluster.parallel_dims import ParallelDims
 from cluster.schema import TrainerConfig
@@ -58,6 +58,9 @@ class TrainEngine(Protocol):
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restores what `optimizer_state` returned."""
+
+    def end_inference(self) -> None:
+        """After a forward pass without backward (evaluation, diagnostics): free what it left gathered."""
 
 
 def global_grad_norm(model: torch.nn.Module, dims: ParallelDims) -> tuple[torch.Tensor, dict[str, float]]:
@@ -112,6 +115,9 @@ class NativeEngine:
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
         load_optimizer_tensors(self.optimizer, self._names, tensors)
 
+    def end_inference(self) -> None:
+        pass  # nothing is gathered: every rank holds its parameters whole
+
 
 class FSDPEngine(NativeEngine):
     """torch's FSDP2 over the data-parallel ranks (`cluster.fsdp.apply_fsdp`), the same clipping, AdamW and
@@ -125,6 +131,9 @@ class FSDPEngine(NativeEngine):
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         set_gradient_sync(self.model, sync)
         loss.backward()
+
+    def end_inference(self) -> None:
+        reshard(self.model)  # the root unit keeps its gathered parameters after a forward, for the backward
 
 
 def build_engine(model: torch.nn.Module, dims: ParallelDims, cfg: TrainerConfig) -> TrainEngine:

@@ -33,7 +33,6 @@ from cluster.checkpointing import (list_checkpoints, load_training_checkpoint, r
 from cluster.diagnostics import RoutingProbe, expert_weight_norms
 from cluster.engine import TrainEngine, build_engine
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict
-from cluster.fsdp import reshard
 from cluster.initial_weights import read_initial_state
 from cluster.metrics import MetricsLogger, NullLogger
 from cluster.optim import lr_at
@@ -164,7 +163,7 @@ def routing_probe(config: WorkerConfig, rank: int, world_size: int) -> RoutingPr
 def diagnose(run: WorkerRun) -> dict[str, Any]:
     """The diagnostics record of the current step (all ranks take part; see cluster/diagnostics.py)."""
     changed = run.probe.measure(run.model, run.autocast)
-    reshard(run.model)
+    run.engine.end_inference()
     return {"kind": "diagnostics", "step": run.step,
             "expert_weight_norm": expert_weight_norms(run.model, run.dims).tolist(),
             "topk_change_fraction": changed}
@@ -326,7 +325,7 @@ def eval_record(run: WorkerRun) -> dict[str, Any]:
     """The metrics.jsonl record of a validation pass at the current step (all ranks take part)."""
     loss, stderr, batch_losses = evaluate(run.model, run.config, run.rank, run.world_size, run.device,
                                           run.autocast)
-    reshard(run.model)
+    run.engine.end_inference()
     return {"kind": "eval", "step": run.step, "val_loss": loss, "val_loss_stderr": stderr,
             "val_ppl": math.exp(min(loss, 50)), "val_batch_losses": batch_losses}
 
