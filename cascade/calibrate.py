@@ -395,41 +395,19 @@ def calibrate(small: PathLike, large: Optional[PathLike] = None, out: Optional[P
     full = HiddenFeatures(tuple(range(config.num_layers)), POOLINGS, config.hidden_size)
     features = prompt_signals(small_model, queries, batch_size=batch_size,
                               hidden=None if router_kind == "logistic" else full)
-    signals = features[:, :len(SIGNAL_NAMES)]
-    if metric == "next_token":  # quality as an error: 1 - (greedy next token is right)
-        nll_small = 1 - next_token_correct(small_model, pairs, batch_size)
-        nll_large = 1 - next_token_correct(large_tier, pairs, batch_size)
-        unit = "next-token error"
-    elif scorer is None:
-        nll_small = continuation_nll(small_model, pairs, batch_size)
-        nll_large = continuation_nll(large_tier, pairs, batch_size)
-        unit = "nats/token"
+    if scorer is None:
+        nll_small, nll_large, unit = _tier_quality(small_model, large_tier, pairs, metric, batch_size)
     else:  # both per character of the continuation (cascade.endpoint, NOTE 3)
         nll_small = continuation_nll(small_model, pairs, batch_size, reduction="sum") / num_chars
-        nll_large = endpoint_nll
-        unit = "nats/character"
+        nll_large, unit = endpoint_nll, "nats/character"
     gain = nll_small - nll_large
 
     # Held-out documents (NOTE 4): no text is both fitted and scored.
     heldout, fit = _split_by_document(document_of, holdout, seed)
     margin = float(gain[fit].median()) if margin is None else float(margin)  # NOTE 3
     labels = (gain > margin).to(torch.float64)
-    candidates: dict[str, tuple[DifficultyRouter, torch.Tensor]] = {}
-    try:
-        logistic = DifficultyRouter.fit(signals[fit], labels[fit], l2=l2)
-    except ValueError as err:
-        raise ValueError(f"margin: {err} (label rate {float(labels.mean()):.2f} with margin={margin}; the "
-                         f"large model is better by more than the margin on {int(labels.sum())} of "
-                         f"{len(labels)} queries); choose another margin") from None
-    candidates["logistic"] = (logistic, logistic.score(signals))
-    probe_report = None
-    if router_kind != "logistic":
-        options = [HiddenFeatures((layer,), POOLINGS, config.hidden_size) for layer in full.layers] + [full]
-        fit_documents = document_of[fit]
-        probe, probe_report = fit_probe(features[fit], gain[fit], fit_documents.tolist(), full, options,
-                                        margin=margin, folds=min(5, len(torch.unique(fit_documents))), seed=seed)
-        columns = list(range(len(SIGNAL_NAMES))) + [len(SIGNAL_NAMES) + i for i in probe.hidden.columns_in(full)]
-        candidates["probe"] = (probe, probe.score(features[:, columns]))
+    candidates, probe_report = _fit_candidates(features, gain, labels, fit, document_of, full, router_kind,
+                                               margin, l2, seed)
     heldout_apgr = {name: routing_apgr(scores[heldout], gain[heldout]) for name, (_, scores) in candidates.items()}
     chosen = router_kind if router_kind != "auto" else max(
         candidates, key=lambda name: -math.inf if math.isnan(heldout_apgr[name]) else heldout_apgr[name])
@@ -494,6 +472,40 @@ def calibrate(small: PathLike, large: Optional[PathLike] = None, out: Optional[P
     if verbose:
         print(format_report(report, out))
     return report
+
+
+def _tier_quality(small_model: MoETransformer, large_model: MoETransformer, pairs: list, metric: str,
+                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(small's, large's per-query loss, its unit) on `metric` (NOTE 2): continuation NLL or next-token error."""
+    if metric == "next_token":  # quality as an error: 1 - (greedy next token is right)
+        return (1 - next_token_correct(small_model, pairs, batch_size),
+                1 - next_token_correct(large_model, pairs, batch_size), "next-token error")
+    return continuation_nll(small_model, pairs, batch_size), continuation_nll(large_model, pairs, batch_size), \
+        "nats/token"
+
+
+def _fit_candidates(features: torch.Tensor, gain: torch.Tensor, labels: torch.Tensor, fit: torch.Tensor,
+                    document_of: torch.Tensor, full: HiddenFeatures, router_kind: str, margin: float, l2: float,
+                    seed: int) -> tuple[dict[str, tuple[DifficultyRouter, torch.Tensor]], Optional[dict[str, Any]]]:
+    """The candidate routers fitted on the `fit` queries (NOTE 4) with their scores on every query, and the
+    probe's cross-validation report (None without a probe)."""
+    signals = features[:, :len(SIGNAL_NAMES)]
+    try:
+        logistic = DifficultyRouter.fit(signals[fit], labels[fit], l2=l2)
+    except ValueError as err:
+        raise ValueError(f"margin: {err} (label rate {float(labels.mean()):.2f} with margin={margin}; the "
+                         f"large model is better by more than the margin on {int(labels.sum())} of "
+                         f"{len(labels)} queries); choose another margin") from None
+    candidates = {"logistic": (logistic, logistic.score(signals))}
+    if router_kind == "logistic":
+        return candidates, None
+    options = [HiddenFeatures((layer,), POOLINGS, full.hidden_size) for layer in full.layers] + [full]
+    fit_documents = document_of[fit]
+    probe, probe_report = fit_probe(features[fit], gain[fit], fit_documents.tolist(), full, options,
+                                    margin=margin, folds=min(5, len(torch.unique(fit_documents))), seed=seed)
+    columns = list(range(len(SIGNAL_NAMES))) + [len(SIGNAL_NAMES) + i for i in probe.hidden.columns_in(full)]
+    candidates["probe"] = (probe, probe.score(features[:, columns]))
+    return candidates, probe_report
 
 
 def _check_large(large: Optional[PathLike], endpoint: Optional[str], model: Optional[str],
