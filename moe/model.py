@@ -279,7 +279,13 @@ class Attention(nn.Module):
         elif isinstance(mask, BlockMask):
             out = _compiled("flex_attention")(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            if gqa:
+                # With an explicit mask, `enable_gqa` leaves SDPA only its MATH backend on CUDA, which keeps
+                # float32 B x H x S x S probabilities (about 2 GiB per mixtral_small layer; issue 18, C4).
+                # Expanded K/V (B x H x S x head_dim, far smaller) let the memory-efficient kernel take the mask.
+                repeats = self.num_heads // self.num_kv_heads
+                k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))
 
 

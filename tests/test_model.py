@@ -454,6 +454,32 @@ def test_flex_backend_is_checked() -> None:
         ModelConfig(**{**FLEX_CONFIG, "num_heads": 4, "num_kv_heads": 2}, attention_backend="flex")
 
 
+def test_masked_gqa_attention_hands_sdpa_every_head(monkeypatch) -> None:
+    """Issue 18, C4: with an explicit mask (packed documents, a sliding window) SDPA gets K/V expanded to every
+    query head and no `enable_gqa`, which on CUDA would leave it only the MATH backend (float32 S x S
+    probabilities); without a mask it keeps `enable_gqa` and the compact K/V. The output is the loop's either way
+    (test_attention_matches_loop)."""
+    import moe.model as model_module
+    from moe.model import attention_mask
+
+    calls = []
+    sdpa = model_module.F.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        calls.append((q.shape[1], k.shape[1], v.shape[1], kwargs.get("enable_gqa", False),
+                      kwargs.get("attn_mask") is not None))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", recording)
+    config = debug_config(num_heads=4, num_kv_heads=2)
+    model = MoETransformer(config)
+    attn, x = model.layers[0].attn, torch.randn(2, 9, config.hidden_size)
+    rope = model.rope(9, x.device, x.dtype)
+    attn(x, rope, attention_mask(9, x.device, 4, None))
+    attn(x, rope, None)
+    assert calls == [(4, 4, 4, False, True), (4, 2, 2, True, False)], calls
+
+
 def test_attention_inputs_share_one_dtype_under_bf16_autocast(monkeypatch) -> None:
     """Under bf16 autocast (the GPU training default) q, k and v reach attention in one dtype: rope's float32
     tables must not promote q and k (flex attention's backward refuses mixed dtypes)."""
