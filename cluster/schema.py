@@ -68,6 +68,10 @@ class TrainerConfig:
         diagnostics_every: period of the MoE diagnostics records (expert
             weight norms, routing fluctuation; see cluster/diagnostics.py); 0 = off.
         max_bad_steps: consecutive NaN/inf steps before the run stops.
+        allow_tf32: with trainer.dtype=float32 on a GPU, let float32 matmuls run
+            on TF32 tensor cores (10 mantissa bits instead of 23; several
+            times faster); false keeps full float32. No effect on the CPU or
+            under bfloat16.
         loss_chunk_tokens: compute the cross entropy over this many tokens at
             a time (`moe.model.chunked_cross_entropy`): the logits of a
             micro-batch and their gradients are never held whole (GiBs for a
@@ -108,6 +112,7 @@ class TrainerConfig:
     diagnostics_every: int = 50
     max_bad_steps: int = 5
     loss_chunk_tokens: int = 0
+    allow_tf32: bool = True
     zero_stage: int = 1
     activation_checkpointing: str = "none"
     compile: bool = False

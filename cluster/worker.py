@@ -124,6 +124,12 @@ def setup(config: WorkerConfig) -> WorkerRun:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda" and tcfg.dtype == "float32":  # issue 18, S4: torch's default is full float32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tcfg.allow_tf32
+        if rank == 0:
+            print("[moe.train] trainer.dtype=float32 on a GPU: torch's float32 grouped_mm on CUDA falls back to "
+                  "one GEMM per expert (with a host sync); trainer.dtype=bfloat16 is the fast path"
+                  + ("; other matmuls use TF32 (trainer.allow_tf32)" if tcfg.allow_tf32 else ""), flush=True)
     dims = ParallelDims(world_size=world_size, ep=config.ep)
     dims.build(rank)
 
