@@ -302,14 +302,10 @@ def summarise(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mfu(tokens_per_s: Optional[float], status: dict[str, Any]) -> Optional[float]:
-    """Model FLOPs utilisation on GPU (None on CPU or unknown devices)."""
-    try:
-        import torch
-
-        if not tokens_per_s or not torch.cuda.is_available():
-            return None
-        name = torch.cuda.get_device_name()
-    except Exception:
+    """Model FLOPs utilisation on the workers' GPUs, named by the workers in status.json (the driver may run on a
+    GPU-less head; issue 18, K2); None on the CPU or an unknown device."""
+    name = status.get("device_name")
+    if not tokens_per_s or not name:
         return None
     peak = peak_bf16_tflops(name)
     if peak is None:

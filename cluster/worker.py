@@ -380,7 +380,9 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
         summary.update({key: record[key] for key in ("val_loss", "val_loss_stderr", "val_ppl")})
         logger.log(record)
     summary.update({"final_step": run.step, "bad_steps": run.bad_steps, "world_size": run.world_size,
-                    "flops_per_token": flops_per_token, "params": count_parameters(run.model.config)})
+                    "flops_per_token": flops_per_token, "params": count_parameters(run.model.config),
+                    # the workers' accelerator, for the driver's MFU (a KubeRay head has no GPU of its own)
+                    "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else None})
     if run.rank == 0:
         (run.run_dir / STATUS_FILE).write_text(json.dumps(summary, indent=2))
     logger.close(summary)

@@ -147,3 +147,14 @@ def test_infra_yaml_parses_and_entrypoint_composes() -> None:
     assert yaml.safe_load(proc.stdout)["trainer"]["run_root"] == "/mnt/shared/runs"
     dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
     assert "pip install" in dockerfile and "moe.train" in dockerfile
+
+
+def test_mfu_uses_the_workers_device_not_the_drivers() -> None:
+    """Issue 18, K2: the driver (here without a GPU, like a KubeRay head) computes MFU from the device the
+    workers name in status.json; a CPU run names none and reports null."""
+    from cluster.launch import _mfu
+
+    status = {"flops_per_token": 6e9, "world_size": 8, "device_name": "NVIDIA H100 80GB HBM3"}
+    assert _mfu(1e5, status) == pytest.approx(1e5 * 6e9 / (989.0e12 * 8))
+    assert _mfu(1e5, {**status, "device_name": None}) is None
+    assert _mfu(1e5, {**status, "device_name": "a device of no known peak"}) is None
