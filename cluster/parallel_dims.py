@@ -110,8 +110,11 @@ class ParallelDims:
         """Creates the process groups; call on every rank after `init_process_group`.
 
         `new_group` is collective: every rank creates every group, in the same
-        order. A group that spans all ranks reuses the world group (no extra
-        communicator). Works with gloo and NCCL.
+        order. An expert-data-parallel group that spans all ranks reuses the
+        world group (FSDP's); the expert-parallel group always gets its own
+        communicator, even at ep == world: its all-to-alls then run on their
+        own NCCL stream instead of queueing behind FSDP's all-gathers and
+        reduce-scatters on the world's (issue 18, S9). Works with gloo and NCCL.
 
         Args:
             rank: this process's global rank; defaults to `dist.get_rank()`.
@@ -125,12 +128,13 @@ class ParallelDims:
                                f"world size {dist.get_world_size()}")
         self.rank = dist.get_rank() if rank is None else rank
         self.world_group = dist.group.WORLD
-        self.ep_group = self._new_groups([self.ep_ranks(r) for r in range(0, self.world_size, self.ep)])
+        self.ep_group = self._new_groups([self.ep_ranks(r) for r in range(0, self.world_size, self.ep)],
+                                         own=self.ep > 1)
         self.edp_group = self._new_groups([self.edp_ranks(r) for r in range(self.ep)])
         return self
 
-    def _new_groups(self, all_ranks: list[list[int]]) -> dist.ProcessGroup:
-        if len(all_ranks) == 1:
+    def _new_groups(self, all_ranks: list[list[int]], own: bool = False) -> dist.ProcessGroup:
+        if len(all_ranks) == 1 and not own:
             return dist.group.WORLD
         mine = None
         for ranks in all_ranks:

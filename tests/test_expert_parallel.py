@@ -179,6 +179,8 @@ def test_moe_layer_matches_single_process(world_size: int, eps: tuple[int, ...])
 
 def _dispatch_edge_worker(rank: int, world_size: int) -> None:
     dims = ParallelDims(world_size, world_size, num_experts=NUM_EXPERTS).build(rank)
+    # Issue 18, S9: at ep == world the all-to-alls get a communicator of their own, not FSDP's world group.
+    assert dims.ep_group is not dist.group.WORLD and dist.get_world_size(dims.ep_group) == world_size
     num_tokens, top_k = 8, 2
     gen = torch.Generator().manual_seed(2)
     random_ids = torch.stack([torch.randperm(NUM_EXPERTS, generator=gen)[:top_k]
