@@ -44,6 +44,9 @@ def versions(device: str) -> dict:
                                             capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.TimeoutExpired) as err:
             info["driver"] = f"unknown ({type(err).__name__})"
+        major = info["driver"].split(".")[0]
+        if (torch.version.cuda or "").startswith("13") and major.isdigit():
+            info["driver_ok"] = int(major) >= 580  # CUDA 13 wheels need driver 580+ (issue 18, C5)
     return info
 
 
