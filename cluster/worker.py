@@ -219,12 +219,15 @@ def train_step(run: WorkerRun) -> StepStats:
     micro_batch = tcfg.global_batch_size // run.world_size // accum
     difficulty = run.loader.pace  # the curriculum pace of the batch about to be drawn
     batch = run.loader.next_batch()
+    if run.device.type == "cuda":  # one pinned copy per step: the copies below then run asynchronously (S5)
+        batch = {key: value.pin_memory() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
     losses = torch.zeros(3, device=run.device)  # lm, aux, kd: summed over micro-batches
     layer_stats = []
     for micro in range(accum):
         rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
-        input_ids = batch["input_ids"][rows].to(run.device)
-        doc_ids, targets = batch["doc_ids"][rows].to(run.device), batch["targets"][rows].to(run.device)
+        input_ids = batch["input_ids"][rows].to(run.device, non_blocking=True)
+        doc_ids = batch["doc_ids"][rows].to(run.device, non_blocking=True)
+        targets = batch["targets"][rows].to(run.device, non_blocking=True)
         with run.autocast:
             out = run.model(input_ids, doc_ids=doc_ids, targets=targets,
                             loss_chunk_tokens=tcfg.loss_chunk_tokens or None)
