@@ -124,7 +124,7 @@ class FSDPEngine(NativeEngine):
     bias update as the native engine: FSDP's reduce-scatter replaces our all-reduce."""
 
     def __init__(self, model: torch.nn.Module, dims: ParallelDims, cfg: TrainerConfig) -> None:
-        apply_fsdp(model, dims)
+        apply_fsdp(model, dims, param_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None)
         super().__init__(model, dims, cfg)
         self._reduce_gradients = lambda model, dims: None  # done by FSDP during backward
 

@@ -28,12 +28,13 @@ file, and each rank's own optimizer state.
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from moe.layer import MoELayer
@@ -62,7 +63,8 @@ def meshes(dims: ParallelDims, device_type: str) -> tuple[DeviceMesh, DeviceMesh
     return world, edp
 
 
-def apply_fsdp(model: MoETransformer, dims: ParallelDims, *, reshard_after_forward: bool = True) -> MoETransformer:
+def apply_fsdp(model: MoETransformer, dims: ParallelDims, *, reshard_after_forward: bool = True,
+               param_dtype: Optional[torch.dtype] = None) -> MoETransformer:
     """Shards `model` in place with FSDP2 (see the module docstring); collective over all ranks.
 
     Call after `apply_expert_parallel`, activation checkpointing, `.to(device)` and `compile_blocks`, and
@@ -74,6 +76,9 @@ def apply_fsdp(model: MoETransformer, dims: ParallelDims, *, reshard_after_forwa
         dims: the built parallel degrees.
         reshard_after_forward: free each block's gathered parameters after its forward (ZeRO-3 memory) and
             gather them again in backward; False keeps them until backward (ZeRO-2, less communication).
+        param_dtype: gather (and compute with) the parameters in this dtype, reduce gradients in float32, keep
+            the float32 shards for the optimizer (FSDP2's MixedPrecisionPolicy; torchtitan's bf16 default):
+            half the all-gather bytes under bf16 training (issue 18, S3). None: float32 throughout.
     Returns:
         model.
     """
@@ -81,22 +86,23 @@ def apply_fsdp(model: MoETransformer, dims: ParallelDims, *, reshard_after_forwa
         raise RuntimeError("apply_fsdp was already applied to this model")
     device_type = next(model.parameters()).device.type
     world, edp = meshes(dims, device_type)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for block in model.layers:
         ffn = getattr(block, "ffn", None)
         if dims.ep > 1 and isinstance(ffn, MoELayer):
             # Expert gradients arrive summed over the expert-parallel group already; summed again over the
             # expert-data-parallel group they cover every rank once, so the mean is over the world size.
             fully_shard(ffn.experts, mesh=edp, reshard_after_forward=reshard_after_forward,
-                        shard_placement_fn=_shard_hidden_dim)
+                        shard_placement_fn=_shard_hidden_dim, mp_policy=mp)
             ffn.experts.set_gradient_divide_factor(float(dims.world_size))
             if dims.dp > 1:
                 # A sum, then the division: gloo has no PREMUL_SUM. Not on a one-rank mesh, where torch 2.13
                 # (fsdp/_fully_shard/_fsdp_collectives.py, foreach_reduce) would divide twice.
                 ffn.experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=world, reshard_after_forward=reshard_after_forward,
-                    shard_placement_fn=_shard_hidden_dim)
+                    shard_placement_fn=_shard_hidden_dim, mp_policy=mp)
     # The root unit's parameters are needed again at once by the output head: keep them gathered.
-    fully_shard(model, mesh=world, reshard_after_forward=False)
+    fully_shard(model, mesh=world, reshard_after_forward=False, mp_policy=mp)
     return model
 
 

@@ -209,3 +209,38 @@ def test_fsdp_training_matches_single_process(world_size: int, eps: tuple[int, .
     """Losses, per-group gradient norms and AdamW updates of FSDP (with expert parallelism, including ep = world
     where each expert-data-parallel group is one rank) equal one process within 1e-5; checkpoints round-trip."""
     run_distributed(world_size, _worker, eps, preload=[__name__])
+
+
+def _bf16_worker(rank: int, world_size: int) -> None:
+    dims = ParallelDims(world_size, world_size, num_experts=NUM_EXPERTS).build(rank)
+    config = debug_config()
+    torch.manual_seed(0)
+    ref = MoETransformer(config)
+    model = apply_expert_parallel(copy.deepcopy(ref), dims)
+    engine = FSDPEngine(model, dims, TrainerConfig(**ENGINE_CFG, engine="fsdp", dtype="bfloat16"))
+    # FSDP2 casts a shard to param_dtype before its all-gather: the unsharded weights a forward sees show the
+    # dtype that crossed the network.
+    gathered: list[torch.dtype] = []
+    hooks = [module.register_forward_pre_hook(lambda module, args: gathered.append(module.weight.dtype))
+             for module in (model.layers[0].attn.q_proj, model.layers[1].attn.o_proj, model.lm_head)]
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 64, (world_size * ROWS_PER_RANK, SEQ_LEN + 1), generator=gen)
+    rows = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = _step(engine, model, tokens[rows, :-1], tokens[rows, 1:], 1, 1e-2)
+    for hook in hooks:
+        hook.remove()
+    assert gathered == [torch.bfloat16] * 3, gathered  # the parameters travel (and compute) in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "the sharded master weights stay float32"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ref(tokens[:, :-1], targets=tokens[:, 1:])
+    # bf16 parameters everywhere (norms, router, embeddings) against bf16 autocast matmuls only: bf16's error.
+    assert_close(_global_mean(loss), (out.loss + out.aux_loss).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_fsdp_gathers_bf16_parameters_under_bf16_training() -> None:
+    """Issue 18, S3: with trainer.dtype=bfloat16 the FSDP engine's MixedPrecisionPolicy gathers bf16 parameters
+    (half the all-gather bytes) and keeps float32 shards; the loss is the bf16 model's within bf16 error."""
+    run_distributed(2, _bf16_worker, preload=[__name__])
