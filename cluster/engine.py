@@ -94,9 +94,10 @@ class NativeEngine:
         if stepped:
             if self.grad_clip > 0:
                 scale = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-                for p in self.model.parameters():
-                    if p.grad is not None:  # in place on this rank's shard when FSDP shards the gradient
-                        local_part(p.grad).mul_(scale.to(p.grad.dtype))
+                # In place on this rank's shard when FSDP shards the gradient; one foreach kernel, not one per
+                # parameter (issue 18, S10). The gradients are float32 (AdamW's master dtype).
+                grads = [local_part(p.grad) for p in self.model.parameters() if p.grad is not None]
+                torch._foreach_mul_(grads, scale.to(grads[0].dtype))
             set_learning_rate(self.optimizer, lr)
             self.optimizer.step()
             update_expert_bias(self.model, all_reduce=self._bias_all_reduce)
