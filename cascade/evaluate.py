@@ -615,14 +615,19 @@ def measure_seconds(small_model: MoETransformer, large_model: MoETransformer, sm
 
 def _alone(checkpoint: Path, pairs: list[tuple[list[int], list[int]]], answer_lengths: list[int],
            test: dict[str, torch.Tensor], batch_size: int, device: str, cost_all_large: float) -> dict[str, Any]:
-    """One more model answering every test query alone: its loglik, the share of the pair's gap it recovers,
-    its forward FLOPs per query as a share of all-large (answers as long as the small tier's, NOTE 5)."""
+    """One more model answering every test query alone: its loglik and next-token accuracy, the share of the
+    pair's gap it recovers on each, its forward FLOPs per query as a share of all-large (answers as long as the
+    small tier's, NOTE 5)."""
     model = load_checkpoint(checkpoint, device=device).eval()
     loglik = -continuation_nll(model, pairs, batch_size)
+    right = next_token_correct(model, pairs, batch_size)
     small, large = test["loglik_small"].mean(), test["loglik_large"].mean()
+    nt_small, nt_large = test["next_token_small"].mean(), test["next_token_large"].mean()
     flops = sum(answer_flops(model.config, len(query), n) for (query, _), n in zip(pairs, answer_lengths))
     return {"checkpoint": str(checkpoint.resolve()), "loglik": float(loglik.mean()),
-            "pgr": float((loglik.mean() - small) / (large - small)), "cost_fraction": flops / cost_all_large,
+            "pgr": float((loglik.mean() - small) / (large - small)), "next_token": float(right.mean()),
+            "next_token_pgr": float((right.mean() - nt_small) / (nt_large - nt_small)) if nt_large > nt_small
+            else None, "cost_fraction": flops / cost_all_large,
             "active_params": count_parameters(model.config)["active"]}
 
 
@@ -713,7 +718,8 @@ def format_report(report: dict[str, Any], output: Path) -> str:
     if report["distilled"] is not None:
         d = report["distilled"]
         lines.append(f"distilled small tier alone: loglik {d['loglik']:.4f}, {_fmt(d['pgr'], '.1%')} of the gap "
-                     f"recovered at {_fmt(d['cost_fraction'], '.1%')} of the all-large FLOPs ({d['checkpoint']})")
+                     f"recovered; next token {d['next_token']:.3f}, {_fmt(d['next_token_pgr'], '.1%')} of its gap; "
+                     f"at {_fmt(d['cost_fraction'], '.1%')} of the all-large FLOPs ({d['checkpoint']})")
     lines.append(f"wrote {output / 'cascade_eval.json'} and {output / 'cascade_eval.png'}")
     return "\n".join(lines)
 

@@ -159,6 +159,8 @@ def test_cli_reports_every_router_consistently(cascade_pair, capsys) -> None:
     alone = report["distilled"]
     assert alone["loglik"] == pytest.approx(tiers["large"]["loglik"], abs=1e-9)
     assert alone["pgr"] == pytest.approx(1.0) and 0 < alone["cost_fraction"] <= 1.5
+    assert alone["next_token"] == pytest.approx(tiers["large"]["next_token"])
+    assert alone["next_token_pgr"] is None or alone["next_token_pgr"] == pytest.approx(1.0)
     for tier in ("small", "large"):
         assert 0 <= tiers[tier]["exact_match"] <= 1
         for metric in ("loglik", "exact_match", "next_token"):
