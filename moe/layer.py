@@ -50,14 +50,15 @@ class MoELayer(nn.Module):
             self.shared_experts = FeedForward(config.hidden_size, shared_width)
 
     def forward(self, x_BSD: torch.Tensor, *, ignore_capacity: bool = False,
-                return_router_probs: bool = False) -> tuple[torch.Tensor, RouterOutput]:
+                return_router_probs: bool = False, decoding: bool = False) -> tuple[torch.Tensor, RouterOutput]:
         """Args:
             x_BSD: the layer input.
-            ignore_capacity, return_router_probs: see `Router.forward`
+            ignore_capacity, return_router_probs, decoding: see `Router.forward`
                 (inference options; training uses the defaults).
         """
         batch, seq_len, hidden = x_BSD.shape
-        routing = self.router(x_BSD, ignore_capacity=ignore_capacity, return_probs=return_router_probs)
+        routing = self.router(x_BSD, ignore_capacity=ignore_capacity, return_probs=return_router_probs,
+                              decoding=decoding)
         x_TD = x_BSD.reshape(batch * seq_len, hidden)
         x_ND, tokens_per_expert, state = self.dispatcher.dispatch(x_TD, routing.topk_ids_TK)
         y_ND = self.experts(x_ND, tokens_per_expert)

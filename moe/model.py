@@ -305,7 +305,7 @@ class TransformerBlock(nn.Module):
         h = x_BSD + self.attn(self.attn_norm(x_BSD), rope, mask, cache_step)
         if self.is_moe:
             ffn_out, routing = self.ffn(self.ffn_norm(h), ignore_capacity=ignore_capacity,
-                                        return_router_probs=return_router_probs)
+                                        return_router_probs=return_router_probs, decoding=cache_step is not None)
             return h + ffn_out, routing
         return h + self.ffn(self.ffn_norm(h)), None
 

@@ -184,7 +184,7 @@ class Router(nn.Module):
         return self
 
     def forward(self, x_BSD: torch.Tensor, *, ignore_capacity: bool = False,
-                return_probs: bool = False) -> RouterOutput:
+                return_probs: bool = False, decoding: bool = False) -> RouterOutput:
         """Args:
             x_BSD: the layer input.
             ignore_capacity: route every token to its top-k experts even when
@@ -193,6 +193,8 @@ class Router(nn.Module):
                 batch, so the same prompt would decode differently alone and
                 in a batch, or with padding.
             return_probs: also return the per-token probabilities (`probs_TE`).
+            decoding: a cached decoding step (`MoETransformer`'s KV-cache path): no balancing losses and no
+                load statistics, which nothing reads there (they were ~15% of a batch-1 decode step).
         """
         cfg = self.config
         batch, seq_len, _ = x_BSD.shape
@@ -231,6 +233,9 @@ class Router(nn.Module):
         # Balancing losses see the router's choice (before dropping).
         aux_loss = torch.zeros((), device=x_BSD.device, dtype=score_dtype)
         losses: dict[str, torch.Tensor] = {}
+        if decoding:
+            probs_TE = self.score_function.distribution(scores_TE.detach()) if return_probs else None
+            return RouterOutput(routed_ids_TK, topk_weights_TK.to(x_BSD.dtype), aux_loss, losses, {}, probs_TE)
         if cfg.aux_loss_coef > 0:
             loss = switch_load_balancing_loss(self.score_function.distribution(scores_TE), topk_ids_TK)
             aux_loss = aux_loss + cfg.aux_loss_coef * loss
