@@ -230,12 +230,25 @@ class Router(nn.Module):
         else:
             routed_ids_TK = topk_ids_TK
 
-        # Balancing losses see the router's choice (before dropping).
         aux_loss = torch.zeros((), device=x_BSD.device, dtype=score_dtype)
         losses: dict[str, torch.Tensor] = {}
-        if decoding:
-            probs_TE = self.score_function.distribution(scores_TE.detach()) if return_probs else None
-            return RouterOutput(routed_ids_TK, topk_weights_TK.to(x_BSD.dtype), aux_loss, losses, {}, probs_TE)
+        stats: dict[str, torch.Tensor] = {}
+        if not decoding:
+            aux_loss, losses = self._balancing_losses(logits_TE, scores_TE, topk_ids_TK, batch, seq_len, aux_loss)
+            stats = load_stats(routed_ids_TK, scores_TE, dropped_fraction, self.num_experts)
+            if self.training and cfg.bias_update_rate > 0 and not self.recomputing:
+                with torch.no_grad():
+                    self.tokens_per_expert += stats["tokens_per_expert"].to(self.tokens_per_expert.device)
+        probs_TE = self.score_function.distribution(scores_TE.detach()) if return_probs else None
+        return RouterOutput(routed_ids_TK, topk_weights_TK.to(x_BSD.dtype), aux_loss, losses, stats, probs_TE)
+
+    def _balancing_losses(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor,
+                          batch: int, seq_len: int, aux_loss: torch.Tensor
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum of the configured balancing losses and each one alone (detached). They see the
+        router's choice before any capacity dropping."""
+        cfg = self.config
+        losses: dict[str, torch.Tensor] = {}
         if cfg.aux_loss_coef > 0:
             loss = switch_load_balancing_loss(self.score_function.distribution(scores_TE), topk_ids_TK)
             aux_loss = aux_loss + cfg.aux_loss_coef * loss
@@ -248,13 +261,7 @@ class Router(nn.Module):
             loss = router_z_loss(logits_TE)
             aux_loss = aux_loss + cfg.z_loss_coef * loss
             losses["z_loss"] = loss.detach()
-
-        stats = load_stats(routed_ids_TK, scores_TE, dropped_fraction, self.num_experts)
-        if self.training and cfg.bias_update_rate > 0 and not self.recomputing:
-            with torch.no_grad():
-                self.tokens_per_expert += stats["tokens_per_expert"].to(self.tokens_per_expert.device)
-        probs_TE = self.score_function.distribution(scores_TE.detach()) if return_probs else None
-        return RouterOutput(routed_ids_TK, topk_weights_TK.to(x_BSD.dtype), aux_loss, losses, stats, probs_TE)
+        return aux_loss, losses
 
 
 def aux_free_routers(model: nn.Module) -> list[Router]:
