@@ -58,10 +58,6 @@ HEALTH_TIMEOUT_S = 2.0  # /healthz's ping of each tier
 # The error answers of the generation routes, for the OpenAPI document.
 ERROR_RESPONSES: dict = {status: {"model": ErrorResponse} for status in (400, 404, 413, 503)}
 OTHER_TIER = {"small": "large", "large": "small"}  # who answers when a tier fails
-# The body limit of this replica process, set once by its CascadeIngress from routing.max_body_bytes. Not the
-# app's `state`: Serve unpickles its own copy of `api` after the ingress's __init__, so __init__ cannot reach the
-# app that serves; the middleware, a function of this module, reads this module's globals in the replica.
-_LIMITS = {"max_body_bytes": 1 << 20}
 
 
 class RequestError(Exception):
@@ -104,10 +100,17 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
     return _error(err.status_code, str(err.detail))
 
 
+def _body_limit() -> int:
+    """routing.max_body_bytes of the CascadeIngress this replica runs. Read through Serve's replica context, not the
+    app's `state`: Serve unpickles its own copy of `api` after the ingress's __init__, so __init__ cannot reach the
+    app that serves, and the middleware is a function of this module, outside the ingress."""
+    return serve.get_replica_context().servable_object.max_body_bytes
+
+
 @api.middleware("http")
 async def _limit_body(request: Request, call_next):
     declared = request.headers.get("content-length")
-    limit = _LIMITS["max_body_bytes"]
+    limit = _body_limit()
     if declared is not None:
         try:
             too_big = int(declared) > limit
@@ -189,7 +192,7 @@ class CascadeIngress:
         self.cost_ratio = cost_ratio
         self.chat = chat or {"template": DEFAULT_TEMPLATE, "stop": list(DEFAULT_STOP)}
         self.chat_template = ChatTemplate(self.chat["template"], eos_token=EOS_TOKEN)
-        _LIMITS["max_body_bytes"] = routing["max_body_bytes"]
+        self.max_body_bytes = routing["max_body_bytes"]
         self.created = int(time.time())
         self.requests = Counter("moe_serve_requests", description="Completions answered, by tier and mode.",
                                 tag_keys=("tier", "mode"))
