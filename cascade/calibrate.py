@@ -66,6 +66,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -350,7 +351,6 @@ def calibrate(small: PathLike, large: Optional[PathLike] = None, out: Optional[P
     if metric == "next_token" and large_endpoint is not None:
         raise ValueError("metric: next_token compares the tiers' own next tokens, which an endpoint's tokenizer does "
                          "not share; use metric=loglik with large_endpoint")
-    router_kind = router
     _check_large(large, large_endpoint, large_model, large_api_key_env, large_timeout_s)
     small, large = Path(small), None if large is None else Path(large)
     tokenizer_sha256, data_dir = check_pair_and_data(small, large, data)
@@ -361,18 +361,125 @@ def calibrate(small: PathLike, large: Optional[PathLike] = None, out: Optional[P
         scorer = EndpointScorer(large_endpoint, large_model, timeout_s=large_timeout_s,
                                 api_key_env=large_api_key_env, batch_size=batch_size)
         scorer.check()
-    large_name = _name(large) if large is not None else large_model
     large_label = str(large.resolve()) if large is not None else f"{scorer.endpoint} ({large_model})"
+    large_name = _name(large) if large is not None else large_model
     out = Path(out) if out is not None else Path("calibration") / f"{_name(small)}__{large_name}"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    small_model, large_tier = _load_tiers(small, large, device, prompt_tokens + continuation_tokens)
 
+    # 1. The calibration queries, labelled with the large tier's gain (NOTE 1-3).
+    queries = _calibration_queries(data_dir, small, scorer, num_queries, prompt_tokens, continuation_tokens, seed)
+    config = small_model.config  # the probe's candidates are subsets of every layer's pooled hidden states
+    full = HiddenFeatures(tuple(range(config.num_layers)), POOLINGS, config.hidden_size)
+    features = prompt_signals(small_model, queries.prompts, batch_size=batch_size,
+                              hidden=None if router == "logistic" else full)
+    if scorer is None:
+        nll_small, nll_large, unit = _tier_quality(small_model, large_tier, queries.pairs, metric, batch_size)
+    else:  # both per character of the continuation (cascade.endpoint, NOTE 3)
+        nll_small = continuation_nll(small_model, queries.pairs, batch_size, reduction="sum") / queries.num_chars
+        nll_large, unit = queries.endpoint_nll, "nats/character"
+    gain = nll_small - nll_large
+
+    # 2. The router: candidates fitted on some documents, chosen on the held-out others (NOTE 4).
+    heldout, fit = _split_by_document(queries.document_of, holdout, seed)
+    margin = float(gain[fit].median()) if margin is None else float(margin)  # NOTE 3
+    labels = (gain > margin).to(torch.float64)
+    candidates, probe_report = _fit_candidates(features, gain, labels, fit, queries.document_of, full, router,
+                                               margin, l2, seed)
+    heldout_apgr = {name: routing_apgr(scores[heldout], gain[heldout]) for name, (_, scores) in candidates.items()}
+    chosen = router if router != "auto" else max(
+        candidates, key=lambda name: -math.inf if math.isnan(heldout_apgr[name]) else heldout_apgr[name])
+    fitted, scores = candidates[chosen]
+
+    # 3. Pre-generation routing on the held-out queries, thresholds at held-out quantiles (NOTE 4).
+    h_thresholds = [threshold_for_large_fraction(scores[heldout], f) for f in REPORT_FRACTIONS]
+    rows = routing_rows([scores[heldout] >= t for t in h_thresholds], nll_small[heldout], nll_large[heldout],
+                        REPORT_FRACTIONS)
+    for row, threshold in zip(rows, h_thresholds):
+        row["threshold"] = threshold
+    # 4. Post-hoc routing: the small model answers first (NOTE 5).
+    posthoc = _posthoc(small_model, small, heldout[:posthoc_queries], fit[:deferral_queries], queries.prompts,
+                       queries.document_of, nll_small, nll_large, margin, continuation_tokens, batch_size, device,
+                       seed)
+    _set_thresholds(fitted, scores, posthoc, target_large_fraction)
+    fitted.metadata = {"small": str(small.resolve()), "large": large_label, "data": str(data_dir.resolve()),
+                       "tokenizer_sha256": tokenizer_sha256, "num_queries": len(queries.pairs), "margin": margin,
+                       "target_large_fraction": target_large_fraction, "quality_unit": unit}
+
+    settings = {"num_queries": num_queries, "prompt_tokens": prompt_tokens, "continuation_tokens": continuation_tokens,
+                "margin": margin, "holdout": holdout, "target_large_fraction": target_large_fraction,
+                "posthoc_queries": posthoc_queries, "deferral_queries": deferral_queries, "router": router, "l2": l2,
+                "seed": seed, "metric": metric}
+    h_small, h_large, h_labels = nll_small[heldout], nll_large[heldout], labels[heldout]
+    report = {
+        "small": str(small.resolve()), "large": large_label, "data": str(data_dir.resolve()),
+        "tokenizer_sha256": tokenizer_sha256,
+        "large_endpoint": None if scorer is None else {"endpoint": scorer.endpoint, "model": large_model,
+                                                       "unscored_queries": queries.unscored},
+        "settings": settings,
+        "num_queries": len(queries.pairs), "num_fit": len(fit), "num_heldout": len(heldout),
+        "num_documents": queries.num_documents,
+        "num_heldout_documents": len(torch.unique(queries.document_of[heldout])),
+        "label_rate": float(labels.mean()), "heldout_label_rate": float(h_labels.mean()),
+        "auc_heldout": roc_auc(scores[heldout], h_labels), "auc_fit": roc_auc(scores[fit], labels[fit]),
+        "quality": {"metric": ("mean greedy next-token error (lower is better), held-out" if metric == "next_token"
+                               else f"mean continuation NLL ({unit}, lower is better), held-out"), "unit": unit,
+                    "all_small": float(h_small.mean()), "all_large": float(h_large.mean()),
+                    "oracle_best": float(torch.minimum(h_small, h_large).mean())},
+        "router": {"kind": chosen, "weights": dict(zip(SIGNAL_NAMES, fitted.weights)), "bias": fitted.bias,
+                   "hidden": fitted.hidden.to_dict() if fitted.hidden is not None else None,
+                   "threshold": fitted.threshold, "posthoc_threshold": fitted.posthoc_threshold},
+        "candidates": {name: {"heldout_apgr": None if math.isnan(value) else value,
+                              "auc_heldout": roc_auc(candidates[name][1][heldout], h_labels)}
+                       for name, value in heldout_apgr.items()},
+        "probe": probe_report,
+        "fractions": rows,
+        "posthoc": posthoc,
+        "heldout_queries": [{"index": i, "prompt_tokens": len(queries.prompts[i]), "nll_small": float(nll_small[i]),
+                             "nll_large": float(nll_large[i]), "score": float(scores[i]), "label": int(labels[i])}
+                            for i in heldout.tolist()],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    fitted.save(out / "router.json")
+    write_json(out / "calibration_report.json", report)
+    if verbose:
+        print(format_report(report, out))
+    return report
+
+
+def _load_tiers(small: Path, large: Optional[Path], device: str,
+                query_tokens: int) -> tuple[MoETransformer, Optional[MoETransformer]]:
+    """The small tier and the large one (None: an endpoint) in eval mode; refused when a query does not fit."""
     small_model = load_checkpoint(small, device=device).eval()
-    large_tier = load_checkpoint(large, device=device).eval() if large is not None else None
-    max_len = min(small_model.config.max_seq_len,
-                  large_tier.config.max_seq_len if large_tier is not None else small_model.config.max_seq_len)
-    if prompt_tokens + continuation_tokens > max_len:
-        raise ValueError(f"prompt_tokens: prompt_tokens ({prompt_tokens}) + continuation_tokens "
-                         f"({continuation_tokens}) exceed the models' max_seq_len ({max_len})")
+    large_model = load_checkpoint(large, device=device).eval() if large is not None else None
+    max_len = min(model.config.max_seq_len for model in (small_model, large_model) if model is not None)
+    if query_tokens > max_len:
+        raise ValueError(f"prompt_tokens: prompt_tokens + continuation_tokens ({query_tokens}) exceed the models' "
+                         f"max_seq_len ({max_len})")
+    return small_model, large_model
+
+
+@dataclass
+class _Queries:
+    """The calibration queries: (prompt, continuation) pairs, each one's document, and, with an endpoint, its NLL
+    per character and the characters of each continuation (`cascade.endpoint`)."""
+
+    pairs: list[tuple[list[int], list[int]]]
+    document_of: torch.Tensor
+    num_documents: int
+    endpoint_nll: Optional[torch.Tensor] = None
+    num_chars: Optional[torch.Tensor] = None
+    unscored: int = 0
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [query for query, _ in self.pairs]
+
+
+def _calibration_queries(data_dir: Path, small: Path, scorer, num_queries: int, prompt_tokens: int,
+                         continuation_tokens: int, seed: int) -> _Queries:
+    """Query windows of the calibration split (NOTE 1), those the endpoint cannot score left out; refused when
+    too few remain."""
     documents = read_split_documents(data_dir, "calibration", num_queries, continuation_tokens + 1)
     windows = query_windows(documents, prompt_tokens, continuation_tokens, seed, num_queries)
     if len(windows) < MIN_QUERIES or len(documents) < 2:
@@ -380,98 +487,28 @@ def calibrate(small: PathLike, large: Optional[PathLike] = None, out: Optional[P
                          f"prompt_tokens={prompt_tokens} + continuation_tokens={continuation_tokens} from "
                          f"{len(documents)} documents; at least {MIN_QUERIES} queries from 2 documents are needed "
                          f"(prepare the data with a larger data.calibration_fraction)")
+    endpoint_nll = num_chars = None
     unscored = 0
-    if scorer is not None:  # the endpoint's NLL per character; queries it cannot score are left out (cascade.endpoint)
+    if scorer is not None:  # the endpoint's NLL per character; queries it cannot score are left out
         windows, endpoint_nll, num_chars, unscored = _score_on_endpoint(scorer, small, windows)
         if len(windows) < MIN_QUERIES or len({document for _, document in windows}) < 2:
             raise ValueError(f"large_endpoint: only {len(windows)} queries could be scored on {scorer.endpoint} "
                              f"({unscored} left out: their echoed tokens do not spell the prompt text)")
-    pairs = [pair for pair, _ in windows]
-    document_of = torch.tensor([document for _, document in windows])
-    queries = [query for query, _ in pairs]
+    return _Queries([pair for pair, _ in windows], torch.tensor([document for _, document in windows]),
+                    len(documents), endpoint_nll, num_chars, unscored)
 
-    # Features: the signals and, for the probe, every layer's pooled hidden states (its candidates are subsets).
-    config = small_model.config
-    full = HiddenFeatures(tuple(range(config.num_layers)), POOLINGS, config.hidden_size)
-    features = prompt_signals(small_model, queries, batch_size=batch_size,
-                              hidden=None if router_kind == "logistic" else full)
-    if scorer is None:
-        nll_small, nll_large, unit = _tier_quality(small_model, large_tier, pairs, metric, batch_size)
-    else:  # both per character of the continuation (cascade.endpoint, NOTE 3)
-        nll_small = continuation_nll(small_model, pairs, batch_size, reduction="sum") / num_chars
-        nll_large, unit = endpoint_nll, "nats/character"
-    gain = nll_small - nll_large
 
-    # Held-out documents (NOTE 4): no text is both fitted and scored.
-    heldout, fit = _split_by_document(document_of, holdout, seed)
-    margin = float(gain[fit].median()) if margin is None else float(margin)  # NOTE 3
-    labels = (gain > margin).to(torch.float64)
-    candidates, probe_report = _fit_candidates(features, gain, labels, fit, document_of, full, router_kind,
-                                               margin, l2, seed)
-    heldout_apgr = {name: routing_apgr(scores[heldout], gain[heldout]) for name, (_, scores) in candidates.items()}
-    chosen = router_kind if router_kind != "auto" else max(
-        candidates, key=lambda name: -math.inf if math.isnan(heldout_apgr[name]) else heldout_apgr[name])
-    router, scores = candidates[chosen]
-
-    # Pre-generation routing on the held-out queries, thresholds at held-out quantiles (NOTE 4).
-    h_scores, h_small, h_large, h_labels = scores[heldout], nll_small[heldout], nll_large[heldout], labels[heldout]
-    h_thresholds = [threshold_for_large_fraction(h_scores, f) for f in REPORT_FRACTIONS]
-    rows = routing_rows([h_scores >= t for t in h_thresholds], h_small, h_large, REPORT_FRACTIONS)
-    for row, threshold in zip(rows, h_thresholds):
-        row["threshold"] = threshold
-
-    # Post-hoc routing: the small model answers first (NOTE 5).
-    posthoc = _posthoc(small_model, small, heldout[:posthoc_queries], fit[:deferral_queries], queries, document_of,
-                       nll_small, nll_large, margin, continuation_tokens, batch_size, device, seed)
+def _set_thresholds(router: DifficultyRouter, scores: torch.Tensor, posthoc: dict[str, Any],
+                    target_large_fraction: float) -> None:
+    """The served router's thresholds: its score quantiles on every calibration query, the post-hoc table and the
+    token-level deferral rule of `posthoc` (taken out of it), each at `target_large_fraction`."""
     router.deferral = posthoc.pop("deferral")
-
     router.fraction_thresholds = [[f, threshold_for_large_fraction(scores, f)] for f in TABLE_FRACTIONS]
     router.threshold = router.threshold_for_fraction(target_large_fraction)
     router.posthoc_fraction_thresholds = posthoc.pop("table")
     router.posthoc_threshold = router.posthoc_threshold_for_fraction(target_large_fraction)
     if router.deferral is not None:
         router.deferral.threshold = router.deferral.threshold_for_fraction(target_large_fraction)
-    router.metadata = {"small": str(small.resolve()), "large": large_label, "data": str(data_dir.resolve()),
-                       "tokenizer_sha256": tokenizer_sha256, "num_queries": len(pairs), "margin": margin,
-                       "target_large_fraction": target_large_fraction, "quality_unit": unit}
-
-    report = {
-        "small": str(small.resolve()), "large": large_label, "data": str(data_dir.resolve()),
-        "tokenizer_sha256": tokenizer_sha256,
-        "large_endpoint": None if scorer is None else {"endpoint": scorer.endpoint, "model": large_model,
-                                                       "unscored_queries": unscored},
-        "settings": {"num_queries": num_queries, "prompt_tokens": prompt_tokens,
-                     "continuation_tokens": continuation_tokens, "margin": margin, "holdout": holdout,
-                     "target_large_fraction": target_large_fraction, "posthoc_queries": posthoc_queries,
-                     "deferral_queries": deferral_queries, "router": router_kind, "l2": l2, "seed": seed,
-                     "metric": metric},
-        "num_queries": len(pairs), "num_fit": len(fit), "num_heldout": len(heldout),
-        "num_documents": len(documents), "num_heldout_documents": len(torch.unique(document_of[heldout])),
-        "label_rate": float(labels.mean()), "heldout_label_rate": float(h_labels.mean()),
-        "auc_heldout": roc_auc(h_scores, h_labels), "auc_fit": roc_auc(scores[fit], labels[fit]),
-        "quality": {"metric": ("mean greedy next-token error (lower is better), held-out" if metric == "next_token"
-                               else f"mean continuation NLL ({unit}, lower is better), held-out"), "unit": unit,
-                    "all_small": float(h_small.mean()), "all_large": float(h_large.mean()),
-                    "oracle_best": float(torch.minimum(h_small, h_large).mean())},
-        "router": {"kind": chosen, "weights": dict(zip(SIGNAL_NAMES, router.weights)), "bias": router.bias,
-                   "hidden": router.hidden.to_dict() if router.hidden is not None else None,
-                   "threshold": router.threshold, "posthoc_threshold": router.posthoc_threshold},
-        "candidates": {name: {"heldout_apgr": None if math.isnan(value) else value,
-                              "auc_heldout": roc_auc(candidates[name][1][heldout], h_labels)}
-                       for name, value in heldout_apgr.items()},
-        "probe": probe_report,
-        "fractions": rows,
-        "posthoc": posthoc,
-        "heldout_queries": [{"index": i, "prompt_tokens": len(queries[i]), "nll_small": float(nll_small[i]),
-                             "nll_large": float(nll_large[i]), "score": float(scores[i]), "label": int(labels[i])}
-                            for i in heldout.tolist()],
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    router.save(out / "router.json")
-    write_json(out / "calibration_report.json", report)
-    if verbose:
-        print(format_report(report, out))
-    return report
 
 
 def _tier_quality(small_model: MoETransformer, large_model: MoETransformer, pairs: list, metric: str,

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -466,123 +467,192 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         check_pair_and_data(small, Path(distilled), data_dir)
         distilled = Path(distilled)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    small_model = load_checkpoint(small, device=device).eval()
-    large_model = load_checkpoint(large, device=device).eval()
     reference_tokens = max(continuation_tokens, line_tokens)
-    max_len = min(small_model.config.max_seq_len, large_model.config.max_seq_len)
-    if prompt_tokens + reference_tokens > max_len:
-        raise ValueError(f"prompt_tokens: prompt_tokens ({prompt_tokens}) + max(continuation_tokens, line_tokens) "
-                         f"({reference_tokens}) exceed the models' max_seq_len ({max_len})")
+    small_model, large_model = _load_pair(small, large, device, prompt_tokens, reference_tokens)
 
+    # 1. Queries and what both tiers score on them: the small tier's features, both tiers' quality (NOTE 1, 2).
     sets, documents, calibration_documents = _query_sets(data_dir, prompt_tokens, reference_tokens, seed,
                                                          calibration_queries, num_queries)
     # Every layer of the small tier, both poolings: the probe's candidates are subsets (NOTE 4).
-    small_cfg = small_model.config
-    full = HiddenFeatures(tuple(range(small_cfg.num_layers)), POOLINGS, small_cfg.hidden_size)
+    full = HiddenFeatures(tuple(range(small_model.config.num_layers)), POOLINGS, small_model.config.hidden_size)
     measured = {name: _measure(small_model, large_model, pairs, full, continuation_tokens, batch_size)
                 for name, pairs in sets.items()}
     cal, test = measured["calibration"], measured["test"]
-    gap = float(test["loglik_large"].mean() - test["loglik_small"].mean())
-    if not gap > 0:
-        raise ValueError(f"large: {large} is not better than small ({small}) on the {len(sets['test'])} test "
-                         f"queries (mean loglik gap {gap:.4f} nats/token): there is no gap for a router to recover")
+    _check_gap(test, small, large)
     test_pairs = sets["test"]
     prompts = [query for query, _ in test_pairs]
+    lines = _tier_lines(small_model, large_model, small, large, sets, test, line_tokens, batch_size, device)
 
-    # Greedy next lines of both tiers on the test queries (exact match, post-hoc confidence, answer lengths).
-    answers_small, generator = tier_answers(small_model, small, prompts, line_tokens, batch_size, device)
-    answers_large, _ = tier_answers(large_model, large, prompts, line_tokens, batch_size, device)
-    reference_lines = [next_line(generator.decode(reference)) for _, reference in test_pairs]
-    for tier, answers in (("small", answers_small), ("large", answers_large)):
-        test[f"exact_match_{tier}"] = torch.tensor([float(a.text == line) for a, line in
-                                                    zip(answers, reference_lines)], dtype=torch.float64)
-    confidence = torch.tensor([a.mean_confidence for a in answers_small], dtype=torch.float64)
-    calibration_answers, _ = tier_answers(small_model, small, [query for query, _ in sets["calibration"]],
-                                          line_tokens, batch_size, device)
-
-    # Costs per test query (NOTE 5).
-    large_cfg = large_model.config
-    router_prefill = torch.tensor([forward_flops(small_cfg, len(p)) for p in prompts], dtype=torch.float64)
-    answer_small = torch.tensor([answer_flops(small_cfg, len(p), len(a.token_ids))
-                                 for p, a in zip(prompts, answers_small)], dtype=torch.float64)
-    answer_large = torch.tensor([answer_flops(large_cfg, len(p), len(a.token_ids))
-                                 for p, a in zip(prompts, answers_large)], dtype=torch.float64)
-    cost_all_large = float(answer_large.sum())
-    charges = {  # (cost when kept on small, cost when sent to large)
-        "none": (answer_small, answer_large),
-        "prefill": (answer_small, router_prefill + answer_large),
-        "posthoc": (answer_small, answer_small + answer_large),
-    }
-
-    # Routers (NOTE 4): scores on the test queries, fitted on the calibration queries' gain on `metric` only.
-    routers, fitted = _fit_routers(cal, test, full, calibration_documents, calibration_answers, answers_small,
-                                   confidence, metric, margin, l2, seed)
-    margin, probe = fitted["margin"], fitted["probe"]
-    test_gain = test[f"{metric}_large"] - test[f"{metric}_small"]
-    loglik_gain = test["loglik_large"] - test["loglik_small"]
-    n_test = len(test_pairs)
+    # 2. Costs per test query, in FLOPs and in measured seconds (NOTE 5, 7).
+    costs = _Costs.of(small_model.config, large_model.config, prompts, lines)
+    # 3. Routers (NOTE 4): scores on the test queries, fitted on the calibration queries' gain on `metric` only.
+    routers, fitted = _fit_routers(cal, test, full, calibration_documents, lines.calibration, lines.small,
+                                   lines.confidence, metric, margin, l2, seed)
     seconds = (measure_seconds(small_model, large_model, small, large, prompts[:timing_queries], line_tokens,
-                               probe.hidden, device) if timing_queries > 0 else None)
-    time_charges = None
-    if seconds is not None:  # the same charges in measured seconds per query, the same for every query
-        ones = torch.ones(len(prompts), dtype=torch.float64)
-        t_small, t_large, t_prefill = (seconds[k] * ones for k in ("small", "large", "router_prefill"))
-        time_charges = {"none": (t_small, t_large), "prefill": (t_small, t_prefill + t_large),
-                        "posthoc": (t_small, t_small + t_large)}
-    oracle_scores = {"loglik": loglik_gain,  # a binary metric's ties broken by the loglik gain
-                     "exact_match": test["exact_match_large"] - test["exact_match_small"] + 1e-3 * loglik_gain,
-                     "next_token": test["next_token_large"] - test["next_token_small"] + 1e-3 * loglik_gain}
+                               fitted["probe"].hidden, device) if timing_queries > 0 else None)
+    # 4. Every router's APGR, CPT and curves on every metric.
+    test_gain = test[f"{metric}_large"] - test[f"{metric}_small"]
+    results, curves = _summarize_routers(routers, _oracle_scores(test), test, costs.charges(),
+                                         None if seconds is None else _time_charges(seconds, len(prompts)),
+                                         costs.all_large, metric, bootstrap, seed, test_gain > fitted["margin"])
 
-    results, curves = _summarize_routers(routers, oracle_scores, test, charges, time_charges, cost_all_large,
-                                         metric, bootstrap, seed, test_gain > margin)
-
-    report = {
-        "small": str(small.resolve()), "large": str(large.resolve()), "data": str(data_dir.resolve()),
-        "tokenizer_sha256": tokenizer_sha256,
-        "settings": {"num_queries": num_queries, "calibration_queries": calibration_queries,
-                     "prompt_tokens": prompt_tokens, "continuation_tokens": continuation_tokens,
-                     "line_tokens": line_tokens, "margin": margin, "l2": l2, "bootstrap": bootstrap, "seed": seed,
-                     "metric": metric},
-        "num_calibration": len(sets["calibration"]), "num_test": n_test,
-        # Every document read has a first window, and the first turn takes them all (make_queries).
-        "documents": {name: min(len(documents[name]), len(pairs)) for name, pairs in sets.items()},
-        "tiers": {
-            tier: {"checkpoint": str(path.resolve()), "active_params": count_parameters(cfg)["active"],
-                   "loglik": float(test[f"loglik_{tier}"].mean()),
-                   "exact_match": float(test[f"exact_match_{tier}"].mean()),
-                   "next_token": float(test[f"next_token_{tier}"].mean()),
-                   "flops_per_query": float(cost.mean()),
-                   "mean_answer_tokens": sum(len(a.token_ids) for a in answers) / n_test}
-            for tier, path, cfg, cost, answers in (("small", small, small_cfg, answer_small, answers_small),
-                                                   ("large", large, large_cfg, answer_large, answers_large))},
-        "router_prefill_flops_per_query": float(router_prefill.mean()),
-        "seconds_per_query": seconds,
-        "distilled": (None if distilled is None else
-                      _alone(distilled, [(q, r[:continuation_tokens]) for q, r in test_pairs],
-                             [len(a.token_ids) for a in answers_small], test, batch_size, device, cost_all_large)),
-        "learned": {"weights": dict(zip(SIGNAL_NAMES, fitted["learned"].weights)), "bias": fitted["learned"].bias,
-                    "regression_weights": dict(zip(SIGNAL_NAMES, fitted["ridge"]["weights"])),
-                    "signal_directions": fitted["directions"],
-                    "calibration_label_rate": float(fitted["labels"].mean())},
-        "probe": fitted["probe_report"],
-        "deferral": fitted["deferral_report"],
-        "gain_correlation": {name: _pearson(_ranks(test["signals"][:, i]), _ranks(test_gain))
-                             for i, name in enumerate(SIGNAL_NAMES)},
-        "routers": results,
-        "test_queries": [
-            {"prompt_tokens": len(prompts[i]), "loglik_small": float(test["loglik_small"][i]),
-             "loglik_large": float(test["loglik_large"][i]), "exact_match_small": int(test["exact_match_small"][i]),
-             "exact_match_large": int(test["exact_match_large"][i]), "confidence_small": float(confidence[i]),
-             "next_token_small": int(test["next_token_small"][i]), "next_token_large": int(test["next_token_large"][i]),
-             "signals": dict(zip(SIGNAL_NAMES, test["signals"][i].tolist()))}
-            for i in range(n_test)],
-    }
+    settings = {"num_queries": num_queries, "calibration_queries": calibration_queries,
+                "prompt_tokens": prompt_tokens, "continuation_tokens": continuation_tokens,
+                "line_tokens": line_tokens, "margin": fitted["margin"], "l2": l2, "bootstrap": bootstrap,
+                "seed": seed, "metric": metric}
+    alone = (None if distilled is None else
+             _alone(distilled, [(q, r[:continuation_tokens]) for q, r in test_pairs],
+                    [len(a.token_ids) for a in lines.small], test, batch_size, device, costs.all_large))
+    report = {"small": str(small.resolve()), "large": str(large.resolve()), "data": str(data_dir.resolve()),
+              "tokenizer_sha256": tokenizer_sha256, "settings": settings,
+              "num_calibration": len(sets["calibration"]), "num_test": len(test_pairs),
+              # Every document read has a first window, and the first turn takes them all (make_queries).
+              "documents": {name: min(len(documents[name]), len(pairs)) for name, pairs in sets.items()},
+              "tiers": _tier_entries({"small": (small, small_model.config), "large": (large, large_model.config)},
+                                     test, costs, lines),
+              "router_prefill_flops_per_query": float(costs.router_prefill.mean()),
+              "seconds_per_query": seconds, "distilled": alone,
+              **_fitted_entries(fitted, test, test_gain),
+              "routers": results,
+              "test_queries": _test_query_entries(prompts, test, lines.confidence)}
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / "cascade_eval.json", report)
     plot_curves(curves, report, output / "cascade_eval.png")
     if verbose:
         print(format_report(report, output))
     return report
+
+
+def _load_pair(small: Path, large: Path, device: str, prompt_tokens: int,
+               reference_tokens: int) -> tuple[MoETransformer, MoETransformer]:
+    """Both tiers in eval mode, refused when a prompt and its reference do not fit either's max_seq_len."""
+    small_model = load_checkpoint(small, device=device).eval()
+    large_model = load_checkpoint(large, device=device).eval()
+    max_len = min(small_model.config.max_seq_len, large_model.config.max_seq_len)
+    if prompt_tokens + reference_tokens > max_len:
+        raise ValueError(f"prompt_tokens: prompt_tokens ({prompt_tokens}) + max(continuation_tokens, line_tokens) "
+                         f"({reference_tokens}) exceed the models' max_seq_len ({max_len})")
+    return small_model, large_model
+
+
+def _check_gap(test: dict[str, torch.Tensor], small: Path, large: Path) -> None:
+    gap = float(test["loglik_large"].mean() - test["loglik_small"].mean())
+    if not gap > 0:
+        raise ValueError(f"large: {large} is not better than small ({small}) on the {len(test['loglik_small'])} "
+                         f"test queries (mean loglik gap {gap:.4f} nats/token): there is no gap for a router to "
+                         f"recover")
+
+
+@dataclass
+class _Lines:
+    """Greedy next lines: both tiers' on the test queries, the small tier's on the calibration queries."""
+
+    small: list
+    large: list
+    calibration: list
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        """The small tier's mean token confidence per test query (the post-hoc router's signal)."""
+        return torch.tensor([a.mean_confidence for a in self.small], dtype=torch.float64)
+
+
+def _tier_lines(small_model: MoETransformer, large_model: MoETransformer, small: Path, large: Path,
+                sets: dict[str, list], test: dict[str, torch.Tensor], line_tokens: int, batch_size: int,
+                device: str) -> _Lines:
+    """Both tiers' greedy next lines; adds each tier's exact match with the reference line to `test` (NOTE 2)."""
+    prompts = [query for query, _ in sets["test"]]
+    answers_small, generator = tier_answers(small_model, small, prompts, line_tokens, batch_size, device)
+    answers_large, _ = tier_answers(large_model, large, prompts, line_tokens, batch_size, device)
+    reference_lines = [next_line(generator.decode(reference)) for _, reference in sets["test"]]
+    for tier, answers in (("small", answers_small), ("large", answers_large)):
+        test[f"exact_match_{tier}"] = torch.tensor([float(a.text == line) for a, line in
+                                                    zip(answers, reference_lines)], dtype=torch.float64)
+    calibration, _ = tier_answers(small_model, small, [query for query, _ in sets["calibration"]], line_tokens,
+                                  batch_size, device)
+    return _Lines(answers_small, answers_large, calibration)
+
+
+@dataclass
+class _Costs:
+    """Forward FLOPs per test query (NOTE 5): the router's prefill of the small tier, each tier's answer."""
+
+    router_prefill: torch.Tensor
+    answer_small: torch.Tensor
+    answer_large: torch.Tensor
+
+    @classmethod
+    def of(cls, small: ModelConfig, large: ModelConfig, prompts: list[list[int]], lines: _Lines) -> "_Costs":
+        def answers(config: ModelConfig, completions: list) -> torch.Tensor:
+            return torch.tensor([answer_flops(config, len(p), len(a.token_ids)) for p, a in zip(prompts, completions)],
+                                dtype=torch.float64)
+
+        prefill = torch.tensor([forward_flops(small, len(p)) for p in prompts], dtype=torch.float64)
+        return cls(prefill, answers(small, lines.small), answers(large, lines.large))
+
+    @property
+    def all_large(self) -> float:
+        return float(self.answer_large.sum())
+
+    def charges(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per charge: (cost when kept on small, cost when sent to large)."""
+        return {"none": (self.answer_small, self.answer_large),
+                "prefill": (self.answer_small, self.router_prefill + self.answer_large),
+                "posthoc": (self.answer_small, self.answer_small + self.answer_large)}
+
+
+def _time_charges(seconds: dict[str, Any], n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The charges of `_Costs` in measured seconds per query, the same for every query."""
+    ones = torch.ones(n, dtype=torch.float64)
+    t_small, t_large, t_prefill = (seconds[k] * ones for k in ("small", "large", "router_prefill"))
+    return {"none": (t_small, t_large), "prefill": (t_small, t_prefill + t_large),
+            "posthoc": (t_small, t_small + t_large)}
+
+
+def _oracle_scores(test: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The oracle's score per metric: the large tier's gain, a binary metric's ties broken by the loglik gain."""
+    loglik_gain = test["loglik_large"] - test["loglik_small"]
+    return {"loglik": loglik_gain,
+            "exact_match": test["exact_match_large"] - test["exact_match_small"] + 1e-3 * loglik_gain,
+            "next_token": test["next_token_large"] - test["next_token_small"] + 1e-3 * loglik_gain}
+
+
+def _tier_entries(tiers: dict[str, tuple[Path, ModelConfig]], test: dict[str, torch.Tensor], costs: _Costs,
+                  lines: _Lines) -> dict[str, Any]:
+    """The report's entry of each tier answering every test query alone."""
+    flops = {"small": costs.answer_small, "large": costs.answer_large}
+    answers = {"small": lines.small, "large": lines.large}
+    return {tier: {"checkpoint": str(path.resolve()), "active_params": count_parameters(cfg)["active"],
+                   "loglik": float(test[f"loglik_{tier}"].mean()),
+                   "exact_match": float(test[f"exact_match_{tier}"].mean()),
+                   "next_token": float(test[f"next_token_{tier}"].mean()),
+                   "flops_per_query": float(flops[tier].mean()),
+                   "mean_answer_tokens": sum(len(a.token_ids) for a in answers[tier]) / len(answers[tier])}
+            for tier, (path, cfg) in tiers.items()}
+
+
+def _fitted_entries(fitted: dict[str, Any], test: dict[str, torch.Tensor],
+                    test_gain: torch.Tensor) -> dict[str, Any]:
+    """The report's entries of the fitted routers and of each signal's rank correlation with the test gain."""
+    learned, ridge = fitted["learned"], fitted["ridge"]
+    return {"learned": {"weights": dict(zip(SIGNAL_NAMES, learned.weights)), "bias": learned.bias,
+                        "regression_weights": dict(zip(SIGNAL_NAMES, ridge["weights"])),
+                        "signal_directions": fitted["directions"],
+                        "calibration_label_rate": float(fitted["labels"].mean())},
+            "probe": fitted["probe_report"],
+            "deferral": fitted["deferral_report"],
+            "gain_correlation": {name: _pearson(_ranks(test["signals"][:, i]), _ranks(test_gain))
+                                 for i, name in enumerate(SIGNAL_NAMES)}}
+
+
+def _test_query_entries(prompts: list[list[int]], test: dict[str, torch.Tensor],
+                        confidence: torch.Tensor) -> list[dict[str, Any]]:
+    return [{"prompt_tokens": len(prompts[i]), "loglik_small": float(test["loglik_small"][i]),
+             "loglik_large": float(test["loglik_large"][i]), "exact_match_small": int(test["exact_match_small"][i]),
+             "exact_match_large": int(test["exact_match_large"][i]), "confidence_small": float(confidence[i]),
+             "next_token_small": int(test["next_token_small"][i]), "next_token_large": int(test["next_token_large"][i]),
+             "signals": dict(zip(SIGNAL_NAMES, test["signals"][i].tolist()))}
+            for i in range(len(prompts))]
 
 
 @torch.no_grad()

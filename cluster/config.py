@@ -91,7 +91,25 @@ def validate_train_config(cfg: DictConfig) -> None:
 
     Runs on the driver before Ray starts.
     """
-    t, c, p = cfg.trainer, cfg.cluster, cfg.parallel
+    _check_trainer(cfg.trainer, cfg.cluster, cfg.model)
+    _check_cluster(cfg.cluster)
+    model = model_config_from(cfg)
+    _check_layout(cfg.trainer, cfg.cluster, cfg.parallel, model)
+    _check_distill(cfg.trainer.distill)
+    if cfg.data.validation_fraction <= 0:
+        _fail("data.validation_fraction", f"must be > 0: training evaluates the validation split at the end "
+                                          f"(and every trainer.eval_every steps), got {cfg.data.validation_fraction}")
+    if cfg.data.seq_len > model.max_seq_len:
+        _fail("data.seq_len", f"({cfg.data.seq_len}) exceeds model.max_seq_len ({model.max_seq_len})")
+    if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
+        _fail("logger.wandb.mode", f"must be offline, online or disabled, got {cfg.logger.wandb.mode!r}")
+    from data_pipeline.config import DataConfig
+
+    DataConfig.from_any(cfg.data)  # the data group's own checks (ValueError naming the key), before any work
+
+
+def _check_trainer(t: DictConfig, c: DictConfig, model_cfg: DictConfig) -> None:
+    """The trainer group's values (and the attention backend it can train)."""
     for key in ("max_steps", "global_batch_size", "grad_accum_steps", "checkpoint_every", "keep_last",
                 "eval_batches", "max_bad_steps"):
         if not isinstance(t[key], int) or t[key] <= 0:
@@ -100,7 +118,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         _fail("trainer.router_lr_scale", f"must be a positive number, got {t.router_lr_scale}")
     if t.engine not in ENGINES:
         _fail("trainer.engine", f"must be one of {list(ENGINES)}, got {t.engine!r}")
-    if cfg.model.get("attention_backend", "sdpa") == "flex" and not c.use_gpu:
+    if model_cfg.get("attention_backend", "sdpa") == "flex" and not c.use_gpu:
         _fail("model.attention_backend", "flex needs cluster.use_gpu=true to train: torch's FlexAttention has no "
                                           "CPU backward; use model.attention_backend=sdpa on the CPU")
     if t.dtype not in DTYPES:
@@ -132,6 +150,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     if t.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
         _fail("trainer.activation_checkpointing",
               f"must be one of {list(ACTIVATION_CHECKPOINTING)}, got {t.activation_checkpointing!r}")
+
+
+def _check_cluster(c: DictConfig) -> None:
     if c.num_workers <= 0:
         _fail("cluster.num_workers", f"must be positive, got {c.num_workers}")
     if c.cpus_per_worker <= 0:
@@ -150,6 +171,10 @@ def validate_train_config(cfg: DictConfig) -> None:
         _fail("cluster.gpu_memory_gib", f"must be a positive number of GiB or null, got {c.gpu_memory_gib}")
     if not 1 <= c.dashboard_port <= 65535:
         _fail("cluster.dashboard_port", f"must be a TCP port in 1..65535, got {c.dashboard_port}")
+
+
+def _check_layout(t: DictConfig, c: DictConfig, p: DictConfig, model: ModelConfig) -> None:
+    """How the workers, the expert-parallel groups, the batch and the experts divide each other."""
     if p.ep <= 0:
         _fail("parallel.ep", f"must be positive, got {p.ep}")
     if c.num_workers % p.ep:
@@ -158,7 +183,6 @@ def validate_train_config(cfg: DictConfig) -> None:
     if t.global_batch_size % per_step:
         _fail("trainer.global_batch_size", f"({t.global_batch_size}) must be divisible by cluster.num_workers * "
                                            f"trainer.grad_accum_steps ({per_step})")
-    model = model_config_from(cfg)
     if model.num_moe_layers and model.experts.num_experts % p.ep:
         _fail("parallel.ep", f"({p.ep}) must divide model.experts.num_experts ({model.experts.num_experts})")
     if t.engine == "deepspeed" and p.ep > 1 and model.experts.backend == "megablocks":
@@ -167,23 +191,15 @@ def validate_train_config(cfg: DictConfig) -> None:
         _fail("model.experts.backend", f"megablocks' grouped GEMM (gmm) runs in bfloat16 only: set "
                                        f"trainer.dtype=bfloat16, or use model.experts.backend=grouped_mm "
                                        f"(trainer.dtype is {t.dtype})")
-    d = t.distill
+
+
+def _check_distill(d: DictConfig) -> None:
     if not (isinstance(d.weight, (int, float)) and 0.0 <= d.weight <= 1.0):
         _fail("trainer.distill.weight", f"must lie in [0, 1] (the share of the distillation loss), got {d.weight}")
     if not (isinstance(d.temperature, (int, float)) and math.isfinite(d.temperature) and d.temperature > 0):
         _fail("trainer.distill.temperature", f"must be a positive number, got {d.temperature}")
     if d.kind not in DISTILL_KINDS:
         _fail("trainer.distill.kind", f"must be one of {list(DISTILL_KINDS)}, got {d.kind!r}")
-    if cfg.data.validation_fraction <= 0:
-        _fail("data.validation_fraction", f"must be > 0: training evaluates the validation split at the end "
-                                          f"(and every trainer.eval_every steps), got {cfg.data.validation_fraction}")
-    if cfg.data.seq_len > model.max_seq_len:
-        _fail("data.seq_len", f"({cfg.data.seq_len}) exceeds model.max_seq_len ({model.max_seq_len})")
-    if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
-        _fail("logger.wandb.mode", f"must be offline, online or disabled, got {cfg.logger.wandb.mode!r}")
-    from data_pipeline.config import DataConfig
-
-    DataConfig.from_any(cfg.data)  # the data group's own checks (ValueError naming the key), before any work
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

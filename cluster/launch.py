@@ -61,6 +61,41 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ValueError: bad configuration, data or checkpoint (the message names the culprit).
         TrainingStopped: the run stopped on purpose (too many NaN steps).
     """
+    run_dir, data_dir, model_config, teacher_sha256, resume_from, init_from = _check_before_ray(cfg)  # 1), 2)
+    _start_ray(cfg)  # 3)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / STATUS_FILE).unlink(missing_ok=True)
+    print(f"[moe.train] run directory: {run_dir}", flush=True)
+
+    worker_config = WorkerConfig(
+        name=cfg.name, trainer=OmegaConf.to_object(cfg.trainer), data=OmegaConf.to_object(cfg.data),
+        model=model_config, logger=OmegaConf.to_object(cfg.logger), ep=cfg.parallel.ep, run_dir=str(run_dir),
+        data_dir=str(data_dir), launch_id=uuid.uuid4().hex, resume_from=str(resume_from) if resume_from else None,
+        init_from=str(init_from) if init_from else None,
+        resolved=to_plain(cfg), teacher_sha256=teacher_sha256)
+    progress = _Progress(run_dir, cfg.trainer.max_steps) if cfg.logger.progress_bar else None
+    try:
+        _fit_interruptibly(_ray_trainer(cfg, worker_config, run_dir))
+    finally:
+        if progress:
+            progress.stop()
+    status_file = run_dir / STATUS_FILE
+    if not status_file.is_file():
+        raise RuntimeError(f"training ended without writing {status_file}; see the Ray logs above")
+    status = json.loads(status_file.read_text())
+    summary = summarise(run_dir, status)
+    if status["status"] != "finished":
+        raise TrainingStopped(status["message"])
+    return summary
+
+
+def _check_before_ray(cfg: DictConfig) -> tuple[Path, Path, ModelConfig, Optional[str], Optional[Path],
+                                                  Optional[Path]]:
+    """Steps 1) and 2) of `train`: every check (config, run directory, local resources, data prepared if it is
+    not, memory plan, teacher, checkpoint to resume from), then newer checkpoints set aside. Returns (run
+    directory, data directory, model config, teacher sha256, checkpoint to resume from, checkpoint to initialise
+    from)."""
     validate_train_config(cfg)
     run_dir = run_dir_of(cfg)
     check_run_dir(cfg, run_dir)
@@ -86,12 +121,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         teacher, teacher_sha256 = check_teacher(cfg.trainer.distill.teacher, data_dir, model_config)
         cfg.trainer.distill.teacher = str(teacher)  # workers run in other directories
     resume_from, init_from = choose_start(cfg, run_dir / "checkpoints", model_config, teacher, teacher_sha256)
+    return run_dir, data_dir, model_config, teacher_sha256, resume_from, init_from
 
+
+def _start_ray(cfg: DictConfig) -> None:
+    """A local Ray with its dashboard (and the reaper of its processes), or the cluster at cluster.address; none
+    when Ray already runs (tests and notebooks may have started it)."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():  # tests and notebooks may have started Ray already
+    if not ray.is_initialized():
         if cfg.cluster.address is None:
             ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=cfg.cluster.dashboard_port,
                      num_cpus=cfg.cluster.num_cpus)
@@ -100,18 +138,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             ray.init(address=cfg.cluster.address)
     print(f"[moe.train] Ray dashboard: {dashboard_url() or '(none: this Ray runs without its dashboard)'}",
           flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (run_dir / STATUS_FILE).unlink(missing_ok=True)
-    print(f"[moe.train] run directory: {run_dir}", flush=True)
 
-    worker_config = WorkerConfig(
-        name=cfg.name, trainer=OmegaConf.to_object(cfg.trainer), data=OmegaConf.to_object(cfg.data),
-        model=model_config, logger=OmegaConf.to_object(cfg.logger), ep=cfg.parallel.ep, run_dir=str(run_dir),
-        data_dir=str(data_dir), launch_id=uuid.uuid4().hex, resume_from=str(resume_from) if resume_from else None,
-        init_from=str(init_from) if init_from else None,
-        resolved=to_plain(cfg), teacher_sha256=teacher_sha256)
-    trainer = TorchTrainer(
+
+def _ray_trainer(cfg: DictConfig, worker_config: WorkerConfig, run_dir: Path) -> Any:
+    """Ray Train's TorchTrainer of the run: one `_train_loop` per worker."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
         train_loop_per_worker=_train_loop,
         train_loop_config={"worker": worker_config},  # Ray Train wants a dict
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
@@ -125,20 +159,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             name=RAY_TRAIN_DIR, storage_path=str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures)),
     )
-    progress = _Progress(run_dir, cfg.trainer.max_steps) if cfg.logger.progress_bar else None
-    try:
-        _fit_interruptibly(trainer)
-    finally:
-        if progress:
-            progress.stop()
-    status_file = run_dir / STATUS_FILE
-    if not status_file.is_file():
-        raise RuntimeError(f"training ended without writing {status_file}; see the Ray logs above")
-    status = json.loads(status_file.read_text())
-    summary = summarise(run_dir, status)
-    if status["status"] != "finished":
-        raise TrainingStopped(status["message"])
-    return summary
 
 
 def _fit_interruptibly(trainer: Any) -> None:
@@ -183,10 +203,11 @@ def choose_start(cfg: DictConfig, checkpoint_root: Path, model_config: ModelConf
     Decided on the driver before Ray starts (see cluster/checkpointing.py): the
     checkpoint is verified (every file its ranks wrote); newer ones are set
     aside. Another trainer.engine, parallel.ep or number of workers is fine:
-    the workers reshard the optimizer state (cluster/reshard.py). `init_from` applies only to a run that does not resume, and
-    is checked against the model (cluster/initial_weights.py). A worker group
-    that Ray Train restarts within this launch continues from the launch's own
-    newest checkpoint instead (`cluster.worker.start_checkpoint`).
+    the workers reshard the optimizer state (cluster/reshard.py). `init_from`
+    applies only to a run that does not resume, and is checked against the
+    model (cluster/initial_weights.py). A worker group that Ray Train restarts
+    within this launch continues from the launch's own newest checkpoint
+    instead (`cluster.worker.start_checkpoint`).
     """
     resume_from = resolve_resume(checkpoint_root, cfg.trainer.resume)
     init_from = None
