@@ -96,7 +96,8 @@ _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm
 def _grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _grouped_mm_op(x_ND, w_EDF, offsets)
-    return _ContiguousGrad.apply(F.grouped_mm(x_ND, w_EDF, offs=offsets))
+    out = F.grouped_mm(x_ND, w_EDF, offs=offsets)
+    return _ContiguousGrad.apply(out) if torch.is_grad_enabled() else out
 
 
 def grouped_mm_experts(x_ND: torch.Tensor, tokens_per_expert: torch.Tensor, w1_EDF: torch.Tensor,
@@ -105,9 +106,30 @@ def grouped_mm_experts(x_ND: torch.Tensor, tokens_per_expert: torch.Tensor, w1_E
     if x_ND.dtype not in GROUPED_MM_DTYPES:
         raise TypeError(f"experts.backend='grouped_mm' supports {[str(d) for d in GROUPED_MM_DTYPES]}, got "
                         f"{x_ND.dtype}; use experts.backend='loop' for this dtype")
+    if x_ND.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _active_experts_on_cpu(x_ND, tokens_per_expert, w1_EDF, w2_EFD, w3_EDF)
     offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
     h_NF = F.silu(_grouped_mm(x_ND, w1_EDF, offsets)) * _grouped_mm(x_ND, w3_EDF, offsets)
     return _grouped_mm(h_NF, w2_EFD, offsets)
+
+
+def _active_experts_on_cpu(x_ND: torch.Tensor, tokens_per_expert: torch.Tensor, w1_EDF: torch.Tensor,
+                           w2_EFD: torch.Tensor, w3_EDF: torch.Tensor) -> torch.Tensor:
+    """Inference on the CPU: F.grouped_mm's CPU kernel is a loop of one matmul per expert, empty experts
+    included, with a host read of each offset. A decoding step of a few tokens leaves most experts empty, so
+    here only the experts with rows are multiplied, by the same per-expert matmuls (the same output up to the
+    rounding of a multi-threaded matmul: tests/test_experts.py). On the CPU the counts are host memory already:
+    no device sync."""
+    out_ND = x_ND.new_empty(x_ND.shape[0], w2_EFD.shape[-1])
+    start = 0
+    for expert, count in enumerate(tokens_per_expert.tolist()):
+        if count:
+            rows = slice(start, start + count)
+            x = x_ND[rows]
+            h = F.silu(torch.mm(x, w1_EDF[expert])) * torch.mm(x, w3_EDF[expert])
+            torch.mm(h, w2_EFD[expert], out=out_ND[rows])
+            start += count
+    return out_ND
 
 
 def megablocks_experts(x_ND: torch.Tensor, tokens_per_expert: torch.Tensor, w1_EDF: torch.Tensor,

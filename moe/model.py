@@ -192,16 +192,22 @@ class KVCache:
 
     def update(self, layer: int, k_BGSHd: torch.Tensor, v_BGSHd: torch.Tensor, positions_BS: torch.Tensor,
                key_start: int, key_end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes the new keys/values at their positions; returns slots [key_start, key_end) (B, G, K, Hd)."""
+        """Writes the new keys/values at their positions (row b's: lengths[b] + 0..S-1, as `_forward_cached`
+        makes them); returns slots [key_start, key_end) (B, G, K, Hd)."""
         if self.keys[layer] is None:
             batch, num_kv_heads, _, head_dim = k_BGSHd.shape
             shape = (batch, num_kv_heads, self.capacity, head_dim)
             self.keys[layer] = k_BGSHd.new_zeros(shape)
             self.values[layer] = v_BGSHd.new_zeros(shape)
-        rows_B1 = torch.arange(self.batch_size, device=positions_BS.device).unsqueeze(1)
-        # Advanced indices on dims 0 and 2 put their (B, S) shape first: (B, S, G, Hd).
-        self.keys[layer][rows_B1, :, positions_BS] = k_BGSHd.transpose(1, 2)
-        self.values[layer][rows_B1, :, positions_BS] = v_BGSHd.transpose(1, 2)
+        if len(set(self.lengths)) == 1:  # every row at the same position: one slice (read on the host)
+            start = self.lengths[0]
+            self.keys[layer][:, :, start:start + k_BGSHd.shape[2]] = k_BGSHd
+            self.values[layer][:, :, start:start + v_BGSHd.shape[2]] = v_BGSHd
+        else:
+            rows_B1 = torch.arange(self.batch_size, device=positions_BS.device).unsqueeze(1)
+            # Advanced indices on dims 0 and 2 put their (B, S) shape first: (B, S, G, Hd).
+            self.keys[layer][rows_B1, :, positions_BS] = k_BGSHd.transpose(1, 2)
+            self.values[layer][rows_B1, :, positions_BS] = v_BGSHd.transpose(1, 2)
         return self.keys[layer][:, :, key_start:key_end], self.values[layer][:, :, key_start:key_end]
 
     def advance(self, num_new: "int | list[int]") -> None:
@@ -274,8 +280,8 @@ class Attention(nn.Module):
         if cache_step is not None:
             k, v = cache_step.cache.update(self.layer_id, k, v, cache_step.positions_BS, cache_step.key_start,
                                            cache_step.key_end)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if mask is None:  # causal, or a cached step whose queries see every slot read (`_forward_cached`)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=cache_step is None, enable_gqa=gqa)
         elif isinstance(mask, BlockMask):
             out = _compiled("flex_attention")(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
@@ -512,7 +518,10 @@ class MoETransformer(nn.Module):
         window = self.config.sliding_window
         key_start = 0 if window is None else max(0, min(cache.lengths) - window + 1)
         step = CacheStep(cache, positions_BS, key_start, max(cache.lengths) + seq_len)
-        mask = cached_attention_mask(positions_BS, step.key_start, step.key_end, window)
+        # One new token per row, every row at the same position: the query sees every slot read (those before
+        # key_start are out of its window), so no mask, and SDPA keeps its fused kernel.
+        uniform_step = seq_len == 1 and len(set(cache.lengths)) == 1
+        mask = None if uniform_step else cached_attention_mask(positions_BS, step.key_start, step.key_end, window)
         x_BSD = self.embed_tokens(input_ids)
         rope = self.rope.at_positions(positions_BS, x_BSD.dtype)
         router_probs, hidden_states = [], []

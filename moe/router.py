@@ -205,7 +205,10 @@ class Router(nn.Module):
         # The gate GEMM and the scores in at least float32, whatever the activation dtype and autocast (as
         # Megatron and torchtitan route): bf16 logits would flip near-tied expert choices.
         gate_dtype = torch.promote_types(x_TD.dtype, torch.float32)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        if torch.is_autocast_enabled(x_TD.device.type):
+            with torch.autocast(device_type=x_TD.device.type, enabled=False):
+                logits_TE = F.linear(x_TD.to(gate_dtype), self.gate.weight.to(gate_dtype))
+        else:  # no context to enter and leave (a decoding step calls this once per layer)
             logits_TE = F.linear(x_TD.to(gate_dtype), self.gate.weight.to(gate_dtype))
         score_dtype = torch.promote_types(logits_TE.dtype, torch.float32)
         scores_TE = self.score_function.scores(logits_TE, score_dtype)

@@ -267,3 +267,32 @@ def test_combine_keeps_the_gates_and_the_top_k_sum_in_float32() -> None:
     old_way = torch.zeros(tokens, hidden, dtype=torch.bfloat16).index_add(0, state.token_index_N,
                                                                           y_ND * weights.to(torch.bfloat16))
     assert (old_way.double() - reference).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_inference_multiplies_only_the_experts_with_rows(dtype: torch.dtype) -> None:
+    """Without autograd on the CPU the grouped_mm backend skips F.grouped_mm's loop over every expert (a decoding
+    step leaves most of them empty): the same output (up to a multi-threaded matmul's rounding, about 1e-11
+    here), three matmuls per expert with rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out)
+            return func(*args, **(kwargs or {}))
+
+    generator = torch.Generator().manual_seed(3)
+    experts = GroupedExperts(8, 16, 24, "grouped_mm").to(dtype)
+    for zero_experts, rows in ((6, 2), (3, 11), (0, 40)):
+        counts = random_counts(8, rows, generator, zero_experts)
+        x = torch.randn(rows, 16, generator=generator).to(dtype)
+        with torch.no_grad(), CountMatmuls() as matmuls:
+            inference = experts(x, counts)
+        training = experts(x, counts)  # autograd on: F.grouped_mm
+        assert training.requires_grad
+        torch.testing.assert_close(inference, training.detach(), rtol=1e-6, atol=1e-9)
+        assert matmuls.count == 3 * int((counts > 0).sum())

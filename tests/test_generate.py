@@ -79,6 +79,31 @@ def test_cached_steps_match_full_recompute(case: str) -> None:
     torch.testing.assert_close(step[1], full_logits(model, sequences[0] + [2]), atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("case", ["full", "window"])
+def test_rows_at_one_position_decode_without_a_mask_as_recompute(case: str) -> None:
+    """Rows of equal length decode one token each with no attention mask (every slot read is visible; the
+    sliding window is left out by the slots read) and one slice written to the cache: the logits still equal
+    recomputing each sequence, past the window, with the grouped_mm experts' CPU inference path."""
+    model = tiny_model(**CASES[case], experts=dict(num_experts=4, hidden_size=16, backend="grouped_mm")).float()
+    masks = []
+    for block in model.layers:
+        block.attn.register_forward_pre_hook(lambda module, args: masks.append(args[2]))
+    sequences = [[5, 9, 3, 7], [11, 2, 6, 1], [4, 8, 15, 16]]
+    cache = KVCache(model.config.num_layers, len(sequences), capacity=2)
+    with torch.no_grad():
+        logits = model(torch.tensor(sequences), cache=cache).logits[:, -1]
+        for _ in range(8):  # 4 + 8 tokens: past the window of 3
+            for row, seq in enumerate(sequences):
+                torch.testing.assert_close(logits[row], full_logits(model, seq), atol=1e-5, rtol=1e-5)
+            tokens = logits.argmax(-1).tolist()
+            for seq, token in zip(sequences, tokens):
+                seq.append(token)
+            masks.clear()
+            logits = model(torch.tensor(tokens).unsqueeze(1), cache=cache).logits[:, -1]
+            assert masks == [None] * model.config.num_layers
+    assert cache.lengths == [12] * 3
+
+
 def reference_greedy(model: MoETransformer, prompt: list[int], max_tokens: int,
                      eos_id: int) -> tuple[list[int], list[float]]:
     ids, tokens, logprobs = list(prompt), [], []
