@@ -57,7 +57,8 @@ def memory_plan(cfg: DictConfig, model_config: ModelConfig):
     return plan_memory(model_config, micro_batch=t.global_batch_size // c.num_workers // t.grad_accum_steps,
                        seq_len=cfg.data.seq_len, world_size=c.num_workers, ep=cfg.parallel.ep,
                        activation_checkpointing=t.activation_checkpointing, bf16=t.dtype == "bfloat16",
-                       engine=t.engine, zero_stage=t.zero_stage, loss_chunk_tokens=t.loss_chunk_tokens or None)
+                       engine=t.engine, zero_stage=t.zero_stage, loss_chunk_tokens=t.loss_chunk_tokens or None,
+                       expert_load=cfg.parallel.expert_load)
 
 
 def gpu_memory_bytes(cfg: DictConfig) -> Optional[float]:
@@ -177,6 +178,10 @@ def _check_layout(t: DictConfig, c: DictConfig, p: DictConfig, model: ModelConfi
     """How the workers, the expert-parallel groups, the batch and the experts divide each other."""
     if p.ep <= 0:
         _fail("parallel.ep", f"must be positive, got {p.ep}")
+    load = p.expert_load
+    if load is not None and not (isinstance(load, (int, float)) and math.isfinite(load) and load >= 1):
+        _fail("parallel.expert_load", f"must be a number >= 1 (the hottest rank's expert rows over the mean) or "
+                                      f"null (the most routing can send one rank), got {load!r}")
     if c.num_workers % p.ep:
         _fail("parallel.ep", f"({p.ep}) must divide cluster.num_workers ({c.num_workers})")
     per_step = c.num_workers * t.grad_accum_steps

@@ -140,6 +140,19 @@ def _start_ray(cfg: DictConfig) -> None:
           flush=True)
 
 
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def worker_env_vars(cfg: DictConfig) -> dict[str, str]:
+    """The training workers' environment variables. On GPUs, PyTorch's caching allocator with expandable segments
+    (issue 18, S8): blocks of varying size, as dropless routing gives each step, then grow one segment instead of
+    leaving unusable gaps, which the memory plan does not count. A PYTORCH_CUDA_ALLOC_CONF of the driver's
+    environment reaches the workers unchanged instead (on every node)."""
+    if not cfg.cluster.use_gpu:
+        return {}
+    return {ALLOC_CONF: os.environ.get(ALLOC_CONF, "expandable_segments:True")}
+
+
 def _ray_trainer(cfg: DictConfig, worker_config: WorkerConfig, run_dir: Path) -> Any:
     """Ray Train's TorchTrainer of the run: one `_train_loop` per worker."""
     import ray.train
@@ -157,7 +170,8 @@ def _ray_trainer(cfg: DictConfig, worker_config: WorkerConfig, run_dir: Path) ->
         # resume from is decided above, from the disk.
         run_config=ray.train.RunConfig(
             name=RAY_TRAIN_DIR, storage_path=str(run_dir),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            worker_runtime_env={"env_vars": worker_env_vars(cfg)}),
     )
 
 

@@ -123,9 +123,17 @@ class TrainerConfig:
 
 @dataclass
 class ParallelConfig:
-    """The `parallel` group: ep is the expert-parallel degree (1 = experts replicated)."""
+    """The `parallel` group.
+
+    Attributes:
+        ep: the expert-parallel degree (1 = experts replicated).
+        expert_load: what the memory plan sizes each rank's expert activations for: the expert rows of the rank
+            with the hottest experts over the mean, >= 1 (`moe.plan`). null: the most dropless routing can send
+            one rank (ep x min(top_k, experts per rank) / top_k; 4 for 8 experts, top-2, ep = 8).
+    """
 
     ep: int = 1
+    expert_load: Optional[float] = None
 
 
 @dataclass

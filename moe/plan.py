@@ -21,7 +21,12 @@ The model (torch only, importable anywhere):
   op from this implementation (`_block_units`); float32 on the CPU, and with
   bfloat16 autocast the matmul products in 2 bytes and the residual stream
   and norms in 4. Dropless routing sends top_k copies of every token to the
-  experts, whatever the balance. `full` checkpointing keeps each block's
+  experts, whatever the balance; under expert parallelism the rank of the
+  hottest experts receives more than its share of them: `expert_load` times
+  the mean, at most all its experts can take (`max_expert_load`). A rank's
+  expert activations are sized for it (the default: that maximum, which
+  dropless routing can reach; training metrics record each expert's
+  max_over_mean_load). `full` checkpointing keeps each block's
   input plus one block's activations (its recomputation); `selective` keeps
   every other block whole.
 - Peak, in a step after the first (the optimizer state exists): the larger of
@@ -58,6 +63,7 @@ class MemoryPlan:
     activations_by_mode: dict[str, int]
     tokens_per_micro_batch: int
     peak: int
+    expert_load: float = 1.0  # the hottest rank's expert rows over the mean that the activations are sized for
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,12 +96,23 @@ def _fsdp_units(config: ModelConfig, ep: int) -> tuple[int, int]:
     return root, max(blocks)
 
 
-def _block_units(config: ModelConfig, seq_len: int, masked: bool, moe: bool) -> tuple[int, int]:
+def max_expert_load(config: ModelConfig, ep: int) -> float:
+    """The most expert rows one rank can receive under dropless routing, over the mean (top_k per token): every
+    token of the `ep` ranks, each sending min(top_k, experts per rank) copies."""
+    k, e = config.router.top_k, config.experts.num_experts
+    return ep * min(k, e // ep) / k
+
+
+def _block_units(config: ModelConfig, seq_len: int, masked: bool, moe: bool,
+                 expert_load: float = 1.0) -> tuple[float, float]:
     """Saved elements per token of one block: (float32 elements, matmul elements).
 
     Float32 elements stay 4 bytes under autocast (residual stream, norms,
     softmax statistics, masks, integer indices counted in 4-byte units);
     matmul elements are the projections' inputs and outputs (2 bytes in bfloat16).
+    `expert_load` scales the rows the rank's experts compute (received rows,
+    w1, w3, silu, product, w2 out); the gates' weighting of the returned rows
+    stays one per routed copy.
     """
     d, hd, h, g = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
     resid = 2 * (3 * d + 1)  # per norm: its input, 1/rms, its output and the weighted output
@@ -106,7 +123,7 @@ def _block_units(config: ModelConfig, seq_len: int, masked: bool, moe: bool) -> 
     k, e, f = config.router.top_k, config.experts.num_experts, config.experts.hidden_size
     router = e + 3 * k + 1  # probabilities, top-k ids (int64) and weights, normaliser
     dispatch = 3 * k + 2 * k  # permutation indices (int64), gates, counts
-    experts_mm = k * d + 4 * k * f + 2 * k * d  # dispatched rows, w1, w3, silu, product, w2 out, weighted
+    experts_mm = expert_load * (k * d + 4 * k * f + k * d) + k * d  # received, w1, w3, silu, product, w2; weighted
     shared = 0
     if config.experts.num_shared_experts:
         shared = 4 * config.experts.num_shared_experts * (config.experts.shared_hidden_size or f)
@@ -115,7 +132,8 @@ def _block_units(config: ModelConfig, seq_len: int, masked: bool, moe: bool) -> 
 
 def plan_memory(config: ModelConfig, *, micro_batch: int, seq_len: int, world_size: int = 1, ep: int = 1,
                 activation_checkpointing: str = "none", bf16: bool = False, documents: bool = True,
-                engine: str = "native", zero_stage: int = 1, loss_chunk_tokens: Optional[int] = None) -> MemoryPlan:
+                engine: str = "native", zero_stage: int = 1, loss_chunk_tokens: Optional[int] = None,
+                expert_load: Optional[float] = None) -> MemoryPlan:
     """The memory plan of one rank (see the module docstring).
 
     Args:
@@ -131,12 +149,19 @@ def plan_memory(config: ModelConfig, *, micro_batch: int, seq_len: int, world_si
         loss_chunk_tokens: the loss computed that many tokens at a time
             (`moe.model.chunked_cross_entropy`): no logits are saved, and the
             logits' transients are one chunk's.
+        expert_load: the expert rows of the rank with the hottest experts
+            over the mean, >= 1 (see the module docstring); capped at
+            `max_expert_load`, its default. 1 with ep = 1 (all experts local).
     """
     if activation_checkpointing not in CHECKPOINTING:
         raise ValueError(f"activation_checkpointing must be one of {list(CHECKPOINTING)}, "
                          f"got {activation_checkpointing!r}")
     if world_size % ep:
         raise ValueError(f"ep ({ep}) must divide world_size ({world_size})")
+    if expert_load is not None and not expert_load >= 1:
+        raise ValueError(f"expert_load must be >= 1 (the hottest rank's expert rows over the mean), got {expert_load}")
+    most = max_expert_load(config, ep)
+    load = most if expert_load is None else min(expert_load, most)
     non_expert, experts = _split_parameters(config)
     local_params = non_expert + experts // ep
     parameters = 4 * local_params
@@ -160,8 +185,8 @@ def plan_memory(config: ModelConfig, *, micro_batch: int, seq_len: int, world_si
     masked = config.attention_backend == "sdpa" and (documents or config.sliding_window is not None)
     blocks = []
     for layer in range(config.num_layers):
-        f32, mm = _block_units(config, seq_len, masked, config.is_moe_layer(layer))
-        blocks.append(tokens * (4 * f32 + mm_bytes * mm))
+        f32, mm = _block_units(config, seq_len, masked, config.is_moe_layer(layer), load)
+        blocks.append(int(tokens * (4 * f32 + mm_bytes * mm)))
     block_input = 4 * tokens * config.hidden_size
     # final norm; log-softmax output (float32); the logits the caller holds (float32, or bfloat16 logits).
     # In chunks, only the final norm's are saved: a chunk's logits live during its recomputation in the backward.
@@ -185,14 +210,15 @@ def plan_memory(config: ModelConfig, *, micro_batch: int, seq_len: int, world_si
         recomputed = max(b for b, k in zip(blocks, kept[activation_checkpointing]) if b != k) \
             if any(b != k for b, k in zip(blocks, kept[activation_checkpointing])) else 0
         peak = max(peak, parameters + optimizer + gradients + sum(kept[activation_checkpointing]) + recomputed)
-    return MemoryPlan(parameters, gradients, optimizer, activations, logits_grad, by_mode, tokens, peak)
+    return MemoryPlan(parameters, gradients, optimizer, activations, logits_grad, by_mode, tokens, peak, load)
 
 
 def format_plan(plan: MemoryPlan, gpu_memory_bytes: Optional[float] = None) -> str:
     rows = [("parameters", plan.parameters), ("gradients", plan.gradients), ("optimizer state", plan.optimizer),
-            (f"activations ({plan.tokens_per_micro_batch} tokens)", plan.activations),
+            (f"activations ({plan.tokens_per_micro_batch} tokens, expert load {plan.expert_load:g}x)",
+             plan.activations),
             ("logits gradient", plan.logits_grad), ("peak", plan.peak)]
-    lines = [f"{name:<36}{value / GIB:>10.3f} GiB" for name, value in rows]
+    lines = [f"{name:<50}{value / GIB:>10.3f} GiB" for name, value in rows]
     lines.append("activations by checkpointing: " + ", ".join(
         f"{mode} {value / GIB:.3f} GiB" for mode, value in plan.activations_by_mode.items()))
     if gpu_memory_bytes:

@@ -80,6 +80,7 @@ def test_preset_sizes() -> None:
     (["trainer.loss_chunk_tokens=-1"], "trainer.loss_chunk_tokens"),
     (["trainer.loss_chunk_tokens=64", "trainer.distill.teacher=/some/teacher"], "trainer.loss_chunk_tokens"),
     (["model.experts.backend=megablocks"], "megablocks' grouped GEMM \\(gmm\\) runs in bfloat16 only"),  # issue 18, C6
+    (["parallel.expert_load=0.5"], "parallel.expert_load"),  # issue 18, S8
 ])
 def test_invalid_config_names_the_key(overrides: list[str], key: str) -> None:
     cfg = compose_cfg(["+experiment=mixtral_tiny", *overrides])
@@ -158,3 +159,33 @@ def test_mfu_uses_the_workers_device_not_the_drivers() -> None:
     assert _mfu(1e5, status) == pytest.approx(1e5 * 6e9 / (989.0e12 * 8))
     assert _mfu(1e5, {**status, "device_name": None}) is None
     assert _mfu(1e5, {**status, "device_name": "a device of no known peak"}) is None
+
+
+def test_gpu_workers_get_expandable_segments(monkeypatch, tmp_path) -> None:
+    """Issue 18, S8: GPU workers run PyTorch's allocator with expandable segments, or the driver's own
+    PYTORCH_CUDA_ALLOC_CONF; CPU workers get nothing. Ray Train's trainer carries it to every worker (constructed
+    here, not run: no GPU on this machine)."""
+    from cluster.launch import ALLOC_CONF, _ray_trainer, worker_env_vars
+
+    gpu = compose_cfg(["+experiment=mixtral_small"])
+    monkeypatch.delenv(ALLOC_CONF, raising=False)
+    assert worker_env_vars(gpu) == {ALLOC_CONF: "expandable_segments:True"}
+    assert worker_env_vars(compose_cfg(["+experiment=mixtral_tiny"])) == {}
+    trainer = _ray_trainer(gpu, worker_config=None, run_dir=tmp_path)
+    assert trainer.run_config.worker_runtime_env == {"env_vars": {ALLOC_CONF: "expandable_segments:True"}}
+    monkeypatch.setenv(ALLOC_CONF, "max_split_size_mb:128")
+    assert worker_env_vars(gpu) == {ALLOC_CONF: "max_split_size_mb:128"}
+
+
+def test_the_plan_sizes_mixtral_small_for_its_measured_expert_load() -> None:
+    """mixtral_small plans for 2.5x the mean expert load on the hottest rank (parallel.expert_load); null plans
+    for the 4x routing can reach, and both fit its 80 GiB."""
+    from cluster.config import memory_plan
+
+    cfg = compose_cfg(["+experiment=mixtral_small"])
+    model = model_config_from(cfg, vocab_size=cfg.data.vocab_size)
+    preset = memory_plan(cfg, model)
+    cfg.parallel.expert_load = None
+    worst = memory_plan(cfg, model)
+    assert preset.expert_load == 2.5 and worst.expert_load == 4.0
+    assert preset.peak < worst.peak < 80 * 1024 ** 3
