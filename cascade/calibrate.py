@@ -645,7 +645,8 @@ def format_report(report: dict[str, Any], out: Path) -> str:
         f"label rate {report['label_rate']:.2f} (large better by > {report['settings']['margin']} "
         f"{quality['unit']}); "
         f"held-out AUC {'n/a' if auc is None else f'{auc:.3f}'}",
-        f"held-out mean continuation NLL: all-small {quality['all_small']:.4f}, all-large {quality['all_large']:.4f}, "
+        f"held-out {quality['metric'].replace(', held-out', '')}: all-small {quality['all_small']:.4f}, "
+        f"all-large {quality['all_large']:.4f}, "
         f"per-query best {quality['oracle_best']:.4f}",
         f"post-hoc (small answers, low confidence escalates) on {posthoc['num_queries']} held-out queries: "
         f"all-small {posthoc['all_small']:.4f}, all-large {posthoc['all_large']:.4f}",
