@@ -110,11 +110,12 @@ def _compiled(name: str):
 
 
 def flex_block_mask(seq_len: int, device: torch.device, sliding_window: Optional[int],
-                    doc_ids_BS: Optional[torch.Tensor]) -> Optional[BlockMask]:
+                    doc_ids_BS: Optional[torch.Tensor], *, compiled: bool = True) -> Optional[BlockMask]:
     """The mask of `attention_mask` as a FlexAttention block mask (None for plain causal).
 
     Built once per batch and shared by every layer; only per-block tables are
-    stored, never an S x S tensor.
+    stored, never an S x S tensor. `compiled=False` builds it eagerly (the
+    same mask; evaluates mask_mod on the whole S x S grid once, no compile).
     """
     if sliding_window is None and doc_ids_BS is None:
         return None
@@ -128,7 +129,8 @@ def flex_block_mask(seq_len: int, device: torch.device, sliding_window: Optional
         return keep
 
     batch = None if doc_ids_BS is None else doc_ids_BS.shape[0]
-    return _compiled("create_block_mask")(mask_mod, batch, None, seq_len, seq_len, device=device)
+    build = _compiled("create_block_mask") if compiled else create_block_mask
+    return build(mask_mod, batch, None, seq_len, seq_len, device=device)
 
 
 def cached_attention_mask(positions_BS: torch.Tensor, key_start: int, key_end: int,
