@@ -365,7 +365,7 @@ def calibrate(small: PathLike, large: Optional[PathLike] = None, out: Optional[P
     large_name = _name(large) if large is not None else large_model
     out = Path(out) if out is not None else Path("calibration") / f"{_name(small)}__{large_name}"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    small_model, large_tier = _load_tiers(small, large, device, prompt_tokens + continuation_tokens)
+    small_model, large_tier = load_tiers(small, large, device, prompt_tokens, continuation_tokens)
 
     # 1. The calibration queries, labelled with the large tier's gain (NOTE 1-3).
     queries = _calibration_queries(data_dir, small, scorer, num_queries, prompt_tokens, continuation_tokens, seed)
@@ -447,15 +447,16 @@ def calibrate(small: PathLike, large: Optional[PathLike] = None, out: Optional[P
     return report
 
 
-def _load_tiers(small: Path, large: Optional[Path], device: str,
-                query_tokens: int) -> tuple[MoETransformer, Optional[MoETransformer]]:
-    """The small tier and the large one (None: an endpoint) in eval mode; refused when a query does not fit."""
+def load_tiers(small: Path, large: Optional[Path], device: str, prompt_tokens: int,
+               reference_tokens: int) -> tuple[MoETransformer, Optional[MoETransformer]]:
+    """The small tier and the large one (None: an endpoint) in eval mode; refused when a query (the longest prompt
+    and its reference tokens) does not fit either's max_seq_len."""
     small_model = load_checkpoint(small, device=device).eval()
     large_model = load_checkpoint(large, device=device).eval() if large is not None else None
     max_len = min(model.config.max_seq_len for model in (small_model, large_model) if model is not None)
-    if query_tokens > max_len:
-        raise ValueError(f"prompt_tokens: prompt_tokens + continuation_tokens ({query_tokens}) exceed the models' "
-                         f"max_seq_len ({max_len})")
+    if prompt_tokens + reference_tokens > max_len:
+        raise ValueError(f"prompt_tokens: prompt_tokens ({prompt_tokens}) + {reference_tokens} reference tokens "
+                         f"exceed the models' max_seq_len ({max_len})")
     return small_model, large_model
 
 
@@ -471,9 +472,8 @@ class _Queries:
     num_chars: Optional[torch.Tensor] = None
     unscored: int = 0
 
-    @property
-    def prompts(self) -> list[list[int]]:
-        return [query for query, _ in self.pairs]
+    def __post_init__(self) -> None:
+        self.prompts = [query for query, _ in self.pairs]
 
 
 def _calibration_queries(data_dir: Path, small: Path, scorer, num_queries: int, prompt_tokens: int,

@@ -84,7 +84,7 @@ from moe.difficulty import (POOLINGS, SIGNAL_NAMES, DeferralRule, DifficultyRout
                             prompt_signals)
 from moe.model import MoETransformer, count_parameters
 
-from cascade.calibrate import (check_pair_and_data, continuation_nll, next_token_correct, query_windows,
+from cascade.calibrate import (check_pair_and_data, continuation_nll, load_tiers, next_token_correct, query_windows,
                                read_split_documents, roc_auc)
 from cascade.cli import check_positive_ints, parse_key_values, run, write_json
 
@@ -468,7 +468,7 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
         distilled = Path(distilled)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     reference_tokens = max(continuation_tokens, line_tokens)
-    small_model, large_model = _load_pair(small, large, device, prompt_tokens, reference_tokens)
+    small_model, large_model = load_tiers(small, large, device, prompt_tokens, reference_tokens)
 
     # 1. Queries and what both tiers score on them: the small tier's features, both tiers' quality (NOTE 1, 2).
     sets, documents, calibration_documents = _query_sets(data_dir, prompt_tokens, reference_tokens, seed,
@@ -523,18 +523,6 @@ def evaluate_cascade(small: PathLike, large: PathLike, output: PathLike, *, data
     return report
 
 
-def _load_pair(small: Path, large: Path, device: str, prompt_tokens: int,
-               reference_tokens: int) -> tuple[MoETransformer, MoETransformer]:
-    """Both tiers in eval mode, refused when a prompt and its reference do not fit either's max_seq_len."""
-    small_model = load_checkpoint(small, device=device).eval()
-    large_model = load_checkpoint(large, device=device).eval()
-    max_len = min(small_model.config.max_seq_len, large_model.config.max_seq_len)
-    if prompt_tokens + reference_tokens > max_len:
-        raise ValueError(f"prompt_tokens: prompt_tokens ({prompt_tokens}) + max(continuation_tokens, line_tokens) "
-                         f"({reference_tokens}) exceed the models' max_seq_len ({max_len})")
-    return small_model, large_model
-
-
 def _check_gap(test: dict[str, torch.Tensor], small: Path, large: Path) -> None:
     gap = float(test["loglik_large"].mean() - test["loglik_small"].mean())
     if not gap > 0:
@@ -551,10 +539,9 @@ class _Lines:
     large: list
     calibration: list
 
-    @property
-    def confidence(self) -> torch.Tensor:
-        """The small tier's mean token confidence per test query (the post-hoc router's signal)."""
-        return torch.tensor([a.mean_confidence for a in self.small], dtype=torch.float64)
+    def __post_init__(self) -> None:
+        # The small tier's mean token confidence per test query (the post-hoc router's signal).
+        self.confidence = torch.tensor([a.mean_confidence for a in self.small], dtype=torch.float64)
 
 
 def _tier_lines(small_model: MoETransformer, large_model: MoETransformer, small: Path, large: Path,
