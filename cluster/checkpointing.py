@@ -2,7 +2,11 @@
 
 A checkpoint directory `run_dir/checkpoints/step_00000100/` holds
   model.safetensors, config.json   the full model (single-process layout; a
-                                   `moe.load_checkpoint` directory)
+                                   `moe.load_checkpoint` directory), or with
+  model/, config.json              trainer.checkpoint_format=sharded each rank's
+                                   shards (torch.distributed.checkpoint, written
+                                   in the background: cluster/sharded_checkpoint.py;
+                                   `moe.load_checkpoint` reads it too)
   optimizer_rank{r}.safetensors    each rank's part of the optimizer state, in
                                    the writer's layout (another layout or
                                    number of workers reshards it: cluster/reshard.py)
@@ -11,11 +15,14 @@ A checkpoint directory `run_dir/checkpoints/step_00000100/` holds
   train_state.json                 step, data-loader state, counters, the
                                    writer's engine, ep and world size, and the
                                    size and sha256 of every other file
-No pickle anywhere.
+No pickle anywhere, but DCP's index model/.metadata, which is unpickled with
+only DCP's metadata classes admitted (`moe.checkpoint.metadata_reader`).
 
 NOTE: atomicity and integrity.
  1. Rank 0 creates `.tmp-step_N`; every rank writes its files there and
-    hashes them while they are still in the page cache.
+    hashes them while they are still in the page cache. (A sharded
+    checkpoint does all of this in a writer thread, once its tensors are
+    copied: cluster/sharded_checkpoint.py.)
  2. The digests are gathered to rank 0, which writes train_state.json last
     (its presence marks the directory complete) and renames the directory to
     `step_N`. A crash before that leaves only a `.tmp-*` directory, never read.
@@ -147,15 +154,18 @@ def recorded_file_problem(file: Path, expected: dict[str, Any]) -> Optional[str]
 
 
 def save_training_checkpoint(checkpoint_root: Path, step: int, rank: int, *,
-                             full_model_state: Optional[dict[str, torch.Tensor]],
+                             write_model: Callable[[Path, int, dict[str, Any]], list[str]],
                              model_config: dict[str, Any], optimizer_state: dict[str, torch.Tensor],
-                             train_state: dict[str, Any], barrier: Callable[[], None],
+                             rng_state: torch.Tensor, train_state: dict[str, Any], barrier: Callable[[], None],
                              gather: Callable[[Any], list[Any]], keep_last: int,
                              tokenizer_file: Optional[Path] = None) -> Path:
     """Writes one checkpoint collectively (every rank calls it). See the module NOTE.
 
     Args:
-        full_model_state: the gathered full model (rank 0), None elsewhere.
+        write_model: `write_model(directory, rank, model_config)` writes this rank's model files into the
+            checkpoint's directory and returns their names (relative to it): `full_model_writer`'s, or the
+            sharded writer's (cluster/sharded_checkpoint.py).
+        rng_state: this rank's `torch.get_rng_state()`.
         train_state: JSON-able state written by rank 0 (step, loader, counters).
         barrier: a barrier over all ranks.
         gather: all-gathers one picklable object per rank (rank order).
@@ -173,13 +183,11 @@ def save_training_checkpoint(checkpoint_root: Path, step: int, rank: int, *,
     barrier()
     written = [f"optimizer_rank{rank}.safetensors", f"rng_rank{rank}.safetensors"]
     save_file(optimizer_state, str(tmp / written[0]))
-    save_file({"torch": torch.get_rng_state()}, str(tmp / written[1]))
-    if rank == 0:
-        assert full_model_state is not None
-        written += write_model_state(full_model_state, model_config, tmp)
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_NAME)
-            written.append(TOKENIZER_NAME)
+    save_file({"torch": rng_state}, str(tmp / written[1]))
+    written += write_model(tmp, rank, model_config)
+    if rank == 0 and tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_NAME)
+        written.append(TOKENIZER_NAME)
     digests = gather({name: file_digest(tmp / name) for name in written})
     if rank == 0:
         files = {name: d for per_rank in digests for name, d in per_rank.items()}
@@ -201,6 +209,19 @@ def save_training_checkpoint(checkpoint_root: Path, step: int, rank: int, *,
     return final
 
 
+def full_model_writer(full_model_state: Optional[dict[str, torch.Tensor]]
+                      ) -> Callable[[Path, int, dict[str, Any]], list[str]]:
+    """The `write_model` of the full format: rank 0 writes the gathered model (`full_model_state`, None on the
+    other ranks) as model.safetensors and config.json; the other ranks write no model file."""
+    def write(directory: Path, rank: int, model_config: dict[str, Any]) -> list[str]:
+        if rank != 0:
+            return []
+        assert full_model_state is not None
+        return write_model_state(full_model_state, model_config, directory)
+
+    return write
+
+
 def read_train_state_or_none(path: Path) -> Optional[dict[str, Any]]:
     try:
         return read_train_state(path)
@@ -208,18 +229,19 @@ def read_train_state_or_none(path: Path) -> Optional[dict[str, Any]]:
         return None
 
 
-def load_training_checkpoint(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Restores this rank's RNG state; returns (full model state, train_state).
+def load_training_checkpoint(path: Path, rank: int) -> dict[str, Any]:
+    """Restores this rank's RNG state; returns the checkpoint's train_state.
 
-    The optimizer state is read by the worker (`optimizer_rank{rank}` when the layout is the writer's, else
-    every rank's file through `cluster.reshard`). A rank beyond the writer's world size takes the RNG state
-    of rank `rank % world size`: the data order is global, and the model draws random numbers only for
-    router jitter.
+    The worker loads the model (model.safetensors whole, or the sharded model/ through
+    `cluster.sharded_checkpoint.load_model`) and the optimizer state (`optimizer_rank{rank}` when the layout is
+    the writer's, else every rank's file through `cluster.reshard`). A rank beyond the writer's world size takes
+    the RNG state of rank `rank % world size`: the data order is global, and the model draws random numbers only
+    for router jitter.
     """
     state = read_train_state(path)
     writers = state.get("world_size") or len(list(path.glob("rng_rank*.safetensors")))
     torch.set_rng_state(load_file(str(path / f"rng_rank{rank % writers}.safetensors"))["torch"])
-    return load_file(str(path / WEIGHTS_NAME)), state
+    return state
 
 
 class ResumeError(ValueError):

@@ -117,6 +117,8 @@ def _check_trainer(t: DictConfig, c: DictConfig, model_cfg: DictConfig) -> None:
             _fail(f"trainer.{key}", f"must be a positive integer, got {t[key]!r}")
     if not (t.router_lr_scale > 0 and math.isfinite(t.router_lr_scale)):
         _fail("trainer.router_lr_scale", f"must be a positive number, got {t.router_lr_scale}")
+    if t.checkpoint_format not in ("full", "sharded"):
+        _fail("trainer.checkpoint_format", f"must be 'full' or 'sharded', got {t.checkpoint_format!r}")
     if t.engine not in ENGINES:
         _fail("trainer.engine", f"must be one of {list(ENGINES)}, got {t.engine!r}")
     if model_cfg.get("attention_backend", "sdpa") == "flex" and not c.use_gpu:

@@ -59,6 +59,7 @@ NOTE: how the pieces are wired to DeepSpeed 0.19.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Optional
 
 import deepspeed
@@ -77,6 +78,7 @@ from cluster.expert_parallel import expert_bias_all_reduce, is_expert_param, loa
 from cluster.optim import build_adamw, set_learning_rate
 from cluster.parallel_dims import ParallelDims
 from cluster.schema import TrainerConfig
+from cluster.sharded_checkpoint import load_model
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -130,8 +132,9 @@ class DeepSpeedEngine:
         value = float(norm) if norm is not None else float("nan")
         return (value if math.isfinite(value) and value >= 0 else float("nan")), stepped  # ZeRO's invalid norm is -1
 
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """This rank's AdamW state in the native engine's layout (NOTE 6); collective."""
+    def optimizer_state(self, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+        """This rank's AdamW state in the native engine's layout (NOTE 6); collective. New tensors (ZeRO's
+        partitions gathered), on the CPU or (`to_cpu=False`) on the parameters' device."""
         if not self._inner_state():
             return {}
         self._link_optimizer_state()
@@ -139,9 +142,9 @@ class DeepSpeedEngine:
         out = {}
         for param, name in self._names.items():
             for key in ADAM_STATE_KEYS:
-                out[f"{name}::{key}"] = safe_get_full_optimizer_state(param, key).detach().contiguous().cpu()
-            out[f"{name}::step"] = steps[self._group_index[id(param)]].detach().clone().cpu()
-        return out
+                out[f"{name}::{key}"] = safe_get_full_optimizer_state(param, key).detach().contiguous()
+            out[f"{name}::step"] = steps[self._group_index[id(param)]].detach().clone()
+        return {key: value.cpu() for key, value in out.items()} if to_cpu else out
 
     def end_inference(self) -> None:
         pass  # ZeRO 1/2 shard optimizer state and gradients only: the weights are whole on every rank
@@ -150,6 +153,11 @@ class DeepSpeedEngine:
         """The weights, then ZeRO's float32 master partition (a copy made at initialisation that
         `load_full_state_dict` does not reach; the next step would otherwise restore the old weights)."""
         load_full_state_dict(self.model, full_state, self.dims)
+        self._optimizer.refresh_fp32_params()
+
+    def load_sharded_model_state(self, directory: Path) -> None:
+        """As `load_model_state`, from a sharded checkpoint's model/."""
+        load_model(directory, self.model, self.dims)
         self._optimizer.refresh_fp32_params()
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -13,12 +13,14 @@ engines are interchangeable:
     engine.backward(loss / grad_accum_steps, sync=is_last_micro_batch)
     grad_norm, stepped = engine.step(lr, loss_is_finite)
     engine.load_model_state(full_state)   # a checkpoint's, or trainer.init_from's, weights
+    engine.load_sharded_model_state(dir)  # a sharded checkpoint's model/ (cluster/sharded_checkpoint.py)
     engine.optimizer_state() / engine.load_optimizer_state(tensors)
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -32,6 +34,7 @@ from cluster.fsdp import apply_fsdp, local_part, reshard, set_gradient_sync
 from cluster.optim import build_adamw, load_optimizer_tensors, optimizer_tensors, set_learning_rate
 from cluster.parallel_dims import ParallelDims
 from cluster.schema import TrainerConfig
+from cluster.sharded_checkpoint import load_model
 
 
 class TrainEngine(Protocol):
@@ -53,8 +56,13 @@ class TrainEngine(Protocol):
     def load_model_state(self, full_state: dict[str, torch.Tensor]) -> None:
         """Loads a full single-process state dict (each rank keeps its part); before `load_optimizer_state`."""
 
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """This rank's optimizer state as named tensors (for safetensors)."""
+    def load_sharded_model_state(self, directory: Path) -> None:
+        """Loads a sharded checkpoint's model/ (each rank reads its parts; collective); before
+        `load_optimizer_state`."""
+
+    def optimizer_state(self, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+        """This rank's optimizer state as named tensors (for safetensors); `to_cpu=False` leaves them where
+        they are (the sharded checkpoint copies them into its own staging buffers)."""
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restores what `optimizer_state` returned."""
@@ -110,8 +118,11 @@ class NativeEngine:
     def load_model_state(self, full_state: dict[str, torch.Tensor]) -> None:
         load_full_state_dict(self.model, full_state, self.dims)
 
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        return optimizer_tensors(self.optimizer, self._names)
+    def load_sharded_model_state(self, directory: Path) -> None:
+        load_model(directory, self.model, self.dims)
+
+    def optimizer_state(self, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+        return optimizer_tensors(self.optimizer, self._names, to_cpu=to_cpu)
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
         load_optimizer_tensors(self.optimizer, self._names, tensors)

@@ -31,7 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from moe.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_model_config, saved_names
+from moe.checkpoint import (CONFIG_NAME, SHARDED_WEIGHTS_DIR, WEIGHTS_NAME, is_sharded_checkpoint, read_model_config,
+                            read_weights, saved_names, sharded_weight_shapes, weight_files)
 from moe.config import ModelConfig
 from moe.hf import from_hf_config, from_hf_state_dict, hf_weight_files
 from moe.model import MoETransformer
@@ -65,7 +66,7 @@ def _kind(path: Path) -> str:
 
 def _weight_files(path: Path, kind: str) -> list[Path]:
     try:
-        files = [path / WEIGHTS_NAME] if kind == "moe" else hf_weight_files(path)
+        files = weight_files(path) if kind == "moe" else hf_weight_files(path)
     except FileNotFoundError:
         _fail(path, f"{WEIGHTS_NAME} is missing, and no index of shards either (only safetensors weights are "
                     f"read, never pickled files)")
@@ -75,8 +76,14 @@ def _weight_files(path: Path, kind: str) -> list[Path]:
     return files
 
 
-def _read(files: list[Path], shapes_only: bool) -> dict[str, torch.Tensor]:
-    """The tensors of safetensors files: real ones, or meta tensors of the stored shapes (headers only)."""
+def _read(path: Path, files: list[Path], shapes_only: bool) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors files or of a sharded checkpoint: real ones, or meta tensors of the stored
+    shapes (headers, or the sharded index, only)."""
+    if is_sharded_checkpoint(path):
+        if not shapes_only:
+            return read_weights(path)
+        return {name: torch.empty(shape, dtype=dtype, device="meta")
+                for name, (shape, dtype) in sharded_weight_shapes(path).items()}
     if not shapes_only:
         return {name: t for file in files for name, t in load_file(str(file), device="cpu").items()}
     state = {}
@@ -91,10 +98,12 @@ def _check_digest(path: Path) -> None:
     """A training checkpoint's weights against the size and sha256 recorded when they were written."""
     if not (path / TRAIN_STATE).is_file():
         return
-    recorded = read_train_state(path).get("files", {}).get(WEIGHTS_NAME)
-    problem = recorded and recorded_file_problem(path / WEIGHTS_NAME, recorded)
-    if problem:
-        _fail(path, f"{problem} ({TRAIN_STATE})")
+    recorded = read_train_state(path).get("files", {})
+    for name in sorted(recorded):
+        if name == WEIGHTS_NAME or name.startswith(f"{SHARDED_WEIGHTS_DIR}/"):
+            problem = recorded_file_problem(path / name, recorded[name])
+            if problem:
+                _fail(path, f"{problem} ({TRAIN_STATE})")
 
 
 def _expected_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -120,7 +129,7 @@ def read_initial_state(path: Path, model_config: ModelConfig, *, shapes_only: bo
     kind = _kind(path)
     files = _weight_files(path, kind)
     expected = _expected_shapes(model_config)
-    state = _read(files, shapes_only)
+    state = _read(path, files, shapes_only)
     if kind == "hf":
         try:
             state = from_hf_state_dict(state, model_config)

@@ -48,14 +48,16 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str], *,
+                      to_cpu: bool = True) -> dict[str, torch.Tensor]:
     """Flattens a torch optimizer's per-parameter state into named tensors (this rank's shard of
-    FSDP-sharded state)."""
+    FSDP-sharded state), on the CPU or (`to_cpu=False`) where they are: on the CPU these are the optimizer's
+    own tensors, to be copied before the next step changes them."""
     out = {}
     for param, state in optimizer.state.items():
         for key, value in state.items():
-            tensor = local_part(value) if torch.is_tensor(value) else torch.tensor(value)
-            out[f"{names[param]}::{key}"] = tensor.detach().contiguous().cpu()
+            tensor = (local_part(value) if torch.is_tensor(value) else torch.tensor(value)).detach().contiguous()
+            out[f"{names[param]}::{key}"] = tensor.cpu() if to_cpu else tensor
     return out
 
 

@@ -64,6 +64,10 @@ class TrainerConfig:
         grad_accum_steps: micro-batches per optimizer step on each worker.
         dtype: "float32", or "bfloat16" autocast (CUDA).
         checkpoint_every / keep_last: checkpoint period and how many to keep.
+        checkpoint_format: "full" (rank 0 gathers the model and writes model.safetensors while every rank
+            waits) or "sharded" (each rank writes its own shards with torch.distributed.checkpoint, in a
+            background thread; the training stalls only while they are copied: cluster/sharded_checkpoint.py).
+            Either resumes the other's checkpoints, and both are read by moe.load_checkpoint.
         eval_every / eval_batches: validation period and size (0 = at the end only).
         diagnostics_every: period of the MoE diagnostics records (expert
             weight norms, routing fluctuation; see cluster/diagnostics.py); 0 = off.
@@ -107,6 +111,7 @@ class TrainerConfig:
     seed: int = 0
     checkpoint_every: int = 100
     keep_last: int = 3
+    checkpoint_format: str = "full"
     eval_every: int = 0
     eval_batches: int = 8
     diagnostics_every: int = 50

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from moe.checkpoint import WEIGHTS_NAME, load_checkpoint, read_model_config
+from moe.checkpoint import load_checkpoint, read_model_config, weight_files, weights_sha256
 from moe.files import TOKENIZER_NAME, file_sha256
 from moe.config import ModelConfig
 from moe.model import MoETransformer, training_flops_per_token
@@ -35,10 +35,11 @@ def check_teacher(teacher: str, data_dir: Path, student: ModelConfig) -> tuple[P
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"{key}: {err} (a checkpoint written by moe.train, e.g. runs/NAME/checkpoints/step_N)") \
             from None
-    weights = path / WEIGHTS_NAME
     tokenizer = path / TOKENIZER_NAME
-    if not weights.is_file():
-        raise ValueError(f"{key}: {weights} is missing")
+    try:
+        weight_files(path)
+    except FileNotFoundError as err:
+        raise ValueError(f"{key}: {err}") from None
     if not tokenizer.is_file():
         raise ValueError(f"{key}: {tokenizer} is missing (checkpoints of moe.train carry their data's tokenizer)")
     data_tokenizer = data_dir / TOKENIZER_NAME
@@ -48,7 +49,7 @@ def check_teacher(teacher: str, data_dir: Path, student: ModelConfig) -> tuple[P
     if config.vocab_size != student.vocab_size:
         raise ValueError(f"{key}: the teacher's vocabulary ({config.vocab_size} in {path / 'config.json'}) "
                          f"differs from the student's ({student.vocab_size})")
-    return path, file_sha256(weights)
+    return path, weights_sha256(path)
 
 
 def check_resume_teacher(train_state: dict[str, Any], checkpoint: Path, teacher: Optional[Path],

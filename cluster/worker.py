@@ -24,12 +24,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from moe import MoETransformer
+from moe.checkpoint import SHARDED_WEIGHTS_DIR, WEIGHTS_NAME, is_sharded_checkpoint
 from moe.distill import distillation_loss
 from moe.files import TOKENIZER_NAME
 from moe.model import count_parameters, training_flops_per_token
 
-from cluster.checkpointing import (list_checkpoints, load_training_checkpoint, read_train_state_or_none,
-                                  save_training_checkpoint)
+from cluster.checkpointing import (full_model_writer, list_checkpoints, load_training_checkpoint,
+                                  read_train_state_or_none, save_training_checkpoint)
 from cluster.diagnostics import RoutingProbe, expert_weight_norms
 from cluster.engine import TrainEngine, build_engine
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict
@@ -39,6 +40,7 @@ from cluster.optim import lr_at
 from cluster.parallel_dims import ParallelDims
 from cluster.reshard import Layout, reshard_optimizer_state
 from cluster.schema import TrainerConfig, WorkerConfig
+from cluster.sharded_checkpoint import ShardedCheckpointer
 from cluster.teacher import load_teacher, teacher_flops_per_token
 
 STATUS_FILE = "status.json"
@@ -81,6 +83,7 @@ class WorkerRun:
     autocast: Any
     probe: Optional[RoutingProbe] = None  # trainer.diagnostics_every > 0 and the model has MoE layers
     teacher: Optional[MoETransformer] = None  # trainer.distill.teacher, frozen
+    checkpointer: Optional[ShardedCheckpointer] = None  # trainer.checkpoint_format=sharded
     step: int = 0
     bad_steps: int = 0
     tokens: int = 0
@@ -149,7 +152,9 @@ def setup(config: WorkerConfig) -> WorkerRun:
         probe = routing_probe(config, rank, world_size)
     # The teacher is replicated on every worker and runs on that worker's micro-batches (no expert parallelism).
     teacher = load_teacher(tcfg.distill.teacher, device) if tcfg.distill.teacher is not None else None
-    return WorkerRun(config, rank, world_size, device, dims, model, engine, loader, autocast, probe, teacher)
+    checkpointer = ShardedCheckpointer(model, dims, device) if tcfg.checkpoint_format == "sharded" else None
+    return WorkerRun(config, rank, world_size, device, dims, model, engine, loader, autocast, probe, teacher,
+                     checkpointer)
 
 
 PROBE_SEQUENCES = 8
@@ -184,14 +189,17 @@ def resume_point(run: WorkerRun) -> Optional[str]:
             return None
         run.engine.load_model_state(read_initial_state(Path(run.config.init_from), run.model.config))
         return f"started from the weights in {run.config.init_from}"
-    full_state, train_state = load_training_checkpoint(path, run.rank)
+    train_state = load_training_checkpoint(path, run.rank)
     here = Layout(run.trainer.engine, run.dims.ep, run.world_size)
     writer = Layout.of_checkpoint(train_state, here)
     if writer.same_state_as(here):
         optimizer_state = load_file(str(path / f"optimizer_rank{run.rank}.safetensors"))
     else:
         optimizer_state = reshard_optimizer_state(path, writer, run.model, run.dims)
-    run.engine.load_model_state(full_state)
+    if is_sharded_checkpoint(path):  # each rank reads the parts of the shards that it holds
+        run.engine.load_sharded_model_state(path / SHARDED_WEIGHTS_DIR)
+    else:
+        run.engine.load_model_state(load_file(str(path / WEIGHTS_NAME)))
     run.engine.load_optimizer_state(optimizer_state)
     run.loader.load_state_dict(train_state["loader"])
     run.step, run.bad_steps, run.tokens = train_state["step"], train_state["bad_steps"], train_state["tokens"]
@@ -308,26 +316,34 @@ def train_record(run: WorkerRun, stats: StepStats, elapsed_s: float, flops_per_t
             "flops_per_token": flops_per_token}
 
 
-def save_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
-    """A training checkpoint of the current step (all ranks take part); Ray Train gets the metrics only."""
+def save_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint of the current step (all ranks take part); Ray Train gets the metrics only.
+    Returns the metrics.jsonl record of the save: how long the training loop was blocked (`stall_s`)."""
     import ray.train
 
+    start = time.perf_counter()
     tcfg = run.trainer
-    full_state = gather_full_state_dict(run.model, run.dims, only_rank0=True)
     train_state = {"step": run.step, "bad_steps": run.bad_steps, "tokens": run.tokens,
                    "loader": run.loader.state_dict(), "world_size": run.world_size,
                    "engine": tcfg.engine, "ep": run.dims.ep, "launch_id": run.config.launch_id,
+                   "checkpoint_format": tcfg.checkpoint_format,
                    "distill": ({"teacher": tcfg.distill.teacher, "teacher_sha256": run.config.teacher_sha256,
                                 "weight": tcfg.distill.weight, "temperature": tcfg.distill.temperature,
                                 "kind": tcfg.distill.kind} if run.teacher is not None else None)}
-    save_training_checkpoint(run.checkpoint_root, run.step, run.rank,
-                             full_model_state=full_state if run.rank == 0 else None,
-                             model_config=run.model.config.to_dict(), optimizer_state=run.engine.optimizer_state(),
-                             train_state=train_state, barrier=dist.barrier, gather=_all_gather_object,
-                             keep_last=tcfg.keep_last,
-                             tokenizer_file=Path(run.config.data_dir) / TOKENIZER_NAME)
+    common = dict(checkpoint_root=run.checkpoint_root, step=run.step, rank=run.rank,
+                  model_config=run.model.config.to_dict(), train_state=train_state, keep_last=tcfg.keep_last,
+                  tokenizer_file=Path(run.config.data_dir) / TOKENIZER_NAME)
+    if run.checkpointer is not None:  # written in the background; blocked only while the tensors are copied
+        run.checkpointer.save(save_training_checkpoint, run.engine.optimizer_state(to_cpu=False), **common)
+    else:
+        full_state = gather_full_state_dict(run.model, run.dims, only_rank0=True)
+        save_training_checkpoint(write_model=full_model_writer(full_state if run.rank == 0 else None),
+                                 optimizer_state=run.engine.optimizer_state(), rng_state=torch.get_rng_state(),
+                                 barrier=dist.barrier, gather=_all_gather_object, **common)
+    stall_s = time.perf_counter() - start
     # The checkpoint directory on disk is the one record of checkpoints (see cluster/checkpointing.py).
     ray.train.report(metrics)
+    return {"kind": "checkpoint", "step": run.step, "format": tcfg.checkpoint_format, "stall_s": stall_s}
 
 
 def eval_record(run: WorkerRun) -> dict[str, Any]:
@@ -369,7 +385,7 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
                                  f"The last good checkpoint is kept in {run.checkpoint_root}."}
             break
         if stats.stepped and (run.step % tcfg.checkpoint_every == 0 or run.step == tcfg.max_steps):
-            save_checkpoint(run, {"step": run.step, "loss": stats.lm_loss})
+            logger.log(save_checkpoint(run, {"step": run.step, "loss": stats.lm_loss}))
         if tcfg.eval_every and run.step % tcfg.eval_every == 0 and run.step < tcfg.max_steps:
             logger.log(eval_record(run))
             run.model.train()
@@ -382,6 +398,8 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
         record = eval_record(run)
         summary.update({key: record[key] for key in ("val_loss", "val_loss_stderr", "val_ppl")})
         logger.log(record)
+    if run.checkpointer is not None:  # the last checkpoint is complete on disk before the run reports its end
+        run.checkpointer.close()
     summary.update({"final_step": run.step, "bad_steps": run.bad_steps, "world_size": run.world_size,
                     "flops_per_token": flops_per_token, "params": count_parameters(run.model.config),
                     # the workers' accelerator, for the driver's MFU (a KubeRay head has no GPU of its own)

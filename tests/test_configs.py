@@ -81,6 +81,7 @@ def test_preset_sizes() -> None:
     (["trainer.loss_chunk_tokens=64", "trainer.distill.teacher=/some/teacher"], "trainer.loss_chunk_tokens"),
     (["model.experts.backend=megablocks"], "megablocks' grouped GEMM \\(gmm\\) runs in bfloat16 only"),  # issue 18, C6
     (["parallel.expert_load=0.5"], "parallel.expert_load"),  # issue 18, S8
+    (["trainer.checkpoint_format=dcp"], "trainer.checkpoint_format"),
 ])
 def test_invalid_config_names_the_key(overrides: list[str], key: str) -> None:
     cfg = compose_cfg(["+experiment=mixtral_tiny", *overrides])

@@ -15,10 +15,12 @@ besides the balancing loss, and the gradient clipping acts on some of the steps.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.testing import assert_close
 
 from moe import ModelConfig, MoETransformer
@@ -27,6 +29,7 @@ from cluster.engine import NativeEngine
 from cluster.schema import TrainerConfig
 from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict
 from cluster.parallel_dims import ParallelDims
+from cluster.sharded_checkpoint import model_state
 from dist_helpers import run_distributed
 
 pytest.importorskip("deepspeed")
@@ -112,7 +115,7 @@ def _assert_same_optimizer_state(native: dict, deepspeed: dict, label: str) -> N
                      msg=lambda m: f"{label} {key}: {m}")
 
 
-def _matches_native_worker(rank: int, world_size: int, cases: tuple) -> None:
+def _matches_native_worker(rank: int, world_size: int, cases: tuple, root: str) -> None:
     from cluster.deepspeed_engine import DeepSpeedEngine
 
     tokens = _batches(world_size, NUM_STEPS + 1)
@@ -135,10 +138,16 @@ def _matches_native_worker(rank: int, world_size: int, cases: tuple) -> None:
         native_optimizer_state = native.optimizer_state()
         _assert_same_optimizer_state(native_optimizer_state, deepspeed.optimizer_state(), label)
 
-        # Resume: a fresh DeepSpeed engine from the native engine's checkpoint continues like the native one.
+        # Resume: a fresh DeepSpeed engine from the native engine's checkpoint continues like the native one; with
+        # ep=2 from sharded weights (torch.distributed.checkpoint), which must reach ZeRO's float32 copy too.
         resumed_model = _model(dims, dense)
         resumed = DeepSpeedEngine(resumed_model, dims, cfg)
-        resumed.load_model_state(gather_full_state_dict(native_model, dims))
+        if ep == 2:
+            sharded = Path(root) / label.replace(" ", "_")
+            dcp.save(model_state(native_model, dims), checkpoint_id=str(sharded))
+            resumed.load_sharded_model_state(sharded)
+        else:
+            resumed.load_model_state(gather_full_state_dict(native_model, dims))
         resumed.load_optimizer_state(native_optimizer_state)
         last = tokens[NUM_STEPS:]
         _assert_same_records(_train(native, native_model, rank, world_size, last, NUM_STEPS),
@@ -148,13 +157,14 @@ def _matches_native_worker(rank: int, world_size: int, cases: tuple) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_zero_matches_native_engine() -> None:
+def test_zero_matches_native_engine(tmp_path) -> None:
     """ZeRO-1 and ZeRO-2, experts replicated (ep=1) and sharded (ep=2) over 2 ranks, 2 micro-batches per step:
     the same losses, gradient norms, weights, expert biases and AdamW state as the native engine over 4
     steps (within 1e-5), and a DeepSpeed engine resumed from the native checkpoint continues identically.
     A dense model (no expert parameters, so no DeepSpeed MoE groups) works too."""
     run_distributed(WORLD_SIZE, _matches_native_worker,
-                    ((1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)), preload=PRELOAD)
+                    ((1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)), str(tmp_path),
+                    preload=PRELOAD)
 
 
 def _nan_worker(rank: int, world_size: int, zero_stages: tuple) -> None:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from moe import ModelConfig, MoETransformer, save_checkpoint
-from moe.checkpoint import WEIGHTS_NAME, model_state_for_saving
+from moe.checkpoint import SHARDED_WEIGHTS_DIR, WEIGHTS_NAME, model_state_for_saving, write_model_config
 from moe.hf import export_hf
 
-from cluster.checkpointing import save_training_checkpoint
+from cluster.checkpointing import full_model_writer, save_training_checkpoint
 from cluster.initial_weights import check_init_from, config_differences, read_initial_state
 
 TINY = dict(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
@@ -59,19 +60,33 @@ def test_moe_checkpoint_weights_are_read_whole(tmp_path: Path, tie_embeddings: b
     assert torch.equal(fresh(tokens).logits, model(tokens).logits)
 
 
-def test_training_checkpoint_is_read_and_its_digest_checked(tmp_path: Path) -> None:
+def _sharded_writer(state: dict[str, torch.Tensor]):
+    """A one-worker run's sharded model files (cluster/sharded_checkpoint.py's layout), written in this process."""
+    def write(directory: Path, rank: int, model_config: dict) -> list[str]:
+        dcp.save(state, checkpoint_id=str(directory / SHARDED_WEIGHTS_DIR), no_dist=True)
+        write_model_config(model_config, directory)
+        return [f"{SHARDED_WEIGHTS_DIR}/{p.name}" for p in (directory / SHARDED_WEIGHTS_DIR).iterdir()] + ["config.json"]
+
+    return write
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the sharded files, written in one process
+@pytest.mark.parametrize("checkpoint_format", ["full", "sharded"])
+def test_training_checkpoint_is_read_and_its_digest_checked(tmp_path: Path, checkpoint_format: str) -> None:
     config = tiny()
     model = trained_looking_model(config)
-    path = save_training_checkpoint(tmp_path / "checkpoints", 7, 0, full_model_state=model_state_for_saving(model),
-                                    model_config=config.to_dict(), optimizer_state={}, train_state={"step": 7},
-                                    barrier=lambda: None, gather=lambda obj: [obj], keep_last=3)
+    writer = full_model_writer if checkpoint_format == "full" else _sharded_writer
+    path = save_training_checkpoint(tmp_path / "checkpoints", 7, 0, write_model=writer(model_state_for_saving(model)),
+                                    model_config=config.to_dict(), optimizer_state={}, rng_state=torch.get_rng_state(),
+                                    train_state={"step": 7}, barrier=lambda: None, gather=lambda obj: [obj],
+                                    keep_last=3)
     check_init_from(str(path), config)
     assert_same_state(read_initial_state(path, config), model_state_for_saving(model))
-    weights = path / WEIGHTS_NAME
+    weights = path / (WEIGHTS_NAME if checkpoint_format == "full" else f"{SHARDED_WEIGHTS_DIR}/__0_0.distcp")
     data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF  # one flipped bit in the last tensor: the header still parses
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor: the header (or the sharded index) still parses
     weights.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"trainer\.init_from: .*model\.safetensors does not match .*sha256"):
+    with pytest.raises(ValueError, match=rf"trainer\.init_from: .*{weights.name} does not match .*sha256"):
         check_init_from(str(path), config)
 
 

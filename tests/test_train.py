@@ -20,10 +20,12 @@ from safetensors.torch import load_file
 
 ray = pytest.importorskip("ray")
 
+from cluster.checkpointing import verify_checkpoint  # noqa: E402
 from cluster.diagnostics import GROUPS  # noqa: E402
 from cluster.launch import TrainingStopped, train  # noqa: E402
 from cluster.metrics import read_metrics  # noqa: E402
 from conftest import SESSION_RAY_CPUS  # noqa: E402
+from moe.checkpoint import is_sharded_checkpoint, read_weights  # noqa: E402
 from train_helpers import ROOT, make_cfg, prometheus_lines, train_losses, write_corpus  # noqa: E402
 
 @pytest.fixture(scope="module")
@@ -105,12 +107,13 @@ def one_worker_run(ray_session, corpus, tmp_path_factory) -> Path:
     return root / "one"
 
 
-@pytest.mark.parametrize("workers,ep,recompute,compiled,engine,chunk", [
-    (2, 2, "full", False, "native", 40),
-    pytest.param(2, 1, "none", True, "native", 0, marks=pytest.mark.extended),
-    pytest.param(2, 2, "selective", True, "fsdp", 0, marks=pytest.mark.extended)])
+@pytest.mark.parametrize("workers,ep,recompute,compiled,engine,chunk,checkpoints", [
+    (2, 2, "full", False, "native", 40, "sharded"),
+    pytest.param(2, 1, "none", True, "native", 0, "full", marks=pytest.mark.extended),
+    pytest.param(2, 2, "selective", True, "fsdp", 0, "sharded", marks=pytest.mark.extended)])
 def test_parallel_layouts_match_single_worker(one_worker_run, corpus, tmp_path, workers: int, ep: int,
-                                              recompute: str, compiled: bool, engine: str, chunk: int) -> None:
+                                              recompute: str, compiled: bool, engine: str, chunk: int,
+                                              checkpoints: str) -> None:
     """2 workers (expert-parallel or not, FSDP2 or our all-reduce) reproduce 1 worker on the same global batch.
 
     The expert-parallel run also recomputes its activations
@@ -118,17 +121,24 @@ def test_parallel_layouts_match_single_worker(one_worker_run, corpus, tmp_path, 
     backward pass and must change nothing; and it computes its loss in chunks
     of 40 tokens (`trainer.loss_chunk_tokens`, which do not divide a
     micro-batch). The other one compiles its blocks (`trainer.compile`).
+    The expert-parallel runs write sharded checkpoints (each rank its own
+    shards, in the background): the same weights as the one worker's file.
     """
     train(make_cfg(corpus, tmp_path, "many", *LAYOUT_COMMON, f"cluster.num_workers={workers}", f"parallel.ep={ep}",
                    f"trainer.activation_checkpointing={recompute}", f"trainer.compile={compiled}",
-                   f"trainer.engine={engine}", f"trainer.loss_chunk_tokens={chunk}"))
+                   f"trainer.engine={engine}", f"trainer.loss_chunk_tokens={chunk}",
+                   f"trainer.checkpoint_format={checkpoints}"))
     one, many = train_losses(one_worker_run), train_losses(tmp_path / "many")
     assert one.keys() == many.keys() == {1, 2, 3, 4}
     for step in one:
         assert abs(one[step] - many[step]) < 1e-5, (step, one[step], many[step])
 
+    written = tmp_path / "many" / "checkpoints" / "step_00000004"
+    assert is_sharded_checkpoint(written) == (checkpoints == "sharded") and verify_checkpoint(written) is None
+    saves = [r for r in read_metrics(tmp_path / "many") if r["kind"] == "checkpoint"]
+    assert [(r["step"], r["format"]) for r in saves] == [(4, checkpoints)] and saves[0]["stall_s"] > 0
     a = load_file(str(one_worker_run / "checkpoints" / "step_00000004" / "model.safetensors"))
-    b = load_file(str(tmp_path / "many" / "checkpoints" / "step_00000004" / "model.safetensors"))
+    b = read_weights(written)
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-5, worst
@@ -265,12 +275,13 @@ def test_resume_and_worker_failure_match_uninterrupted(ray_session, corpus, tmp_
 
 @pytest.mark.extended
 def test_fsdp_worker_failure_resumes_exactly_and_in_another_layout(ray_session, corpus, tmp_path) -> None:
-    """FSDP2 with expert parallelism: a worker killed during step 4 restarts from the step-2 checkpoint (the full
-    model resharded, each rank's optimizer shard reloaded) and ends where the uninterrupted run does. Its step-4
-    checkpoint then resumes on one worker with the native engine (the optimizer state resharded,
-    cluster/reshard.py) and takes the same next steps as the original layout does."""
+    """FSDP2 with expert parallelism and sharded checkpoints: a worker killed during step 4 restarts from the
+    step-2 checkpoint (each rank reads its parts of the model's shards and its optimizer shard) and ends where
+    the uninterrupted run does. Its step-4 checkpoint then resumes on one worker with the native engine (the
+    model's shards read whole, the optimizer state resharded, cluster/reshard.py) and takes the same next steps
+    as the original layout does."""
     common = ["trainer.max_steps=4", "trainer.checkpoint_every=2", "cluster.num_workers=2", "parallel.ep=2",
-              "trainer.engine=fsdp"]
+              "trainer.engine=fsdp", "trainer.checkpoint_format=sharded"]
     straight = train(make_cfg(corpus, tmp_path, "straight", *common))
     faulty = train(make_cfg(corpus, tmp_path, "faulty", *common, "cluster.max_failures=1",
                             "trainer.debug.kill_rank_at_step=3", "trainer.debug.kill_rank=1"))
@@ -300,7 +311,8 @@ def test_fsdp_worker_failure_resumes_exactly_and_in_another_layout(ray_session, 
     refit = ["trainer.checkpoint_every=1", "trainer.lr=1e-30", f"trainer.init_from={source}"]
     train(make_cfg(corpus, tmp_path, "refit", "trainer.max_steps=1", *refit))
     started = tmp_path / "refit" / "checkpoints" / "step_00000001"
-    assert_same_tensors(load_file(str(started / "model.safetensors")), load_file(str(source / "model.safetensors")))
+    assert is_sharded_checkpoint(source) and not is_sharded_checkpoint(started)  # init_from reads shards whole
+    assert_same_tensors(read_weights(started), read_weights(source))
     steps = {k: v for k, v in load_file(str(started / "optimizer_rank0.safetensors")).items() if k.endswith("::step")}
     assert steps and all(float(v) == 1.0 for v in steps.values()), "a fresh AdamW state, not the source's"
     assert json.loads((started / "train_state.json").read_text())["step"] == 1
