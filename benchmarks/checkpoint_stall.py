@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-QUIET = ["logger.wandb.mode=disabled", "logger.progress_bar=false", "logger.ray_metrics=false"]
+QUIET = ["logger.wandb.mode=disabled", "logger.progress_bar=false", "logger.ray_metrics=false", "logger.plots=false"]
 FORMATS = ("full", "sharded")
 
 

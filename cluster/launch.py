@@ -84,7 +84,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not status_file.is_file():
         raise RuntimeError(f"training ended without writing {status_file}; see the Ray logs above")
     status = json.loads(status_file.read_text())
-    summary = summarise(run_dir, status)
+    summary = summarise(run_dir, status, plots=cfg.logger.plots)
     if status["status"] != "finished":
         raise TrainingStopped(status["message"])
     return summary
@@ -303,10 +303,8 @@ class TrainingStopped(RuntimeError):
     """The run stopped on purpose (e.g. too many NaN steps); its last good checkpoint is kept."""
 
 
-def summarise(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
-    """Final figures, summary.json and the plots."""
-    from cluster.plots import plot_diagnostics, plot_expert_load, plot_loss, plot_routing_over_time
-
+def summarise(run_dir: Path, status: dict[str, Any], plots: bool = True) -> dict[str, Any]:
+    """Final figures, summary.json and (`plots`, logger.plots) the plots."""
     records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -325,15 +323,25 @@ def summarise(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
         summary["val_loss_stderr"] = evals[-1].get("val_loss_stderr")
         summary["val_ppl"] = evals[-1]["val_ppl"]
     summary["mfu"] = _mfu(summary.get("tokens_per_s"), status)
-    summary["loss_curve"] = str(plot_loss(run_dir, train, evals))
-    if train and train[-1]["tokens_per_expert"]:
-        summary["expert_load_heatmap"] = str(plot_expert_load(run_dir, train))
-        summary["routing_plot"] = str(plot_routing_over_time(run_dir, train))
-    if train and train[-1].get("grad_norm_by_group"):
-        summary["diagnostics_plot"] = str(plot_diagnostics(run_dir, train, diagnostics))
+    if plots:
+        summary.update(_plots(run_dir, train, evals, diagnostics))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print("[moe.train] summary: " + json.dumps(summary), flush=True)
     return summary
+
+
+def _plots(run_dir: Path, train: list[dict[str, Any]], evals: list[dict[str, Any]],
+           diagnostics: list[dict[str, Any]]) -> dict[str, str]:
+    """The run's PNG plots; returns their paths by summary key."""
+    from cluster.plots import plot_diagnostics, plot_expert_load, plot_loss, plot_routing_over_time
+
+    paths = {"loss_curve": plot_loss(run_dir, train, evals)}
+    if train and train[-1]["tokens_per_expert"]:
+        paths["expert_load_heatmap"] = plot_expert_load(run_dir, train)
+        paths["routing_plot"] = plot_routing_over_time(run_dir, train)
+    if train and train[-1].get("grad_norm_by_group"):
+        paths["diagnostics_plot"] = plot_diagnostics(run_dir, train, diagnostics)
+    return {key: str(path) for key, path in paths.items()}
 
 
 def _mfu(tokens_per_s: Optional[float], status: dict[str, Any]) -> Optional[float]:

@@ -183,11 +183,13 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
-    """The `logger` group: JSONL metrics are always written; wandb and Ray metrics are optional."""
+    """The `logger` group: JSONL metrics are always written; wandb and Ray metrics are optional. `plots`: draw the
+    run's PNG plots at its end (matplotlib, about 2 s on a CPU; false for sweeps of short runs)."""
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
     ray_metrics: bool = True
     progress_bar: bool = True
+    plots: bool = True
 
 
 @dataclass

@@ -45,7 +45,8 @@ def test_single_worker_run_learns_and_writes_artifacts(ray_session, corpus, tmp_
     # loss still equals cluster.evaluate's over whole batches of 8 (below).
     cfg = make_cfg(corpus, tmp_path, "single", "trainer.max_steps=30", "trainer.checkpoint_every=10",
                    "trainer.eval_every=15", "trainer.keep_last=2", "trainer.diagnostics_every=10",
-                   "logger.wandb.mode=offline", "logger.ray_metrics=true", "trainer.grad_accum_steps=2")
+                   "logger.wandb.mode=offline", "logger.ray_metrics=true", "trainer.grad_accum_steps=2",
+                   "logger.plots=true")
     summary = train(cfg)
     run_dir = tmp_path / "single"
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb logged offline into the run directory"

@@ -21,6 +21,7 @@ DEBUG_OVERRIDES = [
     "data.seq_len=32", "data.vocab_size=320", "data.validation_fraction=0.1", "data.prefetch=1",
     "trainer.global_batch_size=8", "trainer.warmup_steps=2", "trainer.lr=0.01", "trainer.eval_batches=2",
     "logger.wandb.mode=disabled", "logger.ray_metrics=false", "logger.progress_bar=false",
+    "logger.plots=false",  # about 2 s a run; the single-worker test draws and checks them
     "cluster.cpus_per_worker=1",
 ]
 
