@@ -137,11 +137,13 @@ class ShardedCheckpointer:
         and RNG state, and hands them to the writer thread,
         which calls `write(write_model=..., optimizer_state=..., rng_state=..., barrier=..., gather=...,
         **write_kwargs)` (`cluster.checkpointing.save_training_checkpoint`). Waits for the previous checkpoint
-        first. Returns the seconds the caller was blocked."""
+        first. Returns the seconds of that wait (more than a few milliseconds: checkpoints come faster than
+        they are written; `trainer.checkpoint_every` is too small)."""
         start = time.perf_counter()
         # The stager keeps one CPU (pinned, on a GPU) buffer per tensor and copies into it at every save, so
         # the previous write must be over before the next copy.
         self.wait()
+        waited = time.perf_counter() - start
         staged = self._stager.stage({"model": model_state(self.model, self.dims, self._mesh),
                                      "optimizer": optimizer_state})
         staged, optimizer_state = staged["model"], staged["optimizer"]
@@ -162,7 +164,7 @@ class ShardedCheckpointer:
             write, write_model=write_model, optimizer_state=optimizer_state, rng_state=rng_state,
             barrier=lambda: dist.barrier(group=group), gather=lambda obj: _all_gather_object(obj, group),
             **write_kwargs)
-        return time.perf_counter() - start
+        return waited
 
     def wait(self) -> Optional[Path]:
         """Blocks until the checkpoint being written (if any) is complete; returns its directory. Raises what

@@ -318,7 +318,8 @@ def train_record(run: WorkerRun, stats: StepStats, elapsed_s: float, flops_per_t
 
 def save_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> dict[str, Any]:
     """A training checkpoint of the current step (all ranks take part); Ray Train gets the metrics only.
-    Returns the metrics.jsonl record of the save: how long the training loop was blocked (`stall_s`)."""
+    Returns the metrics.jsonl record of the save: how long the training loop was blocked (`stall_s`), and for
+    a sharded checkpoint how much of that was waiting for the previous one's write (`waited_s`)."""
     import ray.train
 
     start = time.perf_counter()
@@ -333,17 +334,19 @@ def save_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> dict[str, Any]:
     common = dict(checkpoint_root=run.checkpoint_root, step=run.step, rank=run.rank,
                   model_config=run.model.config.to_dict(), train_state=train_state, keep_last=tcfg.keep_last,
                   tokenizer_file=Path(run.config.data_dir) / TOKENIZER_NAME)
+    record = {"kind": "checkpoint", "step": run.step, "format": tcfg.checkpoint_format}
     if run.checkpointer is not None:  # written in the background; blocked only while the tensors are copied
-        run.checkpointer.save(save_training_checkpoint, run.engine.optimizer_state(to_cpu=False), **common)
+        record["waited_s"] = run.checkpointer.save(save_training_checkpoint,
+                                                   run.engine.optimizer_state(to_cpu=False), **common)
     else:
         full_state = gather_full_state_dict(run.model, run.dims, only_rank0=True)
         save_training_checkpoint(write_model=full_model_writer(full_state if run.rank == 0 else None),
                                  optimizer_state=run.engine.optimizer_state(), rng_state=torch.get_rng_state(),
                                  barrier=dist.barrier, gather=_all_gather_object, **common)
-    stall_s = time.perf_counter() - start
+    record["stall_s"] = time.perf_counter() - start
     # The checkpoint directory on disk is the one record of checkpoints (see cluster/checkpointing.py).
     ray.train.report(metrics)
-    return {"kind": "checkpoint", "step": run.step, "format": tcfg.checkpoint_format, "stall_s": stall_s}
+    return record
 
 
 def eval_record(run: WorkerRun) -> dict[str, Any]:
