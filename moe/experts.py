@@ -86,7 +86,9 @@ def _grouped_mm_setup(ctx, inputs, output) -> None:
 def _grouped_mm_backward(ctx, grad_NF: torch.Tensor):
     x_ND, w_EDF, offsets = ctx.saved_tensors
     grad_NF = grad_NF.contiguous()
-    grad_x = _grouped_mm_op(grad_NF, w_EDF.transpose(-1, -2).contiguous(), offsets)
+    # The transposed weights as a view (column-major per expert), as torch's own grouped_mm backward passes
+    # them: a copy would be all of the layer's expert weights again at every backward (issue 18, S10).
+    grad_x = _grouped_mm_op(grad_NF, w_EDF.transpose(-1, -2), offsets)
     return grad_x, _grouped_mm_weight_grad(x_ND, grad_NF, offsets), None
 
 

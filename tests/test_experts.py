@@ -87,6 +87,37 @@ def test_grouped_mm_backward_accepts_expanded_grad() -> None:
     assert experts.w1_EDF.grad is not None
 
 
+def test_compiled_path_backward_copies_no_expert_weights() -> None:
+    """The custom op that compiled blocks call (moe::grouped_mm): gradients equal F.grouped_mm's, and its backward
+    never copies the expert weights (a transposed copy used to be made per layer and backward; issue 18, S10)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moe.experts import _grouped_mm_op
+
+    torch.manual_seed(0)
+    x_ND = torch.randn(10, 8, requires_grad=True)
+    w_EDF = torch.randn(3, 8, 12, requires_grad=True)
+    offsets = torch.tensor([4, 4, 10], dtype=torch.int32)  # the middle expert gets no rows
+    grad_NF = torch.randn(10, 12)
+    expected = torch.autograd.grad(F.grouped_mm(x_ND, w_EDF, offs=offsets), (x_ND, w_EDF), grad_NF)
+
+    copies = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if str(func.overloadpacket) in ("aten.clone", "aten.copy_", "aten._to_copy") and out.numel() == w_EDF.numel():
+                copies.append(str(func))
+            return out
+
+    out_NF = _grouped_mm_op(x_ND, w_EDF, offsets)
+    with Copies():
+        grads = torch.autograd.grad(out_NF, (x_ND, w_EDF), grad_NF)
+    assert not copies, copies
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_megablocks_error_names_reason() -> None:
     if "megablocks" in available_backends():
         pytest.skip("megablocks is usable here")
