@@ -106,7 +106,8 @@ def test_compiled_path_backward_copies_no_expert_weights() -> None:
     class Copies(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if str(func.overloadpacket) in ("aten.clone", "aten.copy_", "aten._to_copy") and out.numel() == w_EDF.numel():
+            copy = str(func.overloadpacket) in ("aten.clone", "aten.copy_", "aten._to_copy")
+            if copy and out.numel() == w_EDF.numel():
                 copies.append(str(func))
             return out
 
