@@ -15,7 +15,12 @@ prints one line and goes into one JSON:
 With `--device cpu` (the test suite's smoke run) the flex backward, which torch
 has no CPU kernel for, and the two benchmark runs are skipped and say so, and the
 block mask is built without compiling it.
-Not covered yet: with 2+ GPUs, FSDP2 against native expert-gradient parity at ep = world (issue 18, W1).
+  - fsdp_parity (2+ GPUs, or `--parity-on-cpu`): two processes, expert parallelism
+    at ep = world (each expert-data-parallel group one rank), FSDP2 against the
+    native engine over 3 AdamW steps on the same batches: the losses, the
+    gradient norms and the weights must agree (issue 18, W1: the expert gradients'
+    division by the world size must not depend on FSDP2's one-rank branch). NCCL
+    on GPUs; gloo on the CPU (`--parity-on-cpu`, tests/test_gpu_suite.py).
 """
 
 from __future__ import annotations
@@ -132,6 +137,70 @@ def check_rope_dtypes(device: str) -> dict:
     return {"qkv_dtypes": seen[0], "ok": all(d == ["torch.bfloat16"] * 3 for d in seen)}
 
 
+def _parity_worker(rank: int, world_size: int, port: int, device_type: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from cluster.engine import FSDPEngine, NativeEngine
+    from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dict
+    from cluster.parallel_dims import ParallelDims
+    from cluster.schema import TrainerConfig
+    from moe import ExpertsConfig, ModelConfig, MoETransformer
+
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world_size)
+    try:
+        dims = ParallelDims(world_size=world_size, ep=world_size).build(rank)
+        config = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                             max_seq_len=32, experts=ExpertsConfig(num_experts=2 * world_size, hidden_size=64))
+        runs = {}
+        for name, engine_class in (("native", NativeEngine), ("fsdp", FSDPEngine)):
+            torch.manual_seed(0)
+            model = apply_expert_parallel(MoETransformer(config), dims).to(device)
+            engine = engine_class(model, dims, TrainerConfig(engine=name, lr=1e-2, grad_clip=0.0))
+            data = torch.Generator().manual_seed(rank)  # each rank its own batches, the same for both engines
+            losses, norms = [], []
+            for _ in range(3):
+                ids = torch.randint(0, 128, (4, 32), generator=data).to(device)
+                output = model(ids, targets=ids)
+                engine.backward(output.loss + output.aux_loss)
+                norm, stepped = engine.step(1e-2, True)
+                assert stepped
+                losses.append(float(output.loss.detach()))
+                norms.append(norm)
+            runs[name] = (losses, norms, gather_full_state_dict(model, dims))
+        (losses_a, norms_a, state_a), (losses_b, norms_b, state_b) = runs["native"], runs["fsdp"]
+        weight_diff = max(float((state_a[k].float() - state_b[k].float()).abs().max()) for k in state_a)
+        expert_diff = max(float((state_a[k].float() - state_b[k].float()).abs().max()) for k in state_a
+                          if ".experts." in k)
+        if rank == 0:
+            Path(out).write_text(json.dumps({
+                "world_size": world_size, "losses": [losses_a, losses_b], "grad_norms": [norms_a, norms_b],
+                "max_weight_diff": weight_diff, "max_expert_weight_diff": expert_diff,
+                "ok": weight_diff < 1e-4 and max(abs(a - b) for a, b in zip(norms_a, norms_b)) < 1e-4 * max(norms_a)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def check_fsdp_parity(device: str, world_size: int) -> dict:
+    """FSDP2 against the native engine at ep = world on `world_size` processes (see the module docstring)."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "parity.json"
+        mp.start_processes(_parity_worker, args=(world_size, port, device, str(out)), nprocs=world_size,
+                           join=True, start_method="spawn")
+        return json.loads(out.read_text())
+
+
 def run_script(args: list[str], timeout: int) -> dict:
     started = time.monotonic()
     try:
@@ -147,12 +216,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--quick", action="store_true", help="skip the gpu_suite and moe_layer runs")
+    parser.add_argument("--parity-on-cpu", action="store_true",
+                        help="run the FSDP/native parity check on 2 CPU processes (gloo) instead of 2+ GPUs")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.exit(2, "error: --device cuda, and torch sees no CUDA device (use --device cpu for a smoke run)\n")
     report: dict = {"versions": versions(args.device)}
     print(json.dumps(report["versions"]), flush=True)
     checks = {"flex": check_flex, "grouped_mm": check_grouped_mm, "rope_dtypes": check_rope_dtypes}
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    if gpus >= 2 or args.parity_on_cpu:
+        checks["fsdp_parity"] = lambda device: check_fsdp_parity("cuda" if gpus >= 2 else "cpu", max(2, gpus))
+    else:
+        report["fsdp_parity"] = {"skipped": f"needs 2 GPUs, {gpus} visible (or --parity-on-cpu)"}
     for name, check in checks.items():
         try:
             report[name] = check(args.device)

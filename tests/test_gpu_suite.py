@@ -64,3 +64,17 @@ def test_gpu_check_smoke_run_on_the_cpu(tmp_path) -> None:
     assert report["ok"] and report["grouped_mm"]["empty_expert_grad_max"] == 0.0
     assert report["flex"]["forward_max_abs_diff"] < 1e-4 and "skipped" in report["flex"]["backward"]
     assert report["rope_dtypes"]["qkv_dtypes"] == ["torch.bfloat16"] * 3
+    assert "needs 2 GPUs" in report["fsdp_parity"]["skipped"]
+
+
+@pytest.mark.extended
+def test_gpu_check_fsdp_parity_runs_on_two_cpu_processes(tmp_path) -> None:
+    """The 2-GPU check of gpu_check.py (FSDP2 against the native engine at ep = world, issue 18 W1) on 2 gloo
+    processes: the same losses, gradient norms and weights. On a GPU machine it runs on NCCL instead."""
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick",
+                             "--parity-on-cpu", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    parity = json.loads(out.read_text())["fsdp_parity"]
+    assert parity["ok"] and parity["world_size"] == 2 and parity["losses"][0] == parity["losses"][1]
+    assert parity["max_expert_weight_diff"] < 1e-4
