@@ -21,7 +21,7 @@ NOTE: what happens at a checkpoint step.
     state are copied to CPU memory (DCP's `DefaultStager`). Only this blocks
     the training loop, plus waiting for the previous checkpoint if it is
     still being written.
- 3. A background thread writes: DCP's collective save of the staged copy
+ 3. A background thread (at the lowest CPU priority) writes: DCP's collective save of the staged copy
     into `.tmp-step_N/model/`, then this rank's optimizer and RNG files, then
     `cluster.checkpointing.save_training_checkpoint`'s steps (digests of
     every file gathered to rank 0, train_state.json last, the rename, the
