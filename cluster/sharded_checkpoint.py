@@ -53,6 +53,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moe.checkpoint import CONFIG_NAME, SHARDED_WEIGHTS_DIR, metadata_reader, saved_names, write_model_config
 
+from cluster.checkpointing import all_gather_objects
 from cluster.expert_parallel import expert_param_names
 from cluster.fsdp import is_sharded, local_part
 from cluster.parallel_dims import ParallelDims
@@ -105,12 +106,13 @@ def load_model(directory: Path, model: torch.nn.Module, dims: ParallelDims) -> N
         whose global shape differs.
     """
     state = model_state(model, dims)
-    stored = metadata_reader(directory).read_metadata().state_dict_metadata
+    reader = metadata_reader(directory)
+    stored = reader.read_metadata().state_dict_metadata
     for name, tensor in state.items():
         if name in stored and tuple(getattr(stored[name], "size", ())) != tuple(tensor.shape):
             raise ValueError(f"{directory}: {name} has shape {tuple(stored[name].size)}, the model "
                              f"{tuple(tensor.shape)}")
-    dcp.load(state, storage_reader=metadata_reader(directory))
+    dcp.load(state, storage_reader=reader)
 
 
 class ShardedCheckpointer:
@@ -151,8 +153,7 @@ class ShardedCheckpointer:
         group = self._group
 
         def write_model(directory: Path, rank: int, model_config: dict[str, Any]) -> list[str]:
-            metadata = dcp.save(staged, checkpoint_id=str(directory / SHARDED_WEIGHTS_DIR), process_group=group)
-            del metadata
+            dcp.save(staged, checkpoint_id=str(directory / SHARDED_WEIGHTS_DIR), process_group=group)
             written = sorted(f"{SHARDED_WEIGHTS_DIR}/{p.name}" for p in (directory / SHARDED_WEIGHTS_DIR).iterdir()
                              if p.name.startswith(f"__{rank}_"))
             if rank == 0:
@@ -162,7 +163,7 @@ class ShardedCheckpointer:
 
         self._pending = self._executor.submit(
             write, write_model=write_model, optimizer_state=optimizer_state, rng_state=rng_state,
-            barrier=lambda: dist.barrier(group=group), gather=lambda obj: _all_gather_object(obj, group),
+            barrier=lambda: dist.barrier(group=group), gather=lambda obj: all_gather_objects(obj, group),
             **write_kwargs)
         return waited
 
@@ -185,9 +186,3 @@ def _lowest_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):  # not Linux, or not permitted: the write still runs, at normal priority
         pass
-
-
-def _all_gather_object(obj: Any, group: dist.ProcessGroup) -> list[Any]:
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out

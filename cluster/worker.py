@@ -29,7 +29,7 @@ from moe.distill import distillation_loss
 from moe.files import TOKENIZER_NAME
 from moe.model import count_parameters, training_flops_per_token
 
-from cluster.checkpointing import (full_model_writer, list_checkpoints, load_training_checkpoint,
+from cluster.checkpointing import (all_gather_objects, full_model_writer, list_checkpoints, load_training_checkpoint,
                                   read_train_state_or_none, save_training_checkpoint)
 from cluster.diagnostics import RoutingProbe, expert_weight_norms
 from cluster.engine import TrainEngine, build_engine
@@ -58,14 +58,6 @@ def start_checkpoint(checkpoint_root: Path, config: WorkerConfig) -> Optional[Pa
         if state is not None and state.get("launch_id") == config.launch_id:
             return path
     return Path(config.resume_from) if config.resume_from else None
-
-
-def _all_gather_object(obj: Any) -> list[Any]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 @dataclass
@@ -342,7 +334,7 @@ def save_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> dict[str, Any]:
         full_state = gather_full_state_dict(run.model, run.dims, only_rank0=True)
         save_training_checkpoint(write_model=full_model_writer(full_state if run.rank == 0 else None),
                                  optimizer_state=run.engine.optimizer_state(), rng_state=torch.get_rng_state(),
-                                 barrier=dist.barrier, gather=_all_gather_object, **common)
+                                 barrier=dist.barrier, gather=all_gather_objects, **common)
     record["stall_s"] = time.perf_counter() - start
     # The checkpoint directory on disk is the one record of checkpoints (see cluster/checkpointing.py).
     ray.train.report(metrics)
