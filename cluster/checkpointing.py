@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from moe.checkpoint import WEIGHTS_NAME, write_model_state
@@ -208,16 +207,6 @@ def save_training_checkpoint(checkpoint_root: Path, step: int, rank: int, *,
             shutil.rmtree(previous)
     barrier()
     return final
-
-
-def all_gather_objects(obj: Any, group: Optional[dist.ProcessGroup] = None) -> list[Any]:
-    """One picklable object per rank of `group` (the world by default), in rank order: `save_training_checkpoint`'s
-    `gather`. Without a process group, or with one rank, just [obj]."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
 
 
 def full_model_writer(full_model_state: Optional[dict[str, torch.Tensor]]

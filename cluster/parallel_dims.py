@@ -20,7 +20,7 @@ group is the world.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch.distributed as dist
 
@@ -152,3 +152,13 @@ class ParallelDims:
 
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def all_gather_objects(obj: Any, group: Optional[dist.ProcessGroup] = None) -> list[Any]:
+    """One picklable object per rank of `group` (the world by default), in rank order (the `gather` of
+    `cluster.checkpointing.save_training_checkpoint`). Without a process group, or with one rank, just [obj]."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out

@@ -53,10 +53,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moe.checkpoint import CONFIG_NAME, SHARDED_WEIGHTS_DIR, metadata_reader, saved_names, write_model_config
 
-from cluster.checkpointing import all_gather_objects
 from cluster.expert_parallel import expert_param_names
 from cluster.fsdp import is_sharded, local_part
-from cluster.parallel_dims import ParallelDims
+from cluster.parallel_dims import ParallelDims, all_gather_objects
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:

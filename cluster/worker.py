@@ -29,7 +29,7 @@ from moe.distill import distillation_loss
 from moe.files import TOKENIZER_NAME
 from moe.model import count_parameters, training_flops_per_token
 
-from cluster.checkpointing import (all_gather_objects, full_model_writer, list_checkpoints, load_training_checkpoint,
+from cluster.checkpointing import (full_model_writer, list_checkpoints, load_training_checkpoint,
                                   read_train_state_or_none, save_training_checkpoint)
 from cluster.diagnostics import RoutingProbe, expert_weight_norms
 from cluster.engine import TrainEngine, build_engine
@@ -37,7 +37,7 @@ from cluster.expert_parallel import apply_expert_parallel, gather_full_state_dic
 from cluster.initial_weights import read_initial_state
 from cluster.metrics import MetricsLogger, NullLogger
 from cluster.optim import lr_at
-from cluster.parallel_dims import ParallelDims
+from cluster.parallel_dims import ParallelDims, all_gather_objects
 from cluster.reshard import Layout, reshard_optimizer_state
 from cluster.schema import TrainerConfig, WorkerConfig
 from cluster.sharded_checkpoint import ShardedCheckpointer
