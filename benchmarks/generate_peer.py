@@ -5,18 +5,21 @@
 
 CHECKPOINT is a moe checkpoint (with its tokenizer.json); it is exported with
 `moe.hf.export_hf` to a temporary Hugging Face Mixtral directory, which
-transformers loads (`AutoModelForCausalLM`, float32). Both decode the same
-prompts greedily for exactly `--new-tokens` tokens (EOS ignored: ours with
-`SamplingParams(ignore_eos=True)`, transformers with `min_new_tokens`), one batch
-size at a time, the two variants taking turns round by round (this machine is
-noisy; medians are reported). The greedy tokens must be identical, or the
+transformers loads (`AutoModelForCausalLM`, float32). Three variants decode the
+same prompts greedily for exactly `--new-tokens` tokens (EOS ignored: ours with
+`SamplingParams(ignore_eos=True)`, transformers with `min_new_tokens`):
+transformers' `generate`, our `Generator` (eager) and our `Generator` with
+`compile_decode=True` (each decoding step one compiled graph; prefill eager).
+One batch size at a time, the variants taking turns round by round (this
+machine is noisy; medians are reported); round 0 warms up (the compiled
+variant compiles there, not timed). The greedy tokens must be identical, or the
 comparison is refused. Prompts are windows of `--prompt-tokens` tokens of the
 checkpoint run's validation split when it has one, else random ids: equal
 lengths, so neither side pads.
 
-Prints one table row per batch size and a JSON line (tokens/s of each, the
-ratio ours / transformers). Issue 18's target: >= 1.5x at batch 1 and >= 1.2x at
-batch 32 on this CPU.
+Prints one table row per batch size and a JSON line (tokens/s of each, each of
+ours against transformers). Issue 18's target: >= 1.5x at batch 1 and >= 1.2x
+at batch 32 on this CPU.
 """
 
 from __future__ import annotations
@@ -91,38 +94,45 @@ def main() -> None:
     config = model.config
     if args.prompt_tokens + args.new_tokens > config.max_seq_len:
         parser.error(f"--prompt-tokens + --new-tokens exceed the model's max_seq_len ({config.max_seq_len})")
-    generator = Generator(model, load_tokenizer(args.checkpoint), max_batch_size=max(map(int, args.batches.split(","))))
+    max_batch = max(map(int, args.batches.split(",")))
+    generator = Generator(model, load_tokenizer(args.checkpoint), max_batch_size=max_batch)
+    compiled = Generator(model, load_tokenizer(args.checkpoint), max_batch_size=max_batch, compile_decode=True)
     with tempfile.TemporaryDirectory(prefix="generate_peer_") as tmp:
         export_hf(model, Path(tmp) / "hf", tokenizer_file=args.checkpoint / "tokenizer.json")
         peer = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
     batches = [int(b) for b in args.batches.split(",")]
     prompts = prompts_for(args.checkpoint, max(batches), args.prompt_tokens, config.vocab_size)
+    variants = {"transformers": lambda chosen: theirs(peer, chosen, args.new_tokens, pad_id=0),
+                "ours": lambda chosen: ours(generator, chosen, args.new_tokens),
+                "ours_compiled": lambda chosen: ours(compiled, chosen, args.new_tokens)}
     rows = []
     for batch in batches:
         chosen = prompts[:batch]
-        times: dict[str, list[float]] = {"ours": [], "transformers": []}
-        for round_index in range(args.rounds + 1):  # round 0 warms both up and checks the tokens
-            order = ("ours", "transformers") if round_index % 2 == 0 else ("transformers", "ours")
+        names = list(variants)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for round_index in range(args.rounds + 1):  # round 0 warms every variant up (and compiles) and checks
+            order = names[round_index % len(names):] + names[:round_index % len(names)]
             results = {}
             for name in order:
-                tokens, seconds = (ours(generator, chosen, args.new_tokens) if name == "ours"
-                                   else theirs(peer, chosen, args.new_tokens, pad_id=0))
+                tokens, seconds = variants[name](chosen)
                 results[name] = tokens
                 if round_index:
                     times[name].append(seconds)
-            if round_index == 0 and results["ours"] != results["transformers"]:
-                differing = sum(a != b for a, b in zip(results["ours"], results["transformers"]))
-                sys.exit(f"error: batch {batch}: the greedy tokens differ on {differing} of {batch} prompts; "
-                         f"a speed comparison would not compare the same work")
+            for name in names[1:]:
+                if round_index == 0 and results[name] != results[names[0]]:
+                    differing = sum(a != b for a, b in zip(results[name], results[names[0]]))
+                    sys.exit(f"error: batch {batch}: {name}'s greedy tokens differ from {names[0]}'s on "
+                             f"{differing} of {batch} prompts; a speed comparison would not compare the same work")
         generated = batch * args.new_tokens
-        row = {"batch": batch, "new_tokens": args.new_tokens,
-               "ours_tokens_per_s": generated / statistics.median(times["ours"]),
-               "transformers_tokens_per_s": generated / statistics.median(times["transformers"])}
-        row["ratio"] = row["ours_tokens_per_s"] / row["transformers_tokens_per_s"]
+        row = {"batch": batch, "new_tokens": args.new_tokens}
+        for name in names:
+            row[f"{name}_tokens_per_s"] = generated / statistics.median(times[name])
+        for name in names[1:]:
+            row[f"ratio_{name}"] = row[f"{name}_tokens_per_s"] / row["transformers_tokens_per_s"]
         rows.append(row)
-        print(f"batch {batch:>3}: ours {row['ours_tokens_per_s']:8.1f} tok/s, transformers "
-              f"{row['transformers_tokens_per_s']:8.1f} tok/s, ratio {row['ratio']:.2f}x "
-              f"(median of {args.rounds} interleaved rounds)", flush=True)
+        print(f"batch {batch:>3}: " + ", ".join(f"{name} {row[f'{name}_tokens_per_s']:8.1f} tok/s" for name in names)
+              + "; " + ", ".join(f"{name} {row[f'ratio_{name}']:.2f}x" for name in names[1:])
+              + f" transformers (median of {args.rounds} rounds, the variants taking turns)", flush=True)
     result = {"checkpoint": str(args.checkpoint), "threads": args.threads, "rounds": args.rounds,
               "prompt_tokens": args.prompt_tokens, "identical_greedy_tokens": True, "rows": rows}
     print(json.dumps(result))

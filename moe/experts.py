@@ -201,19 +201,23 @@ class GroupedExperts(nn.Module):
             x_ND: rows sorted by expert.
             tokens_per_expert: (E,) integer row counts, summing to N.
         """
-        weights = (self.w1_EDF, self.w2_EFD, self.w3_EDF)
-        device_type = x_ND.device.type
-        if torch.is_autocast_enabled(device_type):
-            # Autocast does not cover grouped GEMMs: cast like it casts matmuls.
-            dtype = torch.get_autocast_dtype(device_type)
-            x_ND = x_ND.to(dtype)
-            weights = tuple(w.to(dtype) for w in weights)
-        w1_EDF, w2_EFD, w3_EDF = weights
+        x_ND, (w1_EDF, w2_EFD, w3_EDF) = autocast_experts_inputs(x_ND, (self.w1_EDF, self.w2_EFD, self.w3_EDF))
         return self._compute(x_ND, tokens_per_expert, w1_EDF, w2_EFD, w3_EDF)
 
     def extra_repr(self) -> str:
         e, d, f = self.w1_EDF.shape
         return f"num_experts={e}, hidden_size={d}, expert_hidden_size={f}, backend={self.backend!r}"
+
+
+def autocast_experts_inputs(x_ND: torch.Tensor, weights: tuple[torch.Tensor, ...]
+                            ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The rows and weights in autocast's dtype when autocast is on: it does not cover grouped GEMMs, so they are
+    cast as it casts matmuls."""
+    device_type = x_ND.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x_ND, weights
+    dtype = torch.get_autocast_dtype(device_type)
+    return x_ND.to(dtype), tuple(w.to(dtype) for w in weights)
 
 
 def init_out_std(std: float, num_layers: int) -> float:

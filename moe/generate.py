@@ -47,6 +47,7 @@ import torch
 
 from moe.difficulty import HiddenFeatures, check_prompt_ids, feature_row, right_pad
 from moe.files import TOKENIZER_NAME
+from moe.decode import CompiledDecoder
 from moe.model import KVCache, MoETransformer
 
 EOS_TOKEN = "<|endoftext|>"
@@ -364,11 +365,16 @@ class Generator:
         eos_token: ends a sequence; None: only max_tokens and stop strings do.
         prefill_memo: prefills `prefill_signals` keeps for a following
             generation of the same prompt (default max_batch_size; 0 keeps none).
+        compile_decode: run each decoding step as one compiled graph
+            (`moe.decode.CompiledDecoder`): faster per token once compiled,
+            but the first step of a new batch shape compiles (seconds to tens
+            of seconds); prefills stay eager. The same tokens as the eager
+            step up to float rounding.
     """
 
     def __init__(self, model: MoETransformer, tokenizer: Any, *, max_batch_size: int = 8,
                  device: Union[str, torch.device] = "cpu", eos_token: Optional[str] = EOS_TOKEN,
-                 prefill_memo: Optional[int] = None) -> None:
+                 prefill_memo: Optional[int] = None, compile_decode: bool = False) -> None:
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
             raise ValueError(f"Generator.max_batch_size must be a positive integer, got {max_batch_size!r}")
         self.device = torch.device(device)
@@ -384,6 +390,7 @@ class Generator:
         self.prefill_memo = max_batch_size if prefill_memo is None else prefill_memo
         self._memo: OrderedDict[tuple[int, ...], tuple[KVCache, torch.Tensor]] = OrderedDict()
         self._memo_lock = threading.Lock()  # Ray Serve runs signals and generation in threads
+        self._decoder = CompiledDecoder(self.model) if compile_decode else None
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of `prompt` (no EOS appended)."""
@@ -577,8 +584,10 @@ class Generator:
     @torch.no_grad()
     def _decode_step(self, running: list[_Request], cache: KVCache) -> None:
         last_ids = torch.tensor([[r.token_ids[-1]] for r in running], dtype=torch.int64, device=self.device)
-        out = self.model(last_ids, cache=cache)
-        self._choose(running, out.logits[:, -1])
+        if self._decoder is not None:
+            self._choose(running, self._decoder(last_ids, cache))
+        else:
+            self._choose(running, self.model(last_ids, cache=cache).logits[:, -1])
 
     def _choose(self, requests: list[_Request], logits_BV: torch.Tensor) -> None:
         """Draws each request's next token from its row (greedy or its own generator)."""

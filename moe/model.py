@@ -40,7 +40,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        # In at least float32 (bf16 activations are normalised in float32), never below the input's dtype: a
+        # float64 model rounded here to float32 would not be a float64 reference, and a compiled graph (which
+        # drops such round trips) would not reproduce it.
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
