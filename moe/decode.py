@@ -25,7 +25,6 @@ another order): tests/test_decode.py.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
