@@ -27,6 +27,8 @@ another order): tests/test_decode.py.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -50,11 +52,21 @@ def _decode_experts_fake(x_ND, tokens_per_expert, w1_EDF, w2_EFD, w3_EDF, backen
     return x_ND.new_empty(x_ND.shape[0], w2_EFD.shape[-1])
 
 
+class DecodeOutput(NamedTuple):
+    """One decoding step's next-token distribution: logits_BV, their log-softmax in at least float32
+    (logprobs_BV), and the greedy choice (greedy_B, the first of tied maxima, as `Tensor.argmax`)."""
+
+    logits_BV: torch.Tensor
+    logprobs_BV: torch.Tensor
+    greedy_B: torch.Tensor
+
+
 def decode_step(model: MoETransformer, input_ids_B1: torch.Tensor, positions_B: torch.Tensor,
                 keys: list[torch.Tensor], values: list[torch.Tensor], rope_table: tuple[torch.Tensor, torch.Tensor],
-                read_slots_K: torch.Tensor) -> torch.Tensor:
+                read_slots_K: torch.Tensor) -> DecodeOutput:
     """One new token per row at position `positions_B[b]` (= the row's cached length); writes its keys and
-    values into `keys[i]` / `values[i]` (B, G, C, Hd) in place and returns the logits (B, V).
+    values into `keys[i]` / `values[i]` (B, G, C, Hd) in place and returns the `DecodeOutput`: the log-softmax
+    and the argmax over the vocabulary are fused into the graph too.
 
     `rope_table` is `model.rope(max_seq_len)`'s cos and sin, computed eagerly once: gathered rows are the eager
     step's values bit for bit (a compiled cos rounds differently in float32). The queries read slots
@@ -99,14 +111,16 @@ def decode_step(model: MoETransformer, input_ids_B1: torch.Tensor, positions_B: 
         if ffn.shared_experts is not None:
             out_TD = out_TD + ffn.shared_experts(h_TD)
         x_B1D = x_B1D + out_TD.view(batch, 1, -1)
-    return model.lm_head(model.norm(x_B1D))[:, 0]
+    logits_BV = model.lm_head(model.norm(x_B1D))[:, 0]
+    logprobs_BV = torch.log_softmax(logits_BV.to(torch.promote_types(logits_BV.dtype, torch.float32)), dim=-1)
+    return DecodeOutput(logits_BV, logprobs_BV, logits_BV.argmax(dim=-1))
 
 
 class CompiledDecoder:
     """`decode_step` compiled once per model, called on a `KVCache` like the eager step.
 
         decoder = CompiledDecoder(model)
-        logits_BV = decoder(last_ids_B1, cache)   # = model(last_ids_B1, cache=cache).logits[:, -1]
+        out = decoder(last_ids_B1, cache)   # out.logits_BV = model(last_ids_B1, cache=cache).logits[:, -1]
 
     Args:
         model: an eval-mode model (its weights are read at each call, not copied).
@@ -128,7 +142,7 @@ class CompiledDecoder:
             self._rope_tables[device, dtype] = self.model.rope(self.model.config.max_seq_len, device, dtype)
         return self._rope_tables[device, dtype]
 
-    def __call__(self, input_ids_B1: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def __call__(self, input_ids_B1: torch.Tensor, cache: KVCache) -> DecodeOutput:
         batch = input_ids_B1.shape[0]
         if input_ids_B1.dim() != 2 or input_ids_B1.shape[1] != 1:
             raise ValueError(f"CompiledDecoder decodes one token per row: input_ids must be (B, 1), got "
@@ -153,8 +167,7 @@ class CompiledDecoder:
             torch._dynamo.mark_dynamic(t, 2)
         torch._dynamo.mark_dynamic(read_slots_K, 0)
         rope_table = self._rope_table(cache.keys[0].device, self.model.embed_tokens.weight.dtype)
-        logits_BV = self._step(self.model, input_ids_B1, positions_B, cache.keys, cache.values, rope_table,
-                               read_slots_K)
+        out = self._step(self.model, input_ids_B1, positions_B, cache.keys, cache.values, rope_table, read_slots_K)
         cache.advance(1)
-        return logits_BV
+        return out
 

@@ -585,14 +585,18 @@ class Generator:
     def _decode_step(self, running: list[_Request], cache: KVCache) -> None:
         last_ids = torch.tensor([[r.token_ids[-1]] for r in running], dtype=torch.int64, device=self.device)
         if self._decoder is not None:
-            self._choose(running, self._decoder(last_ids, cache))
+            out = self._decoder(last_ids, cache)
+            self._choose(running, out.logits_BV, out.logprobs_BV, out.greedy_B)
         else:
             self._choose(running, self.model(last_ids, cache=cache).logits[:, -1])
 
-    def _choose(self, requests: list[_Request], logits_BV: torch.Tensor) -> None:
-        """Draws each request's next token from its row (greedy or its own generator)."""
-        logp_BV = torch.log_softmax(logits_BV.to(torch.promote_types(logits_BV.dtype, torch.float32)), dim=-1)
-        tokens_B = logits_BV.argmax(dim=-1)
+    def _choose(self, requests: list[_Request], logits_BV: torch.Tensor, logp_BV: Optional[torch.Tensor] = None,
+                greedy_B: Optional[torch.Tensor] = None) -> None:
+        """Draws each request's next token from its row (greedy or its own generator). `logp_BV` and `greedy_B`:
+        the log-softmax and argmax of the logits when the caller has them (`CompiledDecoder`)."""
+        if logp_BV is None:
+            logp_BV = torch.log_softmax(logits_BV.to(torch.promote_types(logits_BV.dtype, torch.float32)), dim=-1)
+        tokens_B = logits_BV.argmax(dim=-1) if greedy_B is None else greedy_B
         for row, request in enumerate(requests):
             params = request.params
             logits_V = request.adjust(logits_BV[row]) if params.changes_logits else logits_BV[row]

@@ -49,8 +49,8 @@ def graphs_compiled() -> int:
 def test_compiled_step_matches_eager_step(model, decoder) -> None:
     """Rows at different positions, past the sliding window, while the cache grows (8 slots at the prefill,
     then 16 and 32) and while rows leave (3 -> 2 -> 1): the logits equal the eager step's (float64, to
-    rounding) and so do the cache's keys and values. The batch and the capacity are dynamic: one graph for
-    every batch of 2+ rows at any capacity, one more for a single row."""
+    rounding), so do their log-softmax, argmax and the cache's keys and values. The batch and the capacity
+    are dynamic: one graph for every batch of 2+ rows at any capacity, one more for a single row."""
     eager_cache, eager_logits = prefill(model, PROMPTS, capacity=8)
     compiled_cache, _ = prefill(model, PROMPTS, capacity=8)
     before = graphs_compiled()
@@ -61,9 +61,12 @@ def test_compiled_step_matches_eager_step(model, decoder) -> None:
             eager_logits = eager_logits[rows]
         for _ in range(11 if rows is None else 3):
             tokens_B1 = eager_logits.argmax(-1, keepdim=True)
-            compiled_logits = decoder(tokens_B1, compiled_cache)
+            compiled = decoder(tokens_B1, compiled_cache)
             eager_logits = model(tokens_B1, cache=eager_cache).logits[:, -1]
-            torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(compiled.logits_BV, eager_logits, atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(compiled.logprobs_BV, torch.log_softmax(eager_logits, -1), atol=1e-12,
+                                       rtol=1e-12)
+            assert compiled.greedy_B.tolist() == eager_logits.argmax(-1).tolist()
             assert compiled_cache.lengths == eager_cache.lengths
             capacities.add(compiled_cache.capacity)
         if rows is None or len(rows) > 1:

@@ -303,23 +303,29 @@ def test_combine_keeps_the_gates_and_the_top_k_sum_in_float32() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_inference_multiplies_only_the_experts_with_rows(dtype: torch.dtype) -> None:
-    """Without autograd on the CPU the grouped_mm backend skips F.grouped_mm's loop over every expert (a decoding
-    step leaves most of them empty): the same output (up to a multi-threaded matmul's rounding, about 1e-11
-    here), three matmuls per expert with rows."""
+    """Without autograd on the CPU the grouped_mm backend picks the faster of two loops: with at most two experts
+    with rows (a batch-1 decoding step leaves most of them empty) or many rows per expert, a Python loop of three
+    matmuls per expert with rows, skipping F.grouped_mm's visit of every expert; in between (a batched decoding
+    step), F.grouped_mm's C++ loop. The same output either way (up to a multi-threaded matmul's rounding, about
+    1e-11 here)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountMatmuls(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
             self.count = 0
+            self.grouped = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out)
+            self.grouped += func is torch.ops.aten._grouped_mm.default
             return func(*args, **(kwargs or {}))
 
     generator = torch.Generator().manual_seed(3)
     experts = GroupedExperts(8, 16, 24, "grouped_mm").to(dtype)
-    for zero_experts, rows in ((6, 2), (3, 11), (0, 40)):
+    # (experts without rows, rows, the Python loop expected): 2 active; 5 active with ~2 rows each; 8 active
+    # with 5 each; 8 active with 100 each (over _CPU_GROUPED_MM_MAX_ROWS_PER_EXPERT).
+    for zero_experts, rows, loop in ((6, 2, True), (3, 11, False), (0, 40, False), (0, 800, True)):
         counts = random_counts(8, rows, generator, zero_experts)
         x = torch.randn(rows, 16, generator=generator).to(dtype)
         with torch.no_grad(), CountMatmuls() as matmuls:
@@ -327,4 +333,4 @@ def test_cpu_inference_multiplies_only_the_experts_with_rows(dtype: torch.dtype)
         training = experts(x, counts)  # autograd on: F.grouped_mm
         assert training.requires_grad
         torch.testing.assert_close(inference, training.detach(), rtol=1e-6, atol=1e-9)
-        assert matmuls.count == 3 * int((counts > 0).sum())
+        assert (matmuls.count, matmuls.grouped) == ((3 * int((counts > 0).sum()), 0) if loop else (0, 3))
