@@ -144,6 +144,7 @@ def build_app(cfg: DictConfig, facts: dict[str, Any], router_file: Path):
         deployment = serve.deployment(Tier).options(**options)
         tiers[name] = deployment.bind(name, facts[name]["checkpoint"], dtype=t.dtype,
                                       num_threads=max(1, int(t.num_cpus)), max_batch_size=t.max_batch_size,
+                                      compile_decode=t.compile_decode,
                                       batch_wait_timeout_s=t.batch_wait_timeout_s, fault=t.fault,
                                       hidden=router.hidden.to_dict() if name == "small" and router.hidden else None)
     ingress = serve.deployment(IngressDeployment).options(

@@ -36,6 +36,10 @@ class TierConfig:
             the cluster's CPUs shared among the replicas that start, at most 1 each (`size_tiers`).
         max_batch_size / batch_wait_timeout_s: `@serve.batch` of generation and prefill.
         dtype: float32 or bfloat16 weights.
+        compile_decode: decode with `moe.generate.Generator(compile_decode=True)`, each decoding step one
+            compiled graph (on this project's CPU 1.5-2x the tokens/s of the eager step at batch 1:
+            docs/results/generate_peer.md). Each replica compiles its two graphs (one row, 2+ rows) before it
+            takes requests: tens of seconds more at its start.
         fault: drills only: "error" makes every call fail, "hang" makes it never answer, "slow_start"
             delays its start by 15 s (a large checkpoint loading).
         resources: custom Ray resources each replica asks for (e.g. {node_pool_large: 1}), which pins
@@ -56,6 +60,7 @@ class TierConfig:
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.01
     dtype: str = "float32"
+    compile_decode: bool = False
     fault: Optional[str] = None
     resources: dict[str, float] = field(default_factory=dict)
     endpoint: Optional[str] = None

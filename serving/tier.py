@@ -48,11 +48,13 @@ class Tier:
             SLOW_START_S longer to start (a large checkpoint loading).
         hidden: the pooled hidden states `signals` adds after the signals (the
             router's `HiddenFeatures` as a dict), or None.
+        compile_decode: decode with compiled steps (`Generator(compile_decode=True)`); both of its graphs
+            (one row, 2+ rows) are compiled here, before the replica takes a request.
     """
 
     def __init__(self, name: str, checkpoint: str, dtype: str = "float32", num_threads: int = 1,
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, fault: Optional[str] = None,
-                 hidden: Optional[dict[str, Any]] = None) -> None:
+                 hidden: Optional[dict[str, Any]] = None, compile_decode: bool = False) -> None:
         import torch
 
         import moe
@@ -67,7 +69,10 @@ class Tier:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = moe.load_checkpoint(checkpoint, device=device,
                                     dtype=torch.bfloat16 if dtype == "bfloat16" else None).eval()
-        self.generator = Generator(model, load_tokenizer(checkpoint), max_batch_size=max_batch_size, device=device)
+        self.generator = Generator(model, load_tokenizer(checkpoint), max_batch_size=max_batch_size, device=device,
+                                   compile_decode=compile_decode)
+        if compile_decode:
+            self._compile_decoding_steps()
         self.hidden = HiddenFeatures(**hidden) if hidden is not None else None
         if self.hidden is not None:
             self.hidden.check_model(model.config, f"the {name} tier ({checkpoint})")
@@ -82,6 +87,14 @@ class Tier:
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.signals_batch.set_max_batch_size(max_batch_size)
         self.signals_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def _compile_decoding_steps(self) -> None:
+        """Two tokens for one prompt, then for two: the first request of either kind would wait for a compile."""
+        from moe.generate import SamplingParams
+
+        params = SamplingParams(max_tokens=2, ignore_eos=True)
+        for rows in (1, min(2, self.generator.max_batch_size)):
+            self.generator.generate_ids([[0]] * rows, [params] * rows)
 
     def calls(self) -> int:
         """How many generate/signals/stream calls this replica received (tests check bad requests reach none)."""

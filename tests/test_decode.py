@@ -121,3 +121,33 @@ def test_compiled_decoder_refuses_what_it_cannot_decode(model, decoder) -> None:
     sharded.layers[1].ffn.dispatcher = object()  # stands for expert parallelism's all-to-all dispatcher
     with pytest.raises(ValueError, match="layer 1 dispatches with object"):
         CompiledDecoder(sharded)
+
+
+@pytest.mark.extended
+def test_serving_tier_compiles_its_steps_at_start_and_answers_like_the_eager_tier(tmp_path) -> None:
+    """`tiers.<name>.compile_decode=true`: the tier (the Serve deployment class, built here without Serve: its
+    `@serve.batch` methods need a replica, so its generator is called as they call it) compiles both of its
+    graphs when it starts, so requests of one and of three prompts compile nothing more, and its answers are
+    the eager tier's."""
+    from data_pipeline.tokenize import train_tokenizer
+    from serving.testing import make_tier
+    from serving.tier import Tier
+
+    tokenizer = train_tokenizer(["a mixture of experts routes tokens", "grouped matrix multiply"] * 10,
+                                vocab_size=200, eos_token="<|endoftext|>")
+    checkpoint = str(make_tier(tmp_path / "tier", tokenizer.to_str(), hidden=16, seed=4))
+    eager = Tier("small", checkpoint)
+    before = graphs_compiled()
+    compiled = Tier("small", checkpoint, compile_decode=True)
+    assert graphs_compiled() - before == 2
+    prompts = [[5, 9, 3], [11], [4, 8, 15, 16]]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (7, 4, 9)]
+    for rows in (slice(0, 1), slice(0, 3)):
+        ours = compiled.generator.generate_ids(prompts[rows], params[rows])
+        theirs = eager.generator.generate_ids(prompts[rows], params[rows])
+        assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+        assert [len(c.token_ids) for c in ours] == [7, 4, 9][rows]
+        torch.testing.assert_close(torch.tensor([lp for c in ours for lp in c.token_logprobs]),
+                                   torch.tensor([lp for c in theirs for lp in c.token_logprobs]), atol=1e-5,
+                                   rtol=1e-5)
+    assert graphs_compiled() - before == 2
