@@ -72,6 +72,7 @@ from deepspeed.utils import (groups, lazy_init_hp_params_optimizer_state, safe_g
 
 from moe import update_expert_bias
 from moe.layer import MoELayer
+from moe.plan import DEEPSPEED_REDUCE_BUCKET_ELEMENTS
 from moe.router import discard_expert_counts
 
 from cluster.expert_parallel import expert_bias_all_reduce, is_expert_param, load_full_state_dict
@@ -289,7 +290,11 @@ def _deepspeed_config(dims: ParallelDims, cfg: TrainerConfig) -> dict[str, Any]:
         "gradient_accumulation_steps": accum,
         "managed_gradient_accumulation": False,  # NOTE 1
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": False, "contiguous_gradients": True,
+        # ZeRO-2 reduces each filled gradient bucket on a side stream while the backward goes on (issue 18, S10;
+        # double buckets: moe/plan.py counts them). DeepSpeed 0.19 refuses the overlap at ZeRO-1 with
+        # managed_gradient_accumulation off (NOTE 1).
+        "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": cfg.zero_stage == 2,
+                              "reduce_bucket_size": DEEPSPEED_REDUCE_BUCKET_ELEMENTS, "contiguous_gradients": True,
                               "reduce_scatter": True},
     }
 

@@ -12,7 +12,9 @@ The model (torch only, importable anywhere):
   engine every rank holds the non-expert parameters and 1/ep of the experts,
   their gradients (float32) and AdamW's two moments (float32). DeepSpeed ZeRO
   shards the optimizer state (stage 1) and the gradients (stage 2) over the
-  data-parallel ranks of each parameter. FSDP2 (engine "fsdp") shards all
+  data-parallel ranks of each parameter, and adds its float32 gradient
+  reduction buckets (`DEEPSPEED_REDUCE_BUCKET_ELEMENTS` each): one, or two
+  at stage 2, where the reduction overlaps the backward (`overlap_comm`). FSDP2 (engine "fsdp") shards all
   three; in their place a rank holds the unsharded parameters of the root
   unit (embeddings, head, final norm) throughout, and of at most two blocks
   at a time (the one computing and the one prefetched), plus one block's
@@ -68,6 +70,11 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+# DeepSpeed ZeRO's gradient reduction bucket (`reduce_bucket_size`, float32 elements; cluster/deepspeed_engine.py).
+# Its default, 5e8, is 2 GB a bucket, and ZeRO-2's overlapped reduction keeps two; 5e7 is a tenth of that and
+# still reduces mixtral_small's 1.5B parameters' gradients in about 30 collectives a step.
+DEEPSPEED_REDUCE_BUCKET_ELEMENTS = 50_000_000
 
 def _split_parameters(config: ModelConfig) -> tuple[int, int]:
     """(non-expert, routed-expert) parameter counts of the whole model."""
@@ -179,6 +186,7 @@ def plan_memory(config: ModelConfig, *, micro_batch: int, seq_len: int, world_si
         optimizer = int(sharded)
         if zero_stage >= 2:
             gradients = int(sharded / 2)
+        gradients += 4 * DEEPSPEED_REDUCE_BUCKET_ELEMENTS * (2 if zero_stage >= 2 else 1)
 
     tokens = micro_batch * seq_len
     mm_bytes = 2 if bf16 else 4
