@@ -5,8 +5,8 @@ dimension, T tokens (= B: one per row), K top-k, E experts, V vocabulary.
 
 NOTE: why one graph, and what makes it one.
 A decoding step of a small model is some 400 operators on one token per row; on a CPU their dispatch and the
-modules' Python cost more than their arithmetic (issue 18: a batch-1 step of `mixtral_tiny` is ~1 ms of matmuls
-in ~4.5 ms). Compiled as one graph, the elementwise chains (norms, rotary, softmax, gates, residuals) fuse into a
+modules' Python cost more than their arithmetic (issue 18: a batch-1 step of `mixtral_tiny` is ~1.5 ms of
+matmuls in ~4.7 ms). Compiled as one graph, the elementwise chains (norms, rotary, softmax, gates, residuals) fuse into a
 few kernels and the Python runs once, at trace time. Three choices make the step one graph:
 1. No host-side branching on lengths: the step reads slots 0..K-1 of the cache (K, the longest row's
    length, is a dynamic size) with a mask per row (slot j of row b is seen iff j <= p_b and
@@ -91,8 +91,7 @@ def decode_step(model: MoETransformer, input_ids_B1: torch.Tensor, positions_B: 
         keys[index][rows_B, :, positions_B] = k[:, :, 0]
         values[index][rows_B, :, positions_B] = v[:, :, 0]
         out = F.scaled_dot_product_attention(q, keys[index][:, :, :num_read], values[index][:, :, :num_read],
-                                             attn_mask=mask_B11K,
-                                             enable_gqa=num_kv_heads != num_heads)
+                                             attn_mask=mask_B11K, enable_gqa=num_kv_heads != num_heads)
         x_B1D = x_B1D + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, num_heads * head_dim))
         h_B1D = layer.ffn_norm(x_B1D)
         if not layer.is_moe:
