@@ -6,8 +6,8 @@ dimension, T tokens (= B: one per row), K top-k, E experts, V vocabulary.
 NOTE: why one graph, and what makes it one.
 A decoding step of a small model is some 400 operators on one token per row; on a CPU their dispatch and the
 modules' Python cost more than their arithmetic (issue 18: a batch-1 step of `mixtral_tiny` is ~1.5 ms of
-matmuls in ~4.7 ms). Compiled as one graph, the elementwise chains (norms, rotary, softmax, gates, residuals) fuse into a
-few kernels and the Python runs once, at trace time. Three choices make the step one graph:
+matmuls in ~4.7 ms). Compiled as one graph, the elementwise chains (norms, rotary, softmax, gates, residuals)
+fuse into a few kernels and the Python runs once, at trace time. Three choices make the step one graph:
 1. No host-side branching on lengths: the step reads slots 0..K-1 of the cache (K, the longest row's
    length, is a dynamic size) with a mask per row (slot j of row b is seen iff j <= p_b and
    p_b - j < sliding_window, `cached_attention_mask`), where the eager step also skips slots out of every
