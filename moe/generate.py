@@ -367,16 +367,20 @@ class Generator:
             generation of the same prompt (default max_batch_size; 0 keeps none).
         compile_decode: run each decoding step as one compiled graph
             (`moe.decode.CompiledDecoder`): faster per token once compiled,
-            but the first step of a new batch shape compiles (seconds to tens
-            of seconds); prefills stay eager. The same tokens as the eager
-            step up to float rounding.
+            but the first step of one row, and of 2+ rows, compiles (seconds
+            to tens of seconds); prefills stay eager. The same tokens as the
+            eager step up to float rounding. True, or a dict of options for
+            `torch.compile` (e.g. {"backend": "aot_eager"}).
     """
 
     def __init__(self, model: MoETransformer, tokenizer: Any, *, max_batch_size: int = 8,
                  device: Union[str, torch.device] = "cpu", eos_token: Optional[str] = EOS_TOKEN,
-                 prefill_memo: Optional[int] = None, compile_decode: bool = False) -> None:
+                 prefill_memo: Optional[int] = None, compile_decode: Union[bool, dict[str, Any]] = False) -> None:
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
             raise ValueError(f"Generator.max_batch_size must be a positive integer, got {max_batch_size!r}")
+        if not isinstance(compile_decode, (bool, dict)):
+            raise ValueError(f"Generator.compile_decode must be a bool or a dict of torch.compile options, got "
+                             f"{compile_decode!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -390,7 +394,9 @@ class Generator:
         self.prefill_memo = max_batch_size if prefill_memo is None else prefill_memo
         self._memo: OrderedDict[tuple[int, ...], tuple[KVCache, torch.Tensor]] = OrderedDict()
         self._memo_lock = threading.Lock()  # Ray Serve runs signals and generation in threads
-        self._decoder = CompiledDecoder(self.model) if compile_decode else None
+        self._decoder = None
+        if compile_decode:
+            self._decoder = CompiledDecoder(self.model, **({} if compile_decode is True else compile_decode))
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of `prompt` (no EOS appended)."""

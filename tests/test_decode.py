@@ -27,9 +27,21 @@ def model() -> MoETransformer:
     return MoETransformer(ModelConfig(**TINY)).double().eval()
 
 
+# `make test` traces the step with the "aot_eager" backend: Dynamo's graph (whole: fullgraph), its dynamic sizes
+# and recompilations, the functionalized in-place cache writes and the opaque experts operator, run by eager
+# kernels (seconds). "inductor", the default backend users get, also generates and compiles C++ kernels: 30-45 s
+# for this module's two graphs on a cold cache on 2 cores, so it runs in `make test-slow` (as does the tier's).
+BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.extended)]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def decoder(model) -> CompiledDecoder:
-    return CompiledDecoder(model)
+def decoder(model, backend) -> CompiledDecoder:
+    return CompiledDecoder(model, backend=backend)
 
 
 def prefill(model: MoETransformer, prompts: list[list[int]], capacity: int) -> tuple[KVCache, torch.Tensor]:
@@ -79,7 +91,7 @@ def test_compiled_step_matches_eager_step(model, decoder) -> None:
     assert graphs_compiled() - before <= 2
 
 
-def test_generator_compile_decode_gives_the_eager_completions(model) -> None:
+def test_generator_compile_decode_gives_the_eager_completions(model, backend) -> None:
     """Greedy, seeded sampling, penalties and top_logprobs, with different max_tokens so the batch shrinks as
     requests finish, and more requests than fit in one batch (a new row joins a running one): the same tokens,
     log-probabilities and finish reasons as the eager generator."""
@@ -95,7 +107,8 @@ def test_generator_compile_decode_gives_the_eager_completions(model) -> None:
               SamplingParams(max_tokens=8, temperature=1.0, top_p=0.8, seed=5, ignore_eos=True)]
     eager = Generator(model, tokenizer, max_batch_size=3).generate_ids(prompts, params)
     # Its own CompiledDecoder reuses the graphs the other test compiled (torch caches them per function).
-    compiled = Generator(model, tokenizer, max_batch_size=3, compile_decode=True).generate_ids(prompts, params)
+    compiled = Generator(model, tokenizer, max_batch_size=3,
+                         compile_decode={"backend": backend}).generate_ids(prompts, params)
     for got, expected in zip(compiled, eager):
         assert got.token_ids == expected.token_ids and got.finish_reason == expected.finish_reason
         torch.testing.assert_close(torch.tensor(got.token_logprobs), torch.tensor(expected.token_logprobs),
@@ -117,6 +130,8 @@ def test_compiled_decoder_refuses_what_it_cannot_decode(model, decoder) -> None:
     with pytest.raises(ValueError, match="max_seq_len"):
         decoder(torch.zeros(1, 1, dtype=torch.long), full)
     assert full.lengths == [TINY["max_seq_len"]]  # nothing written
+    with pytest.raises(ValueError, match="compile_decode must be a bool or a dict"):
+        Generator(model, object(), compile_decode="inductor")
     sharded = MoETransformer(ModelConfig(**TINY))
     sharded.layers[1].ffn.dispatcher = object()  # stands for expert parallelism's all-to-all dispatcher
     with pytest.raises(ValueError, match="layer 1 dispatches with object"):
