@@ -10,6 +10,8 @@ prints one line and goes into one JSON:
   - grouped_mm: the bf16 grouped GEMM experts, forward and backward, with an
     expert that gets no token, against the per-expert loop;
   - rope dtypes: q, k and v reach attention in one dtype under bf16 autocast;
+  - compiled_decode: the compiled decoding step (`moe.decode`) against the eager
+    one, bf16 weights and inductor's Triton kernels (aot_eager on the CPU);
   - gpu_suite: a short `benchmarks/gpu_suite.py` run of mixtral_tiny (tokens/s,
     MFU, peak memory against the plan), and `benchmarks/moe_layer.py`.
 With `--device cpu` (the test suite's smoke run) the flex backward, which torch
@@ -137,6 +139,67 @@ def check_rope_dtypes(device: str) -> dict:
     return {"qkv_dtypes": seen[0], "ok": all(d == ["torch.bfloat16"] * 3 for d in seen)}
 
 
+def check_compiled_decode(device: str) -> dict:
+    """`moe.decode.CompiledDecoder` (`Generator(compile_decode=True)`) against the eager cached step: 3 rows at
+    different lengths for 8 steps, then 1 row for 8 (the two graphs). On a GPU: bf16 weights, inductor (Triton
+    kernels); on the CPU smoke run: float32 with the aot_eager backend (tests/test_decode.py runs inductor on
+    the CPU). Reports the logits' relative error, whether the greedy tokens agree (bf16 may flip a near-tie),
+    the graphs compiled, and the median time per step of each after the first two of a phase."""
+    import statistics
+
+    from torch._dynamo.utils import counters
+
+    from moe import ExpertsConfig, ModelConfig, MoETransformer, RouterConfig
+    from moe.decode import CompiledDecoder
+    from moe.model import KVCache
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=256, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
+                         experts=ExpertsConfig(num_experts=8, hidden_size=128), router=RouterConfig(top_k=2))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = MoETransformer(config).to(device=device, dtype=dtype).eval()
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    decoder = CompiledDecoder(model, backend=backend)
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11, 12, 13, 14]]
+    padded = torch.zeros(3, 7, dtype=torch.long, device=device)
+    for row, ids in enumerate(prompts):
+        padded[row, :len(ids)] = torch.tensor(ids)
+
+    def synced() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    caches = {name: KVCache(config.num_layers, 3, capacity=8) for name in ("eager", "compiled")}
+    graphs_before = counters["stats"]["unique_graphs"]
+    worst, tokens_agree, times = 0.0, True, {"eager": [], "compiled": []}
+    with torch.no_grad():
+        for cache in caches.values():
+            logits = model(padded, cache=cache, input_lengths=[len(p) for p in prompts]).logits
+        logits = logits[torch.arange(3), torch.tensor([len(p) - 1 for p in prompts])]
+        for rows in (None, [0]):
+            if rows is not None:
+                caches = {name: cache.select(rows) for name, cache in caches.items()}
+                logits = logits[rows]
+            for step in range(8):
+                tokens = logits.argmax(-1, keepdim=True)
+                started = synced()
+                out = decoder(tokens, caches["compiled"])
+                compiled_s = synced() - started
+                logits = model(tokens, cache=caches["eager"]).logits[:, -1]
+                eager_s = synced() - started - compiled_s
+                if step >= 2:
+                    times["compiled"].append(compiled_s)
+                    times["eager"].append(eager_s)
+                worst = max(worst, ((out.logits_BV.float() - logits.float()).norm() / logits.float().norm()).item())
+                tokens_agree &= out.greedy_B.tolist() == logits.argmax(-1).tolist()
+    graphs = counters["stats"]["unique_graphs"] - graphs_before
+    return {"backend": backend, "dtype": str(dtype), "max_rel_err": worst, "greedy_tokens_agree": tokens_agree,
+            "graphs_compiled": graphs,
+            **{f"{name}_ms_per_step": 1e3 * statistics.median(values) for name, values in times.items()},
+            "ok": worst < (2e-2 if dtype == torch.bfloat16 else 1e-4) and graphs == 2}
+
+
 def _parity_worker(rank: int, world_size: int, port: int, device_type: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -223,7 +286,8 @@ def main() -> None:
         parser.exit(2, "error: --device cuda, and torch sees no CUDA device (use --device cpu for a smoke run)\n")
     report: dict = {"versions": versions(args.device)}
     print(json.dumps(report["versions"]), flush=True)
-    checks = {"flex": check_flex, "grouped_mm": check_grouped_mm, "rope_dtypes": check_rope_dtypes}
+    checks = {"flex": check_flex, "grouped_mm": check_grouped_mm, "rope_dtypes": check_rope_dtypes,
+              "compiled_decode": check_compiled_decode}
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     if gpus >= 2 or args.parity_on_cpu:
         checks["fsdp_parity"] = lambda device: check_fsdp_parity("cuda" if gpus >= 2 else "cpu", max(2, gpus))

@@ -55,7 +55,8 @@ def test_gpu_scripts_import_with_torch_alone() -> None:
 
 def test_gpu_check_smoke_run_on_the_cpu(tmp_path) -> None:
     """benchmarks/gpu_check.py, what the first session with a GPU runs, on the CPU: every check that the CPU can
-    run passes (flex forward, bf16 grouped GEMM with an empty expert, rope dtypes); the GPU-only parts say so."""
+    run passes (flex forward, bf16 grouped GEMM with an empty expert, rope dtypes, the compiled decoding step traced
+    with aot_eager); the GPU-only parts say so."""
     out = tmp_path / "gpu_check.json"
     result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--out",
                              str(out)], capture_output=True, text=True, timeout=300)
@@ -65,6 +66,8 @@ def test_gpu_check_smoke_run_on_the_cpu(tmp_path) -> None:
     assert report["flex"]["forward_max_abs_diff"] < 1e-4 and "skipped" in report["flex"]["backward"]
     assert report["rope_dtypes"]["qkv_dtypes"] == ["torch.bfloat16"] * 3
     assert "needs 2 GPUs" in report["fsdp_parity"]["skipped"]
+    decode = report["compiled_decode"]
+    assert decode["ok"] and decode["greedy_tokens_agree"] and decode["graphs_compiled"] == 2
 
 
 @pytest.mark.extended
