@@ -69,6 +69,10 @@ def test_builder_returns_the_cascade_with_the_overridden_deployments(app) -> Non
     assert ingress.max_ongoing_requests == 256
     changed = build_app(app_builder({**app["args"], "ingress.max_ongoing_requests": 64}), name=app["name"])
     assert next(d for d in changed.deployments if d.name == "ingress").max_ongoing_requests == 64
+    # tiers.X.compile_decode reaches the tier's constructor (which compiles its decoding steps at start).
+    compiled = build_app(app_builder({**app["args"], "tiers.small.compile_decode": "true"}), name=app["name"])
+    tier_kwargs = {d.name: d.init_kwargs for d in compiled.deployments if d.name in ("small", "large")}
+    assert tier_kwargs["small"]["compile_decode"] is True and tier_kwargs["large"]["compile_decode"] is False
 
 
 def test_config_overrides_only_scaling(app) -> None:
