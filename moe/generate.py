@@ -45,9 +45,9 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
+from moe.decode import CompiledDecoder
 from moe.difficulty import HiddenFeatures, check_prompt_ids, feature_row, right_pad
 from moe.files import TOKENIZER_NAME
-from moe.decode import CompiledDecoder
 from moe.model import KVCache, MoETransformer
 
 EOS_TOKEN = "<|endoftext|>"
