@@ -76,7 +76,7 @@ def decode_step(model: MoETransformer, input_ids_B1: torch.Tensor, positions_B: 
     num_heads, num_kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
     rows_B = torch.arange(batch, device=input_ids_B1.device)
     x_B1D = model.embed_tokens(input_ids_B1)
-    rope = tuple(table[positions_B].view(batch, 1, 1, head_dim) for table in rope_table)
+    cos, sin = (table[positions_B].view(batch, 1, 1, head_dim) for table in rope_table)
     num_read = read_slots_K.shape[0]
     mask_B11K = cached_attention_mask(positions_B.unsqueeze(1), 0, num_read, config.sliding_window)
     for index, layer in enumerate(model.layers):
@@ -85,7 +85,6 @@ def decode_step(model: MoETransformer, input_ids_B1: torch.Tensor, positions_B: 
         q = attn.q_proj(h_B1D).view(batch, 1, num_heads, head_dim).transpose(1, 2)
         k = attn.k_proj(h_B1D).view(batch, 1, num_kv_heads, head_dim).transpose(1, 2)
         v = attn.v_proj(h_B1D).view(batch, 1, num_kv_heads, head_dim).transpose(1, 2)
-        cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # Advanced indices on dims 0 and 2: row b's new key goes to slot positions_B[b].
         keys[index][rows_B, :, positions_B] = k[:, :, 0]
@@ -146,13 +145,9 @@ class CompiledDecoder:
         if input_ids_B1.dim() != 2 or input_ids_B1.shape[1] != 1:
             raise ValueError(f"CompiledDecoder decodes one token per row: input_ids must be (B, 1), got "
                              f"{tuple(input_ids_B1.shape)}")
-        if cache.batch_size != batch:
-            raise ValueError(f"cache has {cache.batch_size} rows but input_ids has {batch}")
+        cache.check_room(batch, 1, self.model.config.max_seq_len)
         if any(t is None for t in cache.keys):
             raise ValueError("CompiledDecoder needs a cache written by a forward pass (the prompt's prefill)")
-        if max(cache.lengths) + 1 > self.model.config.max_seq_len:
-            raise ValueError(f"cached length {max(cache.lengths)} + 1 new token exceeds ModelConfig.max_seq_len "
-                             f"({self.model.config.max_seq_len})")
         # One slot more than this step writes: the slots read (K) then stay fewer than the capacity (C). A first
         # trace that saw K == C would guard on that equality and compile again at the first K < C.
         cache.reserve(2)

@@ -183,6 +183,15 @@ class KVCache:
     def batch_size(self) -> int:
         return len(self.lengths)
 
+    def check_room(self, batch: int, num_new: int, max_seq_len: int) -> None:
+        """ValueError unless `batch` rows of `num_new` new tokens each fit: one row per cache row, and every
+        row within `max_seq_len` (`ModelConfig.max_seq_len`) after them."""
+        if self.batch_size != batch:
+            raise ValueError(f"cache has {self.batch_size} rows but input_ids has {batch}")
+        if max(self.lengths) + num_new > max_seq_len:
+            raise ValueError(f"cached length {max(self.lengths)} + {num_new} new tokens exceeds "
+                             f"ModelConfig.max_seq_len ({max_seq_len})")
+
     def reserve(self, num_new: int) -> None:
         """Makes room for `num_new` more tokens in every row (capacity at least doubles when it grows)."""
         needed = max(self.lengths) + num_new
@@ -506,15 +515,11 @@ class MoETransformer(nn.Module):
         losses are not computed (aux_loss is 0).
         """
         batch, seq_len = input_ids.shape
-        if cache.batch_size != batch:
-            raise ValueError(f"cache has {cache.batch_size} rows but input_ids has {batch}")
+        cache.check_room(batch, seq_len, self.config.max_seq_len)
         if input_lengths is not None and (len(input_lengths) != batch
                                           or not all(1 <= n <= seq_len for n in input_lengths)):
             raise ValueError(f"input_lengths must give 1..{seq_len} real tokens for each of the {batch} rows, "
                              f"got {input_lengths}")
-        if max(cache.lengths) + seq_len > self.config.max_seq_len:
-            raise ValueError(f"cached length {max(cache.lengths)} + {seq_len} new tokens exceeds "
-                             f"ModelConfig.max_seq_len ({self.config.max_seq_len})")
         device = input_ids.device
         cache.reserve(seq_len)
         start_B = torch.tensor(cache.lengths, device=device)
