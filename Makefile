@@ -11,6 +11,9 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 EXPERIMENT ?= mixtral_tiny
 PYTEST_ARGS ?=
+# `make test` runs on TEST_WORKERS pytest-xdist workers (0: in this process). One worker takes every test that
+# needs Ray, in order; the others take the rest (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: install train test test-slow cascade bench clean
 
@@ -40,7 +43,7 @@ train: install
 # CI's). `make test-slow`: the long end-to-end drills marked `extended` (fault matrices through the CLI, resume
 # and restart chains, every layout and preset); run it before closing an issue that touches training or serving.
 test: install
-	$(PY) -m pytest -q -m "not extended" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not extended" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-slow: install
 	$(PY) -m pytest -q -m extended $(PYTEST_ARGS)

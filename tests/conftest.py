@@ -21,6 +21,27 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 SESSION_RAY_CPUS = 4
 
 
+# The modules whose tests start a Ray of their own (`python -m moe.train`).
+OWN_RAY_MODULES = {"tests/test_faults.py", "tests/test_train_compare.py"}
+
+# Under pytest-xdist (`make test` runs two workers), the name of this process's worker; None without xdist.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER is not None:
+    # Two workers share the two cores: a second torch thread in each would only spin against the other worker.
+    torch.set_num_threads(1)
+
+
+def _needs_session_ray(item) -> bool:
+    return "ray_cluster" in getattr(item, "fixturenames", ())
+
+
+def pytest_itemcollected(item) -> None:
+    """Under xdist, the tests that need a Ray (see below) join one group, one worker's; marked as they are
+    collected, before xdist's own pytest_collection_modifyitems names the groups."""
+    if XDIST_WORKER is not None and (_needs_session_ray(item) or item.nodeid.split("::")[0] in OWN_RAY_MODULES):
+        item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Modules that use the session's Ray run last, each kept whole, in their usual order.
 
@@ -30,12 +51,38 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     queries pick the local instance by itself, then fails with "Found multiple
     active Ray instances". The CLI tests of training (test_faults,
     test_train_compare) therefore run before the session's Ray starts.
+
+    Under xdist the same holds across workers: every test that needs the
+    session's Ray and every module that starts its own goes into one group
+    ("ray"), which one worker runs in this order while the other workers take
+    the tests that need no Ray.
     """
     def module(item) -> str:
         return item.nodeid.split("::")[0]
 
-    uses_session_ray = {module(item) for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
+    uses_session_ray = {module(item) for item in items if _needs_session_ray(item)}
     items.sort(key=lambda item: module(item) in uses_session_ray)  # stable: the order is kept otherwise
+
+
+@pytest.fixture(autouse=True)
+def _ray_group_stays_on_one_worker(request, tmp_path_factory):
+    """Under xdist, fails a test of the "ray" group that runs on a second worker: were the group ever dropped
+    (pytest 9.2 drops it silently: pytest-xdist#1386), two workers would start Rays that find each other."""
+    if XDIST_WORKER is None or request.node.get_closest_marker("xdist_group") is None:
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # one directory for all the workers of this run
+    claim = shared / "ray_group_worker"
+    if not claim.exists():
+        mine = shared / f"ray_group_worker.{XDIST_WORKER}"
+        mine.write_text(XDIST_WORKER)
+        try:
+            os.link(mine, claim)  # atomic: the first worker to get here owns the group
+        except FileExistsError:
+            pass
+    owner = claim.read_text()
+    if owner != XDIST_WORKER:
+        pytest.fail(f"{request.node.nodeid} needs Ray and runs on xdist worker {XDIST_WORKER}, but the Ray tests "
+                    f"run on {owner}: xdist's --dist loadgroup did not keep the group together (pytest<9.2?)")
 
 
 @pytest.fixture(scope="session")
