@@ -351,7 +351,10 @@ def test_training_flops_per_token_by_hand() -> None:
         training_flops_per_token(config, 0)
 
 
-def test_compiled_blocks_train_like_eager_without_recompiling() -> None:
+# `make test` traces with aot_eager (Dynamo's graphs, guards and AOT autograd's forward and backward, as inductor
+# gets them); inductor's C++ kernels cost 50 s of CPU on a cold cache, so that case runs in `make test-slow`.
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.extended)])
+def test_compiled_blocks_train_like_eager_without_recompiling(backend) -> None:
     """Regional compilation: three AdamW steps equal eager; one shape never recompiles, a new batch size
     recompiles once and a third runs on the dynamic graph; no graph breaks with dropless routing."""
     import copy
@@ -366,7 +369,7 @@ def test_compiled_blocks_train_like_eager_without_recompiling() -> None:
                          experts=dict(num_experts=4, hidden_size=16))
     eager = MoETransformer(config)
     compiled = copy.deepcopy(eager)
-    compiled.compile_blocks()
+    compiled.compile_blocks(backend=backend)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (eager, compiled)]
     graphs = []
     for step in range(3):
