@@ -64,26 +64,14 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     items.sort(key=lambda item: module(item) in uses_session_ray)  # stable: the order is kept otherwise
 
 
-YIELD_NICENESS = 5  # CPU weight about a third of the Ray group's worker's
-_yielding = False
-
-
 @pytest.fixture(autouse=True)
 def _ray_group_stays_on_one_worker(request, tmp_path_factory):
     """Under xdist, fails a test of the "ray" group that runs on a second worker: were the group ever dropped
     (pytest 9.2 drops it silently: pytest-xdist#1386), two workers would start Rays that find each other."""
-    global _yielding
-    if XDIST_WORKER is None:
+    if XDIST_WORKER is None or request.node.get_closest_marker("xdist_group") is None:
         return
     shared = tmp_path_factory.getbasetemp().parent  # one directory for all the workers of this run
     claim = shared / "ray_group_worker"
-    if request.node.get_closest_marker("xdist_group") is None:
-        if not _yielding and claim.exists() and claim.read_text() != XDIST_WORKER:
-            # The Ray group runs on one worker, in order: the suite's critical path. This worker (and the
-            # processes its tests start) yields the cores to it when both want them, and fills the rest.
-            os.nice(YIELD_NICENESS)
-            _yielding = True
-        return
     if not claim.exists():
         mine = shared / f"ray_group_worker.{XDIST_WORKER}"
         mine.write_text(XDIST_WORKER)
