@@ -31,6 +31,10 @@ if XDIST_WORKER is not None:
     torch.set_num_threads(1)
 
 
+def _module(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
 def _needs_session_ray(item) -> bool:
     return "ray_cluster" in getattr(item, "fixturenames", ())
 
@@ -38,7 +42,7 @@ def _needs_session_ray(item) -> bool:
 def pytest_itemcollected(item) -> None:
     """Under xdist, the tests that need a Ray (see below) join one group, one worker's; marked as they are
     collected, before xdist's own pytest_collection_modifyitems names the groups."""
-    if XDIST_WORKER is not None and (_needs_session_ray(item) or item.nodeid.split("::")[0] in OWN_RAY_MODULES):
+    if XDIST_WORKER is not None and (_needs_session_ray(item) or _module(item) in OWN_RAY_MODULES):
         item.add_marker(pytest.mark.xdist_group("ray"))
 
 
@@ -57,11 +61,8 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     ("ray"), which one worker runs in this order while the other workers take
     the tests that need no Ray.
     """
-    def module(item) -> str:
-        return item.nodeid.split("::")[0]
-
-    uses_session_ray = {module(item) for item in items if _needs_session_ray(item)}
-    items.sort(key=lambda item: module(item) in uses_session_ray)  # stable: the order is kept otherwise
+    uses_session_ray = {_module(item) for item in items if _needs_session_ray(item)}
+    items.sort(key=lambda item: _module(item) in uses_session_ray)  # stable: the order is kept otherwise
 
 
 @pytest.fixture(autouse=True)
