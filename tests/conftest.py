@@ -21,8 +21,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 SESSION_RAY_CPUS = 4
 
 
-# The modules whose tests start a Ray of their own (`python -m moe.train`).
-OWN_RAY_MODULES = {"tests/test_faults.py", "tests/test_train_compare.py"}
 
 # Under pytest-xdist (`make test` runs two workers), the name of this process's worker; None without xdist.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
@@ -39,10 +37,16 @@ def _needs_session_ray(item) -> bool:
     return "ray_cluster" in getattr(item, "fixturenames", ())
 
 
+def _starts_own_ray(item) -> bool:
+    """Marked `own_ray`: runs `python -m moe.train` through to training, which starts a local Ray of its own
+    (a CLI test refused before Ray starts is not marked)."""
+    return item.get_closest_marker("own_ray") is not None
+
+
 def pytest_itemcollected(item) -> None:
     """Under xdist, the tests that need a Ray (see below) join one group, one worker's; marked as they are
     collected, before xdist's own pytest_collection_modifyitems names the groups."""
-    if XDIST_WORKER is not None and (_needs_session_ray(item) or _module(item) in OWN_RAY_MODULES):
+    if XDIST_WORKER is not None and (_needs_session_ray(item) or _starts_own_ray(item)):
         item.add_marker(pytest.mark.xdist_group("ray"))
 
 
@@ -57,12 +61,14 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     test_train_compare) therefore run before the session's Ray starts.
 
     Under xdist the same holds across workers: every test that needs the
-    session's Ray and every module that starts its own goes into one group
-    ("ray"), which one worker runs in this order while the other workers take
-    the tests that need no Ray.
+    session's Ray and every test that starts its own (marked `own_ray`) goes
+    into one group ("ray"), which one worker runs in this order while the
+    other workers take the tests that need no Ray (the CLI tests refused
+    before Ray starts among them).
     """
     uses_session_ray = {_module(item) for item in items if _needs_session_ray(item)}
-    items.sort(key=lambda item: _module(item) in uses_session_ray)  # stable: the order is kept otherwise
+    # stable: the order is kept otherwise
+    items.sort(key=lambda item: _module(item) in uses_session_ray and not _starts_own_ray(item))
 
 
 @pytest.fixture(autouse=True)
