@@ -397,14 +397,27 @@ FLEX_CONFIG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num
                    experts=dict(num_experts=4, hidden_size=16))  # head_dim 16: Triton's flex needs >= 16
 
 
-# `make test` compiles one block mask with both of its parts (a sliding window and documents); each compile
-# costs seconds on a cold cache, so the other two run in `make test-slow`.
-@pytest.mark.parametrize("window,use_docs", [pytest.param(None, True, marks=pytest.mark.extended),
-                                             pytest.param(6, False, marks=pytest.mark.extended), (10, True)])
-def test_flex_attention_matches_the_explicit_mask(window, use_docs, monkeypatch) -> None:
+# `make test` compiles one block mask with both of its parts (a sliding window and documents) with aot_eager:
+# Dynamo traces create_block_mask and flex_attention into graphs (as inductor gets them) and AOT autograd runs
+# them; inductor's C++ kernels cost 30 s of CPU on a cold cache, so they, and the other two masks, run in
+# `make test-slow`.
+@pytest.mark.parametrize("window,use_docs,backend", [
+    pytest.param(None, True, "inductor", marks=pytest.mark.extended),
+    pytest.param(6, False, "inductor", marks=pytest.mark.extended),
+    pytest.param(10, True, "inductor", marks=pytest.mark.extended),
+    (10, True, "aot_eager")])
+def test_flex_attention_matches_the_explicit_mask(window, use_docs, backend, monkeypatch) -> None:
     """FlexAttention block masks (compiled) give the explicit-mask model's logits, without an S x S mask."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
     import moe.model as model_module
 
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(model_module, "_COMPILED_FLEX", {  # what model_module._compiled builds, on `backend`
+        "flex_attention": torch.compile(flex_attention, dynamic=False, backend=backend),
+        "create_block_mask": torch.compile(create_block_mask, dynamic=False, backend=backend)})
     torch.manual_seed(0)
     reference = MoETransformer(ModelConfig(**FLEX_CONFIG, sliding_window=window)).eval()
     flex = MoETransformer(ModelConfig(**FLEX_CONFIG, sliding_window=window, attention_backend="flex")).eval()
@@ -423,6 +436,8 @@ def test_flex_attention_matches_the_explicit_mask(window, use_docs, monkeypatch)
         monkeypatch.setattr(model_module, "attention_mask", no_dense_mask)
         got = flex(ids, doc_ids=docs).logits
     assert torch.allclose(got, expected, atol=2e-5), (got - expected).abs().max()
+    assert counters["stats"]["unique_graphs"] >= 2, "the block mask and the attention ran compiled"
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
