@@ -29,7 +29,7 @@ from cluster.initial_weights import check_init_from, config_differences
 from cluster.schema import WorkerConfig
 from cluster.teacher import check_resume_teacher, check_teacher
 from cluster.metrics import read_metrics
-from cluster.runtime import dashboard_url, start_reaper
+from cluster.runtime import dashboard_url, init_local_ray, start_reaper
 from cluster.reshard import Layout
 from cluster.worker import STATUS_FILE
 
@@ -131,8 +131,8 @@ def _start_ray(cfg: DictConfig) -> None:
 
     if not ray.is_initialized():
         if cfg.cluster.address is None:
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=cfg.cluster.dashboard_port,
-                     num_cpus=cfg.cluster.num_cpus)
+            init_local_ray(include_dashboard=True, dashboard_host="127.0.0.1",
+                           dashboard_port=cfg.cluster.dashboard_port, num_cpus=cfg.cluster.num_cpus)
             start_reaper()
         else:
             ray.init(address=cfg.cluster.address)

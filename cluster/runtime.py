@@ -1,11 +1,54 @@
 """Ray runtime helpers shared by the training driver (`cluster.launch`) and the Serve application
-(`serving.app`): the reaper of a local Ray, and the connected Ray's dashboard address."""
+(`serving.app`): a local Ray that knows its own address, the reaper of a local Ray, and the connected Ray's
+dashboard address."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
+from typing import Any
+
+# NOTE: the address of a local Ray. Ray Train's placement-group cleaner (an actor of every run) asks Ray's
+# state API whether the run's controller is alive without naming a cluster; the state API then takes
+# RAY_ADDRESS, else looks for running GCS processes, and with a second local Ray on the machine (another
+# training run, a notebook's ray.init, a test session) it finds two and the cleaner's thread dies with "Found
+# multiple active Ray instances": a traceback on the run's terminal, and a placement group that nobody removes
+# should the controller die. `init_local_ray` picks the GCS port itself and sets RAY_ADDRESS to it while Ray
+# starts its processes, so that they, and every worker they start, inherit their own cluster's address (and
+# RAY_GCS_SERVER_PORT, which only the start of a head node reads).
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def init_local_ray(**kwargs: Any) -> Any:
+    """`ray.init` of a new local Ray whose processes know its address (see the NOTE above); returns ray.init's
+    context. The driver's own environment is left as it was: a process it starts later (a CLI, another Ray)
+    does not join this Ray unless told to."""
+    import ray
+
+    port = _free_port()
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.update(RAY_ADDRESS=address, RAY_GCS_SERVER_PORT=str(port))
+    try:
+        context = ray.init(address="local", **kwargs)  # "local": a new Ray, whatever RAY_ADDRESS says
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    if context.address_info["gcs_address"] != address:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray's GCS listens on {context.address_info['gcs_address']}, not on the "
+                           f"{address} its processes were given")
+    return context
 
 
 def start_reaper() -> None:

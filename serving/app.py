@@ -192,10 +192,10 @@ def start(cfg: DictConfig, *, init_ray: bool = True) -> str:
     if local:
         resources = local_resources()
         app = checked_app(cfg, resources)  # everything refused before a local Ray starts
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=cfg.dashboard_port,
-                 num_cpus=int(resources["CPU"]))
-        from cluster.runtime import start_reaper
+        from cluster.runtime import init_local_ray, start_reaper
 
+        init_local_ray(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=cfg.dashboard_port,
+                       num_cpus=int(resources["CPU"]))
         start_reaper()
     else:
         if init_ray and not ray.is_initialized():
