@@ -20,8 +20,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Logical CPUs of the session's Ray: two training workers, or the serving tests' three applications.
 SESSION_RAY_CPUS = 4
 
-
-
 # Under pytest-xdist (`make test` runs two workers), the name of this process's worker; None without xdist.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER is not None:
@@ -37,50 +35,49 @@ def _needs_session_ray(item) -> bool:
     return "ray_cluster" in getattr(item, "fixturenames", ())
 
 
-def _starts_own_ray(item) -> bool:
-    """Marked `own_ray`: runs `python -m moe.train` through to training, which starts a local Ray of its own
-    (a CLI test refused before Ray starts is not marked)."""
-    return item.get_closest_marker("own_ray") is not None
-
-
 def pytest_itemcollected(item) -> None:
-    """Under xdist, the tests that need a Ray (see below) join one group, one worker's; marked as they are
-    collected, before xdist's own pytest_collection_modifyitems names the groups."""
-    if XDIST_WORKER is not None and (_needs_session_ray(item) or _starts_own_ray(item)):
+    """Under xdist, the tests that need the session's Ray form one group ("ray") that one worker runs, in
+    order, on one session Ray, while the other worker takes every other test (then both share what is left).
+    Marked as they are collected, before xdist's own pytest_collection_modifyitems names the groups.
+
+    One Ray, not one per worker: with a session Ray per worker and a group per
+    module, the Ray-heavy modules ran at once and slowed each other more than
+    they gained (one run: test_train's Ray tests took 162 s instead of 94 s
+    while test_serving's replicas started on the other worker; pytest 393 s
+    against 359 s). The tests that start a Ray of their own (the training
+    CLI's) run on either worker, beside the session's Ray (cluster.runtime's
+    NOTE).
+    """
+    if XDIST_WORKER is not None and _needs_session_ray(item):
         item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """Modules that use the session's Ray run last, each kept whole, in their usual order.
+    """The tests that use the session's Ray run last, in their usual order.
 
-    The session's Ray lives from its first user to the end of the session. A
-    `python -m moe.train` that starts its own Ray while another local Ray runs
-    finds two instances, and Ray Train's placement-group cleaner, whose state
-    queries pick the local instance by itself, then fails with "Found multiple
-    active Ray instances". The CLI tests of training (test_faults,
-    test_train_compare) therefore run before the session's Ray starts.
-
-    Under xdist the same holds across workers: every test that needs the
-    session's Ray and every test that starts its own (marked `own_ray`) goes
-    into one group ("ray"), which one worker runs in this order while the
-    other workers take the tests that need no Ray (the CLI tests refused
-    before Ray starts among them).
+    The session's Ray lives from its first user to the end of the session. The
+    drills that simulate a cluster of several nodes (test_faults's lost-node
+    drills, `make test-slow`) start theirs through Ray's cluster_utils, whose
+    processes are not given their address as `cluster.runtime.init_local_ray`
+    gives it: they run before the session's Ray starts, alone on the machine.
+    A module with tests of both kinds builds its module fixtures twice.
     """
-    uses_session_ray = {_module(item) for item in items if _needs_session_ray(item)}
-    # stable: the order is kept otherwise
-    items.sort(key=lambda item: _module(item) in uses_session_ray and not _starts_own_ray(item))
+    items.sort(key=_needs_session_ray)  # stable: the order is kept otherwise
 
 
 @pytest.fixture(autouse=True)
-def _ray_group_stays_on_one_worker(request, tmp_path_factory):
-    """Under xdist, fails a test of the "ray" group that runs on a second worker: were the group ever dropped
-    (pytest 9.2 drops it silently: pytest-xdist#1386), two workers would start Rays that find each other."""
-    if XDIST_WORKER is None or request.node.get_closest_marker("xdist_group") is None:
+def _xdist_group_stays_on_one_worker(request, tmp_path_factory):
+    """Under xdist, fails a test of an xdist group that runs on a second worker: were the groups ever dropped
+    (pytest 9.2 drops them silently: pytest-xdist#1386), the session's Ray and the modules' Serve applications
+    and trained runs would be built on every worker."""
+    marker = request.node.get_closest_marker("xdist_group")
+    if XDIST_WORKER is None or marker is None:
         return
+    group = marker.args[0] if marker.args else marker.kwargs.get("name", "default")
     shared = tmp_path_factory.getbasetemp().parent  # one directory for all the workers of this run
-    claim = shared / "ray_group_worker"
+    claim = shared / f"xdist_group_{group}"
     if not claim.exists():
-        mine = shared / f"ray_group_worker.{XDIST_WORKER}"
+        mine = shared / f"xdist_group_{group}.{XDIST_WORKER}"
         mine.write_text(XDIST_WORKER)
         try:
             os.link(mine, claim)  # atomic: the first worker to get here owns the group
@@ -88,18 +85,21 @@ def _ray_group_stays_on_one_worker(request, tmp_path_factory):
             pass
     owner = claim.read_text()
     if owner != XDIST_WORKER:
-        pytest.fail(f"{request.node.nodeid} needs Ray and runs on xdist worker {XDIST_WORKER}, but the Ray tests "
-                    f"run on {owner}: xdist's --dist loadgroup did not keep the group together (pytest<9.2?)")
+        pytest.fail(f"{request.node.nodeid} is in xdist group {group!r} and runs on worker {XDIST_WORKER}, but "
+                    f"the group runs on {owner}: xdist's --dist loadgroup did not keep it together (pytest<9.2?)")
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for every test that only needs a running Ray (training through `cluster.launch.train`,
     Ray Data, Serve applications). Tests that kill Ray processes or start Ray themselves (the CLI tests) do not
-    use it. A module that starts Serve shuts Serve down again, so the next module finds the CPUs free."""
+    need it. A module that starts Serve shuts
+    Serve down again, so the next module finds the CPUs free."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=SESSION_RAY_CPUS, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=free_port())
+    from cluster.runtime import init_local_ray
+
+    init_local_ray(num_cpus=SESSION_RAY_CPUS, include_dashboard=False, log_to_driver=False,
+                   _metrics_export_port=free_port())
     yield ray
     ray.shutdown()
 

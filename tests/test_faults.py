@@ -132,6 +132,27 @@ def assert_refused(code: int, err: str, *names: str) -> str:
     return errors[0]
 
 
+# Ray Train's controller logs, with its traceback, a resource request to Ray's autoscaling coordinator that
+# timed out (5 s: the coordinator's actor starting on an overloaded CPU) and goes on; Ray's message says it is
+# safe to ignore when transient. These lines open and close such a warning (each prefixed by the controller).
+RAY_TRANSIENT = ("Failed to send resource request", "GetTimeoutError")
+
+
+def tracebacks(err: str) -> list[str]:
+    """The tracebacks in a run's stderr (their first lines), Ray Train's transient warning above excepted (up
+    to its closing line, 40 lines at most)."""
+    found, transient_left = [], 0
+    for line in err.splitlines():
+        if RAY_TRANSIENT[0] in line:
+            transient_left = 40
+        elif transient_left and RAY_TRANSIENT[1] in line:
+            transient_left = 0
+        elif "Traceback" in line and not transient_left:
+            found.append(line)
+        transient_left = max(0, transient_left - 1)
+    return found
+
+
 def guarded(world: dict[str, Path], *extra: Path) -> dict[str, str]:
     return tree_hashes(world["corpus"], world["unrelated"], *extra)
 
@@ -162,7 +183,6 @@ def test_bad_values_are_refused_before_ray(world, override: str, key: str) -> No
 
 # 2. Pruned checkpoints, then resume=auto (Ray Train's saved state used to list the pruned ones).
 @pytest.mark.extended
-@pytest.mark.own_ray
 def test_resume_after_pruning(world) -> None:
     code, _, err, run = run_cli(world, "line", "trainer.max_steps=30", "trainer.checkpoint_every=10",
                                 "trainer.keep_last=2")
@@ -182,7 +202,6 @@ def test_resume_after_pruning(world) -> None:
 
 # 3. Damaged checkpoints: resume=auto skips them newest first, naming the file; nothing is deleted.
 @pytest.mark.extended
-@pytest.mark.own_ray
 def test_resume_skips_damaged_checkpoints(world) -> None:
     ckpts = world["runs"] / "line" / "checkpoints"
     if not (ckpts / "step_00000040").is_dir():
@@ -217,7 +236,6 @@ def test_resume_skips_damaged_checkpoints(world) -> None:
 
 # 4. An explicit older checkpoint wins over newer ones (Ray's saved state used to override it).
 @pytest.mark.extended
-@pytest.mark.own_ray
 def test_explicit_resume_wins(world) -> None:
     ckpts = world["runs"] / "line" / "checkpoints"
     if not (ckpts / "step_00000030").is_dir():
@@ -233,7 +251,6 @@ def test_explicit_resume_wins(world) -> None:
 
 # 5. A SIGKILLed driver leaves no Ray process behind, and the run resumes from its newest checkpoint.
 @pytest.mark.extended
-@pytest.mark.own_ray
 def test_driver_sigkill_leaves_nothing_and_resumes(world) -> None:
     run = Run(base_args(world, "killed", "trainer.max_steps=2000", "trainer.checkpoint_every=5"), world["root"])
     ckpts = world["runs"] / "killed" / "checkpoints"
@@ -251,8 +268,10 @@ def test_driver_sigkill_leaves_nothing_and_resumes(world) -> None:
     assert f"resuming from {ckpts / newest}" in out + err
 
 
-# 6. Ctrl-C: a clean stop that says where the run is and how to resume it.
-@pytest.mark.own_ray
+# 6. Ctrl-C: a clean stop that says where the run is and how to resume it. Under `make test` the run's Ray
+# starts beside the session's Ray of the other xdist worker: its processes must query their own
+# (cluster.runtime's NOTE), or Ray Train's placement-group cleaner prints "Found multiple active Ray
+# instances" with a traceback.
 def test_ctrl_c_names_step_checkpoint_and_command(world) -> None:
     # Started with SIGINT ignored, as a background job of a script (CI) inherits it: Ctrl-C must still work.
     run = Run(base_args(world, "interrupted", "trainer.max_steps=2000", "trainer.checkpoint_every=5"),
@@ -265,7 +284,7 @@ def test_ctrl_c_names_step_checkpoint_and_command(world) -> None:
     line = next(line for line in err.splitlines() if "interrupted at step" in line)
     assert "latest checkpoint: " + str(ckpts / "step_") in line
     assert "trainer.resume=auto" in line and "name=interrupted" in line
-    assert "Traceback" not in err
+    assert not tracebacks(err) and "multiple active Ray instances" not in err, err[-3000:]
     assert not run.survivors(), "no Ray process outlives Ctrl-C"
 
 
@@ -307,7 +326,6 @@ def test_bad_prepared_data_is_refused_before_ray(world) -> None:
 
 # 8. A whole node lost mid-run (issue 20), on a simulated 3-node Ray cluster: benchmarks/drill_cluster.py's case.
 @pytest.mark.extended
-@pytest.mark.own_ray
 def test_a_lost_node_costs_no_step_and_no_checkpoint(tmp_path) -> None:
     """A 2-worker ep=2 run, one worker per node (`cluster.worker_resources`); one node removed past a checkpoint
     and a replacement added: the run resumes from the newest checkpoint and ends with the reference's losses.
@@ -329,7 +347,6 @@ def test_a_lost_node_costs_no_step_and_no_checkpoint(tmp_path) -> None:
 
 
 @pytest.mark.extended
-@pytest.mark.own_ray
 def test_a_lost_node_during_ray_data_preparation_changes_no_byte(tmp_path) -> None:
     """data.engine=ray on a simulated 3-node cluster, a worker node removed while a task runs there: Ray Data
     reruns it and the prepared directory is byte for byte the local engine's (benchmarks/drill_cluster.py)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -374,3 +375,17 @@ def test_local_resources_are_checked_before_training(ray_session, corpus, tmp_pa
     cfg = make_cfg(corpus, tmp_path, "no_gpu", "cluster.use_gpu=true")
     with pytest.raises(ValueError, match="cluster.use_gpu"):
         train(cfg)
+
+
+def test_the_session_ray_tells_its_processes_its_address(ray_session) -> None:
+    """The session's Ray is started as `moe.train` and `moe.serve` start theirs (cluster.runtime.init_local_ray):
+    its workers inherit RAY_ADDRESS, its own GCS, so that Ray's state API in them (Ray Train's placement-group
+    cleaner) never looks for local Rays by itself; the driver's environment is left as it was (a CLI a test
+    starts must not join this Ray)."""
+    @ray.remote(num_cpus=0)
+    def address_seen_by_a_worker() -> str:
+        return os.environ.get("RAY_ADDRESS")
+
+    gcs = ray.get_runtime_context().gcs_address
+    assert ray.get(address_seen_by_a_worker.remote()) == gcs
+    assert os.environ.get("RAY_ADDRESS") != gcs and os.environ.get("RAY_GCS_SERVER_PORT") != gcs.rsplit(":", 1)[1]
