@@ -29,7 +29,7 @@ from cluster.initial_weights import check_init_from, config_differences
 from cluster.schema import WorkerConfig
 from cluster.teacher import check_resume_teacher, check_teacher
 from cluster.metrics import read_metrics
-from cluster.runtime import dashboard_url, init_local_ray, start_reaper
+from cluster.runtime import check_port_free, dashboard_url, init_local_ray, start_reaper
 from cluster.reshard import Layout
 from cluster.worker import STATUS_FILE
 
@@ -103,6 +103,8 @@ def _check_before_ray(cfg: DictConfig) -> tuple[Path, Path, ModelConfig, Optiona
         import ray
 
         check_local_resources(cfg, ray.cluster_resources() if ray.is_initialized() else local_resources(cfg))
+        if not ray.is_initialized():  # the local Ray's dashboard binds its port with no retry
+            check_port_free("127.0.0.1", cfg.cluster.dashboard_port, "cluster.dashboard_port")
 
     from data_pipeline.prepare import ensure_prepared
     from data_pipeline.manifest import read_manifest

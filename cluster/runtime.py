@@ -51,6 +51,17 @@ def init_local_ray(**kwargs: Any) -> Any:
     return context
 
 
+def check_port_free(host: str, port: int, key: str) -> None:
+    """Refuses, naming the config key, a port that a local Ray (its dashboard) or Serve would fail to bind after
+    every other check: taken, e.g. by another run on this machine."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ValueError(f"invalid configuration: {key}: {host}:{port} is in use ({err.strerror}; another "
+                             f"local run's?); give this one another port") from None
+
+
 def start_reaper() -> None:
     """Starts `cluster.reaper`, which stops this local Ray if the driver dies without shutting it down."""
     import subprocess

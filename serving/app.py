@@ -183,6 +183,19 @@ def local_resources() -> dict[str, float]:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
+def checked_local_app(cfg: DictConfig) -> tuple[Any, dict[str, float]]:
+    """`checked_app` on this machine's resources, and the ports a local start binds (the dashboard's, with no
+    retry, and Serve's) checked free: everything refused before a local Ray starts. Returns the application
+    and the resources."""
+    from cluster.runtime import check_port_free
+
+    resources = local_resources()
+    app = checked_app(cfg, resources)
+    check_port_free("127.0.0.1", cfg.dashboard_port, "dashboard_port")
+    check_port_free(cfg.host, cfg.port, "port")
+    return app, resources
+
+
 def start(cfg: DictConfig, *, init_ray: bool = True) -> str:
     """Checks, starts Ray (unless running) and Serve, deploys the app; returns its URL."""
     import ray
@@ -190,10 +203,9 @@ def start(cfg: DictConfig, *, init_ray: bool = True) -> str:
 
     local = init_ray and not ray.is_initialized() and cfg.address is None
     if local:
-        resources = local_resources()
-        app = checked_app(cfg, resources)  # everything refused before a local Ray starts
         from cluster.runtime import init_local_ray, start_reaper
 
+        app, resources = checked_local_app(cfg)
         init_local_ray(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=cfg.dashboard_port,
                        num_cpus=int(resources["CPU"]))
         start_reaper()

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -179,6 +180,18 @@ def test_bad_values_are_refused_before_ray(world, override: str, key: str) -> No
     assert time.monotonic() - started < 60
     assert guarded(world) == before
     assert not (world["runs"] / "bad_value").exists(), "nothing was written for a refused run"
+
+
+def test_a_dashboard_port_in_use_is_refused_before_ray(world) -> None:
+    """A second local run on the dashboard port of a first (here a socket listening on it)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err, run = run_cli(world, "port_in_use", f"cluster.dashboard_port={port}", timeout_s=120)
+    line = assert_refused(code, err, "cluster.dashboard_port", f"127.0.0.1:{port} is in use")
+    assert "Ray dashboard" not in err and not run.survivors(grace_s=2), line
+    assert not (world["runs"] / "port_in_use").exists()
 
 
 # 2. Pruned checkpoints, then resume=auto (Ray Train's saved state used to list the pruned ones).

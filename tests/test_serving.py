@@ -926,3 +926,20 @@ def test_cli_refuses_replicas_that_do_not_fit_before_ray(tiers) -> None:
     assert out.returncode == 1 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
     assert "tiers.large.num_cpus" in errors[0] and f"the Ray cluster has {cpus}" in errors[0], errors[0]
     assert "Ray dashboard" not in out.stdout + out.stderr, "refused before Ray started"
+
+
+@pytest.mark.parametrize("key", ["port", "dashboard_port"])
+def test_a_port_in_use_is_refused_before_ray(tiers, key: str) -> None:
+    """`moe.serve` on a port another local run holds (here a listening socket): refused with the key named by
+    the checks of a local start, which run before its Ray starts."""
+    from serving.app import checked_local_app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = "dashboard_port" if key == "port" else "port"
+        cfg = serve_cfg(tiers["small"], tiers["large"], tiers["router"], f"{key}={port}", f"{other}={free_port()}")
+        with pytest.raises(ValueError, match=rf"^invalid configuration: {key}: 127\.0\.0\.1:{port} is in use"):
+            checked_local_app(cfg)
+    checked_local_app(cfg)  # the port free again
