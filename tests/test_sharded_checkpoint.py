@@ -146,11 +146,14 @@ def test_a_sharded_index_is_unpickled_with_metadata_classes_only(tmp_path) -> No
     (tmp_path / SHARDED_WEIGHTS_DIR).mkdir()
     (tmp_path / "config.json").write_text('{"moe_format_version": 1, "model": {}}')
 
-    class Exploit:
-        def __reduce__(self):
-            return (print, ("pwned",))
+    import shutil
 
+    class Exploit:  # not `print`: a process where Ray's tqdm_ray ran has replaced builtins.print
+        def __reduce__(self):
+            return (shutil.rmtree, (str(tmp_path / "victim"),))
+
+    (tmp_path / "victim").mkdir()
     (tmp_path / SHARDED_WEIGHTS_DIR / ".metadata").write_bytes(pickle.dumps(Exploit()))
-    with pytest.raises(pickle.UnpicklingError, match=r"\.metadata refers to builtins\.print"):
+    with pytest.raises(pickle.UnpicklingError, match=r"\.metadata refers to shutil\.rmtree"):
         read_weights(tmp_path)
-    assert not (tmp_path / TRAIN_STATE).exists()
+    assert (tmp_path / "victim").is_dir() and not (tmp_path / TRAIN_STATE).exists()
