@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 EXPERIMENT ?= mixtral_tiny
 PYTEST_ARGS ?=
 # `make test` runs on TEST_WORKERS pytest-xdist workers (0: in this process). One worker takes every test that
-# needs the session's Ray, in order; the others take the rest (tests/conftest.py).
+# starts a Ray (the session's or its own), in order; the others take the rest (tests/conftest.py).
 TEST_WORKERS ?= 2
 
 .PHONY: install train test test-slow cascade bench clean

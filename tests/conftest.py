@@ -35,32 +35,35 @@ def _needs_session_ray(item) -> bool:
     return "ray_cluster" in getattr(item, "fixturenames", ())
 
 
-def pytest_itemcollected(item) -> None:
-    """Under xdist, the tests that need the session's Ray form one group ("ray") that one worker runs, in
-    order, on one session Ray, while the other worker takes every other test (then both share what is left).
-    Marked as they are collected, before xdist's own pytest_collection_modifyitems names the groups.
+def _starts_own_ray(item) -> bool:
+    """Marked `own_ray`: starts a local Ray of its own (`python -m moe.train` through to training, a simulated
+    cluster); a CLI test refused before Ray starts is not marked."""
+    return item.get_closest_marker("own_ray") is not None
 
-    One Ray, not one per worker: with a session Ray per worker and a group per
-    module, the Ray-heavy modules ran at once and slowed each other more than
-    they gained (one run: test_train's Ray tests took 162 s instead of 94 s
-    while test_serving's replicas started on the other worker; pytest 393 s
-    against 359 s). The tests that start a Ray of their own (the training
-    CLI's) run on either worker, beside the session's Ray (cluster.runtime's
-    NOTE).
+
+def pytest_itemcollected(item) -> None:
+    """Under xdist, the tests that need a Ray (the session's, or one of their own) form one group ("ray") that
+    one worker runs, in order (see below), while the other worker takes every other test (then both share what
+    is left). Marked as they are collected, before xdist's own pytest_collection_modifyitems names the groups.
+
+    Two local Rays at once are correct (cluster.runtime's NOTE) but slow: measured, with the training CLI's
+    Ctrl-C test on the other worker beside the session's Ray, it took 77 s instead of 36 s, the Ray tests of
+    test_train ran 30-100% longer, and the suite's CPU time grew by 90 s (their background processes, alive
+    longer, on both Rays): one Ray at a time is what fits two cores.
     """
-    if XDIST_WORKER is not None and _needs_session_ray(item):
+    if XDIST_WORKER is not None and (_needs_session_ray(item) or _starts_own_ray(item)):
         item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
     """The tests that use the session's Ray run last, in their usual order.
 
-    The session's Ray lives from its first user to the end of the session. The
-    drills that simulate a cluster of several nodes (test_faults's lost-node
-    drills, `make test-slow`) start theirs through Ray's cluster_utils, whose
-    processes are not given their address as `cluster.runtime.init_local_ray`
-    gives it: they run before the session's Ray starts, alone on the machine.
-    A module with tests of both kinds builds its module fixtures twice.
+    The session's Ray lives from its first user to the end of the session, so
+    the tests that start a Ray of their own run before it and meet no other
+    local Ray (the drills that simulate a cluster through Ray's cluster_utils
+    need that: their processes are not given their address as
+    `cluster.runtime.init_local_ray` gives it). A module with tests of both
+    kinds builds its module fixtures twice.
     """
     items.sort(key=_needs_session_ray)  # stable: the order is kept otherwise
 

@@ -196,6 +196,7 @@ def test_a_dashboard_port_in_use_is_refused_before_ray(world) -> None:
 
 # 2. Pruned checkpoints, then resume=auto (Ray Train's saved state used to list the pruned ones).
 @pytest.mark.extended
+@pytest.mark.own_ray
 def test_resume_after_pruning(world) -> None:
     code, _, err, run = run_cli(world, "line", "trainer.max_steps=30", "trainer.checkpoint_every=10",
                                 "trainer.keep_last=2")
@@ -215,6 +216,7 @@ def test_resume_after_pruning(world) -> None:
 
 # 3. Damaged checkpoints: resume=auto skips them newest first, naming the file; nothing is deleted.
 @pytest.mark.extended
+@pytest.mark.own_ray
 def test_resume_skips_damaged_checkpoints(world) -> None:
     ckpts = world["runs"] / "line" / "checkpoints"
     if not (ckpts / "step_00000040").is_dir():
@@ -249,6 +251,7 @@ def test_resume_skips_damaged_checkpoints(world) -> None:
 
 # 4. An explicit older checkpoint wins over newer ones (Ray's saved state used to override it).
 @pytest.mark.extended
+@pytest.mark.own_ray
 def test_explicit_resume_wins(world) -> None:
     ckpts = world["runs"] / "line" / "checkpoints"
     if not (ckpts / "step_00000030").is_dir():
@@ -264,6 +267,7 @@ def test_explicit_resume_wins(world) -> None:
 
 # 5. A SIGKILLed driver leaves no Ray process behind, and the run resumes from its newest checkpoint.
 @pytest.mark.extended
+@pytest.mark.own_ray
 def test_driver_sigkill_leaves_nothing_and_resumes(world) -> None:
     run = Run(base_args(world, "killed", "trainer.max_steps=2000", "trainer.checkpoint_every=5"), world["root"])
     ckpts = world["runs"] / "killed" / "checkpoints"
@@ -281,10 +285,8 @@ def test_driver_sigkill_leaves_nothing_and_resumes(world) -> None:
     assert f"resuming from {ckpts / newest}" in out + err
 
 
-# 6. Ctrl-C: a clean stop that says where the run is and how to resume it. Under `make test` the run's Ray
-# starts beside the session's Ray of the other xdist worker: its processes must query their own
-# (cluster.runtime's NOTE), or Ray Train's placement-group cleaner prints "Found multiple active Ray
-# instances" with a traceback.
+# 6. Ctrl-C: a clean stop that says where the run is and how to resume it.
+@pytest.mark.own_ray
 def test_ctrl_c_names_step_checkpoint_and_command(world) -> None:
     # Started with SIGINT ignored, as a background job of a script (CI) inherits it: Ctrl-C must still work.
     run = Run(base_args(world, "interrupted", "trainer.max_steps=2000", "trainer.checkpoint_every=5"),
@@ -339,6 +341,7 @@ def test_bad_prepared_data_is_refused_before_ray(world) -> None:
 
 # 8. A whole node lost mid-run (issue 20), on a simulated 3-node Ray cluster: benchmarks/drill_cluster.py's case.
 @pytest.mark.extended
+@pytest.mark.own_ray
 def test_a_lost_node_costs_no_step_and_no_checkpoint(tmp_path) -> None:
     """A 2-worker ep=2 run, one worker per node (`cluster.worker_resources`); one node removed past a checkpoint
     and a replacement added: the run resumes from the newest checkpoint and ends with the reference's losses.
@@ -360,6 +363,7 @@ def test_a_lost_node_costs_no_step_and_no_checkpoint(tmp_path) -> None:
 
 
 @pytest.mark.extended
+@pytest.mark.own_ray
 def test_a_lost_node_during_ray_data_preparation_changes_no_byte(tmp_path) -> None:
     """data.engine=ray on a simulated 3-node cluster, a worker node removed while a task runs there: Ray Data
     reruns it and the prepared directory is byte for byte the local engine's (benchmarks/drill_cluster.py)."""

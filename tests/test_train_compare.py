@@ -108,6 +108,7 @@ def test_bad_arguments_are_refused_by_name(argv: list[str], message: str) -> Non
 @pytest.mark.slow
 @pytest.mark.extended
 @pytest.mark.timeout(600)
+@pytest.mark.own_ray
 def test_suite_trains_reuses_and_refuses_other_settings(tmp_path) -> None:
     """Two real `python -m moe.train` runs (MoE and dense, 2 steps each) on a small corpus; the same command
     again reuses them without training; other settings in the same run root are refused."""
