@@ -97,14 +97,15 @@ def _check_before_ray(cfg: DictConfig) -> tuple[Path, Path, ModelConfig, Optiona
     directory, data directory, model config, teacher sha256, checkpoint to resume from, checkpoint to initialise
     from)."""
     validate_train_config(cfg)
+    ray_running = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # not imported: not running
+    if cfg.cluster.address is None and not ray_running:  # the local Ray's dashboard binds its port with no retry
+        check_port_free("127.0.0.1", cfg.cluster.dashboard_port, "cluster.dashboard_port")
     run_dir = run_dir_of(cfg)
     check_run_dir(cfg, run_dir)
     if cfg.cluster.address is None:
         import ray
 
         check_local_resources(cfg, ray.cluster_resources() if ray.is_initialized() else local_resources(cfg))
-        if not ray.is_initialized():  # the local Ray's dashboard binds its port with no retry
-            check_port_free("127.0.0.1", cfg.cluster.dashboard_port, "cluster.dashboard_port")
 
     from data_pipeline.prepare import ensure_prepared
     from data_pipeline.manifest import read_manifest
