@@ -27,10 +27,6 @@ if XDIST_WORKER is not None:
     torch.set_num_threads(1)
 
 
-def _module(item) -> str:
-    return item.nodeid.split("::")[0]
-
-
 def _needs_session_ray(item) -> bool:
     return "ray_cluster" in getattr(item, "fixturenames", ())
 
