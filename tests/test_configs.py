@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -114,10 +115,16 @@ def test_typo_fails_at_composition() -> None:
     (["cluster.num_workers=2", "cluster.num_cpus=2", "cluster.cpus_per_worker=2"], "cluster.cpus_per_worker"),
 ])
 def test_bad_config_fails_before_ray_starts(tmp_path, overrides: list[str], key: str) -> None:
-    """The real entry point exits with the key named, and never starts Ray."""
-    proc = subprocess.run([sys.executable, "-m", "moe.train", "+experiment=mixtral_tiny", *overrides,
-                           f"trainer.run_root={tmp_path}", "data.output=/nonexistent/never-prepared"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    """The real entry point exits with the key named, and never starts Ray. The config's error is named even
+    when the dashboard port is taken too (another local run's, as in the test suite itself): the port is the
+    last check."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run([sys.executable, "-m", "moe.train", "+experiment=mixtral_tiny", *overrides,
+                               f"trainer.run_root={tmp_path}", "data.output=/nonexistent/never-prepared",
+                               f"cluster.dashboard_port={taken.getsockname()[1]}"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 1
     assert key in proc.stderr, proc.stderr
     assert "Ray dashboard" not in proc.stdout and not (tmp_path / "mixtral_tiny").exists()
