@@ -93,16 +93,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _check_before_ray(cfg: DictConfig) -> tuple[Path, Path, ModelConfig, Optional[str], Optional[Path],
                                                   Optional[Path]]:
     """Steps 1) and 2) of `train`: every check (config, run directory, local resources, data prepared if it is
-    not, memory plan, teacher, checkpoint to resume from, dashboard port free), then newer checkpoints set aside.
-    Returns (run directory, data directory, model config, teacher sha256, checkpoint to resume from, checkpoint
-    to initialise from)."""
+    not, memory plan, teacher, checkpoint to resume from; the local dashboard's port free before the data is
+    prepared), then newer checkpoints set aside. Returns (run directory, data directory, model config, teacher
+    sha256, checkpoint to resume from, checkpoint to initialise from)."""
     validate_train_config(cfg)
     run_dir = run_dir_of(cfg)
     check_run_dir(cfg, run_dir)
     if cfg.cluster.address is None:
         import ray
 
-        check_local_resources(cfg, ray.cluster_resources() if ray.is_initialized() else local_resources(cfg))
+        ray_running = ray.is_initialized()
+        check_local_resources(cfg, ray.cluster_resources() if ray_running else local_resources(cfg))
+        # After the config's own checks (named first even beside another local Ray), before the data is
+        # prepared (minutes on a large corpus): the local Ray's dashboard binds its port with no retry.
+        if not ray_running:
+            check_port_free("127.0.0.1", cfg.cluster.dashboard_port, "cluster.dashboard_port")
 
     from data_pipeline.prepare import ensure_prepared
     from data_pipeline.manifest import read_manifest
@@ -121,13 +126,6 @@ def _check_before_ray(cfg: DictConfig) -> tuple[Path, Path, ModelConfig, Optiona
         teacher, teacher_sha256 = check_teacher(cfg.trainer.distill.teacher, data_dir, model_config)
         cfg.trainer.distill.teacher = str(teacher)  # workers run in other directories
     resume_from, init_from = choose_start(cfg, run_dir / "checkpoints", model_config, teacher, teacher_sha256)
-    # Last, as it is the one check that depends on other runs (a config's own error is named first even beside a
-    # running local Ray), and before anything is set aside: the local dashboard binds its port with no retry.
-    ray_running = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # not imported: not running
-    if cfg.cluster.address is None and not ray_running:
-        check_port_free("127.0.0.1", cfg.cluster.dashboard_port, "cluster.dashboard_port")
-    set_aside_newer(run_dir / "checkpoints", resume_from)
-    announce_start(cfg, resume_from, init_from, model_config)
     return run_dir, data_dir, model_config, teacher_sha256, resume_from, init_from
 
 
@@ -222,10 +220,9 @@ def choose_start(cfg: DictConfig, checkpoint_root: Path, model_config: ModelConf
     """Where the workers start: (checkpoint to resume, weights of trainer.init_from), at most one of them.
 
     Decided on the driver before Ray starts (see cluster/checkpointing.py): the
-    checkpoint is verified (every file its ranks wrote); the caller sets the
-    newer ones aside (`set_aside_newer`) after its last check. Another
-    trainer.engine, parallel.ep or number of workers is fine: the workers
-    reshard the optimizer state (cluster/reshard.py). `init_from`
+    checkpoint is verified (every file its ranks wrote); newer ones are set
+    aside. Another trainer.engine, parallel.ep or number of workers is fine:
+    the workers reshard the optimizer state (cluster/reshard.py). `init_from`
     applies only to a run that does not resume, and is checked against the
     model (cluster/initial_weights.py). A worker group that Ray Train restarts
     within this launch continues from the launch's own newest checkpoint
@@ -237,12 +234,7 @@ def choose_start(cfg: DictConfig, checkpoint_root: Path, model_config: ModelConf
         init_from = check_init_from(cfg.trainer.init_from, model_config)
     if resume_from is not None:
         check_resume_teacher(read_train_state(resume_from), resume_from, teacher, teacher_sha256)
-    return resume_from, init_from
-
-
-def announce_start(cfg: DictConfig, resume_from: Optional[Path], init_from: Optional[Path],
-                   model_config: ModelConfig) -> None:
-    """Prints where the workers start: the checkpoint resumed (and its resharding) or the initial weights."""
+    set_aside_newer(checkpoint_root, resume_from)
     if resume_from is not None:
         here = Layout(cfg.trainer.engine, cfg.parallel.ep, cfg.cluster.num_workers)
         writer = Layout.of_checkpoint(read_train_state(resume_from), here)
@@ -257,6 +249,7 @@ def announce_start(cfg: DictConfig, resume_from: Optional[Path], init_from: Opti
         print(f"[moe.train] starting from the weights in {init_from}"
               + (f"; model settings changed (theirs -> this run's): {', '.join(differences)}" if differences else ""),
               flush=True)
+    return resume_from, init_from
 
 
 def check_data(cfg: DictConfig, data_dir: Path) -> None:
