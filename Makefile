@@ -18,20 +18,23 @@ TEST_WORKERS ?= 2
 .PHONY: install train test test-slow cascade bench clean
 
 # pip installs torch (TORCH: pip finds the CPU build on this machine's disk, and honours --index-url) and uv;
-# uv installs the project and its ~190 other packages: it downloads and unpacks in parallel (13 s from an empty
-# cache against pip's 36 s from a warm one, measured here), and keeps the torch already installed, which every
-# requirement admits. Neither byte-compiles the installed modules (--no-compile for pip, uv's default): Python
-# writes the byte code of the modules actually imported on first use, unless PYTHONDONTWRITEBYTECODE is set, so
-# the targets that run Python clear it (some CI images set it).
-PIP_INSTALL := $(PY) -m pip install --quiet --no-compile
+# uv installs the project, pip and the ~190 other packages: it downloads and unpacks in parallel (13 s from an
+# empty cache against pip's 36 s from a warm one, measured here), and keeps the torch already installed, which
+# every requirement admits. The environment is made without pip and the system's pip installs into it
+# (`pip --python`, pip >= 22.3): ensurepip's copy of pip and its upgrade cost 8-11 s more (measured, two rounds
+# each); where the system has no such pip, the environment gets its own first. Neither pip nor uv byte-compiles
+# the installed modules (--no-compile, uv's default): Python writes the byte code of the modules actually
+# imported on first use, unless PYTHONDONTWRITEBYTECODE is set, so the targets that run Python clear it (some CI
+# images set it).
+PIP_FLAGS := --quiet --no-compile
 export PYTHONDONTWRITEBYTECODE :=
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) $(TORCH)
-	$(PIP_INSTALL) uv
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -e '.[dev]'
+	$(PYTHON) -m venv --without-pip $(VENV)
+	if $(PYTHON) -m pip --python $(PY) --version >/dev/null 2>&1; then pip="$(PYTHON) -m pip --python $(PY)"; \
+	else $(PY) -m ensurepip --default-pip >/dev/null && pip="$(PY) -m pip"; fi && \
+	$$pip install $(PIP_FLAGS) $(TORCH) && $$pip install $(PIP_FLAGS) uv
+	$(VENV)/bin/uv pip install --quiet --python $(PY) pip -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
